@@ -1,0 +1,179 @@
+"""Command line: ``python -m meet_lightning COMMAND ...``.
+
+``fit`` / ``validate`` / ``test`` / ``predict`` read a recipe (see ``configs/``); ``generate``, ``evaluate``,
+``inspect-data`` and ``download-model`` are small tools around it. Bad input prints one ``error: ...`` line
+and exits with code 2; an internal bug keeps its traceback (exit code 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from typing import Any, Callable, NoReturn, Optional, Sequence
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from meet_lightning.errors import ConfigError, MeetError
+
+COMMANDS_HELP = {
+    "fit": "train every stage of a recipe (resumes when re-run), then export",
+    "validate": "validation metrics of one stage's last checkpoint (--stage)",
+    "test": "test metrics of one stage's last checkpoint (--stage)",
+    "predict": "generate for data.predict_path with one stage's last checkpoint",
+    "generate": "generate a response from an exported model under chosen controls",
+    "evaluate": "score an exported or plain Hugging Face model on pairwise data",
+    "inspect-data": "read a data file and report formats, counts, drops and lengths",
+    "download-model": "fetch and convert the offline default model once",
+}
+
+
+class OneLineParser(ArgumentParser):
+    """An ArgumentParser whose errors are one line with a did-you-mean, exit code 2 (not a page of usage)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # argparse would take --max_step for --max_steps
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        raise ConfigError(one_line(message, self.known_flags()))
+
+    def known_flags(self) -> list[str]:
+        """Every dotted flag the parser accepts."""
+        return [opt for action in self._actions for opt in action.option_strings if opt.startswith("--")]
+
+
+def one_line(message: str, known: Sequence[str]) -> str:
+    """Shortens a jsonargparse message to its first line and adds the closest known flag."""
+    text = " ".join(message.strip().split("\n")[0].split())
+    keys = re.findall(r"(?:--)?([A-Za-z_][\w.]*)", text)
+    unknown = [k for k in keys if f"--{k}" not in known and "." in k]
+    close = difflib.get_close_matches(f"--{unknown[0]}", known, n=1, cutoff=0.6) if unknown else []
+    return f"{text} — did you mean {close[0]}?" if close else text
+
+
+# ------------------------------------------------------------------- recipes
+def recipe_parser(command: str) -> OneLineParser:
+    """The recipe parser: top-level keys, the control, the data and both stages."""
+    from lightning import Trainer
+
+    from meet_lightning.control import ControlTokens
+    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.modules.base import MeetModule
+
+    parser = OneLineParser(prog=f"meet_lightning {command}", description=COMMANDS_HELP[command])
+    parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML; repeat to overlay")
+    parser.add_argument("--seed_everything", type=int, default=1234, help="seed applied before each stage's module is built")
+    parser.add_argument("--output_dir", type=str, required=True, help="folder holding stage1/ stage2/ export/")
+    parser.add_argument("--model_name_or_path", type=str, default="smollm2-135m-instruct", help="hub id, local folder, .gguf file or alias")
+    parser.add_subclass_arguments(ControlTokens, "control", required=False, help="control implementation shared by both stages")
+    parser.add_class_arguments(PreferenceDataModule, "data", skip={"model_name_or_path"}, instantiate=False)
+    for stage in ("stage1", "stage2"):
+        parser.add_subclass_arguments(MeetModule, f"{stage}.model", skip={"model_name_or_path", "control", "control_schema"},
+                                      required=False, instantiate=False)
+        parser.add_class_arguments(Trainer, f"{stage}.trainer", instantiate=False, fail_untyped=False, sub_configs=True)
+        parser.add_argument(f"--{stage}.select", type=str, default="last", choices=["last", "best"],
+                            help="controls written after the stage: last checkpoint or best val/control_accuracy")
+    if command == "fit":
+        parser.add_argument("--overwrite", type=bool, default=False, help="start over in an output_dir holding another recipe")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="resume the first unfinished stage from this file")
+    else:
+        parser.add_argument("--stage", type=Optional[str], default=None, help="stage1 or stage2 (default: the last stage)")
+    return parser
+
+
+def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any]:
+    """Parses a recipe into plain YAML types; ``None`` recipe when only printing it."""
+    parser = recipe_parser(command)
+    try:
+        cfg = parser.parse_args(list(argv))
+    except ConfigError:
+        raise
+    except Exception as error:  # jsonargparse reports bad values as exceptions carrying its message
+        raise ConfigError(one_line(str(error), parser.known_flags())) from None
+    recipe = yaml.safe_load(parser.dump(cfg, skip_check=True))
+    for key in ("config", "overwrite", "ckpt_path", "stage"):
+        recipe.pop(key, None)
+    return recipe, cfg
+
+
+def run_recipe_command(command: str, argv: Sequence[str]) -> int:
+    """``fit`` / ``validate`` / ``test`` / ``predict``."""
+    from meet_lightning import pipeline
+
+    recipe, cfg = parse_recipe(command, argv)  # --print_config prints and exits inside the parser
+    if not pipeline.active_stages(recipe):
+        raise ConfigError("the recipe has no stage: set stage1.model (and stage2.model for two stages)")
+    if command == "fit":
+        pipeline.fit(recipe, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path)
+    else:
+        pipeline.evaluate_stage(recipe, command, cfg.stage)
+    return 0
+
+
+# ------------------------------------------------------------------- tools
+def run_download_model(argv: Sequence[str]) -> int:
+    """``download-model NAME``: fetch and convert the offline default model."""
+    from meet_lightning.models import DEFAULT_MODEL, download_model
+
+    parser = OneLineParser(prog="meet_lightning download-model", description=COMMANDS_HELP["download-model"])
+    parser.add_argument("name", type=str, nargs="?", default=DEFAULT_MODEL, help="model alias")
+    args = parser.parse_args(list(argv))
+    print(download_model(args.name))
+    return 0
+
+
+def run_inspect_data(argv: Sequence[str]) -> int:
+    """``inspect-data``: what a data file turns into, and why rows were dropped."""
+    from meet_lightning.inspect_data import inspect_data
+
+    parser = OneLineParser(prog="meet_lightning inspect-data", description=COMMANDS_HELP["inspect-data"])
+    parser.add_argument("--data.path", type=str, required=True, help="data file or hub id")
+    parser.add_argument("--data.format", type=str, default="auto", help="format name (auto detects)")
+    parser.add_argument("--data.preference", type=Optional[str], default=None, help="preference name")
+    parser.add_argument("--data.on_bad_rows", type=str, default="error", choices=["error", "skip"])
+    parser.add_argument("--data.max_length", type=int, default=512, help="max tokens per row with --model")
+    parser.add_argument("--model", type=Optional[str], default=None, help="tokenizer for token lengths (default: whitespace words)")
+    args = parser.parse_args(list(argv))
+    print(inspect_data(args.data.path, args.data.format, args.data.preference, args.data.on_bad_rows, args.model, args.data.max_length))
+    return 0
+
+
+def lazy(module: str, function: str) -> Callable[[Sequence[str]], int]:
+    """A command implemented in another module, imported only when used (keeps ``--help`` fast)."""
+    return lambda argv: getattr(__import__(f"meet_lightning.{module}", fromlist=[function]), function)(argv)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    **{name: (lambda name: lambda argv: run_recipe_command(name, argv))(name) for name in ("fit", "validate", "test", "predict")},
+    "generate": lazy("generation", "generate_command"),
+    "evaluate": lazy("evaluate", "evaluate_command"),
+    "inspect-data": run_inspect_data,
+    "download-model": run_download_model,
+}
+
+
+def usage() -> str:
+    """The top-level help: every command with one line."""
+    lines = ["usage: python -m meet_lightning COMMAND [--help] ...", "", "commands:"]
+    lines += [f"  {name:<15} {text}" for name, text in COMMANDS_HELP.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input). Internal errors propagate (exit code 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command = COMMANDS.get(argv[0])
+    try:
+        if command is None:
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            raise ConfigError(f"unknown command {argv[0]!r}" + (f" — did you mean {close[0]}?" if close else f" — use one of: {', '.join(COMMANDS)}"))
+        return command(argv[1:])
+    except MeetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code

@@ -1,0 +1,329 @@
+"""Control tokens: one interface, several small implementations chosen from YAML by ``class_path``.
+
+A control implementation does up to three things to a batch, and modules call all three without knowing which
+implementation they hold:
+
+1. :meth:`ControlTokens.insert` splices each row's control tokens into ``input_ids`` at the ``prefix`` or
+   ``infix`` position. Learned slots are written as negative ids ``-(slot + 1)``; text controls insert real ids.
+2. :meth:`ControlTokens.embed` turns ids into ``inputs_embeds``, replacing learned slots with their vectors.
+3. :meth:`ControlTokens.route` is a context in which per-row weight deltas (LoRA controls) are active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from meet_lightning.examples import ControlSchema
+
+PLACEMENTS = ("prefix", "infix")
+
+
+def splice(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    inserts: torch.Tensor,
+    insert_lengths: torch.Tensor,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inserts ``inserts[b, :insert_lengths[b]]`` into right-padded row ``b`` before index ``positions[b]``.
+
+    Args:
+        input_ids, attention_mask, labels: (B, L) right-padded batch.
+        positions: (B,) insertion index per row.
+        inserts: (B, C) ids to insert (padded arbitrarily past each row's length).
+        insert_lengths: (B,) how many of ``inserts`` each row takes.
+        pad_id: Id written into the new padding.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` of shape (B, L + C), still right-padded; inserted tokens
+        are attended to and carry no label.
+    """
+    batch, length = input_ids.shape
+    width = inserts.shape[1]
+    j = torch.arange(length + width, device=input_ids.device)[None, :]  # (1, L+C) output positions
+    pos, n = positions[:, None], insert_lengths[:, None]  # (B, 1)
+    in_insert = (j >= pos) & (j < pos + n)  # (B, L+C)
+    src = torch.where(j < pos, j, j - n).clamp(0, length - 1)  # index into the original row
+    from_row = ~in_insert & (torch.where(j < pos, j, j - n) < length)
+    ins = inserts.gather(1, (j - pos).clamp(0, max(width - 1, 0)).expand(batch, -1)) if width else src
+    ids = torch.where(in_insert, ins, torch.where(from_row, input_ids.gather(1, src), pad_id))
+    mask = torch.where(in_insert, 1, torch.where(from_row, attention_mask.gather(1, src), 0))
+    new_labels = torch.where(from_row, labels.gather(1, src), -100)
+    return ids, mask, new_labels
+
+
+class ControlTokens(nn.Module):
+    """Interface of every control implementation.
+
+    Subclasses define :meth:`build` (create parameters once the LM, tokenizer and schema are known) and
+    :meth:`tokens_for` (ids inserted for one control); prompt-free ones (LoRA) insert nothing and override
+    :meth:`route` instead.
+
+    Args:
+        placement: ``prefix`` (right after BOS, before the chat template) or ``infix`` (right after the
+            assistant header, before the response).
+    """
+
+    def __init__(self, placement: str = "prefix") -> None:
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r} is not one of {PLACEMENTS} — set init_args.placement")
+        self.placement = placement
+        self.schema: ControlSchema | None = None
+        self.pad_id = 0
+
+    # --------------------------------------------------------------- building
+    def setup(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
+        """Creates the parameters for ``schema`` on ``model``; called once by the module's ``configure_model``."""
+        self.schema = schema
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.build(model, tokenizer, schema)
+
+    def build(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
+        """Creates parameters (override)."""
+
+    def tokens_for(self, control_id: int) -> list[int]:
+        """Ids inserted for one global control id (negative ids are learned slots)."""
+        return []
+
+    def init_args(self) -> dict[str, Any]:
+        """Constructor arguments, so the control can be rebuilt from YAML types alone."""
+        return {"placement": self.placement}
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": ...}``: the checkpoint/YAML form of this control."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": self.init_args()}
+
+    # --------------------------------------------------------------- applying
+    def insert(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splices each row's control tokens in (preferences in schema order; ``-1`` inserts nothing).
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``labels``: (B, L + C).
+        """
+        rows = [self._row_tokens(ids) for ids in batch["control_ids"].tolist()]
+        width = max((len(r) for r in rows), default=0)
+        if width == 0:
+            return batch["input_ids"], batch["attention_mask"], batch["labels"]
+        device = batch["input_ids"].device
+        inserts = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows], device=device)
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        positions = batch["prefix_pos" if self.placement == "prefix" else "response_start"]
+        return splice(batch["input_ids"], batch["attention_mask"], batch["labels"], positions, inserts, lengths, self.pad_id)
+
+    def _row_tokens(self, control_ids: list[int]) -> list[int]:
+        return [t for c in control_ids if c >= 0 for t in self.tokens_for(c)]
+
+    def embed(self, embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+        """``inputs_embeds`` (B, L, H) for ``input_ids`` (B, L); learned slots replaced by their vectors."""
+        return embedding(input_ids.clamp(min=0))
+
+    @contextlib.contextmanager
+    def route(self, control_ids: torch.Tensor) -> Iterator[None]:
+        """Context in which per-row weight deltas follow ``control_ids`` (B, P). No-op by default."""
+        yield
+
+    def num_inserted(self, control_ids: list[int]) -> int:
+        """How many tokens a row with these control ids gets."""
+        return len(self._row_tokens(control_ids))
+
+
+class PromptTuningControl(ControlTokens):
+    """Learned embedding vectors per control (prompt tuning), spliced into ``inputs_embeds``.
+
+    Args:
+        num_tokens: Vectors per control.
+        init: ``random`` (normal, scaled like the vocabulary), ``vocab`` (embeddings of random vocabulary
+            tokens) or ``text`` (embeddings of ``init_text``, repeated or cut to ``num_tokens``).
+        init_text: ``{control: phrase}`` or ``{"preference/control": phrase}`` for ``init: text``.
+        placement: ``prefix`` or ``infix``.
+        seed: Seed of the random/vocab initialisation.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int = 20,
+        init: str = "vocab",
+        init_text: dict[str, str] | None = None,
+        placement: str = "prefix",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(placement)
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens {num_tokens} must be ≥ 1 — set init_args.num_tokens")
+        if init not in INITS:
+            raise ValueError(f"init {init!r} is not one of {sorted(INITS)} — set init_args.init")
+        if init == "text" and not init_text:
+            raise ValueError("init: text needs init_text {control: phrase} — set init_args.init_text")
+        self.num_tokens, self.init, self.init_text, self.seed = num_tokens, init, dict(init_text or {}), seed
+        self.bank: nn.Parameter | None = None
+
+    def init_args(self) -> dict[str, Any]:
+        return {"num_tokens": self.num_tokens, "init": self.init, "init_text": self.init_text or None,
+                "placement": self.placement, "seed": self.seed}
+
+    def build(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
+        vocab = model.get_input_embeddings().weight.detach().float()  # (V, H)
+        generator = torch.Generator().manual_seed(self.seed)
+        bank = INITS[self.init](self, vocab, tokenizer, schema, generator)  # (num_controls, T, H)
+        self.bank = nn.Parameter(bank.to(model.get_input_embeddings().weight.dtype))
+
+    def tokens_for(self, control_id: int) -> list[int]:
+        first = control_id * self.num_tokens
+        return [-(first + t) - 1 for t in range(self.num_tokens)]
+
+    def embed(self, embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+        tokens = embedding(input_ids.clamp(min=0))  # (B, L, H)
+        slots = (-input_ids - 1).clamp(min=0)  # (B, L) index into the flattened bank
+        learned = self.bank.reshape(-1, self.bank.shape[-1])[slots].to(tokens.dtype)  # (B, L, H)
+        return torch.where((input_ids < 0)[..., None], learned, tokens)
+
+
+def _init_random(control, vocab, tokenizer, schema, generator) -> torch.Tensor:
+    std = vocab.std().item()
+    return torch.randn(schema.num_controls, control.num_tokens, vocab.shape[1], generator=generator) * std
+
+
+def _init_vocab(control, vocab, tokenizer, schema, generator) -> torch.Tensor:
+    # Ids from the lower part of the vocabulary: BPE vocabularies put common tokens first (Lester et al.).
+    high = min(vocab.shape[0], 5000)
+    ids = torch.randint(0, high, (schema.num_controls, control.num_tokens), generator=generator)
+    return vocab[ids].clone()
+
+
+def _init_text(control, vocab, tokenizer, schema, generator) -> torch.Tensor:
+    rows = []
+    for name in schema.names:
+        phrase = control.init_text.get(name, control.init_text.get(name.split("/", 1)[1]))
+        if phrase is None:
+            raise ValueError(f"init_text has no phrase for control {name!r} — add it to init_args.init_text")
+        ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        ids = (ids * math.ceil(control.num_tokens / len(ids)))[: control.num_tokens]
+        rows.append(vocab[torch.tensor(ids)])
+    return torch.stack(rows).clone()
+
+
+INITS = {"random": _init_random, "vocab": _init_vocab, "text": _init_text}
+
+
+class SpecialTokenControl(PromptTuningControl):
+    """One new token per control (the special-token baseline), initialised to the mean vocabulary embedding.
+
+    The token is an extra input embedding, not an extra output class: the model reads it but never predicts
+    it, so the vocabulary and LM head stay unchanged and the export stays loadable by plain ``transformers``.
+
+    Args:
+        placement: ``prefix`` or ``infix``.
+    """
+
+    def __init__(self, placement: str = "prefix") -> None:
+        super().__init__(num_tokens=1, init="vocab", placement=placement)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"placement": self.placement}
+
+    def build(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
+        weight = model.get_input_embeddings().weight
+        mean = weight.detach().float().mean(0)  # (H,) how new vocabulary rows are usually initialised
+        self.bank = nn.Parameter(mean.expand(schema.num_controls, 1, -1).clone().to(weight.dtype))
+
+
+class TextControl(ControlTokens):
+    """A hand-written phrase per control, inserted as ordinary tokens (the Chain-of-Hindsight baseline).
+
+    Args:
+        phrases: ``{control: phrase}`` or ``{"preference/control": phrase}``,
+            e.g. ``{"good": "A good response:", "bad": "A bad response:"}``.
+        placement: ``prefix`` or ``infix``.
+    """
+
+    def __init__(self, phrases: dict[str, str], placement: str = "infix") -> None:
+        super().__init__(placement)
+        if not phrases:
+            raise ValueError("TextControl needs phrases {control: phrase} — set init_args.phrases")
+        self.phrases = dict(phrases)
+        self._ids: list[list[int]] = []
+
+    def init_args(self) -> dict[str, Any]:
+        return {"phrases": self.phrases, "placement": self.placement}
+
+    def build(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
+        missing = [n for n in schema.names if n not in self.phrases and n.split("/", 1)[1] not in self.phrases]
+        if missing:
+            raise ValueError(f"TextControl has no phrase for {', '.join(missing)} — add it to init_args.phrases")
+        phrase = lambda n: self.phrases.get(n, self.phrases.get(n.split("/", 1)[1]))  # noqa: E731
+        # A trailing space or newline keeps the phrase a separate word from the text that follows it.
+        self._ids = [tokenizer(phrase(n) + "\n", add_special_tokens=False)["input_ids"] for n in schema.names]
+
+    def tokens_for(self, control_id: int) -> list[int]:
+        return self._ids[control_id]
+
+
+class LoRAControl(ControlTokens):
+    """One LoRA adapter per control, applied per row: mixed batches train and generate.
+
+    For a row, every target linear layer computes ``W x + (alpha / rank) · Σ_p B_c A_c x`` over the row's
+    controls ``c`` (one per labelled preference), so a combination of preferences is the exact sum of their
+    adapters. Implemented directly with forward hooks rather than through peft, because peft mixes adapters
+    per row only in eval mode.
+
+    Args:
+        rank: LoRA rank.
+        alpha: LoRA scaling numerator.
+        target_modules: Names (suffixes) of the linear layers to adapt.
+        seed: Seed of the ``A`` initialisation (``B`` starts at zero, so an untrained adapter changes nothing).
+    """
+
+    def __init__(self, rank: int = 8, alpha: float = 16.0, target_modules: list[str] | None = None, seed: int = 0) -> None:
+        super().__init__("prefix")
+        if rank < 1:
+            raise ValueError(f"rank {rank} must be ≥ 1 — set init_args.rank")
+        self.rank, self.alpha, self.seed = rank, alpha, seed
+        self.target_modules = list(target_modules or ["q_proj", "v_proj"])
+        self.lora_a = nn.ParameterDict()
+        self.lora_b = nn.ParameterDict()
+        self._active: torch.Tensor | None = None  # (B, P) control ids while routing
+        self._hooks: list = []
+
+    def init_args(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules, "seed": self.seed}
+
+    def build(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in self.target_modules}
+        if not targets:
+            raise ValueError(f"no linear layer named {self.target_modules} in the model — set init_args.target_modules")
+        for name, layer in targets.items():
+            key = name.replace(".", "_")
+            a = torch.randn(schema.num_controls, self.rank, layer.in_features, generator=generator) / math.sqrt(layer.in_features)
+            self.lora_a[key] = nn.Parameter(a.to(layer.weight.dtype))  # (C, r, in)
+            self.lora_b[key] = nn.Parameter(torch.zeros(schema.num_controls, layer.out_features, self.rank, dtype=layer.weight.dtype))
+            self._hooks.append(layer.register_forward_hook(self._make_hook(key)))
+
+    def _make_hook(self, key: str):
+        def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self._active is None:
+                return output
+            x = args[0]  # (B, T, in)
+            ids = self._active  # (B, P)
+            valid = (ids >= 0).to(x.dtype)[:, :, None, None]  # (B, P, 1, 1)
+            a = self.lora_a[key][ids.clamp(min=0)].to(x.dtype) * valid  # (B, P, r, in)
+            b = self.lora_b[key][ids.clamp(min=0)].to(x.dtype)  # (B, P, out, r)
+            low = torch.einsum("bti,bpri->bptr", x, a)  # (B, P, T, r)
+            return output + torch.einsum("bptr,bpor->bto", low, b) * (self.alpha / self.rank)
+        return hook
+
+    @contextlib.contextmanager
+    def route(self, control_ids: torch.Tensor) -> Iterator[None]:
+        self._active = control_ids
+        try:
+            yield
+        finally:
+            self._active = None

@@ -1,0 +1,460 @@
+"""Tokenization, batching and the one :class:`PreferenceDataModule` every stage and baseline uses.
+
+Rows are tokenized once, without their control tokens: the control implementation splices its tokens in at
+``prefix_pos`` or ``response_start`` inside the model, so one tokenized row serves every control (the control
+classifier scores each response under ``good`` and ``bad`` without re-tokenizing).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from meet_lightning.errors import ConfigError, DataError
+from meet_lightning.examples import ControlledExample, ControlSchema, Message, ParsedSource, PreferencePair
+from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.models import end_of_turn_id, load_tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One row as token ids, controls not yet inserted.
+
+    Attributes:
+        input_ids: Prompt (chat template, generation header included) followed by the response tokens.
+        labels: ``-100`` on prompt tokens, the token id on response tokens (end-of-turn token included).
+        prefix_pos: Where ``prefix`` controls go: after a template BOS token, else 0.
+        response_start: Where ``infix`` controls go: the first response token (= prompt length).
+        control_ids: One global control id per preference in schema order, ``-1`` = no label.
+    """
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    prefix_pos: int
+    response_start: int
+    control_ids: tuple[int, ...]
+
+
+class PromptTokenizer:
+    """Renders chat prompts and responses with a tokenizer's template, with response-only labels.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with a chat template (see ``models.load_tokenizer``).
+        max_length: Longest sequence in text tokens (control tokens come on top).
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.eot_id = end_of_turn_id(tokenizer)
+        # A template that writes the BOS token itself (Llama 3) keeps it first; prefix controls follow it.
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self.bos_first = tokenizer.bos_token_id is not None and "bos_token" in template
+
+    def render_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of ``messages`` followed by the assistant header."""
+        return list(self._apply(list(messages), add_generation_prompt=True))
+
+    def response_ids(self, prompt: Sequence[Message], response: str, prompt_ids: list[int]) -> list[int]:
+        """Token ids of ``response`` as the template writes it, up to and including the end-of-turn token."""
+        full = list(self._apply([*prompt, {"role": "assistant", "content": response}], add_generation_prompt=False))
+        if full[: len(prompt_ids)] == prompt_ids:
+            ids = full[len(prompt_ids) :]
+        else:  # templates that rewrite earlier turns: fall back to the plain response tokens
+            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.eot_id]
+        cut = ids.index(self.eot_id) + 1 if self.eot_id in ids else len(ids)
+        return ids[:cut] if self.eot_id in ids else [*ids, self.eot_id]
+
+    def prefix_pos(self, ids: Sequence[int]) -> int:
+        """Index prefix controls are inserted at."""
+        return 1 if self.bos_first and ids and ids[0] == self.tokenizer.bos_token_id else 0
+
+    def fit_prompt(self, messages: Sequence[Message], budget: int) -> list[int] | None:
+        """Prompt ids within ``budget`` tokens, dropping oldest turns, then oldest tokens of the first turn.
+
+        The system turn is kept. Returns ``None`` when even an empty last user turn does not fit.
+        """
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = list(messages[len(system) :])
+        ids = self.render_prompt([*system, *turns])
+        while len(ids) > budget and len(turns) > 1:
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts on a user turn
+                turns = turns[1:]
+            ids = self.render_prompt([*system, *turns])
+        if len(ids) <= budget:
+            return ids
+        return self._truncate_first_turn(system, turns, budget)
+
+    def _truncate_first_turn(self, system: list[Message], turns: list[Message], budget: int) -> list[int] | None:
+        content = self.tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"]
+        overflow = len(self.render_prompt([*system, *turns])) - budget
+        for _ in range(4):  # decoding can merge or split tokens: re-render until it fits
+            if overflow >= len(content):
+                return None
+            content = content[overflow:]
+            head = {"role": turns[0]["role"], "content": self.tokenizer.decode(content)}
+            ids = self.render_prompt([*system, head, *turns[1:]])
+            overflow = len(ids) - budget
+            if overflow <= 0:
+                return ids
+        return None
+
+    def tokenize(self, example: ControlledExample, schema: ControlSchema) -> TokenizedRow | None:
+        """Tokenizes one training row; ``None`` when its response alone leaves no room for a prompt."""
+        full_prompt = self.render_prompt(example.prompt)
+        response = self.response_ids(example.prompt, example.response, full_prompt)
+        budget = self.max_length - len(response)
+        prompt = full_prompt if len(full_prompt) <= budget else self.fit_prompt(example.prompt, budget)
+        if prompt is None:
+            return None
+        return TokenizedRow(
+            input_ids=tuple(prompt + response),
+            labels=tuple([IGNORE_INDEX] * len(prompt) + response),
+            prefix_pos=self.prefix_pos(prompt),
+            response_start=len(prompt),
+            control_ids=tuple(schema.encode(example.controls)),
+        )
+
+    def _apply(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+        out = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+        )
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+
+
+def collate_rows(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads rows into a batch.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (B, L); ``prefix_pos``, ``response_start`` (B,);
+        ``control_ids`` (B, P).
+    """
+    length = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        labels[i, :n] = torch.tensor(row.labels)
+        mask[i, :n] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "prefix_pos": torch.tensor([r.prefix_pos for r in rows]),
+        "response_start": torch.tensor([r.response_start for r in rows]),
+        "control_ids": torch.tensor([r.control_ids for r in rows], dtype=torch.long).reshape(len(rows), -1),
+    }
+
+
+def collate_pairs(pairs: Sequence[tuple[TokenizedRow, TokenizedRow]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batches pairs as ``[chosen_1..chosen_B; rejected_1..rejected_B]`` (2B rows), ``num_pairs`` = B.
+
+    Each row carries its own training control (chosen → e.g. ``good``, rejected → ``bad``); swapping the two
+    halves of ``control_ids`` gives every response under the other control (the control classifier).
+    """
+    batch = collate_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    batch["num_pairs"] = torch.tensor(len(pairs))
+    return batch
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Seeded, rank-aware batch sampler whose position can be saved and restored.
+
+    The order of an epoch is a pure function of ``(seed, epoch)``, so a resumed run replays exactly the
+    batches an uninterrupted one would have seen. With ``lengths``, batches are grouped by length inside
+    windows of 50 batches (less padding), then the batches are shuffled.
+
+    Args:
+        num_items: Dataset size.
+        batch_size: Items per batch on each rank.
+        shuffle: Shuffle every epoch (training) or keep file order (evaluation).
+        seed: Seed of the permutation.
+        lengths: Optional item lengths for length grouping.
+        rank: This process' rank; ``world_size`` processes split every epoch's batches.
+        world_size: Number of processes.
+        drop_last: Drop the last incomplete batch (training).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.num_items, self.batch_size, self.shuffle, self.seed = num_items, batch_size, shuffle, seed
+        self.lengths, self.rank, self.world_size, self.drop_last = lengths, rank, world_size, drop_last
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already yielded on this rank
+
+    def _epoch_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(self.num_items))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.lengths is not None:
+            window = self.batch_size * 50
+            order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=self.lengths.__getitem__)]
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle and self.lengths is not None:
+            rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
+        return batches[self.rank : usable : self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._epoch_batches()
+        while self.position < len(batches):
+            self.position += 1
+            yield batches[self.position - 1]
+        self.epoch += 1
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self._epoch_batches())
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches already consumed."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continues from a saved :meth:`state_dict`."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning saves and restores through its batch sampler's position."""
+
+    def state_dict(self) -> dict[str, int]:
+        """The batch sampler's state (Lightning stores it in the checkpoint)."""
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restores the batch sampler's state."""
+        self.batch_sampler.load_state_dict(state)
+
+
+def split_units(
+    parsed: Sequence[ParsedSource], val_fraction: float, seed: int
+) -> tuple[list[PreferencePair | ControlledExample], list[PreferencePair | ControlledExample]]:
+    """Splits pairs and stand-alone rows into train and validation, keeping all rows of a prompt together.
+
+    Grouping by prompt keeps a prompt's other comparisons (OpenAssistant siblings) out of validation.
+    """
+    groups: dict[str, list[PreferencePair | ControlledExample]] = {}
+    for source in parsed:
+        in_pairs = {_example_key(e) for p in source.pairs for e in p.examples()}
+        units = [*source.pairs, *(e for e in source.examples if _example_key(e) not in in_pairs)]
+        for unit in units:
+            groups.setdefault(json.dumps(unit.prompt, sort_keys=True), []).append(unit)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    num_val = round(len(keys) * val_fraction)
+    val = [u for k in keys[:num_val] for u in groups[k]]
+    train = [u for k in keys[num_val:] for u in groups[k]]
+    return train, val
+
+
+def _example_key(example: ControlledExample) -> tuple:
+    return (example.source, example.response, tuple(sorted(example.controls.items())))
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Reads preference data, tokenizes it, and serves row or pair batches to every stage and baseline.
+
+    Args:
+        path: One data file or hub dataset id (shorthand for a single entry of ``sources``).
+        format: Format of ``path`` (``auto`` detects it).
+        preference: Preference name for ``path`` (default: the format's own).
+        sources: Several sources, each feeding its own preference; not together with ``path``.
+        model_name_or_path: Tokenizer to use (linked from the recipe's top-level key).
+        max_length: Longest row in text tokens; prompts are truncated from the left to fit.
+        batch_size: Training rows per batch (pairs per batch when ``pair_batches``).
+        eval_batch_size: Validation pairs/rows per batch (default ``batch_size``).
+        val_fraction: Share of prompts held out for validation.
+        val_path: A separate validation file (same format options as ``path``); overrides ``val_fraction``.
+        pair_batches: Train on paired batches ``[chosen; rejected]`` (DPO); needs pairwise data.
+        group_by_length: Batch rows of similar length together (less padding).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the validation split and the batch order.
+        on_bad_rows: ``error`` stops at the first bad row; ``skip`` skips bad rows and reports the count.
+        predict_path: JSONL with ``prompt`` and optional ``controls`` for ``predict``.
+        max_examples: Keep only this many training pairs/rows (after the split), for quick runs.
+        max_val_examples: Keep only this many validation pairs/rows.
+        trust_remote_code: Allow the tokenizer's own code from the hub.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        format: str = "auto",
+        preference: str | None = None,
+        sources: list[SourceConfig] | None = None,
+        model_name_or_path: str = "",
+        max_length: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        val_path: str | None = None,
+        pair_batches: bool = False,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 1234,
+        on_bad_rows: str = "error",
+        predict_path: str | None = None,
+        max_examples: int | None = None,
+        max_val_examples: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        problems = _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val_fraction, num_workers)
+        problems += [f"--data.{name} {value} must be ≥ 1 (or null for all)" for name, value in
+                     (("max_examples", max_examples), ("max_val_examples", max_val_examples)) if value is not None and value < 1]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.sources = [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows)] if path else [
+            _with_on_bad_rows(s, on_bad_rows) for s in (sources or [])
+        ]
+        self.val_source = SourceConfig(path=val_path, format=format, preference=preference, on_bad_rows=on_bad_rows) if val_path else None
+        self.model_name_or_path, self.max_length = model_name_or_path, max_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.val_fraction, self.pair_batches, self.group_by_length = val_fraction, pair_batches, group_by_length
+        self.num_workers, self.seed, self.predict_path = num_workers, seed, predict_path
+        self.max_examples, self.max_val_examples = max_examples, max_val_examples
+        self.trust_remote_code = trust_remote_code
+        self._parsed: list[ParsedSource] | None = None
+        self._tokenizer: Any = None
+        self.train_items: list = []
+        self.val_items: list = []
+        self.summary: Counter = Counter()
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def parsed(self) -> list[ParsedSource]:
+        """Every source read (once) into canonical rows."""
+        if self._parsed is None:
+            self._parsed = [read_source(s) for s in self.sources]
+            if self.val_source is not None:
+                self._parsed_val = read_source(self.val_source)
+        return self._parsed
+
+    @property
+    def control_schema(self) -> dict[str, list[str]]:
+        """``{preference: [controls]}`` found in the data, in first-seen order."""
+        schema: dict[str, list[str]] = {}
+        for source in self.parsed:
+            for pref, labels in source.preferences().items():
+                known = schema.setdefault(pref, [])
+                known.extend(label for label in labels if label not in known)
+        return schema
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of ``model_name_or_path`` (right padding, for training)."""
+        if self._tokenizer is None:
+            if not self.model_name_or_path:
+                raise ConfigError("no tokenizer: set --model_name_or_path (or --data.model_name_or_path)")
+            self._tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+            self._tokenizer.model_max_length = 1 << 30  # rows are truncated here, not by the tokenizer's warning
+        return self._tokenizer
+
+    # ------------------------------------------------------------ tokenization
+    def setup(self, stage: str | None = None) -> None:
+        """Splits and tokenizes the data (once; every Lightning stage reuses it)."""
+        if self.train_items or self.val_items:
+            return
+        schema = ControlSchema.from_dict(self.control_schema)
+        train, val = split_units(self.parsed, 0.0 if self.val_source else self.val_fraction, self.seed)
+        if self.val_source is not None:
+            val = list(self._parsed_val.pairs) or list(self._parsed_val.examples)
+        train, val = train[: self.max_examples], val[: self.max_val_examples]
+        encoder = PromptTokenizer(self.tokenizer, self.max_length)
+        self.summary = Counter()
+        self.train_items = self._tokenize_units(train, encoder, schema, pairs_only=self.pair_batches, split="train")
+        self.val_items = self._tokenize_units(val, encoder, schema, pairs_only=any(isinstance(u, PreferencePair) for u in val), split="val")
+        if not self.train_items:
+            raise DataError(f"{self.sources[0].path}: no training rows left after reading and tokenizing — check --data.path and --data.max_length")
+
+    def _tokenize_units(self, units: Sequence, encoder: PromptTokenizer, schema: ControlSchema, pairs_only: bool, split: str) -> list:
+        items: list = []
+        for unit in units:
+            if isinstance(unit, PreferencePair):
+                rows = [encoder.tokenize(e, schema) for e in unit.examples()]
+                if None in rows:
+                    self.summary[f"{split}: pairs dropped, a response longer than max_length"] += 1
+                elif pairs_only:
+                    items.append(tuple(rows))
+                else:
+                    items.extend(rows)
+            elif pairs_only:
+                self.summary[f"{split}: rows without a pair ignored by paired batches"] += 1
+            else:
+                row = encoder.tokenize(unit, schema)
+                if row is None:
+                    self.summary[f"{split}: rows dropped, response longer than max_length"] += 1
+                else:
+                    items.append(row)
+        self.summary[f"{split}: {'pairs' if pairs_only else 'rows'}"] += len(items)
+        return items
+
+    # ------------------------------------------------------------- dataloaders
+    def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
+        paired = bool(items) and isinstance(items[0], tuple)
+        lengths = [len(i[0].input_ids) + len(i[1].input_ids) if paired else len(i.input_ids) for i in items]
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        sampler = ResumableBatchSampler(
+            len(items), batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, drop_last=False,
+            lengths=lengths if self.group_by_length and shuffle else None,
+        )
+        pad_id = self.tokenizer.pad_token_id
+        collate = (lambda b: collate_pairs(b, pad_id)) if paired else (lambda b: collate_rows(b, pad_id))
+        return ResumableDataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, length-grouped training batches (rows, or pairs with ``pair_batches``)."""
+        return self._loader(self.train_items, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation pairs (scored by the control classifier) or rows, in file order."""
+        return self._loader(self.val_items, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as validation: pass a held-out file with ``--data.val_path``."""
+        return self.val_dataloader()
+
+
+def _with_on_bad_rows(source: SourceConfig, on_bad_rows: str) -> SourceConfig:
+    if source.on_bad_rows != "error" or on_bad_rows == "error":
+        return source
+    return SourceConfig(**{**source.__dict__, "on_bad_rows": on_bad_rows})
+
+
+def _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val_fraction, num_workers) -> list[str]:
+    checks = [
+        (path and sources, "--data.path and --data.sources were both given — use one (sources for several files)"),
+        (not path and not sources, "no data: set --data.path FILE (or --data.sources for several files)"),
+        (max_length < 8, f"--data.max_length {max_length} is too small — use at least 8 (e.g. 512)"),
+        (batch_size < 1, f"--data.batch_size {batch_size} must be ≥ 1"),
+        (eval_batch_size is not None and eval_batch_size < 1, f"--data.eval_batch_size {eval_batch_size} must be ≥ 1"),
+        (not 0.0 <= val_fraction < 1.0, f"--data.val_fraction {val_fraction} must be in [0, 1)"),
+        (num_workers < 0, f"--data.num_workers {num_workers} must be ≥ 0"),
+    ]
+    return [message for failed, message in checks if failed]

@@ -1,0 +1,25 @@
+"""User-facing errors: each one is printed as a single ``error: ...`` line with exit code 2.
+
+Only these exceptions are turned into exit code 2 by the CLI. Anything else is an internal bug and keeps
+its traceback (exit code 1), so a real defect is never disguised as bad input.
+"""
+
+from __future__ import annotations
+
+
+class MeetError(Exception):
+    """Bad input from the user. The message names the file, row or flag and ends with the fix."""
+
+    exit_code = 2
+
+
+class DataError(MeetError):
+    """A data file or record that cannot be read: ``FILE:ROW: what is wrong — how to fix it``."""
+
+
+class ConfigError(MeetError):
+    """A recipe, flag or output folder that cannot be used as given."""
+
+
+class CheckpointError(MeetError):
+    """A checkpoint, controls file or export folder that does not fit the run (missing, truncated, other model)."""

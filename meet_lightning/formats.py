@@ -1,0 +1,1268 @@
+"""Raw preference data → :class:`ControlledExample` rows and :class:`PreferencePair` comparisons.
+
+One entry point, :func:`read_source`, reads one :class:`SourceConfig`: a local ``.json`` / ``.jsonl`` /
+``.csv`` file (each optionally ``.gz``), a ``.parquet`` file, or a hub dataset id. Local JSON and CSV files
+are read line by line with the standard library so every problem names ``FILE:ROW``; parquet and hub ids go
+through ``datasets``. Each format is a small parser class picked from :data:`FORMATS` by name.
+
+Rows are 1-based: the line number for JSON Lines and CSV (the CSV header is line 1, so the first record is
+row 2, as a spreadsheet shows it), the element number for a JSON array, the record number for parquet and
+hub datasets.
+
+Bad data never gives a traceback: it raises :class:`~meet_lightning.errors.DataError` with one line
+``FILE:ROW: what is wrong — how to fix it``. With ``on_bad_rows: skip`` a bad record is skipped instead and
+counted in ``ParsedSource.skipped`` under its reason (the message without the row), its row listed in
+``ParsedSource.skipped_rows``. Problems with the file itself (missing, a directory, empty, truncated gzip,
+a broken JSON array) always stop the read.
+
+Choices made for every format:
+
+* A comparison whose two responses are identical carries no preference: it is dropped, counted in
+  ``skipped`` (or, for ``multi_response``, where the row still gives its examples, only in ``warnings``)
+  and listed in ``warnings``.
+* A blank prompt or response is a bad row, except an HH-RLHF transcript that ends with an empty Assistant
+  turn: that is what the assistant said (3 of the shared 1,800 rows), so it is kept and counted in
+  ``warnings``.
+* ``system_prompt`` is prepended to every prompt that does not already start with a system turn of its own.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import difflib
+import gzip
+import json
+import math
+import re
+import string
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, ClassVar
+
+from .errors import ConfigError, DataError
+from .examples import ControlledExample, ParsedSource, PreferencePair
+
+DEFAULT_PREFERENCE = "preference"
+"""Preference name used when a source sets none."""
+
+PAIRINGS = ("all_pairs", "best_vs_rest")
+TIES = ("skip", "tie")
+BAD_ROW_POLICIES = ("error", "skip")
+TIE_CONTROL = "tie"
+"""Control both responses of a tied ``pairwise_votes`` comparison train under with ``ties: tie``."""
+
+_DEFAULT_LABELS: dict[int, tuple[str, ...]] = {2: ("bad", "good"), 3: ("low", "mid", "high")}
+
+
+def default_score_labels(bins: int) -> list[str]:
+    """Labels for ``bins`` score bins, lowest first: ``bad, good`` for 2 (the same controls as pairwise data,
+    so pointwise and pairwise sources can feed one preference), ``low, mid, high`` for 3, else
+    ``bin1 … binN``."""
+    return list(_DEFAULT_LABELS.get(bins, [f"bin{i + 1}" for i in range(bins)]))
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class SourceConfig:
+    """One data source and how to turn its records into training rows.
+
+    Attributes:
+        path: A local ``.json`` / ``.jsonl`` / ``.csv`` file (optionally ``.gz``), a ``.parquet`` file, or a
+            hub dataset id ``owner/name``.
+        format: ``auto`` (detected from the first record's keys) or one of ``hh_rlhf``, ``pairwise``,
+            ``sharegpt``, ``multi_response``, ``pointwise``, ``pairwise_votes``, ``ranked``.
+        preference: Preference the labels belong to; ``None`` means ``preference``. For pointwise
+            ``scores`` dicts each attribute is its own preference named after the attribute, or
+            ``PREFERENCE_ATTRIBUTE`` when this is set.
+        columns: ``{canonical field: column in the file}``, e.g. ``{prompt: instruction, chosen: better}``.
+        prompt_template: Builds the prompt from several columns, e.g. ``"{context}\\n\\n{source}"``
+            (formats with a prompt column: pairwise, multi_response, pointwise, pairwise_votes).
+        system_prompt: A system turn put before every prompt that has none.
+        chosen_control: Control the preferred response trains under.
+        rejected_control: Control the other response trains under.
+        controls: ``multi_response``: the columns that each hold one control's response (default: every
+            string column of the first record except the prompt columns).
+        score_thresholds: ``pointwise``: ascending cut points; ``score < t0`` gets the first label,
+            ``t0 <= score < t1`` the second, and so on.
+        score_labels: ``pointwise`` labels, lowest first, one more than the thresholds (or one per quantile
+            bin). Default: ``bad, good`` for two bins, ``low, mid, high`` for three, else ``bin1 … binN``.
+        quantile_bins: ``pointwise``: near-equal-count bins computed over the whole file, per attribute.
+            With neither thresholds nor bins, a median split (``quantile_bins: 2``, labels ``bad, good``).
+        attributes: ``pointwise`` ``scores`` dicts: the attributes to use (default: all).
+        pairing: ``ranked``: ``all_pairs`` (every two ranked siblings) or ``best_vs_rest`` (the best-ranked
+            reply against each other ranked sibling).
+        ties: ``pairwise_votes``: ``skip`` (counted) or ``tie`` (both responses train under control ``tie``).
+        subset: Hub datasets only: the configuration name.
+        split: Hub datasets only: the split to read.
+        on_bad_rows: ``error`` stops at the first bad record; ``skip`` skips it and counts it by reason.
+    """
+
+    path: str
+    format: str = "auto"
+    preference: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    chosen_control: str = "good"
+    rejected_control: str = "bad"
+    controls: list[str] | None = None
+    score_thresholds: list[float] | None = None
+    score_labels: list[str] | None = None
+    quantile_bins: int | None = None
+    attributes: list[str] | None = None
+    pairing: str = "all_pairs"
+    ties: str = "skip"
+    subset: str | None = None
+    split: str = "train"
+    on_bad_rows: str = "error"
+
+    def __post_init__(self) -> None:
+        problems = [problem for check in _CONFIG_CHECKS for problem in check(self)]
+        if problems:
+            raise ConfigError(f"data source {self.path!r}: " + "; ".join(problems))
+
+
+def _check_choices(cfg: SourceConfig) -> list[str]:
+    choices = {
+        "format": ("auto", *FORMATS),
+        "pairing": PAIRINGS,
+        "ties": TIES,
+        "on_bad_rows": BAD_ROW_POLICIES,
+    }
+    problems = []
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{name} {value!r} is unknown{hint} — set --data.{name} to one of {', '.join(allowed)}")
+    return problems
+
+
+def _check_names(cfg: SourceConfig) -> list[str]:
+    problems = []
+    if not isinstance(cfg.path, str) or not cfg.path.strip():
+        problems.append("path is empty — set --data.path FILE")
+    if cfg.chosen_control == cfg.rejected_control:
+        problems.append(
+            f"chosen_control and rejected_control are both {cfg.chosen_control!r} — give them different names"
+        )
+    if not isinstance(cfg.columns, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in cfg.columns.items()
+    ):
+        problems.append("columns must map field names to column names — e.g. --data.columns '{prompt: question}'")
+    if cfg.controls is not None and (not cfg.controls or len(set(cfg.controls)) != len(cfg.controls)):
+        problems.append("controls must name distinct columns — e.g. --data.controls '[concise, verbose]'")
+    return problems
+
+
+def _check_template(cfg: SourceConfig) -> list[str]:
+    if cfg.prompt_template is None:
+        return []
+    fix = "write columns as {name}, e.g. --data.prompt_template '{context}\\n\\n{source}'"
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name is not None]
+    except ValueError as err:
+        return [f"prompt_template is not a valid template ({err}) — {fix}"]
+    if not names:
+        return [f"prompt_template names no column — {fix}"]
+    if not all(name.isidentifier() for name in names):
+        return [f"prompt_template fields must be plain column names, got {names} — {fix}"]
+    return []
+
+
+def _check_scores(cfg: SourceConfig) -> list[str]:
+    problems = []
+    thresholds, bins, labels = cfg.score_thresholds, cfg.quantile_bins, cfg.score_labels
+    if thresholds is not None and bins is not None:
+        problems.append("score_thresholds and quantile_bins are both set — keep one of them")
+    if thresholds is not None:
+        if not thresholds or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds):
+            problems.append("score_thresholds must be finite numbers — e.g. --data.score_thresholds '[3.0]'")
+        elif any(a >= b for a, b in zip(thresholds, thresholds[1:])):
+            problems.append(f"score_thresholds {thresholds} are not ascending — list the cut points lowest first")
+    if bins is not None and (not isinstance(bins, int) or bins < 2):
+        problems.append(f"quantile_bins {bins!r} must be an integer >= 2 — e.g. --data.quantile_bins 2")
+    if labels is not None:
+        expected = len(thresholds) + 1 if thresholds else bins if isinstance(bins, int) else 2
+        if len(labels) != expected or len(set(labels)) != len(labels):
+            problems.append(
+                f"score_labels needs {expected} distinct labels, got {labels} — one label per bin, lowest first"
+            )
+    return problems
+
+
+_CONFIG_CHECKS: tuple[Callable[[SourceConfig], list[str]], ...] = (
+    _check_choices,
+    _check_names,
+    _check_template,
+    _check_scores,
+)
+
+
+# ------------------------------------------------------------------------------------------- bad records
+
+
+class _BadRow(DataError):
+    """One unusable record. ``reason`` (no row number) is also the key it is counted under when skipped."""
+
+    def __init__(self, reason: str, fix: str, kind: str = "value", detail: str = "") -> None:
+        super().__init__(f"{reason}{detail} — {fix}")
+        self.reason, self.fix, self.kind = reason, fix, kind
+
+
+class _Missing(_BadRow):
+    """Required fields absent; :func:`read_source` adds the format and the keys the row does have."""
+
+    def __init__(self, fields: list[str], columns: Mapping[str, str], note: str = "") -> None:
+        names = ", ".join(_field_label(f, columns) for f in fields)
+        mapping = ", ".join(f"{name}: YOUR_COLUMN" for name in fields)
+        fix = f"map your columns with --data.columns '{{{mapping}}}'"
+        super().__init__(f"missing field {names}{note}", fix, kind="missing")
+        self.fields = fields
+
+
+def _field_label(name: str, columns: Mapping[str, str]) -> str:
+    column = columns.get(name, name)
+    return repr(name) if column == name else f"{column!r} (mapped to {name} by --data.columns)"
+
+
+_JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    """JSON-style name of a value's type for messages."""
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _one_line(text: object) -> str:
+    return re.sub(r"[\r\n]+", " ", str(text))
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+_TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+_UNDECODABLE = ("undecodable bytes (not UTF-8)", "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT")
+_NOT_OBJECT_FIX = "each record must be a JSON object with named fields, e.g. {\"prompt\": ..., \"chosen\": ...}"
+Row = tuple[int, Any]
+
+
+def iter_records(path: str, subset: str | None = None, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """Yield ``(row, record)`` for every record of a local file, parquet file or hub dataset.
+
+    Args:
+        path: Local ``.json`` / ``.jsonl`` / ``.csv`` (optionally ``.gz``) or ``.parquet`` file, or a hub id.
+        subset: Hub datasets only: the configuration name.
+        split: Hub datasets only: the split.
+
+    Raises:
+        DataError: ``FILE:ROW: …`` for the first unreadable record or an unreadable file.
+    """
+    for row, value in _iter_rows(path, subset, split):
+        if isinstance(value, _BadRow):
+            raise DataError(_one_line(f"{path}:{row}: {value}"))
+        if not isinstance(value, Mapping):
+            raise DataError(_one_line(f"{path}:{row}: the record is {_kind(value)} — {_NOT_OBJECT_FIX}"))
+        yield row, dict(value)
+
+
+def _iter_rows(path: str, subset: str | None, split: str) -> Iterator[Row]:
+    """``(row, value)`` pairs; a value is a :class:`_BadRow` where the record itself cannot be read."""
+    local = Path(path)
+    if local.is_dir():
+        raise DataError(f"{path}: is a directory — pass a data file (.json, .jsonl, .csv, .parquet)")
+    if not local.exists():
+        if _HUB_ID.fullmatch(path) and not path.lower().endswith(_TEXT_SUFFIXES + (".gz", ".parquet")):
+            return _iter_datasets(path, subset, split, local=False)
+        raise DataError(f"{path}: no such file — check --data.path (relative paths start at {Path.cwd()})")
+    name = local.name.lower().removesuffix(".gz")
+    if local.name.lower().endswith(".parquet"):
+        return _iter_datasets(path, None, "train", local=True)
+    reader = _READERS.get(Path(name).suffix)
+    if reader is None:
+        raise DataError(
+            f"{path}: unsupported file type {local.suffix!r} — use .json, .jsonl or .csv (optionally .gz) or .parquet"
+        )
+    return _nonempty(path, reader(local, path))
+
+
+def _nonempty(path: str, rows: Iterator[Row]) -> Iterator[Row]:
+    seen = False
+    for item in rows:
+        seen = True
+        yield item
+    if not seen:
+        raise DataError(f"{path}: the file is empty (no records) — pass a file with at least one record")
+
+
+def _open(path: Path, shown: str) -> BinaryIO:
+    try:
+        return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
+    except PermissionError as err:
+        raise DataError(f"{shown}: cannot read the file ({err.strerror}) — check its permissions") from None
+
+
+def _binary_lines(path: Path, shown: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)``; a corrupt or cut gzip stream names the line it stopped at."""
+    lineno = 0
+    with _open(path, shown) as handle:
+        try:
+            for lineno, line in enumerate(handle, 1):
+                yield lineno, line
+        except _GZIP_ERRORS as err:
+            raise DataError(
+                f"{shown}:{lineno + 1}: the gzip data is corrupt or truncated ({_one_line(err)}) — "
+                "re-download or re-compress the file"
+            ) from None
+
+
+def _read_jsonl(path: Path, shown: str) -> Iterator[Row]:
+    for lineno, raw in _binary_lines(path, shown):
+        if not raw.strip():
+            continue  # blank lines keep their number but hold no record
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            yield lineno, _BadRow(f"{_UNDECODABLE[0]} at byte {err.start}", _UNDECODABLE[1])
+            continue
+        try:
+            yield lineno, json.loads(text)
+        except json.JSONDecodeError as err:
+            reason = f"invalid JSON ({err.msg} at column {err.colno})"
+            yield lineno, _BadRow(reason, "fix or remove the line: each line must be one complete JSON object")
+
+
+def _read_json(path: Path, shown: str) -> Iterator[Row]:
+    """A JSON array of objects (row = element number), or JSON Lines content in a ``.json`` file."""
+    data = b"".join(line for _, line in _binary_lines(path, shown))
+    try:
+        text, undecodable = data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        # Bad bytes survive as lone surrogates, so the element that holds them can be named.
+        text, undecodable = data.decode("utf-8-sig", errors="surrogateescape"), True
+    start = _WHITESPACE.match(text).end()
+    if text[start : start + 1] != "[":
+        yield from _read_jsonl(path, shown)
+        return
+    for row, value in _json_elements(text, start + 1, shown):
+        yield row, _BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(value) else value
+
+
+def _json_elements(text: str, pos: int, shown: str) -> Iterator[Row]:
+    decoder, row = json.JSONDecoder(), 0
+    pos = _WHITESPACE.match(text, pos).end()
+    if text.startswith("]", pos):
+        return
+    while True:
+        row += 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{shown}:{row}: invalid JSON in element {row} ({err.msg}, line {err.lineno} column {err.colno})"
+                " — fix the file: a .json file holds one JSON array of objects, or one object per line"
+            ) from None
+        yield row, value
+        pos = _WHITESPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WHITESPACE.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return
+        else:
+            raise DataError(
+                f"{shown}:{row}: the JSON array is truncated or malformed after element {row} "
+                "(expected ',' or ']') — fix the file or re-download it"
+            )
+
+
+def _has_surrogates(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, Mapping):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False
+
+
+def _read_csv(path: Path, shown: str) -> Iterator[Row]:
+    """Rows of a CSV with a header line; the row number is the line the record starts on."""
+    lines = (raw.decode("utf-8-sig", errors="surrogateescape") for _, raw in _binary_lines(path, shown))
+    reader = csv.reader(lines)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        _check_header(header, shown)
+        start = reader.line_num + 1
+        for fields in reader:
+            row, start = start, reader.line_num + 1
+            if fields:
+                yield row, _csv_record(header, fields)
+    except csv.Error as err:
+        raise DataError(f"{shown}:{reader.line_num}: unreadable CSV ({err}) — fix the quoting on that line") from None
+
+
+def _check_header(header: list[str], shown: str) -> None:
+    names = [name.strip() for name in header]
+    duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
+    if "" in names or duplicates:
+        problem = "an empty column name" if "" in names else f"the repeated column {duplicates[0]!r}"
+        raise DataError(
+            f"{shown}:1: the CSV header has {problem} — the first line must be a header row naming every "
+            "column once (e.g. prompt,chosen,rejected)"
+        )
+
+
+def _csv_record(header: list[str], fields: list[str]) -> Any:
+    if len(fields) != len(header):
+        return _BadRow(
+            f"the row has {len(fields)} fields but the header has {len(header)}",
+            "quote fields that contain commas and give every row one value per header column",
+        )
+    record = dict(zip((name.strip() for name in header), fields))
+    return _BadRow(*_UNDECODABLE) if _has_surrogates(record) else record
+
+
+def _iter_datasets(path: str, subset: str | None, split: str, local: bool) -> Iterator[Row]:
+    """Parquet files and hub ids through ``datasets`` (imported only here: it is slow to import)."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        if local:
+            dataset = datasets.load_dataset("parquet", data_files=path, split="train")
+        else:
+            dataset = datasets.load_dataset(path, subset, split=split)
+    except ConnectionError as err:
+        raise DataError(
+            f"{path}: the hub dataset is not reachable offline ({_one_line(err)}) — "
+            "pass a local file with --data.path FILE"
+        ) from None
+    except DatasetNotFoundError as err:
+        raise DataError(f"{path}: no such dataset ({_one_line(err)}) — check --data.path") from None
+    except ValueError as err:  # pyarrow's ArrowInvalid for a corrupt parquet, or an unknown subset/split
+        raise DataError(
+            f"{path}: cannot load ({_one_line(err)[:200]}) — check the file or --data.subset / --data.split"
+        ) from None
+    if len(dataset) == 0:
+        raise DataError(f"{path}: the dataset is empty (no records) — pass a file with at least one record")
+    return enumerate(dataset, 1)
+
+
+_READERS: dict[str, Callable[[Path, str], Iterator[Row]]] = {
+    ".json": _read_json,
+    ".jsonl": _read_jsonl,
+    ".csv": _read_csv,
+}
+
+
+# ------------------------------------------------------------------------------------------- record parts
+
+_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
+_ROLE_KEYS = (("role", "content"), ("from", "value"))
+
+
+@dataclass
+class _Out:
+    """What one record (or the end of the file) produced."""
+
+    pairs: list[PreferencePair] = field(default_factory=list)
+    examples: list[ControlledExample] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add_pair(self, pair: PreferencePair) -> None:
+        if pair.chosen == pair.rejected:
+            self.warnings.append("chosen and rejected are identical (pair skipped)")
+            self.skipped.append("chosen and rejected are identical")
+            return
+        self.pairs.append(pair)
+        self.examples.extend(pair.examples())
+
+
+def _message(value: Any, where: str) -> dict[str, str]:
+    """A chat turn from ``{role, content}`` or sharegpt's ``{from, value}``."""
+    if not isinstance(value, Mapping):
+        raise _BadRow(f"{where} is {_kind(value)}, expected a message {{role, content}}", _MESSAGE_FIX, "type")
+    role_key, content_key = next(((r, c) for r, c in _ROLE_KEYS if r in value), ("role", "content"))
+    role, content = value.get(role_key), value.get(content_key)
+    if not isinstance(role, str) or role.lower() not in _ROLES:
+        raise _BadRow(f"{where} has role {_short(role)}", "use user, assistant or system (or human, gpt)", "type")
+    if not isinstance(content, str):
+        raise _BadRow(f"{where} has {content_key} {_kind(content)}, expected a string", _MESSAGE_FIX, "type")
+    return {"role": _ROLES[role.lower()], "content": content}
+
+
+_MESSAGE_FIX = 'write each turn as {"role": "user", "content": "..."} or {"from": "human", "value": "..."}'
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise _BadRow(f"{where} is {_kind(value)}, expected a list of messages", _MESSAGE_FIX, "type")
+    return [_message(item, f"{where}[{i}]") for i, item in enumerate(value)]
+
+
+def _response(text: str, where: str) -> str:
+    if not text.strip():
+        raise _BadRow(f"empty {where}", "fill it in or drop the row (--data.on_bad_rows skip skips such rows)")
+    return text
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite score; numeric strings are accepted because CSV cells are strings."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise _BadRow(f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row")
+    return number
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+class _Format:
+    """One data format: ``parse`` turns a record into pairs/examples, ``finish`` runs after the last record.
+
+    A fresh instance reads each source, so a format may keep state across records (pointwise buffers its
+    scores to compute quantiles; ranked notes whether any rank was seen).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # the keys this format reads, for the "cannot tell the format" message
+    uses_template: ClassVar[bool] = False
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.preference = cfg.preference or DEFAULT_PREFERENCE
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        """Turn one record into pairs and examples.
+
+        Args:
+            rec: The record with ``columns`` applied (canonical field names).
+            raw: The record as read, for ``prompt_template``.
+            source: ``FILE:ROW`` for the examples.
+        """
+        raise NotImplementedError
+
+    def finish(self) -> _Out:
+        """Whatever needs the whole file (e.g. quantile labels)."""
+        return _Out()
+
+    # Field access: missing and mistyped fields are bad rows naming the column as the user wrote it.
+    def _require(self, rec: Mapping[str, Any], *names: str) -> None:
+        missing = [name for name in names if name not in rec]
+        if missing:
+            raise _Missing(missing, self.cfg.columns)
+
+    def _string(self, rec: Mapping[str, Any], name: str) -> str:
+        self._require(rec, name)
+        value = rec[name]
+        if not isinstance(value, str):
+            raise self._wrong_type(name, value, "a string")
+        return value
+
+    def _wrong_type(self, name: str, value: Any, expected: str) -> _BadRow:
+        label = _field_label(name, self.cfg.columns)
+        fix = f"fix the value or map another column with --data.columns '{{{name}: COLUMN}}'"
+        return _BadRow(f"field {label} is {_kind(value)}, expected {expected}", fix, "type")
+
+    def _prompt(self, rec: Mapping[str, Any], raw: Mapping[str, Any], name: str = "prompt") -> list[dict]:
+        """The prompt turns: from ``prompt_template``, or a string or message list in column ``name``."""
+        if self.cfg.prompt_template is not None:
+            return [{"role": "user", "content": self._render(raw)}]
+        self._require(rec, name)
+        value = rec[name]
+        if isinstance(value, str):
+            return [{"role": "user", "content": value}]
+        if isinstance(value, list):
+            return _messages(value, f"field {name!r}")
+        raise self._wrong_type(name, value, "a string or a list of messages")
+
+    def _render(self, raw: Mapping[str, Any]) -> str:
+        template = self.cfg.prompt_template or ""
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        missing = [name for name in names if name not in raw]
+        if missing:
+            raise _Missing(missing, {})
+        for name in names:
+            if not isinstance(raw[name], (str, int, float)) or isinstance(raw[name], bool):
+                raise self._wrong_type(name, raw[name], "a string (prompt_template column)")
+        return template.format(**{name: raw[name] for name in names})
+
+    def _finish_prompt(self, turns: Sequence[Mapping[str, str]]) -> tuple[dict, ...]:
+        """Check the prompt says something, then put ``system_prompt`` first unless it has a system turn."""
+        if not any(t["content"].strip() for t in turns if t["role"] != "system"):
+            raise _BadRow("empty prompt", "fill in the prompt or drop the row (--data.on_bad_rows skip)")
+        turns = [dict(t) for t in turns]
+        if self.cfg.system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        return tuple(turns)
+
+    def _pair(self, prompt: tuple, chosen: str, rejected: str, source: str) -> PreferencePair:
+        cfg = self.cfg
+        return PreferencePair(
+            prompt, chosen, rejected, self.preference, cfg.chosen_control, cfg.rejected_control, source
+        )
+
+
+class HHRLHF(_Format):
+    """Anthropic HH-RLHF: ``chosen`` / ``rejected`` transcripts ``"\\n\\nHuman: …\\n\\nAssistant: …"``.
+
+    The prompt is everything before the last ``\\n\\nAssistant:`` (its turns become user/assistant
+    messages); the response is the text after it, stripped. Turns are split on the ``\\n\\nHuman:`` /
+    ``\\n\\nAssistant:`` markers only, so a response that says "Human:" mid-line stays whole. A pair whose
+    transcripts differ before the last Assistant turn is not one comparison: it is skipped and counted.
+    An empty last Assistant turn is kept as an empty response (counted in ``warnings``).
+    """
+
+    name = "hh_rlhf"
+    summary = "chosen, rejected transcripts"
+    _TURN = re.compile(r"\n\n(Human|Assistant):")
+    _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        self._require(rec, "chosen", "rejected")
+        chosen_prefix, chosen = self._split(self._string(rec, "chosen"), "chosen")
+        rejected_prefix, rejected = self._split(self._string(rec, "rejected"), "rejected")
+        out = _Out()
+        if chosen_prefix != rejected_prefix:
+            out.skipped.append("chosen and rejected differ before the last Assistant turn")
+            return out
+        if not chosen or not rejected:
+            out.warnings.append("empty response kept (the transcript ends with an empty Assistant turn)")
+        prompt = self._finish_prompt(self._turns(chosen_prefix, "chosen"))
+        out.add_pair(self._pair(prompt, chosen, rejected, source))
+        return out
+
+    def _split(self, transcript: str, name: str) -> tuple[str, str]:
+        if transcript.startswith(("Human:", "Assistant:")):
+            transcript = "\n\n" + transcript  # the marker at the very start has no blank line before it
+        cut = transcript.rfind("\n\nAssistant:")
+        if cut < 0:
+            raise _BadRow(
+                f"{name} has no '\\n\\nAssistant:' turn",
+                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data use --data.format pairwise",
+            )
+        return transcript[:cut], transcript[cut + len("\n\nAssistant:") :].strip()
+
+    def _turns(self, prefix: str, name: str) -> list[dict[str, str]]:
+        marks = list(self._TURN.finditer(prefix))
+        if not marks or prefix[: marks[0].start()].strip():
+            raise _BadRow(f"{name} does not start with a 'Human:' turn", "check the transcript or use --data.format pairwise")
+        ends = [m.start() for m in marks[1:]] + [len(prefix)]
+        return [
+            {"role": self._HH_ROLES[m.group(1)], "content": prefix[m.end() : end].strip()}
+            for m, end in zip(marks, ends)
+        ]
+
+
+class Pairwise(_Format):
+    """``prompt`` / ``chosen`` / ``rejected`` (TRL "standard" and "conversational").
+
+    Each field is a string or a list of ``{role, content}`` messages. A message-list ``chosen`` /
+    ``rejected`` ends with the assistant response; the turns before it continue the prompt (TRL's implicit
+    prompt, where ``prompt`` may then be absent) and must be the same on both sides, else the pair is
+    skipped and counted.
+    """
+
+    name = "pairwise"
+    summary = "prompt, chosen, rejected"
+    uses_template = True
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        self._require(rec, "chosen", "rejected")
+        chosen_head, chosen = self._side(rec, "chosen")
+        rejected_head, rejected = self._side(rec, "rejected")
+        out = _Out()
+        if chosen_head != rejected_head:
+            out.skipped.append("chosen and rejected differ before the last assistant turn")
+            return out
+        implicit = bool(chosen_head) and "prompt" not in rec and self.cfg.prompt_template is None
+        turns = ([] if implicit else self._prompt(rec, raw)) + chosen_head
+        out.add_pair(self._pair(self._finish_prompt(turns), chosen, rejected, source))
+        return out
+
+    def _side(self, rec: Mapping[str, Any], name: str) -> tuple[list[dict[str, str]], str]:
+        """``(turns before the response, response text)`` of ``chosen`` or ``rejected``."""
+        value = rec[name]
+        if isinstance(value, str):
+            return [], _response(value, name)
+        if isinstance(value, Mapping):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise self._wrong_type(name, value, "a string or a non-empty list of messages")
+        turns = _messages(value, f"field {name!r}")
+        if turns[-1]["role"] != "assistant":
+            raise _BadRow(
+                f"the last message of {name} is a {turns[-1]['role']} turn",
+                f"end {name} with the assistant response",
+                "type",
+            )
+        return turns[:-1], _response(turns[-1]["content"], name)
+
+
+class ShareGPT(_Format):
+    """sharegpt-style (LLaMA-Factory): ``conversations`` [{from, value}] + ``chosen`` / ``rejected``.
+
+    ``from`` is system / human / gpt (user / assistant and ``{role, content}`` also work); an optional
+    top-level ``system`` string becomes the system turn. ``chosen`` / ``rejected`` are one assistant
+    message or a plain string.
+    """
+
+    name = "sharegpt"
+    summary = "conversations, chosen, rejected"
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        self._require(rec, "conversations", "chosen", "rejected")
+        turns = _messages(rec["conversations"], "field 'conversations'")
+        system = rec.get("system")
+        if isinstance(system, str) and system.strip() and not (turns and turns[0]["role"] == "system"):
+            turns.insert(0, {"role": "system", "content": system})
+        prompt = self._finish_prompt(turns)
+        out = _Out()
+        out.add_pair(self._pair(prompt, self._reply(rec, "chosen"), self._reply(rec, "rejected"), source))
+        return out
+
+    def _reply(self, rec: Mapping[str, Any], name: str) -> str:
+        value = rec[name]
+        if isinstance(value, str):
+            return _response(value, name)
+        if not isinstance(value, Mapping):
+            raise self._wrong_type(name, value, 'a message {"from": "gpt", "value": "..."}')
+        message = _message(value, f"field {name!r}")
+        if message["role"] != "assistant":
+            raise _BadRow(f"{name} is a {message['role']} message", f"make {name} a gpt/assistant message", "type")
+        return _response(message["content"], name)
+
+
+class MultiResponse(_Format):
+    """A prompt column plus one response column per control (e.g. ``prompt``, ``concise``, ``verbose``).
+
+    Every control column gives one example with controls ``{preference: column name}``; every two control
+    columns ``i < j`` (in ``controls`` order, else file order) also form a pair, column ``i`` as chosen, so
+    validation can score e.g. concise vs verbose. Identical responses keep their examples but form no pair
+    (counted in ``warnings``).
+    """
+
+    name = "multi_response"
+    summary = "prompt + one response column per control"
+    uses_template = True
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.controls: list[str] | None = list(cfg.controls) if cfg.controls else None
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        controls = self.controls = self.controls or self._default_controls(rec)
+        prompt = self._finish_prompt(self._prompt(rec, raw))
+        self._require(rec, *controls)
+        texts = {name: _response(self._string(rec, name), name) for name in controls}
+        out = _Out()
+        for name, text in texts.items():
+            out.examples.append(ControlledExample(prompt, text, {self.preference: name}, source))
+        for first, second in combinations(controls, 2):
+            if texts[first] == texts[second]:
+                out.warnings.append("two control columns hold identical responses (no pair formed, examples kept)")
+                continue
+            pair = PreferencePair(prompt, texts[first], texts[second], self.preference, first, second, source)
+            out.pairs.append(pair)
+        return out
+
+    def _default_controls(self, rec: Mapping[str, Any]) -> list[str]:
+        template = self.cfg.prompt_template or ""
+        prompt_columns = {"prompt", "system", *(n for _, n, _, _ in string.Formatter().parse(template) if n)}
+        controls = [k for k, v in rec.items() if isinstance(v, str) and k not in prompt_columns]
+        if not controls:
+            raise _BadRow("no response columns besides the prompt", "name them with --data.controls '[a, b]'")
+        return controls
+
+
+class Pointwise(_Format):
+    """``prompt`` / ``response`` + ``score`` (a number) or ``scores`` (``{attribute: number}``).
+
+    A single ``score`` labels ``preference``; with ``scores`` each attribute is its own preference (named
+    after the attribute, or ``PREFERENCE_ATTRIBUTE`` when ``preference`` is set) and one row carries a
+    control for every attribute it has a score for (a null score gives no control). Labels come from
+    ``score_thresholds`` or from ``quantile_bins`` computed over the whole file per preference; with
+    neither, a median split (2 quantile bins) labelled ``bad`` / ``good``.
+    """
+
+    name = "pointwise"
+    summary = "prompt, response, score or scores"
+    uses_template = True
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.rows: list[tuple[tuple, str, dict[str, float], str]] = []
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        self._require(rec, *([] if self.cfg.prompt_template else ["prompt"]), "response")
+        if "score" not in rec and "scores" not in rec:
+            raise _Missing(["score"], self.cfg.columns, note=" (or 'scores')")
+        prompt = self._finish_prompt(self._prompt(rec, raw))
+        response = _response(self._string(rec, "response"), "response")
+        scores = self._scores(rec)
+        out = _Out()
+        if not scores:
+            out.skipped.append("no score for the selected attributes")
+            return out
+        self.rows.append((prompt, response, scores, source))
+        return out
+
+    def _scores(self, rec: Mapping[str, Any]) -> dict[str, float]:
+        if "scores" not in rec:
+            return {self.preference: _number(rec["score"], "field 'score'")}
+        table = rec["scores"]
+        if not isinstance(table, Mapping):
+            raise self._wrong_type("scores", table, "an object {attribute: number}")
+        wanted = self.cfg.attributes
+        prefix = f"{self.cfg.preference}_" if self.cfg.preference else ""
+        return {
+            f"{prefix}{name}": _number(value, f"scores[{name!r}]")
+            for name, value in table.items()
+            if value is not None and (wanted is None or name in wanted)
+        }
+
+    def finish(self) -> _Out:
+        self._check_attributes()
+        values: dict[str, list[float]] = {}
+        for _, _, scores, _ in self.rows:
+            for preference, value in scores.items():
+                values.setdefault(preference, []).append(value)
+        cuts = {pref: self._cuts(vals) for pref, vals in values.items()}
+        labels = self._labels()
+        out = _Out()
+        for prompt, response, scores, source in self.rows:
+            controls = {p: labels[bisect.bisect_right(cuts[p], v)] for p, v in scores.items()}
+            out.examples.append(ControlledExample(prompt, response, controls, source))
+        return out
+
+    def _cuts(self, values: list[float]) -> list[float]:
+        if self.cfg.score_thresholds is not None:
+            return [float(t) for t in self.cfg.score_thresholds]
+        return quantile_cuts(values, self.cfg.quantile_bins or 2)
+
+    def _labels(self) -> list[str]:
+        cfg = self.cfg
+        bins = len(cfg.score_thresholds) + 1 if cfg.score_thresholds else cfg.quantile_bins or 2
+        return list(cfg.score_labels) if cfg.score_labels else default_score_labels(bins)
+
+    def _check_attributes(self) -> None:
+        if not self.cfg.attributes or not self.rows:
+            return
+        prefix = f"{self.cfg.preference}_" if self.cfg.preference else ""
+        seen = {name for _, _, scores, _ in self.rows for name in scores}
+        unknown = [a for a in self.cfg.attributes if f"{prefix}{a}" not in seen]
+        if unknown:
+            raise DataError(
+                f"{self.cfg.path}: attribute {unknown[0]!r} is in no row's scores — "
+                f"fix --data.attributes (the file has {', '.join(sorted(seen))})"
+            )
+
+
+def quantile_cuts(values: Sequence[float], bins: int) -> list[float]:
+    """Cut points for ``bins`` near-equal-count bins over ``values`` (``score < cut`` falls below a cut).
+
+    Equal scores always share a bin, so each cut is the distinct value whose count of smaller scores is
+    closest to ``k * n / bins``; on coarse scales a bin can come out larger or empty.
+    """
+    ordered = sorted(values)
+    candidates = [(value, bisect.bisect_left(ordered, value)) for value in sorted(set(ordered))[1:]]
+    if not candidates:
+        return []
+    cuts = []
+    for k in range(1, bins):
+        target = k * len(ordered) / bins
+        cuts.append(min(candidates, key=lambda c: (abs(c[1] - target), c[1]))[0])
+    return cuts
+
+
+class PairwiseVotes(_Format):
+    """PandaLM: ``instruction``, ``input``, ``response1``, ``response2``, ``annotator1..N`` votes.
+
+    A vote is 1 (response1 better), 2 (response2 better) or 0 (tie). The majority is a vote value given by
+    more than half of the annotators (2 of 3): 1 or 2 decides the pair, e.g. votes 1,1,0 choose response1.
+    A majority of 0, or no majority (e.g. 1,2,0), is a tie: skipped and counted, or with ``ties: tie`` both
+    responses train under control ``tie``. The prompt is the instruction, plus a blank line and the input
+    when the input is not empty. The vote columns are the ``annotatorN`` columns of the first record.
+    """
+
+    name = "pairwise_votes"
+    summary = "instruction, input, response1, response2, annotator1..3"
+    uses_template = True
+    _VOTE_COLUMN = re.compile(r"annotator(\d+)")
+    _VOTE_FIX = "votes are 0 (tie), 1 (response1 better) or 2 (response2 better)"
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.vote_columns: list[str] | None = None
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        columns = self.vote_columns = self.vote_columns or self._find_vote_columns(rec)
+        self._require(rec, "response1", "response2", *columns)
+        prompt = self._finish_prompt(self._instruction(rec, raw))
+        responses = {v: _response(self._string(rec, f"response{v}"), f"response{v}") for v in (1, 2)}
+        winner = self._majority([self._vote(rec, name) for name in columns])
+        out = _Out()
+        if winner is None and self.cfg.ties == "skip":
+            out.skipped.append("annotators tie (no majority for either response)")
+        elif winner is None:
+            for text in responses.values():
+                out.examples.append(ControlledExample(prompt, text, {self.preference: TIE_CONTROL}, source))
+        else:
+            out.add_pair(self._pair(prompt, responses[winner], responses[3 - winner], source))
+        return out
+
+    def _find_vote_columns(self, rec: Mapping[str, Any]) -> list[str]:
+        found = [(int(m.group(1)), k) for k in rec if (m := self._VOTE_COLUMN.fullmatch(k))]
+        if not found:
+            raise _Missing(["annotator1"], self.cfg.columns)
+        return [name for _, name in sorted(found)]
+
+    def _instruction(self, rec: Mapping[str, Any], raw: Mapping[str, Any]) -> list[dict]:
+        if self.cfg.prompt_template is not None:
+            return self._prompt(rec, raw)
+        text = self._string(rec, "instruction")
+        extra = rec.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise self._wrong_type("input", extra, "a string")
+        return [{"role": "user", "content": f"{text}\n\n{extra}" if extra and extra.strip() else text}]
+
+    def _vote(self, rec: Mapping[str, Any], name: str) -> int:
+        value = rec[name]
+        number = value.strip() if isinstance(value, str) else value
+        if isinstance(number, bool) or str(number) not in ("0", "1", "2", "0.0", "1.0", "2.0"):
+            raise _BadRow(f"vote {name} is {_short(value)}", self._VOTE_FIX)
+        return int(float(number))
+
+    @staticmethod
+    def _majority(votes: list[int]) -> int | None:
+        """1 or 2 when more than half of the votes say so, else ``None`` (a tie)."""
+        value, count = Counter(votes).most_common(1)[0]
+        return value if value != 0 and 2 * count > len(votes) else None
+
+
+class Ranked(_Format):
+    """OpenAssistant message trees: ``prompt`` is the root message ``{text, role, replies[...]}``.
+
+    At every prompter message, its assistant replies that have a ``rank`` (0 = best) are compared; replies
+    without a rank, and deleted ones, are left out; synthetic replies are kept (their rank is a human
+    judgement like any other). ``all_pairs`` pairs every two ranked siblings (lower rank chosen);
+    ``best_vs_rest`` pairs the best-ranked reply with each other ranked sibling. Siblings with equal ranks
+    are not compared. The prompt of a reply is the whole path from the root to its parent. Every reply that
+    takes part in a pair is one example: the best-ranked one under ``chosen_control``, the others under
+    ``rejected_control``. A file where no reply has a rank is an error.
+    """
+
+    name = "ranked"
+    summary = "prompt message tree with replies and rank"
+    _NODE_ROLES = {"prompter": "user", "user": "user", "assistant": "assistant"}
+    _TREE_FIX = 'each message is {"text": ..., "role": "prompter" | "assistant", "rank": ..., "replies": [...]}'
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.saw_rank = False
+        self.rows = 0
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        self._require(rec, "prompt")
+        self.rows += 1
+        out = _Out()
+        stack: list[tuple[Any, tuple, str]] = [(rec["prompt"], (), "prompt")]
+        while stack:  # depth-first, iterative: trees can be deep
+            node, path, at = stack.pop()
+            message, replies = self._node(node, at)
+            history = path + (message,)
+            if message["role"] == "user":
+                self._compare(replies, history, at, source, out)
+            stack.extend((r, history, f"{at}.replies[{i}]") for i, r in reversed(list(enumerate(replies))))
+        return out
+
+    def _node(self, node: Any, at: str) -> tuple[dict[str, str], list]:
+        if not isinstance(node, Mapping):
+            raise _BadRow(f"{at} is {_kind(node)}, expected a message object", self._TREE_FIX, "type")
+        role, text, replies = node.get("role"), node.get("text"), node.get("replies")
+        replies = [] if replies is None else replies
+        if not isinstance(role, str) or role not in self._NODE_ROLES:
+            raise _BadRow(f"{at}.role is {_short(role)}, expected 'prompter' or 'assistant'", self._TREE_FIX, "type")
+        if not isinstance(text, str):
+            raise _BadRow(f"{at}.text is {_kind(text)}, expected a string", self._TREE_FIX, "type")
+        if not isinstance(replies, list):
+            raise _BadRow(f"{at}.replies is {_kind(replies)}, expected a list", self._TREE_FIX, "type")
+        return {"role": self._NODE_ROLES[role], "content": text}, replies
+
+    def _ranked_replies(self, replies: list, at: str) -> list[tuple[float, int, str]]:
+        """``(rank, position, text)`` of the ranked, not deleted assistant replies, best first."""
+        ranked = []
+        for i, reply in enumerate(replies):
+            where = f"{at}.replies[{i}]"
+            message, _ = self._node(reply, where)
+            if reply.get("rank") is None or message["role"] != "assistant" or reply.get("deleted") is True:
+                continue
+            rank = reply["rank"]
+            if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not math.isfinite(rank):
+                raise _BadRow(f"{where}.rank is {_short(rank)}, expected a number (0 = best)", self._TREE_FIX, "type")
+            ranked.append((rank, i, _response(message["content"], f"response at {where}")))
+        self.saw_rank = self.saw_rank or bool(ranked)
+        return sorted(ranked)
+
+    def _compare(self, replies: list, history: tuple, at: str, source: str, out: _Out) -> None:
+        ranked = self._ranked_replies(replies, at)
+        if len(ranked) < 2:
+            return
+        prompt = self._finish_prompt(history)
+        candidates = combinations(ranked, 2) if self.cfg.pairing == "all_pairs" else ((ranked[0], r) for r in ranked[1:])
+        used: set[int] = set()
+        for better, worse in candidates:
+            if better[0] == worse[0]:
+                out.warnings.append("sibling replies share a rank (not compared)")
+            elif better[2] == worse[2]:
+                out.warnings.append("sibling replies are identical (not compared)")
+            else:
+                out.pairs.append(self._pair(prompt, better[2], worse[2], source))
+                used.update((better[1], worse[1]))
+        best = ranked[0][0]
+        for rank, position, text in ranked:
+            if position in used:
+                control = self.cfg.chosen_control if rank == best else self.cfg.rejected_control
+                out.examples.append(ControlledExample(prompt, text, {self.preference: control}, source))
+
+    def finish(self) -> _Out:
+        if self.rows and not self.saw_rank:
+            raise DataError(
+                f"{self.cfg.path}: no assistant reply in {self.rows} trees has a rank — ranked data needs "
+                "'rank' (0 = best) on sibling replies; for other data set --data.format"
+            )
+        return _Out()
+
+
+FORMATS: dict[str, type[_Format]] = {
+    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked)
+}
+"""Format name → parser class; :func:`read_source` builds a fresh parser per source."""
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def _is_ranked(rec: Mapping[str, Any]) -> bool:
+    return isinstance(rec.get("prompt"), Mapping)
+
+
+def _is_pairwise(rec: Mapping[str, Any]) -> bool:
+    both = "chosen" in rec and "rejected" in rec
+    return both and ("prompt" in rec or isinstance(rec["chosen"], list))
+
+
+def _is_hh(rec: Mapping[str, Any]) -> bool:
+    return "chosen" in rec and "rejected" in rec and isinstance(rec["chosen"], str)
+
+
+def _is_multi_response(rec: Mapping[str, Any]) -> bool:
+    others = [k for k, v in rec.items() if k != "prompt" and isinstance(v, str)]
+    return "prompt" in rec and len(others) >= 2
+
+
+# Checked in order: the first that fits wins (the more specific keys first).
+_DETECTORS: tuple[tuple[str, Callable[[Mapping[str, Any]], bool]], ...] = (
+    ("ranked", _is_ranked),
+    ("sharegpt", lambda rec: "conversations" in rec),
+    ("pairwise_votes", lambda rec: "response1" in rec and "response2" in rec),
+    ("pointwise", lambda rec: "score" in rec or "scores" in rec),
+    ("pairwise", _is_pairwise),
+    ("hh_rlhf", _is_hh),
+    ("multi_response", _is_multi_response),
+)
+
+
+def _guess_format(record: Any) -> str | None:
+    if not isinstance(record, Mapping):
+        return None
+    return next((name for name, fits in _DETECTORS if fits(record)), None)
+
+
+def detect_format(record: Mapping, where: str) -> str:
+    """The format whose keys one record has (``auto``).
+
+    Args:
+        record: One record, with ``columns`` already applied.
+        where: ``FILE:ROW`` for the error message.
+
+    Raises:
+        DataError: No format fits; the message lists the formats and the keys each one reads.
+    """
+    found = _guess_format(record)
+    if found is not None:
+        return found
+    keys = ", ".join(_short(k, 30) for k in list(record)[:12]) if isinstance(record, Mapping) else _kind(record)
+    options = "; ".join(f"{name} ({parser.summary})" for name, parser in FORMATS.items())
+    raise DataError(
+        _one_line(
+            f"{where}: cannot tell the data format from the keys [{keys}] — set --data.format to one of: "
+            f"{options}; rename columns with --data.columns (a CSV's first line must be its header)"
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+
+def _canonical(raw: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """The record under canonical field names: mapped columns are renamed (their old names dropped)."""
+    rec = {k: v for k, v in raw.items() if k not in columns.values()}
+    for name, column in columns.items():
+        rec.pop(name, None)
+        if column in raw:
+            rec[name] = raw[column]
+    return rec
+
+
+@dataclass
+class _Reading:
+    """State of one :func:`read_source` call."""
+
+    cfg: SourceConfig
+    result: ParsedSource
+    parser: _Format | None = None
+    origin: str = "set by --data.format"
+
+    def start(self, rec: Mapping[str, Any], row: int) -> _Format:
+        """Pick the parser from the config or, for ``auto``, from this first record."""
+        name = self.cfg.format
+        if name == "auto":
+            probe = dict(rec, prompt="") if self.cfg.prompt_template and "prompt" not in rec else rec
+            name = detect_format(probe, f"{self.cfg.path}:{row}")
+            self.origin = f"detected from row {row}"
+        parser = FORMATS[name](self.cfg)
+        if self.cfg.prompt_template is not None and not parser.uses_template:
+            raise ConfigError(
+                f"data source {self.cfg.path!r}: prompt_template does not apply to format {name} "
+                "(its prompt comes from the conversation) — remove --data.prompt_template"
+            )
+        self.result.format = name
+        return parser
+
+    def explain(self, bad: _BadRow, rec: Any, raw: Any) -> _BadRow:
+        """Name a row of another format as such, and list the keys a row with a missing field does have."""
+        fmt = self.result.format
+        guess = _guess_format(rec)
+        if bad.kind in ("missing", "type") and self.parser is not None and guess not in (None, fmt):
+            return _BadRow(
+                f"this row looks like format {guess}, not {fmt} ({self.origin})",
+                "a file holds one format: split it into one source per format",
+            )
+        if isinstance(bad, _Missing) and isinstance(raw, Mapping):
+            keys = ", ".join(_short(k, 30) for k in list(raw)[:12]) or "no keys"
+            detail = f" for format {fmt} ({self.origin}); the row has [{keys}]"
+            return _BadRow(bad.reason, bad.fix + self._missing_hint(bad.fields, raw), bad.kind, detail)
+        return bad
+
+    def _missing_hint(self, fields: list[str], raw: Mapping[str, Any]) -> str:
+        close = difflib.get_close_matches(fields[0], [str(k) for k in raw], n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if "prompt" in fields and self.parser is not None and self.parser.uses_template:
+            hint += " or build the prompt with --data.prompt_template '{column_a}\\n\\n{column_b}'"
+        return hint
+
+    def record(self, row: int, bad: _BadRow) -> None:
+        """Stop at a bad row, or skip and count it (``on_bad_rows: skip``)."""
+        if self.cfg.on_bad_rows == "error":
+            raise DataError(_one_line(f"{self.cfg.path}:{row}: {bad}"))
+        self.count(row, [bad.reason])
+
+    def count(self, row: int, reasons: list[str]) -> None:
+        for reason in reasons:
+            self.result.skipped[reason] += 1
+            self.result.skipped_rows.setdefault(reason, []).append(row)
+
+    def merge(self, out: _Out, row: int | None) -> None:
+        self.result.pairs.extend(out.pairs)
+        self.result.examples.extend(out.examples)
+        self.result.warnings.update(out.warnings)
+        if row is not None:
+            self.count(row, out.skipped)
+        else:
+            self.result.skipped.update(out.skipped)
+
+
+def read_source(cfg: SourceConfig) -> ParsedSource:
+    """Read one source into pairs and training rows.
+
+    Args:
+        cfg: The source; see :class:`SourceConfig`.
+
+    Returns:
+        The pairs, examples, and per-reason counts of skipped records and warnings.
+
+    Raises:
+        DataError: Unreadable file, or (with ``on_bad_rows: error``) the first bad record, as one line
+            ``FILE:ROW: what is wrong — how to fix it``; also when nothing usable is left.
+        ConfigError: An option that does not fit the format (e.g. ``prompt_template`` for ``hh_rlhf``).
+    """
+    reading = _Reading(cfg, ParsedSource(path=cfg.path, format=cfg.format))
+    for row, value in _iter_rows(cfg.path, cfg.subset, cfg.split):
+        reading.result.rows_read += 1
+        rec: Any = None
+        try:
+            if isinstance(value, _BadRow):
+                raise value
+            if not isinstance(value, Mapping):
+                raise _BadRow(f"the record is {_kind(value)}", _NOT_OBJECT_FIX, "type")
+            rec = _canonical(value, cfg.columns)
+            reading.parser = reading.parser or reading.start(rec, row)
+            out = reading.parser.parse(rec, value, f"{cfg.path}:{row}")
+        except _BadRow as bad:
+            reading.record(row, reading.explain(bad, rec, value))
+            continue
+        reading.merge(out, row)
+    if reading.parser is not None:
+        reading.merge(reading.parser.finish(), None)
+    _check_usable(reading.result)
+    return reading.result
+
+
+def _check_usable(result: ParsedSource) -> None:
+    if result.examples:
+        return
+    why = ", ".join(f"{reason} ×{n}" for reason, n in result.skipped.most_common(3)) or "no records"
+    raise DataError(
+        _one_line(
+            f"{result.path}: no usable rows in {result.rows_read} records ({why}) — "
+            "check --data.format and --data.columns against the file"
+        )
+    )

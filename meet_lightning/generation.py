@@ -1,0 +1,173 @@
+"""Generation under chosen controls: batched, KV cache on, mixed controls in one batch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+
+from meet_lightning.control import ControlTokens
+from meet_lightning.data import IGNORE_INDEX, PromptTokenizer
+from meet_lightning.errors import ConfigError, DataError
+from meet_lightning.examples import ControlSchema, Message
+
+ControlSpec = Union[str, Sequence[str], Mapping[str, str], None]
+"""``"good"``, ``"harmless/good"``, ``["harmless/good", "concise"]``, ``{"harmless": "good"}`` or ``None``."""
+
+
+def resolve_controls(schema: ControlSchema, spec: ControlSpec) -> list[int]:
+    """One global control id per preference (``-1`` = none) for a user's control choice."""
+    names = [spec] if isinstance(spec, str) else list(spec.items()) if isinstance(spec, Mapping) else list(spec or [])
+    chosen: dict[str, str] = {}
+    for name in names:
+        preference, label = name if isinstance(name, tuple) else _split_control(schema, name)
+        if preference in chosen:
+            raise ConfigError(f"two controls for preference {preference!r} — pick one of {', '.join(schema.preferences[preference])}")
+        chosen[preference] = label
+    try:
+        return schema.encode(chosen)
+    except ValueError as error:
+        raise ConfigError(f"{error} — known controls: {', '.join(schema.names)}") from None
+
+
+def _split_control(schema: ControlSchema, name: str) -> tuple[str, str]:
+    if "/" in name:
+        preference, label = name.split("/", 1)
+        return preference, label
+    owners = [p for p, labels in schema.preferences.items() if name in labels]
+    if len(owners) != 1:
+        problem = "is ambiguous" if owners else "is unknown"
+        raise ConfigError(f"control {name!r} {problem} — known controls: {', '.join(schema.names)}")
+    return owners[0], name
+
+
+def prompt_batch(encoder: PromptTokenizer, prompts: Sequence[Sequence[Message]], control_ids: Sequence[Sequence[int]], max_prompt_tokens: int) -> dict[str, torch.Tensor]:
+    """A right-padded prompt-only batch in the training layout (controls not yet inserted)."""
+    rows = [encoder.fit_prompt(p, max_prompt_tokens) or encoder.render_prompt(p)[-max_prompt_tokens:] for p in prompts]
+    length = max(len(r) for r in rows)
+    pad = encoder.tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r + [pad] * (length - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
+        "labels": torch.full((len(rows), length), IGNORE_INDEX),
+        "prefix_pos": torch.tensor([encoder.prefix_pos(r) for r in rows]),
+        "response_start": torch.tensor([len(r) for r in rows]),
+        "control_ids": torch.tensor([list(c) for c in control_ids], dtype=torch.long).reshape(len(rows), -1),
+    }
+
+
+def to_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moves each row's padding from the right to the left, as generation needs. (B, L) each."""
+    shifts = (mask.shape[1] - mask.sum(1)).tolist()
+    rolled = [(torch.roll(i, s), torch.roll(m, s)) for i, m, s in zip(ids, mask, shifts)]
+    return torch.stack([i for i, _ in rolled]), torch.stack([m for _, m in rolled])
+
+
+@torch.no_grad()
+def generate_responses(
+    lm: torch.nn.Module,
+    tokenizer: Any,
+    control: ControlTokens,
+    prompts: Sequence[Sequence[Message]],
+    control_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 1024,
+) -> list[str]:
+    """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0)."""
+    encoder = PromptTokenizer(tokenizer, max_prompt_tokens)
+    device = next(lm.parameters()).device
+    stop = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompt_batch(encoder, prompts[start : start + batch_size], control_ids[start : start + batch_size], max_prompt_tokens)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids, mask, _ = control.insert(batch)
+        ids, mask = to_left_padding(ids, mask)
+        embeds = control.embed(lm.get_input_embeddings(), ids)
+        with control.route(batch["control_ids"]):
+            out = lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                              pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, **sampling)
+        texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+    return texts
+
+
+def as_messages(prompt: str | Sequence[Mapping[str, str]], where: str) -> list[Message]:
+    """A prompt given as text or as chat messages, as chat messages."""
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in prompt):
+        return [dict(m) for m in prompt]
+    raise DataError(f"{where}: 'prompt' must be non-empty text or a list of {{role, content}} messages — fix the row")
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    """Rows of a predict file: JSONL with ``prompt`` and optional ``controls``."""
+    if not path.is_file():
+        raise DataError(f"{path}: predict file not found — set --data.predict_path to a JSONL file")
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(f"{path}:{number}: not a JSON object — write one object per line") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{\"prompt\": ..., \"controls\": ...}}")
+        rows.append({"prompt": as_messages(record["prompt"], f"{path}:{number}"), "controls": record.get("controls"), "row": number})
+    if not rows:
+        raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
+    return rows
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Writes JSONL through a temp file in the same folder, so a crash leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_tokens: int = 128) -> list[dict[str, Any]]:
+    """``predict``: generations for ``data.predict_path`` with a stage checkpoint, written to ``out``."""
+    predict_path = cli.datamodule.predict_path
+    if not predict_path:
+        raise ConfigError("predict needs --data.predict_path FILE.jsonl (lines with 'prompt' and optional 'controls')")
+    rows = read_prompts(Path(predict_path))
+    module = cli.model
+    module.configure_model()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    ids = [resolve_controls(module.schema, r["controls"]) for r in rows]
+    texts = generate_responses(module.lm, module.tokenizer, module.control, [r["prompt"] for r in rows], ids, max_new_tokens)
+    results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts)]
+    write_jsonl_atomic(out, results)
+    log(f"wrote {len(results)} predictions to {out}")
+    return results
+
+
+def generate_command(argv: Sequence[str]) -> int:
+    """``generate --model DIR --control NAME [--control NAME ...] --prompt TEXT``."""
+    from meet_lightning.cli import OneLineParser
+    from meet_lightning.export import AlignedModel
+
+    parser = OneLineParser(prog="meet_lightning generate", description="generate under chosen controls")
+    parser.add_argument("--model", type=str, required=True, help="an export/ folder")
+    parser.add_argument("--control", type=str, action="append", default=[], help="control name; repeat to combine preferences")
+    parser.add_argument("--prompt", type=str, required=True, help="the user message")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    args = parser.parse_args(list(argv))
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise ConfigError("--max_new_tokens must be ≥ 1 and --temperature ≥ 0")
+    model = AlignedModel.from_pretrained(args.model)
+    print(model.generate([args.prompt], control=args.control or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature)[0])
+    return 0

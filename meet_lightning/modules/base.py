@@ -1,0 +1,237 @@
+"""The LightningModule every stage and baseline derives from.
+
+Subclasses change what trains (:meth:`MeetModule.configure_trainable`) and the objective
+(:meth:`MeetModule.compute_loss`); the forward pass through the controls, validation with the control
+classifier, the optimizer, the schedule and checkpoint hygiene are shared here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from torch import nn
+
+from meet_lightning.control import ControlTokens
+from meet_lightning.errors import CheckpointError, ConfigError
+from meet_lightning.examples import ControlSchema
+from meet_lightning.losses import (
+    control_classifier_scores,
+    nll,
+    pairwise_accuracy,
+    response_token_logps,
+    sequence_logps,
+)
+from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlTokens:
+    """A control object from an instance or its ``{"class_path", "init_args"}`` form (checkpoints).
+
+    Only subclasses of :class:`ControlTokens` are accepted: a checkpoint cannot make us import anything else.
+    """
+    if control is None:
+        return ControlTokens()
+    if isinstance(control, ControlTokens):
+        return control
+    import importlib
+
+    module_name, _, class_name = str(control.get("class_path", "")).rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None) if module_name.startswith("meet_lightning") else None
+    if not (isinstance(cls, type) and issubclass(cls, ControlTokens)):
+        raise CheckpointError(f"control class_path {control.get('class_path')!r} is not a meet_lightning control — use one of meet_lightning.control's classes")
+    return cls(**(control.get("init_args") or {}))
+
+
+class MeetModule(L.LightningModule):
+    """Shared base: an LM with control tokens, trained on response-only NLL.
+
+    Args:
+        model_name_or_path: The base LM (linked from the recipe's top-level key).
+        control: Control implementation (linked from the recipe's top-level ``control``).
+        control_schema: ``{preference: [controls]}`` (linked from the data).
+        lr: Peak learning rate of the LM parameters (or of the controls when only they train).
+        control_lr: Peak learning rate of the control parameters (default ``lr``).
+        weight_decay: Decoupled weight decay of matrices (biases, norms and control tokens get none).
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+        dtype: Dtype the LM weights are loaded in (``float32``; ``bfloat16`` halves memory).
+        trust_remote_code: Allow the model's own code from the hub.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "",
+        control: ControlTokens | None = None,
+        control_schema: dict[str, list[str]] | None = None,
+        lr: float = 1e-3,
+        control_lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        problems = [
+            (not model_name_or_path, "no model: set --model_name_or_path"),
+            (not 0 < lr < 1, f"lr {lr} must be in (0, 1) — set model.init_args.lr"),
+            (control_lr is not None and not 0 < control_lr < 10, f"control_lr {control_lr} must be in (0, 10) — set model.init_args.control_lr"),
+            (weight_decay < 0, f"weight_decay {weight_decay} must be ≥ 0"),
+            (warmup_steps < 0, f"warmup_steps {warmup_steps} must be ≥ 0"),
+            (not 0 <= min_lr_ratio <= 1, f"min_lr_ratio {min_lr_ratio} must be in [0, 1]"),
+            (dtype not in DTYPES, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}"),
+        ]
+        messages = [m for failed, m in problems if failed]
+        if messages:
+            raise ConfigError("; ".join(messages))
+        self.control = build_control(control)
+        self.save_hyperparameters(ignore=["control"])
+        self.hparams["control"] = self.control.config()  # YAML types only: weights_only loading rebuilds it
+        self.schema = ControlSchema.from_dict(control_schema or {})
+        self.lm: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.base_fingerprint = ""
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Loads the LM and tokenizer, builds the controls, then decides what trains (once)."""
+        if self.lm is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code)
+        lm = load_model(self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        self.base_fingerprint = model_fingerprint(lm)
+        self.control.setup(lm, self.tokenizer, self.schema)
+        self.lm = self.wrap_lm(lm).train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+        self.configure_trainable()
+
+    def wrap_lm(self, lm: nn.Module) -> nn.Module:
+        """Hook for subclasses that wrap the LM (LoRA on the LM); returns it unchanged by default."""
+        return lm
+
+    def configure_trainable(self) -> None:
+        """Decides which parameters train. Default: everything (LM and controls)."""
+
+    def lm_parameters(self) -> list[nn.Parameter]:
+        """Trainable LM parameters (not the controls)."""
+        return [p for p in self.lm.parameters() if p.requires_grad]
+
+    def control_parameters(self) -> list[nn.Parameter]:
+        """Trainable control parameters."""
+        return [p for p in self.control.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- forward
+    def response_logps(self, batch: Mapping[str, torch.Tensor], control_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
+
+        Returns:
+            ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
+        """
+        controls = batch["control_ids"] if control_ids is None else control_ids
+        ids, mask, labels = self.control.insert({**batch, "control_ids": controls})  # (B, T)
+        embeds = self.control.embed(self.lm.get_input_embeddings(), ids)  # (B, T, H)
+        with self.control.route(controls):
+            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return response_token_logps(hidden, labels, self.lm.get_output_embeddings())
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The training objective: response-only NLL under each row's controls. Override for new objectives.
+
+        Returns:
+            A dict with at least ``loss``; every other entry is logged as ``train/<key>``.
+        """
+        token_logps, mask = self.response_logps(batch)
+        return {"loss": nll(token_logps, mask)}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        rows = batch["input_ids"].shape[0]
+        for key, value in out.items():
+            self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=rows)
+        self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=rows)
+        return out["loss"]
+
+    # ------------------------------------------------------------- validation
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
+        token_logps, mask = self.response_logps(batch)
+        rows = batch["input_ids"].shape[0]
+        self.log(f"{split}/loss", nll(token_logps, mask), batch_size=rows, sync_dist=True, prog_bar=True)
+        if "num_pairs" in batch and self.schema.num_controls:
+            accuracy, margin = self.control_accuracy(batch, sequence_logps(token_logps, mask))
+            pairs = int(batch["num_pairs"])
+            self.log(f"{split}/control_accuracy", accuracy.mean(), batch_size=pairs, sync_dist=True, prog_bar=True)
+            self.log(f"{split}/control_margin", margin.mean(), batch_size=pairs, sync_dist=True)
+
+    def control_accuracy(self, batch: Mapping[str, torch.Tensor], own_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Control-classifier accuracy on a paired batch ``[chosen; rejected]``; ties count half.
+
+        Args:
+            batch: Paired batch; rows carry their training controls (chosen → good, rejected → bad).
+            own_logps: (2B,) response log-probs under those controls.
+
+        Returns:
+            Per-pair accuracy (B,) and margin ``score(chosen) − score(rejected)`` (B,).
+        """
+        pairs = int(batch["num_pairs"])
+        ids = batch["control_ids"]
+        swapped = torch.cat([ids[pairs:], ids[:pairs]])  # chosen under bad, rejected under good
+        other_logps = sequence_logps(*self.response_logps(batch, swapped))  # (2B,)
+        chosen_score = control_classifier_scores(own_logps[:pairs], other_logps[:pairs])
+        rejected_score = control_classifier_scores(other_logps[pairs:], own_logps[pairs:])
+        return pairwise_accuracy(chosen_score, rejected_score), chosen_score - rejected_score
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with LM and control parameter groups, linear warm-up then cosine decay per step."""
+        decay = [p for p in self.lm_parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.lm_parameters() if p.ndim < 2]
+        control_lr = self.hparams.control_lr or self.hparams.lr
+        groups = [
+            {"params": decay, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "lr": self.hparams.lr, "weight_decay": 0.0},
+            {"params": self.control_parameters(), "lr": control_lr, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError(f"{type(self).__name__} has nothing to train — check the control and lm settings")
+        optimizer = torch.optim.AdamW(groups)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps only trainable tensors, and records the base model and control schema."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["meet"] = {"module": f"{type(self).__module__}.{type(self).__name__}", "fingerprint": self.base_fingerprint, "schema": self.schema.to_dict(), "control": self.control.config()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint of another base model or schema; fills frozen tensors from the base model."""
+        meta = checkpoint.get("meet")
+        if meta is None:
+            raise CheckpointError("checkpoint has no meet_lightning metadata — pass a checkpoint written by meet_lightning")
+        if meta["fingerprint"] != self.base_fingerprint:
+            raise CheckpointError(f"checkpoint was trained on another base model (fingerprint {meta['fingerprint']} ≠ {self.base_fingerprint}) — use the model_name_or_path it was trained with")
+        if meta["schema"] != self.schema.to_dict():
+            raise CheckpointError(f"checkpoint control schema {meta['schema']} ≠ this run's {self.schema.to_dict()} — use the same data preferences")
+        own = self.state_dict()
+        checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

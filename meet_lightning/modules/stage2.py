@@ -1,0 +1,74 @@
+"""Stage 2: the LM and the control tokens fine-tuned jointly, starting from stage 1's controls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from meet_lightning.control import ControlTokens
+from meet_lightning.controls_io import load_controls
+from meet_lightning.modules.base import MeetModule
+
+
+class JointFinetuneModule(MeetModule):
+    """MEET stage 2: LM (full, or LoRA on the LM) and controls train together with separate learning rates.
+
+    Args:
+        init_controls: ``controls.safetensors`` written by stage 1 (set by ``fit`` for two-stage recipes);
+            ``None`` keeps the control's own initialisation (the stage-2-only ablations).
+        lm_lora_rank: ``0`` fine-tunes every LM weight; ``> 0`` trains a LoRA of this rank on the LM instead
+            (merged into the weights on export), for small GPUs.
+        lm_lora_alpha: Scaling numerator of the LM LoRA.
+        lm_lora_target_modules: Linear layers the LM LoRA adapts.
+        **kwargs: The arguments of :class:`~meet_lightning.modules.base.MeetModule` (``lr`` is the LM's,
+            ``control_lr`` the controls').
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "",
+        control: ControlTokens | None = None,
+        control_schema: dict[str, list[str]] | None = None,
+        lr: float = 1e-5,
+        control_lr: float | None = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        init_controls: str | None = None,
+        lm_lora_rank: int = 0,
+        lm_lora_alpha: float = 16.0,
+        lm_lora_target_modules: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            model_name_or_path, control, control_schema, lr, control_lr, weight_decay, warmup_steps, min_lr_ratio, dtype, trust_remote_code
+        )
+
+    def configure_model(self) -> None:
+        fresh = self.lm is None
+        super().configure_model()
+        if fresh and self.hparams.init_controls:
+            # A resumed stage 2 then restores its own trained controls from last.ckpt on top of these.
+            load_controls(self.control, Path(self.hparams.init_controls), self.schema, self.base_fingerprint)
+
+    def wrap_lm(self, lm: nn.Module) -> nn.Module:
+        if self.hparams.lm_lora_rank <= 0:
+            return lm
+        from peft import LoraConfig, get_peft_model
+
+        targets = self.hparams.lm_lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        config = LoraConfig(r=self.hparams.lm_lora_rank, lora_alpha=self.hparams.lm_lora_alpha, target_modules=targets, lora_dropout=0.0)
+        return get_peft_model(lm, config)
+
+    def configure_trainable(self) -> None:
+        if self.hparams.lm_lora_rank <= 0:
+            self.lm.requires_grad_(True)
+        self.control.requires_grad_(True)
+
+    def merged_lm(self) -> nn.Module:
+        """The LM with any LM LoRA merged in (for export)."""
+        return self.lm.merge_and_unload() if self.hparams.lm_lora_rank > 0 else self.lm
+
