@@ -76,6 +76,7 @@ def recipe_parser(command: str) -> OneLineParser:
         parser.add_class_arguments(Trainer, f"{stage}.trainer", instantiate=False, fail_untyped=False, sub_configs=True)
         parser.add_argument(f"--{stage}.select", type=str, default="last", choices=["last", "best"],
                             help="controls written after the stage: last checkpoint or best val/control_accuracy")
+        parser.add_argument(f"--{stage}.checkpoint_every_n_steps", type=int, default=100, help="save last.ckpt every N optimizer steps")
     if command == "fit":
         parser.add_argument("--overwrite", type=bool, default=False, help="start over in an output_dir holding another recipe")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="resume the first unfinished stage from this file")

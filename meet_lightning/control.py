@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from meet_lightning.examples import ControlSchema
+from meet_lightning.losses import response_token_logps
 
 PLACEMENTS = ("prefix", "infix")
 
@@ -327,3 +328,19 @@ class LoRAControl(ControlTokens):
             yield
         finally:
             self._active = None
+
+
+def controlled_response_logps(
+    lm: nn.Module, control: ControlTokens, batch: Mapping[str, torch.Tensor], control_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
+
+    Returns:
+        ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
+    """
+    controls = batch["control_ids"] if control_ids is None else control_ids
+    ids, mask, labels = control.insert({**batch, "control_ids": controls})  # (B, T)
+    embeds = control.embed(lm.get_input_embeddings(), ids)  # (B, T, H)
+    with control.route(controls):
+        hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
+    return response_token_logps(hidden, labels, lm.get_output_embeddings())

@@ -17,12 +17,15 @@ a broken JSON array) always stop the read.
 
 Choices made for every format:
 
-* A comparison whose two responses are identical carries no preference: it is dropped, counted in
-  ``skipped`` (or, for ``multi_response``, where the row still gives its examples, only in ``warnings``)
-  and listed in ``warnings``.
-* A blank prompt or response is a bad row, except an HH-RLHF transcript that ends with an empty Assistant
-  turn: that is what the assistant said (3 of the shared 1,800 rows), so it is kept and counted in
-  ``warnings``.
+* A comparison whose two responses are identical (after stripping whitespace) carries no preference: it is
+  dropped and counted in ``skipped`` and ``warnings`` (for ``multi_response``, whose row still gives its
+  examples, and for ranked siblings, only in ``warnings``).
+* A blank prompt is a bad row. A blank response is a bad row where nothing is compared with it
+  (``pointwise``, ``multi_response``); as one side of a comparison it is kept and counted in ``warnings``:
+  saying nothing is a real answer that raters judged (3 HH-RLHF and 54 PandaLM rows of the shared files).
+* A JSON boolean where a response is expected is read as ``True`` / ``False`` and counted in ``warnings``
+  (PandaLM stores the answer "True" as JSON ``true``); a number there is a bad row (almost always a wrong
+  column).
 * ``system_prompt`` is prepended to every prompt that does not already start with a system turn of its own.
 """
 
@@ -38,11 +41,11 @@ import re
 import string
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from .errors import ConfigError, DataError
 from .examples import ControlledExample, ParsedSource, PreferencePair
@@ -60,9 +63,11 @@ _DEFAULT_LABELS: dict[int, tuple[str, ...]] = {2: ("bad", "good"), 3: ("low", "m
 
 
 def default_score_labels(bins: int) -> list[str]:
-    """Labels for ``bins`` score bins, lowest first: ``bad, good`` for 2 (the same controls as pairwise data,
-    so pointwise and pairwise sources can feed one preference), ``low, mid, high`` for 3, else
-    ``bin1 … binN``."""
+    """Labels for ``bins`` score bins, lowest first.
+
+    ``bad, good`` for 2 (the controls pairwise data uses, so pointwise and pairwise sources can feed one
+    preference), ``low, mid, high`` for 3, else ``bin1 … binN``.
+    """
     return list(_DEFAULT_LABELS.get(bins, [f"bin{i + 1}" for i in range(bins)]))
 
 
@@ -79,8 +84,8 @@ class SourceConfig:
         format: ``auto`` (detected from the first record's keys) or one of ``hh_rlhf``, ``pairwise``,
             ``sharegpt``, ``multi_response``, ``pointwise``, ``pairwise_votes``, ``ranked``.
         preference: Preference the labels belong to; ``None`` means ``preference``. For pointwise
-            ``scores`` dicts each attribute is its own preference named after the attribute, or
-            ``PREFERENCE_ATTRIBUTE`` when this is set.
+            ``scores`` dicts each attribute is its own preference, named after the attribute
+            (``overall``), or ``<preference>_<attribute>`` when this is set (``usr_overall``).
         columns: ``{canonical field: column in the file}``, e.g. ``{prompt: instruction, chosen: better}``.
         prompt_template: Builds the prompt from several columns, e.g. ``"{context}\\n\\n{source}"``
             (formats with a prompt column: pairwise, multi_response, pointwise, pairwise_votes).
@@ -142,7 +147,8 @@ def _check_choices(cfg: SourceConfig) -> list[str]:
         if value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{name} {value!r} is unknown{hint} — set --data.{name} to one of {', '.join(allowed)}")
+            fix = f"set --data.{name} to one of {', '.join(allowed)}"
+            problems.append(f"{name} {value!r} is unknown{hint} — {fix}")
     return problems
 
 
@@ -157,7 +163,7 @@ def _check_names(cfg: SourceConfig) -> list[str]:
     if not isinstance(cfg.columns, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in cfg.columns.items()
     ):
-        problems.append("columns must map field names to column names — e.g. --data.columns '{prompt: question}'")
+        problems.append("columns must map field names to column names — e.g. --data.columns '{prompt: q}'")
     if cfg.controls is not None and (not cfg.controls or len(set(cfg.controls)) != len(cfg.controls)):
         problems.append("controls must name distinct columns — e.g. --data.controls '[concise, verbose]'")
     return problems
@@ -175,7 +181,17 @@ def _check_template(cfg: SourceConfig) -> list[str]:
         return [f"prompt_template names no column — {fix}"]
     if not all(name.isidentifier() for name in names):
         return [f"prompt_template fields must be plain column names, got {names} — {fix}"]
+    parser = FORMATS.get(cfg.format)
+    if parser is not None and not parser.uses_template:
+        return [_no_template(cfg.format)]
     return []
+
+
+def _no_template(name: str) -> str:
+    return (
+        f"prompt_template does not apply to format {name} (its prompt comes from the conversation) — "
+        "remove --data.prompt_template"
+    )
 
 
 def _check_scores(cfg: SourceConfig) -> list[str]:
@@ -186,15 +202,18 @@ def _check_scores(cfg: SourceConfig) -> list[str]:
     if thresholds is not None:
         if not thresholds or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds):
             problems.append("score_thresholds must be finite numbers — e.g. --data.score_thresholds '[3.0]'")
-        elif any(a >= b for a, b in zip(thresholds, thresholds[1:])):
-            problems.append(f"score_thresholds {thresholds} are not ascending — list the cut points lowest first")
+        elif any(a >= b for a, b in zip(thresholds, thresholds[1:], strict=False)):
+            problems.append(
+                f"score_thresholds {thresholds} are not ascending — list the cut points, lowest first"
+            )
     if bins is not None and (not isinstance(bins, int) or bins < 2):
         problems.append(f"quantile_bins {bins!r} must be an integer >= 2 — e.g. --data.quantile_bins 2")
     if labels is not None:
         expected = len(thresholds) + 1 if thresholds else bins if isinstance(bins, int) else 2
         if len(labels) != expected or len(set(labels)) != len(labels):
             problems.append(
-                f"score_labels needs {expected} distinct labels, got {labels} — one label per bin, lowest first"
+                f"score_labels needs {expected} distinct labels, got {labels} — "
+                "give one label per bin, lowest first"
             )
     return problems
 
@@ -250,6 +269,11 @@ def _one_line(text: object) -> str:
     return re.sub(r"[\r\n]+", " ", str(text))
 
 
+def _keys(record: Mapping[str, Any]) -> str:
+    """The first dozen keys of a record, for messages."""
+    return ", ".join(_short(key, 30) for key in list(record)[:12])
+
+
 def _short(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -261,8 +285,9 @@ _TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
-_UNDECODABLE = ("undecodable bytes (not UTF-8)", "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT")
-_NOT_OBJECT_FIX = "each record must be a JSON object with named fields, e.g. {\"prompt\": ..., \"chosen\": ...}"
+_UNDECODABLE = ("undecodable bytes (not UTF-8)", "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+_NOT_OBJECT_FIX = 'write each record as a JSON object with named fields, e.g. {"prompt": ..., "chosen": ...}'
+
 Row = tuple[int, Any]
 
 
@@ -300,7 +325,8 @@ def _iter_rows(path: str, subset: str | None, split: str) -> Iterator[Row]:
     reader = _READERS.get(Path(name).suffix)
     if reader is None:
         raise DataError(
-            f"{path}: unsupported file type {local.suffix!r} — use .json, .jsonl or .csv (optionally .gz) or .parquet"
+            f"{path}: unsupported file type {local.suffix!r} — "
+            "use .json, .jsonl or .csv (optionally .gz) or .parquet"
         )
     return _nonempty(path, reader(local, path))
 
@@ -342,13 +368,13 @@ def _read_jsonl(path: Path, shown: str) -> Iterator[Row]:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            yield lineno, _BadRow(f"{_UNDECODABLE[0]} at byte {err.start}", _UNDECODABLE[1])
+            yield lineno, _BadRow(*_UNDECODABLE, detail=f" at byte {err.start}")
             continue
         try:
             yield lineno, json.loads(text)
         except json.JSONDecodeError as err:
-            reason = f"invalid JSON ({err.msg} at column {err.colno})"
-            yield lineno, _BadRow(reason, "fix or remove the line: each line must be one complete JSON object")
+            fix = "fix or remove the line: each line holds one complete JSON object"
+            yield lineno, _BadRow("invalid JSON", fix, detail=f" ({err.msg} at column {err.colno})")
 
 
 def _read_json(path: Path, shown: str) -> Iterator[Row]:
@@ -361,10 +387,24 @@ def _read_json(path: Path, shown: str) -> Iterator[Row]:
         text, undecodable = data.decode("utf-8-sig", errors="surrogateescape"), True
     start = _WHITESPACE.match(text).end()
     if text[start : start + 1] != "[":
-        yield from _read_jsonl(path, shown)
+        whole = _whole_json(text)
+        if whole is None:
+            yield from _read_jsonl(path, shown)
+        else:
+            yield 1, _BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(whole) else whole
         return
     for row, value in _json_elements(text, start + 1, shown):
         yield row, _BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(value) else value
+
+
+def _whole_json(text: str) -> Any:
+    """The file as one JSON object (a single, maybe pretty-printed record), or ``None`` for JSON Lines."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _json_elements(text: str, pos: int, shown: str) -> Iterator[Row]:
@@ -378,7 +418,7 @@ def _json_elements(text: str, pos: int, shown: str) -> Iterator[Row]:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise DataError(
-                f"{shown}:{row}: invalid JSON in element {row} ({err.msg}, line {err.lineno} column {err.colno})"
+                f"{shown}:{row}: invalid JSON in element {row} ({err.msg}, line {err.lineno} col {err.colno})"
                 " — fix the file: a .json file holds one JSON array of objects, or one object per line"
             ) from None
         yield row, value
@@ -419,7 +459,8 @@ def _read_csv(path: Path, shown: str) -> Iterator[Row]:
             if fields:
                 yield row, _csv_record(header, fields)
     except csv.Error as err:
-        raise DataError(f"{shown}:{reader.line_num}: unreadable CSV ({err}) — fix the quoting on that line") from None
+        where = f"{shown}:{reader.line_num}"
+        raise DataError(f"{where}: unreadable CSV ({err}) — fix the quoting on that line") from None
 
 
 def _check_header(header: list[str], shown: str) -> None:
@@ -439,7 +480,7 @@ def _csv_record(header: list[str], fields: list[str]) -> Any:
             f"the row has {len(fields)} fields but the header has {len(header)}",
             "quote fields that contain commas and give every row one value per header column",
         )
-    record = dict(zip((name.strip() for name in header), fields))
+    record = dict(zip((name.strip() for name in header), fields, strict=True))
     return _BadRow(*_UNDECODABLE) if _has_surrogates(record) else record
 
 
@@ -500,22 +541,32 @@ class _Out:
     warnings: list[str] = field(default_factory=list)
 
     def add_pair(self, pair: PreferencePair) -> None:
-        if pair.chosen == pair.rejected:
-            self.warnings.append("chosen and rejected are identical (pair skipped)")
-            self.skipped.append("chosen and rejected are identical")
+        """Keep a comparison and its two examples, unless both sides say the same thing."""
+        if pair.chosen.strip() == pair.rejected.strip():
+            self.warnings.append(_IDENTICAL + " (pair skipped)")
+            self.skipped.append(_IDENTICAL)
             return
+        if not pair.chosen.strip() or not pair.rejected.strip():
+            self.warnings.append(_EMPTY_SIDE)
         self.pairs.append(pair)
         self.examples.extend(pair.examples())
+
+
+_IDENTICAL = "chosen and rejected are identical"
+# Saying nothing is a real answer that raters judge (HH-RLHF and PandaLM both have such pairs), so an empty
+# response facing a non-empty one is kept; an empty response with nothing to compare against is a bad row.
+_EMPTY_SIDE = "empty response kept (one side of a comparison)"
 
 
 def _message(value: Any, where: str) -> dict[str, str]:
     """A chat turn from ``{role, content}`` or sharegpt's ``{from, value}``."""
     if not isinstance(value, Mapping):
-        raise _BadRow(f"{where} is {_kind(value)}, expected a message {{role, content}}", _MESSAGE_FIX, "type")
+        raise _BadRow(f"{where} is {_kind(value)}, expected a message", _MESSAGE_FIX, "type")
     role_key, content_key = next(((r, c) for r, c in _ROLE_KEYS if r in value), ("role", "content"))
     role, content = value.get(role_key), value.get(content_key)
     if not isinstance(role, str) or role.lower() not in _ROLES:
-        raise _BadRow(f"{where} has role {_short(role)}", "use user, assistant or system (or human, gpt)", "type")
+        fix = "use role user, assistant or system (or human, gpt)"
+        raise _BadRow(f"{where} has role {_short(role)}", fix, "type")
     if not isinstance(content, str):
         raise _BadRow(f"{where} has {content_key} {_kind(content)}, expected a string", _MESSAGE_FIX, "type")
     return {"role": _ROLES[role.lower()], "content": content}
@@ -532,8 +583,20 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
 
 def _response(text: str, where: str) -> str:
     if not text.strip():
-        raise _BadRow(f"empty {where}", "fill it in or drop the row (--data.on_bad_rows skip skips such rows)")
+        raise _BadRow(f"empty {where}", "fill it in or drop the row (--data.on_bad_rows skip skips them)")
     return text
+
+
+def _text(value: Any, name: str, out: _Out) -> str | None:
+    """A response cell as text; ``None`` when it is not text.
+
+    JSON booleans are read as ``True`` / ``False``: PandaLM stores a model that answered "True" as JSON
+    ``true``. Numbers stay errors: a number in a response column almost always means a wrong column.
+    """
+    if isinstance(value, bool):
+        out.warnings.append(f"boolean {name} read as text")
+        return str(value)
+    return value if isinstance(value, str) else None
 
 
 def _number(value: Any, where: str) -> float:
@@ -547,7 +610,9 @@ def _number(value: Any, where: str) -> float:
         except ValueError:
             number = None
     if number is None or not math.isfinite(number):
-        raise _BadRow(f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row")
+        raise _BadRow(
+            f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row"
+        )
     return number
 
 
@@ -596,6 +661,13 @@ class _Format:
             raise self._wrong_type(name, value, "a string")
         return value
 
+    def _response_cell(self, rec: Mapping[str, Any], name: str, out: _Out) -> str:
+        self._require(rec, name)
+        text = _text(rec[name], name, out)
+        if text is None:
+            raise self._wrong_type(name, rec[name], "a string")
+        return text
+
     def _wrong_type(self, name: str, value: Any, expected: str) -> _BadRow:
         label = _field_label(name, self.cfg.columns)
         fix = f"fix the value or map another column with --data.columns '{{{name}: COLUMN}}'"
@@ -618,7 +690,8 @@ class _Format:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
         missing = [name for name in names if name not in raw]
         if missing:
-            raise _Missing(missing, {})
+            fix = "fix --data.prompt_template or the file's columns"
+            raise _BadRow(f"missing column {missing[0]!r} named in prompt_template", fix, "missing")
         for name in names:
             if not isinstance(raw[name], (str, int, float)) or isinstance(raw[name], bool):
                 raise self._wrong_type(name, raw[name], "a string (prompt_template column)")
@@ -663,8 +736,6 @@ class HHRLHF(_Format):
         if chosen_prefix != rejected_prefix:
             out.skipped.append("chosen and rejected differ before the last Assistant turn")
             return out
-        if not chosen or not rejected:
-            out.warnings.append("empty response kept (the transcript ends with an empty Assistant turn)")
         prompt = self._finish_prompt(self._turns(chosen_prefix, "chosen"))
         out.add_pair(self._pair(prompt, chosen, rejected, source))
         return out
@@ -676,18 +747,20 @@ class HHRLHF(_Format):
         if cut < 0:
             raise _BadRow(
                 f"{name} has no '\\n\\nAssistant:' turn",
-                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data use --data.format pairwise",
+                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data set "
+                "--data.format pairwise",
             )
         return transcript[:cut], transcript[cut + len("\n\nAssistant:") :].strip()
 
     def _turns(self, prefix: str, name: str) -> list[dict[str, str]]:
         marks = list(self._TURN.finditer(prefix))
         if not marks or prefix[: marks[0].start()].strip():
-            raise _BadRow(f"{name} does not start with a 'Human:' turn", "check the transcript or use --data.format pairwise")
+            fix = "start the transcript with '\\n\\nHuman:' or set --data.format pairwise"
+            raise _BadRow(f"{name} does not start with a 'Human:' turn", fix)
         ends = [m.start() for m in marks[1:]] + [len(prefix)]
         return [
             {"role": self._HH_ROLES[m.group(1)], "content": prefix[m.end() : end].strip()}
-            for m, end in zip(marks, ends)
+            for m, end in zip(marks, ends, strict=True)
         ]
 
 
@@ -706,9 +779,9 @@ class Pairwise(_Format):
 
     def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
         self._require(rec, "chosen", "rejected")
-        chosen_head, chosen = self._side(rec, "chosen")
-        rejected_head, rejected = self._side(rec, "rejected")
         out = _Out()
+        chosen_head, chosen = self._side(rec, "chosen", out)
+        rejected_head, rejected = self._side(rec, "rejected", out)
         if chosen_head != rejected_head:
             out.skipped.append("chosen and rejected differ before the last assistant turn")
             return out
@@ -717,11 +790,12 @@ class Pairwise(_Format):
         out.add_pair(self._pair(self._finish_prompt(turns), chosen, rejected, source))
         return out
 
-    def _side(self, rec: Mapping[str, Any], name: str) -> tuple[list[dict[str, str]], str]:
+    def _side(self, rec: Mapping[str, Any], name: str, out: _Out) -> tuple[list[dict[str, str]], str]:
         """``(turns before the response, response text)`` of ``chosen`` or ``rejected``."""
         value = rec[name]
-        if isinstance(value, str):
-            return [], _response(value, name)
+        text = _text(value, name, out)
+        if text is not None:
+            return [], text
         if isinstance(value, Mapping):
             value = [value]
         if not isinstance(value, list) or not value:
@@ -733,7 +807,7 @@ class Pairwise(_Format):
                 f"end {name} with the assistant response",
                 "type",
             )
-        return turns[:-1], _response(turns[-1]["content"], name)
+        return turns[:-1], turns[-1]["content"]
 
 
 class ShareGPT(_Format):
@@ -755,19 +829,22 @@ class ShareGPT(_Format):
             turns.insert(0, {"role": "system", "content": system})
         prompt = self._finish_prompt(turns)
         out = _Out()
-        out.add_pair(self._pair(prompt, self._reply(rec, "chosen"), self._reply(rec, "rejected"), source))
+        chosen, rejected = self._reply(rec, "chosen", out), self._reply(rec, "rejected", out)
+        out.add_pair(self._pair(prompt, chosen, rejected, source))
         return out
 
-    def _reply(self, rec: Mapping[str, Any], name: str) -> str:
+    def _reply(self, rec: Mapping[str, Any], name: str, out: _Out) -> str:
         value = rec[name]
-        if isinstance(value, str):
-            return _response(value, name)
+        text = _text(value, name, out)
+        if text is not None:
+            return text
         if not isinstance(value, Mapping):
             raise self._wrong_type(name, value, 'a message {"from": "gpt", "value": "..."}')
         message = _message(value, f"field {name!r}")
         if message["role"] != "assistant":
-            raise _BadRow(f"{name} is a {message['role']} message", f"make {name} a gpt/assistant message", "type")
-        return _response(message["content"], name)
+            role = message["role"]
+            raise _BadRow(f"{name} is a {role} message", f"make {name} a gpt/assistant message", "type")
+        return message["content"]
 
 
 class MultiResponse(_Format):
@@ -791,13 +868,13 @@ class MultiResponse(_Format):
         controls = self.controls = self.controls or self._default_controls(rec)
         prompt = self._finish_prompt(self._prompt(rec, raw))
         self._require(rec, *controls)
-        texts = {name: _response(self._string(rec, name), name) for name in controls}
         out = _Out()
+        texts = {name: _response(self._response_cell(rec, name, out), name) for name in controls}
         for name, text in texts.items():
             out.examples.append(ControlledExample(prompt, text, {self.preference: name}, source))
         for first, second in combinations(controls, 2):
             if texts[first] == texts[second]:
-                out.warnings.append("two control columns hold identical responses (no pair formed, examples kept)")
+                out.warnings.append("identical responses in two control columns (no pair, examples kept)")
                 continue
             pair = PreferencePair(prompt, texts[first], texts[second], self.preference, first, second, source)
             out.pairs.append(pair)
@@ -829,15 +906,16 @@ class Pointwise(_Format):
     def __init__(self, cfg: SourceConfig) -> None:
         super().__init__(cfg)
         self.rows: list[tuple[tuple, str, dict[str, float], str]] = []
+        self.attributes_seen: set[str] = set()
 
     def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
         self._require(rec, *([] if self.cfg.prompt_template else ["prompt"]), "response")
         if "score" not in rec and "scores" not in rec:
             raise _Missing(["score"], self.cfg.columns, note=" (or 'scores')")
         prompt = self._finish_prompt(self._prompt(rec, raw))
-        response = _response(self._string(rec, "response"), "response")
-        scores = self._scores(rec)
         out = _Out()
+        response = _response(self._response_cell(rec, "response", out), "response")
+        scores = self._scores(rec)
         if not scores:
             out.skipped.append("no score for the selected attributes")
             return out
@@ -850,6 +928,7 @@ class Pointwise(_Format):
         table = rec["scores"]
         if not isinstance(table, Mapping):
             raise self._wrong_type("scores", table, "an object {attribute: number}")
+        self.attributes_seen.update(str(name) for name in table)
         wanted = self.cfg.attributes
         prefix = f"{self.cfg.preference}_" if self.cfg.preference else ""
         return {
@@ -883,15 +962,14 @@ class Pointwise(_Format):
         return list(cfg.score_labels) if cfg.score_labels else default_score_labels(bins)
 
     def _check_attributes(self) -> None:
-        if not self.cfg.attributes or not self.rows:
-            return
-        prefix = f"{self.cfg.preference}_" if self.cfg.preference else ""
-        seen = {name for _, _, scores, _ in self.rows for name in scores}
-        unknown = [a for a in self.cfg.attributes if f"{prefix}{a}" not in seen]
-        if unknown:
+        unknown = [name for name in self.cfg.attributes or [] if name not in self.attributes_seen]
+        if unknown and self.attributes_seen:
+            found = ", ".join(_short(name, 30) for name in sorted(self.attributes_seen))
             raise DataError(
-                f"{self.cfg.path}: attribute {unknown[0]!r} is in no row's scores — "
-                f"fix --data.attributes (the file has {', '.join(sorted(seen))})"
+                _one_line(
+                    f"{self.cfg.path}: attribute {unknown[0]!r} is in no row's scores — "
+                    f"set --data.attributes to some of {found}"
+                )
             )
 
 
@@ -936,12 +1014,13 @@ class PairwiseVotes(_Format):
         columns = self.vote_columns = self.vote_columns or self._find_vote_columns(rec)
         self._require(rec, "response1", "response2", *columns)
         prompt = self._finish_prompt(self._instruction(rec, raw))
-        responses = {v: _response(self._string(rec, f"response{v}"), f"response{v}") for v in (1, 2)}
-        winner = self._majority([self._vote(rec, name) for name in columns])
         out = _Out()
+        responses = {v: self._response_cell(rec, f"response{v}", out) for v in (1, 2)}
+        winner = self._majority([self._vote(rec, name) for name in columns])
         if winner is None and self.cfg.ties == "skip":
             out.skipped.append("annotators tie (no majority for either response)")
         elif winner is None:
+            out.warnings.extend(_EMPTY_SIDE for text in responses.values() if not text.strip())
             for text in responses.values():
                 out.examples.append(ControlledExample(prompt, text, {self.preference: TIE_CONTROL}, source))
         else:
@@ -992,7 +1071,7 @@ class Ranked(_Format):
     name = "ranked"
     summary = "prompt message tree with replies and rank"
     _NODE_ROLES = {"prompter": "user", "user": "user", "assistant": "assistant"}
-    _TREE_FIX = 'each message is {"text": ..., "role": "prompter" | "assistant", "rank": ..., "replies": [...]}'
+    _TREE_FIX = 'write each message as {"text": ..., "role": "prompter", "rank": 0, "replies": [...]}'
 
     def __init__(self, cfg: SourceConfig) -> None:
         super().__init__(cfg)
@@ -1019,7 +1098,8 @@ class Ranked(_Format):
         role, text, replies = node.get("role"), node.get("text"), node.get("replies")
         replies = [] if replies is None else replies
         if not isinstance(role, str) or role not in self._NODE_ROLES:
-            raise _BadRow(f"{at}.role is {_short(role)}, expected 'prompter' or 'assistant'", self._TREE_FIX, "type")
+            reason = f"{at}.role is {_short(role)}, expected 'prompter' or 'assistant'"
+            raise _BadRow(reason, self._TREE_FIX, "type")
         if not isinstance(text, str):
             raise _BadRow(f"{at}.text is {_kind(text)}, expected a string", self._TREE_FIX, "type")
         if not isinstance(replies, list):
@@ -1036,8 +1116,9 @@ class Ranked(_Format):
                 continue
             rank = reply["rank"]
             if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not math.isfinite(rank):
-                raise _BadRow(f"{where}.rank is {_short(rank)}, expected a number (0 = best)", self._TREE_FIX, "type")
-            ranked.append((rank, i, _response(message["content"], f"response at {where}")))
+                reason = f"{where}.rank is {_short(rank)}, expected a number (0 = best)"
+                raise _BadRow(reason, self._TREE_FIX, "type")
+            ranked.append((rank, i, message["content"]))
         self.saw_rank = self.saw_rank or bool(ranked)
         return sorted(ranked)
 
@@ -1046,14 +1127,18 @@ class Ranked(_Format):
         if len(ranked) < 2:
             return
         prompt = self._finish_prompt(history)
-        candidates = combinations(ranked, 2) if self.cfg.pairing == "all_pairs" else ((ranked[0], r) for r in ranked[1:])
+        if self.cfg.pairing == "all_pairs":
+            candidates: Iterable = combinations(ranked, 2)
+        else:
+            candidates = ((ranked[0], other) for other in ranked[1:])
         used: set[int] = set()
         for better, worse in candidates:
             if better[0] == worse[0]:
                 out.warnings.append("sibling replies share a rank (not compared)")
-            elif better[2] == worse[2]:
+            elif better[2].strip() == worse[2].strip():
                 out.warnings.append("sibling replies are identical (not compared)")
             else:
+                out.warnings.extend(_EMPTY_SIDE for text in (better[2], worse[2]) if not text.strip())
                 out.pairs.append(self._pair(prompt, better[2], worse[2], source))
                 used.update((better[1], worse[1]))
         best = ranked[0][0]
@@ -1072,7 +1157,8 @@ class Ranked(_Format):
 
 
 FORMATS: dict[str, type[_Format]] = {
-    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked)
+    parser.name: parser
+    for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked)
 }
 """Format name → parser class; :func:`read_source` builds a fresh parser per source."""
 
@@ -1129,7 +1215,7 @@ def detect_format(record: Mapping, where: str) -> str:
     found = _guess_format(record)
     if found is not None:
         return found
-    keys = ", ".join(_short(k, 30) for k in list(record)[:12]) if isinstance(record, Mapping) else _kind(record)
+    keys = _keys(record) if isinstance(record, Mapping) else _kind(record)
     options = "; ".join(f"{name} ({parser.summary})" for name, parser in FORMATS.items())
     raise DataError(
         _one_line(
@@ -1170,10 +1256,7 @@ class _Reading:
             self.origin = f"detected from row {row}"
         parser = FORMATS[name](self.cfg)
         if self.cfg.prompt_template is not None and not parser.uses_template:
-            raise ConfigError(
-                f"data source {self.cfg.path!r}: prompt_template does not apply to format {name} "
-                "(its prompt comes from the conversation) — remove --data.prompt_template"
-            )
+            raise ConfigError(f"data source {self.cfg.path!r}: {_no_template(name)}")
         self.result.format = name
         return parser
 
@@ -1187,8 +1270,9 @@ class _Reading:
                 "a file holds one format: split it into one source per format",
             )
         if isinstance(bad, _Missing) and isinstance(raw, Mapping):
-            keys = ", ".join(_short(k, 30) for k in list(raw)[:12]) or "no keys"
-            detail = f" for format {fmt} ({self.origin}); the row has [{keys}]"
+            keys = _keys(raw) or "no keys"
+            header = " (a CSV's first line must be its header)" if ".csv" in self.cfg.path.lower() else ""
+            detail = f" for format {fmt} ({self.origin}); the row has [{keys}]{header}"
             return _BadRow(bad.reason, bad.fix + self._missing_hint(bad.fields, raw), bad.kind, detail)
         return bad
 
@@ -1234,8 +1318,21 @@ def read_source(cfg: SourceConfig) -> ParsedSource:
             ``FILE:ROW: what is wrong — how to fix it``; also when nothing usable is left.
         ConfigError: An option that does not fit the format (e.g. ``prompt_template`` for ``hh_rlhf``).
     """
+    return parse_records(cfg, _iter_rows(cfg.path, cfg.subset, cfg.split))
+
+
+def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedSource:
+    """Parse records already in memory as :func:`read_source` parses a file's (``cfg.path`` names them).
+
+    Args:
+        cfg: The source options; ``path`` only labels messages and examples.
+        rows: ``(row, record)`` pairs, rows 1-based.
+
+    Returns:
+        The same as :func:`read_source`.
+    """
     reading = _Reading(cfg, ParsedSource(path=cfg.path, format=cfg.format))
-    for row, value in _iter_rows(cfg.path, cfg.subset, cfg.split):
+    for row, value in rows:
         reading.result.rows_read += 1
         rec: Any = None
         try:

@@ -64,9 +64,9 @@ FALLBACK_CHAT_TEMPLATE = (
 """Plain template installed on tokenizers that have none.
 
 A system turn is a first plain line, then ``User: …`` and ``Assistant: …<eos>`` turns, each followed by a
-blank line.
-The generation prompt is ``Assistant:`` without a trailing space (a lone space is an unnatural token for BPE
-vocabularies), so a response rendered after it starts with one space, exactly as in a full rendering.
+blank line. The generation prompt is ``Assistant:`` without a trailing space (a lone space is an unnatural
+token for BPE vocabularies), so a response appended after it starts with one space, as in a full rendering.
+The end of an assistant turn is EOS (see :func:`end_of_turn_id`).
 """
 
 TINY_CHAT_TEMPLATE = (
@@ -370,6 +370,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         return build_tiny_tokenizer()
     if path.endswith(".gguf"):
         return prepare_tokenizer(_load_gguf_tokenizer(Path(path)))
+    if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")):
+        # transformers would answer with a page about sentencepiece and slow tokenizers.
+        raise ConfigError(
+            f"model folder {path} has no tokenizer files — save the tokenizer there too "
+            f"(tokenizer.save_pretrained(folder)) or export the model again"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -16,9 +16,10 @@ from typing import Any, Mapping
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from meet_lightning.callbacks import ThroughputMeter
 from meet_lightning.controls_io import save_controls
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import CheckpointError, ConfigError
@@ -34,6 +35,27 @@ class StageCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.control_schema", "model.init_args.control_schema", apply_on="instantiate")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :class:`FaultInjection` to stop a run at a chosen point (tests of resuming)."""
+
+
+class FaultInjection(Callback):
+    """Stops training at a named point when ``MEET_FAULT`` asks for it, e.g. ``MEET_FAULT=stage2:step=2``.
+
+    Deterministic, for testing that a re-run resumes: after the given optimizer step of the given stage
+    (its checkpoints of earlier steps already on disk) the run raises :class:`InjectedFault`.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        spec = dict(part.split("=", 1) for part in os.environ.get("MEET_FAULT", "").split(":")[1:] if "=" in part)
+        self.step = int(spec["step"]) if os.environ.get("MEET_FAULT", "").split(":")[0] == stage and "step" in spec else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.step is not None and trainer.global_step == self.step:
+            raise InjectedFault(f"MEET_FAULT: stopping {self.stage} after step {self.step}")
 
 
 def active_stages(recipe: Mapping[str, Any]) -> list[str]:
@@ -64,14 +86,16 @@ def stage_args(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[
 def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[str, Any] | None = None) -> StageCLI:
     """Builds (seeds, then instantiates) one stage's trainer, module and data module."""
     out = Path(recipe["output_dir"]) / stage
-    select_best = (recipe[stage] or {}).get("select", "last") == "best"
+    spec = recipe[stage] or {}
+    select_best = spec.get("select", "last") == "best"
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=1 if select_best else 0,
         monitor="val/control_accuracy" if select_best else None, mode="max", filename="best",
+        every_n_train_steps=spec.get("checkpoint_every_n_steps", 100),
     )
     return StageCLI(
         MeetModule, PreferenceDataModule, subclass_mode_model=True, args=stage_args(recipe, stage, extra_model_args),
-        run=False, save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [checkpoint]},
+        run=False, save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [checkpoint, FaultInjection(stage), ThroughputMeter()]},
         parser_kwargs={"exit_on_error": False},
     )
 
@@ -143,6 +167,7 @@ def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log)
         write_stage1_controls(cli, recipe, out)
     metrics = {k: float(v) for k, v in (cli.trainer.validate(cli.model, cli.datamodule, verbose=False) or [{}])[0].items()}
     metrics["global_step"] = cli.trainer.global_step
+    metrics.update(next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary())
     if cli.trainer.is_global_zero:
         (out / DONE).write_text(json.dumps(metrics, indent=2))
     cli.trainer.strategy.barrier()

@@ -227,6 +227,13 @@ def test_folder_without_config(tmp_path: Path):
     assert_one_line_error(info, "no config.json")
 
 
+def test_folder_without_tokenizer(tmp_path: Path):
+    build_tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_tokenizer(str(tmp_path))
+    assert_one_line_error(info, "no tokenizer files")
+
+
 def test_missing_gguf(tmp_path: Path):
     with pytest.raises(ConfigError) as info:
         load_model(str(tmp_path / "model.Q4_1.gguf"))

@@ -14,14 +14,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from meet_lightning.control import ControlTokens
+from meet_lightning.control import ControlTokens, controlled_response_logps
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
     control_classifier_scores,
     nll,
     pairwise_accuracy,
-    response_token_logps,
     sequence_logps,
 )
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
@@ -131,12 +130,7 @@ class MeetModule(L.LightningModule):
         Returns:
             ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
         """
-        controls = batch["control_ids"] if control_ids is None else control_ids
-        ids, mask, labels = self.control.insert({**batch, "control_ids": controls})  # (B, T)
-        embeds = self.control.embed(self.lm.get_input_embeddings(), ids)  # (B, T, H)
-        with self.control.route(controls):
-            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return response_token_logps(hidden, labels, self.lm.get_output_embeddings())
+        return controlled_response_logps(self.lm, self.control, batch, control_ids)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The training objective: response-only NLL under each row's controls. Override for new objectives.

@@ -1,0 +1,29 @@
+"""Test setup shared by every test file: offline Hugging Face, a throwaway datasets cache, the shared data."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports `datasets`/`huggingface_hub`: they read these once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="meet-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
+
+SHARED = Path(os.environ.get("MEET_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+"""The real preference files (``../shared/data``), read by path; ``MEET_SHARED_DATA`` points elsewhere."""
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder. Missing is a failure, not a skip: the golden tests must run."""
+    if not SHARED.is_dir():
+        pytest.fail(f"shared data folder {SHARED} is missing — set MEET_SHARED_DATA to the folder with the files")
+    return SHARED
