@@ -8,9 +8,11 @@ and exits with code 2; an internal bug keeps its traceback (exit code 1).
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import sys
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -67,21 +69,35 @@ def recipe_parser(command: str) -> OneLineParser:
     parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML; repeat to overlay")
     parser.add_argument("--seed_everything", type=int, default=1234, help="seed applied before each stage's module is built")
     parser.add_argument("--output_dir", type=str, required=True, help="folder holding stage1/ stage2/ export/")
-    parser.add_argument("--model_name_or_path", type=str, default="smollm2-135m-instruct", help="hub id, local folder, .gguf file or alias")
+    parser.add_argument(
+        "--model_name_or_path", type=str, default="smollm2-135m-instruct", help="hub id, local folder, .gguf file or alias"
+    )
     parser.add_subclass_arguments(ControlTokens, "control", required=False, help="control implementation shared by both stages")
     parser.add_class_arguments(PreferenceDataModule, "data", skip={"model_name_or_path"}, instantiate=False)
     for stage in ("stage1", "stage2"):
-        parser.add_subclass_arguments(MeetModule, f"{stage}.model", skip={"model_name_or_path", "control", "control_schema"},
-                                      required=False, instantiate=False)
+        parser.add_subclass_arguments(
+            MeetModule,
+            f"{stage}.model",
+            skip={"model_name_or_path", "control", "control_schema"},
+            required=False,
+            instantiate=False,
+        )
         parser.add_class_arguments(Trainer, f"{stage}.trainer", instantiate=False, fail_untyped=False, sub_configs=True)
-        parser.add_argument(f"--{stage}.select", type=str, default="last", choices=["last", "best"],
-                            help="controls written after the stage: last checkpoint or best val/control_accuracy")
-        parser.add_argument(f"--{stage}.checkpoint_every_n_steps", type=int, default=100, help="save last.ckpt every N optimizer steps")
+        parser.add_argument(
+            f"--{stage}.select",
+            type=str,
+            default="last",
+            choices=["last", "best"],
+            help="controls written after the stage: last checkpoint or best val/control_accuracy",
+        )
+        parser.add_argument(
+            f"--{stage}.checkpoint_every_n_steps", type=int, default=100, help="save last.ckpt every N optimizer steps"
+        )
     if command == "fit":
         parser.add_argument("--overwrite", type=bool, default=False, help="start over in an output_dir holding another recipe")
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="resume the first unfinished stage from this file")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume the first unfinished stage from this file")
     else:
-        parser.add_argument("--stage", type=Optional[str], default=None, help="stage1 or stage2 (default: the last stage)")
+        parser.add_argument("--stage", type=str | None, default=None, help="stage1 or stage2 (default: the last stage)")
     return parser
 
 
@@ -133,12 +149,16 @@ def run_inspect_data(argv: Sequence[str]) -> int:
     parser = OneLineParser(prog="meet_lightning inspect-data", description=COMMANDS_HELP["inspect-data"])
     parser.add_argument("--data.path", type=str, required=True, help="data file or hub id")
     parser.add_argument("--data.format", type=str, default="auto", help="format name (auto detects)")
-    parser.add_argument("--data.preference", type=Optional[str], default=None, help="preference name")
+    parser.add_argument("--data.preference", type=str | None, default=None, help="preference name")
     parser.add_argument("--data.on_bad_rows", type=str, default="error", choices=["error", "skip"])
     parser.add_argument("--data.max_length", type=int, default=512, help="max tokens per row with --model")
-    parser.add_argument("--model", type=Optional[str], default=None, help="tokenizer for token lengths (default: whitespace words)")
+    parser.add_argument("--model", type=str | None, default=None, help="tokenizer for token lengths (default: whitespace words)")
     args = parser.parse_args(list(argv))
-    print(inspect_data(args.data.path, args.data.format, args.data.preference, args.data.on_bad_rows, args.model, args.data.max_length))
+    print(
+        inspect_data(
+            args.data.path, args.data.format, args.data.preference, args.data.on_bad_rows, args.model, args.data.max_length
+        )
+    )
     return 0
 
 
@@ -148,12 +168,22 @@ def lazy(module: str, function: str) -> Callable[[Sequence[str]], int]:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    **{name: (lambda name: lambda argv: run_recipe_command(name, argv))(name) for name in ("fit", "validate", "test", "predict")},
+    **{name: functools.partial(run_recipe_command, name) for name in ("fit", "validate", "test", "predict")},
     "generate": lazy("generation", "generate_command"),
     "evaluate": lazy("evaluate", "evaluate_command"),
     "inspect-data": run_inspect_data,
     "download-model": run_download_model,
 }
+
+
+def quiet_libraries() -> None:
+    """Keeps the terminal for our own lines: no per-file weight-loading bars, no library tips."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 def usage() -> str:
@@ -170,10 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0
     command = COMMANDS.get(argv[0])
+    quiet_libraries()
     try:
         if command is None:
             close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-            raise ConfigError(f"unknown command {argv[0]!r}" + (f" — did you mean {close[0]}?" if close else f" — use one of: {', '.join(COMMANDS)}"))
+            raise ConfigError(
+                f"unknown command {argv[0]!r}"
+                + (f" — did you mean {close[0]}?" if close else f" — use one of: {', '.join(COMMANDS)}")
+            )
         return command(argv[1:])
     except MeetError as error:
         print(f"error: {error}", file=sys.stderr)

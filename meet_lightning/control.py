@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -167,8 +168,13 @@ class PromptTuningControl(ControlTokens):
         self.bank: nn.Parameter | None = None
 
     def init_args(self) -> dict[str, Any]:
-        return {"num_tokens": self.num_tokens, "init": self.init, "init_text": self.init_text or None,
-                "placement": self.placement, "seed": self.seed}
+        return {
+            "num_tokens": self.num_tokens,
+            "init": self.init,
+            "init_text": self.init_text or None,
+            "placement": self.placement,
+            "seed": self.seed,
+        }
 
     def build(self, model: nn.Module, tokenizer: Any, schema: ControlSchema) -> None:
         vocab = model.get_input_embeddings().weight.detach().float()  # (V, H)
@@ -305,7 +311,9 @@ class LoRAControl(ControlTokens):
             key = name.replace(".", "_")
             a = torch.randn(schema.num_controls, self.rank, layer.in_features, generator=generator) / math.sqrt(layer.in_features)
             self.lora_a[key] = nn.Parameter(a.to(layer.weight.dtype))  # (C, r, in)
-            self.lora_b[key] = nn.Parameter(torch.zeros(schema.num_controls, layer.out_features, self.rank, dtype=layer.weight.dtype))
+            self.lora_b[key] = nn.Parameter(
+                torch.zeros(schema.num_controls, layer.out_features, self.rank, dtype=layer.weight.dtype)
+            )
             self._hooks.append(layer.register_forward_hook(self._make_hook(key)))
 
     def _make_hook(self, key: str):
@@ -319,6 +327,7 @@ class LoRAControl(ControlTokens):
             b = self.lora_b[key][ids.clamp(min=0)].to(x.dtype)  # (B, P, out, r)
             low = torch.einsum("bti,bpri->bptr", x, a)  # (B, P, T, r)
             return output + torch.einsum("bptr,bpor->bto", low, b) * (self.alpha / self.rank)
+
         return hook
 
     @contextlib.contextmanager

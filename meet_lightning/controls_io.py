@@ -48,11 +48,17 @@ def load_controls(control: ControlTokens, path: Path, schema: ControlSchema, fin
     metadata = read_controls_metadata(path)
     saved_schema = json.loads(metadata["schema"])
     if saved_schema != schema.to_dict():
-        raise CheckpointError(f"{path}: control schema {saved_schema} ≠ this run's {schema.to_dict()} — train stage 1 on the same preferences")
+        raise CheckpointError(
+            f"{path}: control schema {saved_schema} ≠ this run's {schema.to_dict()} — train stage 1 on the same preferences"
+        )
     saved_control = json.loads(metadata["control"])
     if saved_control != control.config():
-        raise CheckpointError(f"{path}: written by {saved_control} but this run uses {control.config()} — use the same control settings in both stages")
+        raise CheckpointError(
+            f"{path}: written by {saved_control} but this run uses {control.config()} — use the same control settings in both stages"
+        )
     if metadata["fingerprint"] != fingerprint:
-        raise CheckpointError(f"{path}: trained on another base model (fingerprint {metadata['fingerprint']} ≠ {fingerprint}) — use the same model_name_or_path")
+        raise CheckpointError(
+            f"{path}: trained on another base model (fingerprint {metadata['fingerprint']} ≠ {fingerprint}) — use the same model_name_or_path"
+        )
     tensors = load_file(str(path))
     control.load_state_dict(tensors, strict=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -325,14 +326,21 @@ class PreferenceDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         problems = _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val_fraction, num_workers)
-        problems += [f"--data.{name} {value} must be ≥ 1 (or null for all)" for name, value in
-                     (("max_examples", max_examples), ("max_val_examples", max_val_examples)) if value is not None and value < 1]
+        problems += [
+            f"--data.{name} {value} must be ≥ 1 (or null for all)"
+            for name, value in (("max_examples", max_examples), ("max_val_examples", max_val_examples))
+            if value is not None and value < 1
+        ]
         if problems:
             raise ConfigError("; ".join(problems))
-        self.sources = [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows)] if path else [
-            _with_on_bad_rows(s, on_bad_rows) for s in (sources or [])
-        ]
-        self.val_source = SourceConfig(path=val_path, format=format, preference=preference, on_bad_rows=on_bad_rows) if val_path else None
+        self.sources = (
+            [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows)]
+            if path
+            else [_with_on_bad_rows(s, on_bad_rows) for s in (sources or [])]
+        )
+        self.val_source = (
+            SourceConfig(path=val_path, format=format, preference=preference, on_bad_rows=on_bad_rows) if val_path else None
+        )
         self.model_name_or_path, self.max_length = model_name_or_path, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_fraction, self.pair_batches, self.group_by_length = val_fraction, pair_batches, group_by_length
@@ -388,11 +396,17 @@ class PreferenceDataModule(L.LightningDataModule):
         encoder = PromptTokenizer(self.tokenizer, self.max_length)
         self.summary = Counter()
         self.train_items = self._tokenize_units(train, encoder, schema, pairs_only=self.pair_batches, split="train")
-        self.val_items = self._tokenize_units(val, encoder, schema, pairs_only=any(isinstance(u, PreferencePair) for u in val), split="val")
+        self.val_items = self._tokenize_units(
+            val, encoder, schema, pairs_only=any(isinstance(u, PreferencePair) for u in val), split="val"
+        )
         if not self.train_items:
-            raise DataError(f"{self.sources[0].path}: no training rows left after reading and tokenizing — check --data.path and --data.max_length")
+            raise DataError(
+                f"{self.sources[0].path}: no training rows left after reading and tokenizing — check --data.path and --data.max_length"
+            )
 
-    def _tokenize_units(self, units: Sequence, encoder: PromptTokenizer, schema: ControlSchema, pairs_only: bool, split: str) -> list:
+    def _tokenize_units(
+        self, units: Sequence, encoder: PromptTokenizer, schema: ControlSchema, pairs_only: bool, split: str
+    ) -> list:
         items: list = []
         for unit in units:
             if isinstance(unit, PreferencePair):
@@ -421,7 +435,13 @@ class PreferenceDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         sampler = ResumableBatchSampler(
-            len(items), batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, drop_last=False,
+            len(items),
+            batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            drop_last=False,
             lengths=lengths if self.group_by_length and shuffle else None,
         )
         pad_id = self.tokenizer.pad_token_id

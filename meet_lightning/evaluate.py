@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -40,17 +41,24 @@ def summarize(name: str, values: Sequence[float]) -> dict[str, Any]:
 
 @torch.no_grad()
 def score_pairs(
-    lm: torch.nn.Module, tokenizer: Any, control: ControlTokens, schema: ControlSchema, pairs: Sequence[PreferencePair],
-    max_length: int = 512, batch_size: int = 8,
-) -> dict[str, list[float]]:
+    lm: torch.nn.Module,
+    tokenizer: Any,
+    control: ControlTokens,
+    schema: ControlSchema,
+    pairs: Sequence[PreferencePair],
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> tuple[dict[str, list[float]], int]:
     """Per-pair scores: control margin/accuracy (when the model has the pair's controls), log-prob accuracy and
-    chosen per-token NLL in the model's preferred mode."""
+    chosen per-token NLL in the model's preferred mode; and the number of pairs too long to score."""
     encoder = PromptTokenizer(tokenizer, max_length)
     has_controls = bool(schema.num_controls)
     out: dict[str, list[float]] = {"control_accuracy": [], "control_margin": [], "logp_accuracy": [], "chosen_nll": []}
+    too_long = 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows = [tuple(encoder.tokenize(e, schema if has_controls else ControlSchema({})) for e in p.examples()) for p in chunk]
+        too_long += sum(None in r for r in rows)
         rows = [r for r in rows if None not in r]
         if not rows:
             continue
@@ -63,12 +71,14 @@ def score_pairs(
         out["chosen_nll"] += (-per_token[:n]).tolist()
         if has_controls:
             own = sequence_logps(*controlled_response_logps(lm, control, batch))
-            other = sequence_logps(*controlled_response_logps(lm, control, batch, torch.cat([batch["control_ids"][n:], batch["control_ids"][:n]])))
+            other = sequence_logps(
+                *controlled_response_logps(lm, control, batch, torch.cat([batch["control_ids"][n:], batch["control_ids"][:n]]))
+            )
             chosen = control_classifier_scores(own[:n], other[:n])
             rejected = control_classifier_scores(other[n:], own[n:])
             out["control_accuracy"] += pairwise_accuracy(chosen, rejected).tolist()
             out["control_margin"] += (chosen - rejected).tolist()
-    return {k: v for k, v in out.items() if v}
+    return {k: v for k, v in out.items() if v}, too_long
 
 
 def load_for_evaluation(folder: str) -> tuple[torch.nn.Module, Any, ControlTokens, ControlSchema]:
@@ -82,7 +92,9 @@ def load_for_evaluation(folder: str) -> tuple[torch.nn.Module, Any, ControlToken
     return load_model(folder).eval(), load_tokenizer(folder), ControlTokens(), ControlSchema({})
 
 
-def evaluate_model(folder: str, source: SourceConfig, max_pairs: int | None = None, max_length: int = 512, batch_size: int = 8) -> dict[str, Any]:
+def evaluate_model(
+    folder: str, source: SourceConfig, max_pairs: int | None = None, max_length: int = 512, batch_size: int = 8
+) -> dict[str, Any]:
     """Every metric for ``folder`` on the pairs of ``source``."""
     lm, tokenizer, control, schema = load_for_evaluation(folder)
     parsed = read_source(source)
@@ -91,9 +103,11 @@ def evaluate_model(folder: str, source: SourceConfig, max_pairs: int | None = No
         raise DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")
     missing = {p.preference for p in pairs} - set(schema.preferences) if schema.num_controls else set()
     if missing:
-        raise ConfigError(f"the model has no preference {sorted(missing)[0]!r} (it has {', '.join(schema.preferences)}) — pass --data.preference with one of them")
-    scores = score_pairs(lm, tokenizer, control, schema, pairs, max_length, batch_size)
-    metrics: dict[str, Any] = {"model": folder, "data": source.path}
+        raise ConfigError(
+            f"the model has no preference {sorted(missing)[0]!r} (it has {', '.join(schema.preferences)}) — pass --data.preference with one of them"
+        )
+    scores, too_long = score_pairs(lm, tokenizer, control, schema, pairs, max_length, batch_size)
+    metrics: dict[str, Any] = {"model": folder, "data": source.path, "pairs_skipped_too_long": too_long}
     for name, values in scores.items():
         summary = summarize(name, values)
         metrics[name], metrics[f"{name}_ci95"], metrics["pairs"] = summary[name], summary[f"{name}_ci95"], summary["pairs"]
@@ -102,19 +116,17 @@ def evaluate_model(folder: str, source: SourceConfig, max_pairs: int | None = No
 
 def evaluate_command(argv: Sequence[str]) -> int:
     """``evaluate --model DIR --data.path FILE [--data.format NAME] [--output FILE.json]``."""
-    from typing import Optional
-
     from meet_lightning.cli import OneLineParser
 
     parser = OneLineParser(prog="meet_lightning evaluate", description="score a model on pairwise data")
     parser.add_argument("--model", type=str, required=True, help="export/ folder or a plain Hugging Face model")
     parser.add_argument("--data.path", type=str, required=True)
     parser.add_argument("--data.format", type=str, default="auto")
-    parser.add_argument("--data.preference", type=Optional[str], default=None)
+    parser.add_argument("--data.preference", type=str | None, default=None)
     parser.add_argument("--data.max_length", type=int, default=512)
-    parser.add_argument("--max_pairs", type=Optional[int], default=None, help="score only the first N pairs")
+    parser.add_argument("--max_pairs", type=int | None, default=None, help="score only the first N pairs")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--output", type=Optional[str], default=None, help="also write the metrics as JSON here")
+    parser.add_argument("--output", type=str | None, default=None, help="also write the metrics as JSON here")
     args = parser.parse_args(list(argv))
     source = SourceConfig(path=args.data.path, format=args.data.format, preference=args.data.preference)
     metrics = evaluate_model(args.model, source, args.max_pairs, args.data.max_length, args.batch_size)

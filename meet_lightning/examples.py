@@ -8,8 +8,8 @@ training rows and is what validation scores with the control classifier.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 Message = Mapping[str, str]
 """One chat turn: ``{"role": "system" | "user" | "assistant", "content": str}``."""
@@ -113,7 +113,7 @@ class ControlSchema:
     preferences: Mapping[str, tuple[str, ...]]
 
     @classmethod
-    def from_dict(cls, preferences: Mapping[str, list[str] | tuple[str, ...]]) -> "ControlSchema":
+    def from_dict(cls, preferences: Mapping[str, list[str] | tuple[str, ...]]) -> ControlSchema:
         """Builds a schema from ``{preference: [controls]}`` (the YAML/checkpoint form)."""
         return cls({name: tuple(labels) for name, labels in preferences.items()})
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -30,32 +31,24 @@ CONTROLS_FILE = "controls.safetensors"
 
 
 def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print) -> Path:
-    """Exports the last stage of a finished run to ``output_dir/export``."""
-    from meet_lightning.pipeline import active_stages
+    """Exports the last stage of a finished run to ``output_dir/export``.
+
+    The module class comes from the recipe (which the user wrote), never from the checkpoint file.
+    """
+    from meet_lightning.pipeline import active_stages, build_stage, restore_module
 
     stage = active_stages(recipe)[-1]
-    checkpoint = Path(recipe["output_dir"]) / stage / "checkpoints" / "last.ckpt"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    module = _module_class(state).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    module = build_stage(recipe, stage).model
+    restore_module(module, Path(recipe["output_dir"]) / stage / "checkpoints" / "last.ckpt")
     folder = Path(recipe["output_dir"]) / "export"
     export_model(module, folder, recipe=recipe, metrics=metrics)
     log(f"exported to {folder}")
     return folder
 
 
-def _module_class(state: Mapping[str, Any]) -> type[MeetModule]:
-    """The module class named in a checkpoint's hyperparameters, if it is one of ours."""
-    import importlib
-
-    path = str(state.get("meet", {}).get("module", ""))
-    module_name, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name, None) if module_name.startswith("meet_lightning") else None
-    if not (isinstance(cls, type) and issubclass(cls, MeetModule)):
-        raise CheckpointError(f"checkpoint names module {path!r}, not a meet_lightning module — pass a checkpoint written by meet_lightning")
-    return cls
-
-
-def export_model(module: MeetModule, folder: Path, recipe: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+def export_model(
+    module: MeetModule, folder: Path, recipe: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None
+) -> None:
     """Writes ``folder`` (replacing it atomically): HF model + tokenizer, controls, schema and model card."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -84,19 +77,42 @@ def export_model(module: MeetModule, folder: Path, recipe: Mapping[str, Any] | N
 def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> str:
     """A short model card: base model, data and licence note, controls, metrics, the resolved recipe."""
     data = schema.get("data") or {}
+    example = schema["controls"][0].split("/", 1)[1] if schema["controls"] else None
     sources = [data.get("path")] if data.get("path") else [s.get("path") for s in data.get("sources") or []]
     lines = [
-        "---", "library_name: transformers", "tags: [meet_lightning, control-tokens, alignment]", "---", "",
-        f"# MEET-aligned {schema['base_model']}", "",
-        f"Trained with meet_lightning {schema['library_version']} (MEET, arXiv 2310.00819).", "",
+        "---",
+        "library_name: transformers",
+        "tags: [meet_lightning, control-tokens, alignment]",
+        "---",
+        "",
+        f"# MEET-aligned {schema['base_model']}",
+        "",
+        f"Trained with meet_lightning {schema['library_version']} (MEET, arXiv 2310.00819).",
+        "",
         f"- Base model: `{schema['base_model']}` (fingerprint `{schema['base_fingerprint']}`)",
         f"- Data: {', '.join(f'`{s}`' for s in sources) or 'unknown'} — the data's own licence applies to this model's use",
         f"- Controls: {', '.join(f'`{c}`' for c in schema['controls'])} ({schema['control']['class_path']}, placement `{schema['placement']}`)",
-        "", "## Metrics", "", "```json", json.dumps(metrics or {}, indent=2), "```", "",
-        "## Use", "", "```python", "from meet_lightning import AlignedModel",
-        "model = AlignedModel.from_pretrained(\"path/to/export\")",
-        f"print(model.generate([\"How do I boil an egg?\"], control={schema['controls'][0].split('/')[1]!r} if {bool(schema['controls'])} else None))" if schema["controls"] else "print(model.generate([\"How do I boil an egg?\"]))",
-        "```", "", "## Recipe", "", "```yaml", yaml.safe_dump(dict(recipe or {}), sort_keys=False).rstrip(), "```", "",
+        "",
+        "## Metrics",
+        "",
+        "```json",
+        json.dumps(metrics or {}, indent=2),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from meet_lightning import AlignedModel",
+        'model = AlignedModel.from_pretrained("path/to/export")',
+        f'print(model.generate(["How do I boil an egg?"], control={example!r}))',
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(dict(recipe or {}), sort_keys=False).rstrip(),
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -115,7 +131,7 @@ class AlignedModel:
         self.lm, self.tokenizer, self.control, self.schema = lm.eval(), tokenizer, control, schema
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu") -> "AlignedModel":
+    def from_pretrained(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu") -> AlignedModel:
         """Loads ``export/`` (safetensors + JSON only)."""
         folder = Path(folder)
         schema_file = folder / SCHEMA_FILE

@@ -157,9 +157,7 @@ def _check_names(cfg: SourceConfig) -> list[str]:
     if not isinstance(cfg.path, str) or not cfg.path.strip():
         problems.append("path is empty — set --data.path FILE")
     if cfg.chosen_control == cfg.rejected_control:
-        problems.append(
-            f"chosen_control and rejected_control are both {cfg.chosen_control!r} — give them different names"
-        )
+        problems.append(f"chosen_control and rejected_control are both {cfg.chosen_control!r} — give them different names")
     if not isinstance(cfg.columns, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in cfg.columns.items()
     ):
@@ -203,18 +201,13 @@ def _check_scores(cfg: SourceConfig) -> list[str]:
         if not thresholds or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds):
             problems.append("score_thresholds must be finite numbers — e.g. --data.score_thresholds '[3.0]'")
         elif any(a >= b for a, b in zip(thresholds, thresholds[1:], strict=False)):
-            problems.append(
-                f"score_thresholds {thresholds} are not ascending — list the cut points, lowest first"
-            )
+            problems.append(f"score_thresholds {thresholds} are not ascending — list the cut points, lowest first")
     if bins is not None and (not isinstance(bins, int) or bins < 2):
         problems.append(f"quantile_bins {bins!r} must be an integer >= 2 — e.g. --data.quantile_bins 2")
     if labels is not None:
         expected = len(thresholds) + 1 if thresholds else bins if isinstance(bins, int) else 2
         if len(labels) != expected or len(set(labels)) != len(labels):
-            problems.append(
-                f"score_labels needs {expected} distinct labels, got {labels} — "
-                "give one label per bin, lowest first"
-            )
+            problems.append(f"score_labels needs {expected} distinct labels, got {labels} — give one label per bin, lowest first")
     return problems
 
 
@@ -325,8 +318,7 @@ def _iter_rows(path: str, subset: str | None, split: str) -> Iterator[Row]:
     reader = _READERS.get(Path(name).suffix)
     if reader is None:
         raise DataError(
-            f"{path}: unsupported file type {local.suffix!r} — "
-            "use .json, .jsonl or .csv (optionally .gz) or .parquet"
+            f"{path}: unsupported file type {local.suffix!r} — use .json, .jsonl or .csv (optionally .gz) or .parquet"
         )
     return _nonempty(path, reader(local, path))
 
@@ -496,8 +488,7 @@ def _iter_datasets(path: str, subset: str | None, split: str, local: bool) -> It
             dataset = datasets.load_dataset(path, subset, split=split)
     except ConnectionError as err:
         raise DataError(
-            f"{path}: the hub dataset is not reachable offline ({_one_line(err)}) — "
-            "pass a local file with --data.path FILE"
+            f"{path}: the hub dataset is not reachable offline ({_one_line(err)}) — pass a local file with --data.path FILE"
         ) from None
     except DatasetNotFoundError as err:
         raise DataError(f"{path}: no such dataset ({_one_line(err)}) — check --data.path") from None
@@ -610,9 +601,7 @@ def _number(value: Any, where: str) -> float:
         except ValueError:
             number = None
     if number is None or not math.isfinite(number):
-        raise _BadRow(
-            f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row"
-        )
+        raise _BadRow(f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row")
     return number
 
 
@@ -695,7 +684,10 @@ class _Format:
         for name in names:
             if not isinstance(raw[name], (str, int, float)) or isinstance(raw[name], bool):
                 raise self._wrong_type(name, raw[name], "a string (prompt_template column)")
-        return template.format(**{name: raw[name] for name in names})
+        try:
+            return template.format(**{name: raw[name] for name in names})
+        except (ValueError, TypeError) as err:  # a format spec such as {x:.2f} applied to text
+            raise _BadRow(f"prompt_template cannot format this row ({err})", "drop the format spec") from None
 
     def _finish_prompt(self, turns: Sequence[Mapping[str, str]]) -> tuple[dict, ...]:
         """Check the prompt says something, then put ``system_prompt`` first unless it has a system turn."""
@@ -708,9 +700,7 @@ class _Format:
 
     def _pair(self, prompt: tuple, chosen: str, rejected: str, source: str) -> PreferencePair:
         cfg = self.cfg
-        return PreferencePair(
-            prompt, chosen, rejected, self.preference, cfg.chosen_control, cfg.rejected_control, source
-        )
+        return PreferencePair(prompt, chosen, rejected, self.preference, cfg.chosen_control, cfg.rejected_control, source)
 
 
 class HHRLHF(_Format):
@@ -747,8 +737,7 @@ class HHRLHF(_Format):
         if cut < 0:
             raise _BadRow(
                 f"{name} has no '\\n\\nAssistant:' turn",
-                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data set "
-                "--data.format pairwise",
+                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data set --data.format pairwise",
             )
         return transcript[:cut], transcript[cut + len("\n\nAssistant:") :].strip()
 
@@ -873,7 +862,7 @@ class MultiResponse(_Format):
         for name, text in texts.items():
             out.examples.append(ControlledExample(prompt, text, {self.preference: name}, source))
         for first, second in combinations(controls, 2):
-            if texts[first] == texts[second]:
+            if texts[first].strip() == texts[second].strip():
                 out.warnings.append("identical responses in two control columns (no pair, examples kept)")
                 continue
             pair = PreferencePair(prompt, texts[first], texts[second], self.preference, first, second, source)
@@ -893,7 +882,7 @@ class Pointwise(_Format):
     """``prompt`` / ``response`` + ``score`` (a number) or ``scores`` (``{attribute: number}``).
 
     A single ``score`` labels ``preference``; with ``scores`` each attribute is its own preference (named
-    after the attribute, or ``PREFERENCE_ATTRIBUTE`` when ``preference`` is set) and one row carries a
+    after the attribute, or ``<preference>_<attribute>`` when ``preference`` is set) and one row carries a
     control for every attribute it has a score for (a null score gives no control). Labels come from
     ``score_thresholds`` or from ``quantile_bins`` computed over the whole file per preference; with
     neither, a median split (2 quantile bins) labelled ``bad`` / ``good``.
@@ -967,8 +956,7 @@ class Pointwise(_Format):
             found = ", ".join(_short(name, 30) for name in sorted(self.attributes_seen))
             raise DataError(
                 _one_line(
-                    f"{self.cfg.path}: attribute {unknown[0]!r} is in no row's scores — "
-                    f"set --data.attributes to some of {found}"
+                    f"{self.cfg.path}: attribute {unknown[0]!r} is in no row's scores — set --data.attributes to some of {found}"
                 )
             )
 
@@ -1157,8 +1145,7 @@ class Ranked(_Format):
 
 
 FORMATS: dict[str, type[_Format]] = {
-    parser.name: parser
-    for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked)
+    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked)
 }
 """Format name → parser class; :func:`read_source` builds a fresh parser per source."""
 

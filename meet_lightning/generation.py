@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ from meet_lightning.data import IGNORE_INDEX, PromptTokenizer
 from meet_lightning.errors import ConfigError, DataError
 from meet_lightning.examples import ControlSchema, Message
 
-ControlSpec = Union[str, Sequence[str], Mapping[str, str], None]
+ControlSpec = str | Sequence[str] | Mapping[str, str] | None
 """``"good"``, ``"harmless/good"``, ``["harmless/good", "concise"]``, ``{"harmless": "good"}`` or ``None``."""
 
 
@@ -25,7 +26,9 @@ def resolve_controls(schema: ControlSchema, spec: ControlSpec) -> list[int]:
     for name in names:
         preference, label = name if isinstance(name, tuple) else _split_control(schema, name)
         if preference in chosen:
-            raise ConfigError(f"two controls for preference {preference!r} — pick one of {', '.join(schema.preferences[preference])}")
+            raise ConfigError(
+                f"two controls for preference {preference!r} — pick one of {', '.join(schema.preferences[preference])}"
+            )
         chosen[preference] = label
     try:
         return schema.encode(chosen)
@@ -44,7 +47,9 @@ def _split_control(schema: ControlSchema, name: str) -> tuple[str, str]:
     return owners[0], name
 
 
-def prompt_batch(encoder: PromptTokenizer, prompts: Sequence[Sequence[Message]], control_ids: Sequence[Sequence[int]], max_prompt_tokens: int) -> dict[str, torch.Tensor]:
+def prompt_batch(
+    encoder: PromptTokenizer, prompts: Sequence[Sequence[Message]], control_ids: Sequence[Sequence[int]], max_prompt_tokens: int
+) -> dict[str, torch.Tensor]:
     """A right-padded prompt-only batch in the training layout (controls not yet inserted)."""
     rows = [encoder.fit_prompt(p, max_prompt_tokens) or encoder.render_prompt(p)[-max_prompt_tokens:] for p in prompts]
     length = max(len(r) for r in rows)
@@ -62,7 +67,7 @@ def prompt_batch(encoder: PromptTokenizer, prompts: Sequence[Sequence[Message]],
 def to_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Moves each row's padding from the right to the left, as generation needs. (B, L) each."""
     shifts = (mask.shape[1] - mask.sum(1)).tolist()
-    rolled = [(torch.roll(i, s), torch.roll(m, s)) for i, m, s in zip(ids, mask, shifts)]
+    rolled = [(torch.roll(i, s), torch.roll(m, s)) for i, m, s in zip(ids, mask, shifts, strict=True)]
     return torch.stack([i for i, _ in rolled]), torch.stack([m for _, m in rolled])
 
 
@@ -85,14 +90,24 @@ def generate_responses(
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompt_batch(encoder, prompts[start : start + batch_size], control_ids[start : start + batch_size], max_prompt_tokens)
+        batch = prompt_batch(
+            encoder, prompts[start : start + batch_size], control_ids[start : start + batch_size], max_prompt_tokens
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         ids, mask, _ = control.insert(batch)
         ids, mask = to_left_padding(ids, mask)
         embeds = control.embed(lm.get_input_embeddings(), ids)
         with control.route(batch["control_ids"]):
-            out = lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                              pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, **sampling)
+            out = lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+                top_p=None,
+                top_k=None,
+                **sampling,
+            )
         texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
     return texts
 
@@ -119,8 +134,10 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise DataError(f"{path}:{number}: not a JSON object — write one object per line") from None
         if not isinstance(record, dict) or "prompt" not in record:
-            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{\"prompt\": ..., \"controls\": ...}}")
-        rows.append({"prompt": as_messages(record["prompt"], f"{path}:{number}"), "controls": record.get("controls"), "row": number})
+            raise DataError(f'{path}:{number}: missing field \'prompt\' — each line needs {{"prompt": ..., "controls": ...}}')
+        rows.append(
+            {"prompt": as_messages(record["prompt"], f"{path}:{number}"), "controls": record.get("controls"), "row": number}
+        )
     if not rows:
         raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
     return rows
@@ -140,15 +157,12 @@ def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_to
     if not predict_path:
         raise ConfigError("predict needs --data.predict_path FILE.jsonl (lines with 'prompt' and optional 'controls')")
     rows = read_prompts(Path(predict_path))
-    module = cli.model
-    module.configure_model()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    module.on_load_checkpoint(state)
-    module.load_state_dict(state["state_dict"])
-    module.eval()
+    from meet_lightning.pipeline import restore_module
+
+    module = restore_module(cli.model, checkpoint)
     ids = [resolve_controls(module.schema, r["controls"]) for r in rows]
     texts = generate_responses(module.lm, module.tokenizer, module.control, [r["prompt"] for r in rows], ids, max_new_tokens)
-    results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts)]
+    results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
     write_jsonl_atomic(out, results)
     log(f"wrote {len(results)} predictions to {out}")
     return results
@@ -169,5 +183,9 @@ def generate_command(argv: Sequence[str]) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("--max_new_tokens must be ≥ 1 and --temperature ≥ 0")
     model = AlignedModel.from_pretrained(args.model)
-    print(model.generate([args.prompt], control=args.control or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature)[0])
+    print(
+        model.generate(
+            [args.prompt], control=args.control or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature
+        )[0]
+    )
     return 0

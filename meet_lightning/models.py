@@ -170,9 +170,7 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return str(path)
     if path.exists():
-        raise ConfigError(
-            f"{name} is a file, not a model folder — pass a folder with config.json or a .gguf file"
-        )
+        raise ConfigError(f"{name} is a file, not a model folder — pass a folder with config.json or a .gguf file")
     if _looks_like_path(name) or ("/" in name and path.parent.is_dir()):  # `runs/export` when runs/ exists
         raise ConfigError(f"model folder {name} does not exist — check the path (relative to {Path.cwd()})")
     if _hub_offline() and not _in_hub_cache(name):
@@ -249,9 +247,7 @@ def _clear_empty_folder(target: Path) -> None:
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
         return
-    raise ConfigError(
-        f"{target} exists but holds no config.json — delete it and run `{_DOWNLOAD_HINT}` again"
-    )
+    raise ConfigError(f"{target} exists but holds no config.json — delete it and run `{_DOWNLOAD_HINT}` again")
 
 
 def _fetch_gguf(alias: str, work: Path, log: Callable[[str], object]) -> Path:
@@ -383,9 +379,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return prepare_tokenizer(tokenizer)
 
 
-def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> PreTrainedModel:
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal language model as a plain, trainable float model in eval mode.
 
     A ``.gguf`` file is dequantized, its quantization marker removed (so ``save_pretrained`` and training
@@ -415,19 +409,14 @@ def load_model(
         raise _load_error(name_or_path, path, err) from err
     except SafetensorError as err:  # a truncated or foreign model.safetensors
         raise CheckpointError(
-            f"cannot read the weights in {path} ({_first_line(err)}) — the folder is damaged; export or "
-            f"download it again"
+            f"cannot read the weights in {path} ({_first_line(err)}) — the folder is damaged; export or download it again"
         ) from err
 
 
 def _load_error(name: str, path: str, err: Exception) -> MeetError:
     if Path(path).exists():
-        return CheckpointError(
-            f"cannot load {path} ({_first_line(err)}) — export or download the folder again"
-        )
-    return ConfigError(
-        f"cannot load model {name!r} ({_first_line(err)}) — check the hub id or pass a local folder"
-    )
+        return CheckpointError(f"cannot load {path} ({_first_line(err)}) — export or download the folder again")
+    return ConfigError(f"cannot load model {name!r} ({_first_line(err)}) — check the hub id or pass a local folder")
 
 
 def _first_line(err: Exception) -> str:
@@ -555,9 +544,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in _TINY_SPECIALS]
-    )
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in _TINY_SPECIALS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|im_start|>",
@@ -575,9 +562,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 # ----------------------------------------------------------------------------------------------- tiny model
 
 
-def build_tiny_model(
-    tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0, dropout: float = 0.0
-) -> PreTrainedModel:
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0, dropout: float = 0.0) -> PreTrainedModel:
     """A 2-layer llama (hidden 64, 4 heads, 2 key/value heads like SmolLM2's grouped attention), in eval mode.
 
     The weights depend only on ``seed``: the global RNG is forked, so neither does building the model consume

@@ -11,8 +11,10 @@ import copy
 import json
 import os
 import shutil
+import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -69,7 +71,9 @@ def stage_args(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[
     spec = recipe[stage]
     model = copy.deepcopy(spec["model"])
     model.setdefault("init_args", {})
-    model["init_args"].update({"model_name_or_path": recipe["model_name_or_path"], "control": recipe.get("control"), **(extra_model_args or {})})
+    model["init_args"].update(
+        {"model_name_or_path": recipe["model_name_or_path"], "control": recipe.get("control"), **(extra_model_args or {})}
+    )
     trainer = {
         "default_root_dir": str(out),
         "use_distributed_sampler": False,  # our batch sampler is rank-aware and resumable
@@ -89,15 +93,28 @@ def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping
     spec = recipe[stage] or {}
     select_best = spec.get("select", "last") == "best"
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", save_last=True, save_top_k=1 if select_best else 0,
-        monitor="val/control_accuracy" if select_best else None, mode="max", filename="best",
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=1 if select_best else 0,
+        monitor="val/control_accuracy" if select_best else None,
+        mode="max",
+        filename="best",
         every_n_train_steps=spec.get("checkpoint_every_n_steps", 100),
     )
-    return StageCLI(
-        MeetModule, PreferenceDataModule, subclass_mode_model=True, args=stage_args(recipe, stage, extra_model_args),
-        run=False, save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [checkpoint, FaultInjection(stage), ThroughputMeter()]},
-        parser_kwargs={"exit_on_error": False},
-    )
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments come from `args`, not the command line
+    try:
+        return StageCLI(
+            MeetModule,
+            PreferenceDataModule,
+            subclass_mode_model=True,
+            args=stage_args(recipe, stage, extra_model_args),
+            run=False,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [checkpoint, FaultInjection(stage), ThroughputMeter()]},
+            parser_kwargs={"exit_on_error": False},
+        )
+    finally:
+        sys.argv = argv
 
 
 def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
@@ -109,7 +126,9 @@ def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
     if saved.is_file():
         difference = recipe_difference(yaml.safe_load(saved.read_text()), recipe)
         if difference and not overwrite:
-            raise ConfigError(f"{out} holds a run of another recipe ({difference}) — pass --overwrite true to start over, or another --output_dir")
+            raise ConfigError(
+                f"{out} holds a run of another recipe ({difference}) — pass --overwrite true to start over, or another --output_dir"
+            )
         if difference:
             for name in (*STAGES, "export", "recipe.yaml"):
                 target = out / name
@@ -154,13 +173,19 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
 def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log) -> dict[str, float]:
     """Fits one stage (resuming from ``ckpt_path`` or its ``last.ckpt``), writes its files and done-marker."""
     out = Path(recipe["output_dir"]) / stage
-    extra = {"init_controls": str(Path(recipe["output_dir"]) / "stage1" / "controls.safetensors")} if stage == "stage2" and "stage1" in active_stages(recipe) else None
+    extra = (
+        {"init_controls": str(Path(recipe["output_dir"]) / "stage1" / "controls.safetensors")}
+        if stage == "stage2" and "stage1" in active_stages(recipe)
+        else None
+    )
     cli = build_stage(recipe, stage, extra)
     last = out / "checkpoints" / "last.ckpt"
     resume = ckpt_path or (str(last) if last.is_file() else None)
     if resume:
         check_checkpoint_file(Path(resume))
-        log(f"{stage}: restoring from {resume} at step {torch.load(resume, map_location='cpu', weights_only=True).get('global_step', 0)}")
+        log(
+            f"{stage}: restoring from {resume} at step {torch.load(resume, map_location='cpu', weights_only=True).get('global_step', 0)}"
+        )
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume, weights_only=True)
     cli.trainer.save_checkpoint(last, weights_only=False)
     if stage == "stage1":
@@ -194,7 +219,9 @@ def check_checkpoint_file(path: Path) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}) — delete it to restart the stage, or pass another --ckpt_path") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}) — delete it to restart the stage, or pass another --ckpt_path"
+        ) from None
 
 
 def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str, Path]:
@@ -207,6 +234,16 @@ def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str,
     if not last.is_file():
         raise CheckpointError(f"{last}: not found — run `fit` with this recipe first")
     return stage, last
+
+
+def restore_module(module: MeetModule, checkpoint: Path) -> MeetModule:
+    """Builds ``module``'s LM and loads a stage checkpoint into it (weights only, checked against the run)."""
+    check_checkpoint_file(checkpoint)
+    module.configure_model()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"])
+    return module.eval()
 
 
 def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, log=print) -> Any:

@@ -25,5 +25,5 @@ SHARED = Path(os.environ.get("MEET_SHARED_DATA", Path(__file__).resolve().parent
 def shared_data() -> Path:
     """The shared data folder. Missing is a failure, not a skip: the golden tests must run."""
     if not SHARED.is_dir():
-        pytest.fail(f"shared data folder {SHARED} is missing — set MEET_SHARED_DATA to the folder with the files")
+        pytest.fail(f"shared data folder {SHARED} is missing — set MEET_SHARED_DATA to the folder of the files")
     return SHARED

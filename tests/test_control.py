@@ -115,21 +115,26 @@ def test_generation_with_cache_equals_without_and_mixed_equals_single(name, toke
     prompts = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Tell me a longer story please"}]]
     ids = [SCHEMA.encode({"harmless": "good"}), SCHEMA.encode({"harmless": "bad", "length": "concise"})]
     mixed = generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8)
-    singles = [generate_responses(lm, tokenizer, control, [p], [i], max_new_tokens=8)[0] for p, i in zip(prompts, ids)]
+    singles = [
+        generate_responses(lm, tokenizer, control, [p], [i], max_new_tokens=8)[0] for p, i in zip(prompts, ids, strict=True)
+    ]
     assert mixed == singles
     lm.generation_config.use_cache = False
     assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8) == mixed
     lm.generation_config.use_cache = True
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    (lambda: PromptTuningControl(num_tokens=0), "num_tokens"),
-    (lambda: PromptTuningControl(init="zeros"), "init"),
-    (lambda: PromptTuningControl(init="text"), "init_text"),
-    (lambda: PromptTuningControl(placement="middle"), "placement"),
-    (lambda: LoRAControl(rank=0), "rank"),
-    (lambda: TextControl(phrases={}), "phrases"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (lambda: PromptTuningControl(num_tokens=0), "num_tokens"),
+        (lambda: PromptTuningControl(init="zeros"), "init"),
+        (lambda: PromptTuningControl(init="text"), "init_text"),
+        (lambda: PromptTuningControl(placement="middle"), "placement"),
+        (lambda: LoRAControl(rank=0), "rank"),
+        (lambda: TextControl(phrases={}), "phrases"),
+    ],
+)
 def test_bad_control_arguments_name_the_argument(bad, fragment):
     with pytest.raises(ValueError, match=fragment):
         bad()

@@ -31,7 +31,14 @@ PANDALM = "pandalm_testset_v1.json"
 OASST = "oasst_en_100_tree.jsonl"
 UNIEVAL = "unieval_topical_chat_usr.json"
 UNIEVAL_OPTIONS = {"columns": {"response": "system_output"}, "prompt_template": "{context}\n\n{source}"}
-UNIEVAL_ATTRIBUTES = ["understandability", "naturalness", "coherence", "engagingness", "groundedness", "overall"]
+UNIEVAL_ATTRIBUTES = [
+    "understandability",
+    "naturalness",
+    "coherence",
+    "engagingness",
+    "groundedness",
+    "overall",
+]
 
 
 @cache
@@ -66,7 +73,12 @@ def read(path: Path, **options) -> ParsedSource:
 
 def test_hh_rlhf_golden(shared):
     parsed = shared(HH)
-    assert (parsed.format, parsed.rows_read, len(parsed.pairs), len(parsed.examples)) == ("hh_rlhf", 1800, 1796, 3592)
+    assert (parsed.format, parsed.rows_read, len(parsed.pairs), len(parsed.examples)) == (
+        "hh_rlhf",
+        1800,
+        1796,
+        3592,
+    )
     reason = "chosen and rejected differ before the last Assistant turn"
     assert parsed.skipped == {reason: 4}
     assert parsed.skipped_rows[reason] == [129, 669, 800, 959]
@@ -103,7 +115,12 @@ def test_multi_response_golden(shared):
 
 def test_sharegpt_golden(shared):
     parsed = shared(SHAREGPT)
-    assert (parsed.format, parsed.rows_read, len(parsed.pairs), len(parsed.examples)) == ("sharegpt", 300, 300, 600)
+    assert (parsed.format, parsed.rows_read, len(parsed.pairs), len(parsed.examples)) == (
+        "sharegpt",
+        300,
+        300,
+        600,
+    )
     first = parsed.pairs[0]
     assert first.prompt == ({"role": "user", "content": first.prompt[0]["content"]},)
     assert first.prompt[0]["content"].startswith("Hi! I'd like to create a new language game")
@@ -122,9 +139,11 @@ def test_pairwise_votes_golden(shared):
     assert first.chosen == "If you have any questions, please let me know."
     assert first.rejected == "If you have any questions about my rate, please let me know."
     assert first.prompt[0]["content"].startswith("The sentence you are given might be too wordy")
-    assert first.prompt[0]["content"].endswith("\n\nIf you have any questions about my rate or if you find it "
-                                               "necessary to increase or decrease the scope for this project, "
-                                               "please let me know.")
+    assert first.prompt[0]["content"].endswith(
+        "\n\nIf you have any questions about my rate or if you find it "
+        "necessary to increase or decrease the scope for this project, "
+        "please let me know."
+    )
 
 
 def test_pairwise_votes_ties_as_examples(shared):
@@ -136,8 +155,16 @@ def test_pairwise_votes_ties_as_examples(shared):
 
 @pytest.mark.parametrize(
     ("votes", "winner"),
-    [((1, 1, 1), 1), ((2, 2, 2), 2), ((1, 1, 0), 1), ((0, 2, 2), 2), ((1, 1, 2), 1),
-     ((0, 0, 1), None), ((0, 0, 0), None), ((1, 2, 0), None)],
+    [
+        ((1, 1, 1), 1),
+        ((2, 2, 2), 2),
+        ((1, 1, 0), 1),
+        ((0, 2, 2), 2),
+        ((1, 1, 2), 1),
+        ((0, 0, 1), None),
+        ((0, 0, 0), None),
+        ((1, 2, 0), None),
+    ],
 )
 def test_majority_rule(votes, winner):
     """A vote value given by more than half of the annotators decides; a majority of 0 or none is a tie."""
@@ -160,7 +187,12 @@ def test_ranked_golden(shared, pairing, pairs):
 
 def test_pointwise_golden(shared):
     parsed = shared(UNIEVAL, **UNIEVAL_OPTIONS)
-    assert (parsed.format, parsed.rows_read, len(parsed.examples), parsed.pairs) == ("pointwise", 360, 360, [])
+    assert (parsed.format, parsed.rows_read, len(parsed.examples), parsed.pairs) == (
+        "pointwise",
+        360,
+        360,
+        [],
+    )
     assert sorted(parsed.preferences()) == sorted(UNIEVAL_ATTRIBUTES)
     assert all(len(example.controls) == 6 for example in parsed.examples)
     first = parsed.examples[0]
@@ -185,10 +217,28 @@ def test_quantile_cuts():
     assert quantile_cuts([1, 2, 3, 4, 5, 6], 3) == [3, 5]
 
 
+def test_formats_table_names_every_format():
+    assert list(FORMATS) == [
+        "hh_rlhf",
+        "pairwise",
+        "sharegpt",
+        "multi_response",
+        "pointwise",
+        "pairwise_votes",
+        "ranked",
+    ]
+    assert all(SourceConfig(path="x.jsonl", format=name).format == name for name in FORMATS)
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [(HH, "hh_rlhf"), (ALPACA, "multi_response"), (SHAREGPT, "sharegpt"), (PANDALM, "pairwise_votes"),
-     (OASST, "ranked")],
+    [
+        (HH, "hh_rlhf"),
+        (ALPACA, "multi_response"),
+        (SHAREGPT, "sharegpt"),
+        (PANDALM, "pairwise_votes"),
+        (OASST, "ranked"),
+    ],
 )
 def test_auto_detects_shared_files(shared, name, expected):
     assert shared(name).format == expected
@@ -201,8 +251,14 @@ def test_auto_on_unieval_says_how_to_map(shared_data):
     with pytest.raises(DataError) as err:
         read(shared_data / UNIEVAL)
     message = str(err.value)
-    for fragment in (f"{UNIEVAL}:1:", "missing field 'prompt', 'response'", "pointwise (detected from row 1)",
-                     "'system_output'", "--data.columns", "--data.prompt_template"):
+    for fragment in (
+        f"{UNIEVAL}:1:",
+        "missing field 'prompt', 'response'",
+        "pointwise (detected from row 1)",
+        "'system_output'",
+        "--data.columns",
+        "--data.prompt_template",
+    ):
         assert fragment in message
     assert "\n" not in message
     assert read(shared_data / UNIEVAL, **UNIEVAL_OPTIONS).format == "pointwise"
@@ -215,8 +271,13 @@ PAIR = {"prompt": "p", "chosen": "c", "rejected": "r"}
 
 def test_columns_template_and_system_prompt(tmp_path):
     path = write(tmp_path, "a.jsonl", [{"q": "Hi", "ctx": "C", "better": "b", "worse": "w"}])
-    parsed = read(path, columns={"chosen": "better", "rejected": "worse"}, prompt_template="{ctx}: {q}",
-                  system_prompt="Be brief.", format="pairwise")
+    parsed = read(
+        path,
+        columns={"chosen": "better", "rejected": "worse"},
+        prompt_template="{ctx}: {q}",
+        system_prompt="Be brief.",
+        format="pairwise",
+    )
     pair = parsed.pairs[0]
     assert pair.prompt == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "C: Hi"})
     assert (pair.chosen, pair.rejected) == ("b", "w")
@@ -226,12 +287,19 @@ def test_columns_template_and_system_prompt(tmp_path):
 
 def test_trl_conversational_and_implicit_prompt(tmp_path):
     user, sys_turn = {"role": "user", "content": "Q"}, {"role": "system", "content": "S"}
-    explicit = {"prompt": [sys_turn, user], "chosen": [{"role": "assistant", "content": "A"}],
-                "rejected": [{"role": "assistant", "content": "B"}]}
-    implicit = {"chosen": [user, {"role": "assistant", "content": "A"}],
-                "rejected": [user, {"role": "assistant", "content": "B"}]}
-    differ = {"chosen": [user, {"role": "assistant", "content": "A"}],
-              "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "B"}]}
+    explicit = {
+        "prompt": [sys_turn, user],
+        "chosen": [{"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "B"}],
+    }
+    implicit = {
+        "chosen": [user, {"role": "assistant", "content": "A"}],
+        "rejected": [user, {"role": "assistant", "content": "B"}],
+    }
+    differ = {
+        "chosen": [user, {"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "B"}],
+    }
     parsed = read(write(tmp_path, "c.jsonl", [explicit, implicit, differ]), system_prompt="ignored")
     assert parsed.format == "pairwise" and len(parsed.pairs) == 2
     assert parsed.pairs[0].prompt == (sys_turn, user)  # the data's own system turn wins
@@ -240,13 +308,20 @@ def test_trl_conversational_and_implicit_prompt(tmp_path):
 
 
 def test_identical_and_empty_sides(tmp_path):
-    rows = [PAIR, {**PAIR, "chosen": "same", "rejected": " same "}, {**PAIR, "chosen": ""}, {**PAIR, "chosen": True}]
+    rows = [
+        PAIR,
+        {**PAIR, "chosen": "same", "rejected": " same "},
+        {**PAIR, "chosen": ""},
+        {**PAIR, "chosen": True},
+    ]
     parsed = read(write(tmp_path, "e.jsonl", rows))
     assert [pair.chosen for pair in parsed.pairs] == ["c", "", "True"]
     assert parsed.skipped_rows == {"chosen and rejected are identical": [2]}
-    assert parsed.warnings == {"chosen and rejected are identical (pair skipped)": 1,
-                               "empty response kept (one side of a comparison)": 1,
-                               "boolean chosen read as text": 1}
+    assert parsed.warnings == {
+        "chosen and rejected are identical (pair skipped)": 1,
+        "empty response kept (one side of a comparison)": 1,
+        "boolean chosen read as text": 1,
+    }
 
 
 def test_csv_rows_are_lines(tmp_path):
@@ -261,7 +336,10 @@ def test_csv_votes_and_scores_are_strings(tmp_path):
     assert read(write(tmp_path, "v.csv", votes)).pairs[0].chosen == "b"
     scores = "prompt,response,score\np,a,1\np,b,5\n"
     parsed = read(write(tmp_path, "s.csv", scores), score_thresholds=[3], score_labels=["low", "high"])
-    assert [example.controls for example in parsed.examples] == [{"preference": "low"}, {"preference": "high"}]
+    assert [example.controls for example in parsed.examples] == [
+        {"preference": "low"},
+        {"preference": "high"},
+    ]
 
 
 def test_json_array_and_json_lines_in_dot_json(tmp_path):
@@ -286,8 +364,19 @@ def test_ranked_rules(tmp_path):
     def reply(text, rank, **extra):
         return {"text": text, "role": "assistant", "rank": rank, "replies": [], **extra}
 
-    tree = {"prompt": {"text": "Q", "role": "prompter", "replies": [
-        reply("a", 1), reply("b", 2), reply("c", 1), reply("d", None), reply("e", 3, deleted=True)]}}
+    tree = {
+        "prompt": {
+            "text": "Q",
+            "role": "prompter",
+            "replies": [
+                reply("a", 1),
+                reply("b", 2),
+                reply("c", 1),
+                reply("d", None),
+                reply("e", 3, deleted=True),
+            ],
+        }
+    }
     all_pairs = read(write(tmp_path, "t.jsonl", [tree]))
     assert sorted((p.chosen, p.rejected) for p in all_pairs.pairs) == [("a", "b"), ("c", "b")]
     assert all_pairs.warnings == {"sibling replies share a rank (not compared)": 1}
@@ -306,9 +395,17 @@ def test_iter_records(tmp_path):
 
 
 def test_on_bad_rows_skip_counts_reasons(tmp_path):
-    rows = [json.dumps(PAIR), "{oops", json.dumps({"prompt": "p", "chosen": "c"}), json.dumps(PAIR | {"chosen": 3}),
-            json.dumps(PAIR | {"chosen": "r"}), json.dumps(PAIR), json.dumps({"prompt": "p", "chosen": "c"}),
-            json.dumps(PAIR | {"prompt": " "}), "[1]"]
+    rows = [
+        json.dumps(PAIR),
+        "{oops",
+        json.dumps({"prompt": "p", "chosen": "c"}),
+        json.dumps(PAIR | {"chosen": 3}),
+        json.dumps(PAIR | {"chosen": "r"}),
+        json.dumps(PAIR),
+        json.dumps({"prompt": "p", "chosen": "c"}),
+        json.dumps(PAIR | {"prompt": " "}),
+        "[1]",
+    ]
     parsed = read(write(tmp_path, "s.jsonl", "\n".join(rows) + "\n"), on_bad_rows="skip")
     assert len(parsed.pairs) == 2 and parsed.rows_read == 9
     assert parsed.skipped_rows == {
@@ -332,7 +429,13 @@ def test_skip_mode_still_stops_on_unreadable_files(tmp_path):
 # --------------------------------------------------------------------------------------------- bad input
 
 _GZ_CUT = gzip.compress(("".join(json.dumps(PAIR | {"i": i}) + "\n" for i in range(300))).encode())[:200]
-_TREE = {"prompt": {"text": "Q", "role": "prompter", "replies": [{"text": "a", "role": "assistant", "replies": []}]}}
+_TREE = {
+    "prompt": {
+        "text": "Q",
+        "role": "prompter",
+        "replies": [{"text": "a", "role": "assistant", "replies": []}],
+    }
+}
 _VOTES = {"instruction": "i", "input": "", "response1": "a", "response2": "b"}
 
 BAD_INPUTS = [
@@ -342,54 +445,213 @@ BAD_INPUTS = [
     ("empty_file", "e.jsonl", "", {}, ["e.jsonl: the file is empty", "at least one record"]),
     ("blank_lines", "b.jsonl", "\n \n", {}, ["the file is empty"]),
     ("empty_array", "a.json", "[ ]", {}, ["the file is empty"]),
-    ("undecodable_line", "u.jsonl", json.dumps(PAIR).encode() + b'\n{"prompt": "caf\xe9"}\n', {},
-     ["u.jsonl:2:", "undecodable bytes", "UTF-8"]),
-    ("undecodable_array_element", "u.json", b'[{"prompt": "p", "chosen": "c", "rejected": "r"},\n {"p": "\xff"}]', {},
-     ["u.json:2:", "undecodable bytes"]),
-    ("undecodable_csv_row", "u.csv", b"prompt,chosen,rejected\np,c,r\np,\xe9,r\n", {}, ["u.csv:3:", "undecodable"]),
-    ("truncated_line", "t.jsonl", json.dumps(PAIR) + "\n" + json.dumps(PAIR) + '\n{"prompt": "p", "cho', {},
-     ["t.jsonl:3:", "invalid JSON", "fix or remove the line"]),
-    ("truncated_array", "t.json", '[{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "q", ', {},
-     ["t.json:2:", "invalid JSON in element 2"]),
-    ("not_an_object", "n.jsonl", json.dumps(PAIR) + "\n[1, 2]\n", {}, ["n.jsonl:2:", "the record is a list", "JSON object"]),
-    ("missing_field", "m.jsonl", [PAIR, {"prompt": "p", "chosen": "c"}], {},
-     ["m.jsonl:2:", "missing field 'rejected'", "format pairwise (detected from row 1)", "--data.columns '{rejected:"]),
-    ("missing_mapped_column", "m.jsonl", [PAIR], {"columns": {"chosen": "better"}, "format": "pairwise"},
-     ["m.jsonl:1:", "'better' (mapped to chosen by --data.columns)"]),
-    ("wrong_type", "w.jsonl", [PAIR | {"chosen": 3}], {},
-     ["w.jsonl:1:", "field 'chosen' is a number", "expected a string", "--data.columns"]),
-    ("wrong_message", "w.jsonl", [{"conversations": [{"from": "robot", "value": "x"}], "chosen": "a", "rejected": "b"}],
-     {}, ["w.jsonl:1:", "role 'robot'", "use role user, assistant or system"]),
-    ("empty_prompt", "p.jsonl", [PAIR | {"prompt": "  \n "}], {}, ["p.jsonl:1:", "empty prompt", "fill in the prompt"]),
-    ("empty_response", "r.jsonl", [{"prompt": "p", "response": "  ", "score": 1}], {},
-     ["r.jsonl:1:", "empty response", "--data.on_bad_rows skip"]),
-    ("empty_control_response", "r.jsonl", [{"prompt": "p", "concise": "", "verbose": "v"}], {},
-     ["r.jsonl:1:", "empty concise"]),
-    ("mixed_formats", "x.jsonl", [PAIR, {"conversations": [], "chosen": {"from": "gpt", "value": "a"},
-                                         "rejected": {"from": "gpt", "value": "b"}}], {},
-     ["x.jsonl:2:", "looks like format sharegpt, not pairwise (detected from row 1)", "one source per format"]),
-    ("no_format_fits", "f.jsonl", [{"question": "q", "answer": "a"}], {},
-     ["f.jsonl:1:", "cannot tell the data format", "'question'", "hh_rlhf (chosen, rejected", "--data.format"]),
+    (
+        "undecodable_line",
+        "u.jsonl",
+        json.dumps(PAIR).encode() + b'\n{"prompt": "caf\xe9"}\n',
+        {},
+        ["u.jsonl:2:", "undecodable bytes", "UTF-8"],
+    ),
+    (
+        "undecodable_array_element",
+        "u.json",
+        b'[{"prompt": "p", "chosen": "c", "rejected": "r"},\n {"p": "\xff"}]',
+        {},
+        ["u.json:2:", "undecodable bytes"],
+    ),
+    (
+        "undecodable_csv_row",
+        "u.csv",
+        b"prompt,chosen,rejected\np,c,r\np,\xe9,r\n",
+        {},
+        ["u.csv:3:", "undecodable"],
+    ),
+    (
+        "truncated_line",
+        "t.jsonl",
+        json.dumps(PAIR) + "\n" + json.dumps(PAIR) + '\n{"prompt": "p", "cho',
+        {},
+        ["t.jsonl:3:", "invalid JSON", "fix or remove the line"],
+    ),
+    (
+        "truncated_array",
+        "t.json",
+        '[{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "q", ',
+        {},
+        ["t.json:2:", "invalid JSON in element 2"],
+    ),
+    (
+        "not_an_object",
+        "n.jsonl",
+        json.dumps(PAIR) + "\n[1, 2]\n",
+        {},
+        ["n.jsonl:2:", "the record is a list", "JSON object"],
+    ),
+    (
+        "missing_field",
+        "m.jsonl",
+        [PAIR, {"prompt": "p", "chosen": "c"}],
+        {},
+        [
+            "m.jsonl:2:",
+            "missing field 'rejected'",
+            "format pairwise (detected from row 1)",
+            "--data.columns '{rejected:",
+        ],
+    ),
+    (
+        "missing_mapped_column",
+        "m.jsonl",
+        [PAIR],
+        {"columns": {"chosen": "better"}, "format": "pairwise"},
+        ["m.jsonl:1:", "'better' (mapped to chosen by --data.columns)"],
+    ),
+    (
+        "wrong_type",
+        "w.jsonl",
+        [PAIR | {"chosen": 3}],
+        {},
+        ["w.jsonl:1:", "field 'chosen' is a number", "expected a string", "--data.columns"],
+    ),
+    (
+        "wrong_message",
+        "w.jsonl",
+        [{"conversations": [{"from": "robot", "value": "x"}], "chosen": "a", "rejected": "b"}],
+        {},
+        ["w.jsonl:1:", "role 'robot'", "use role user, assistant or system"],
+    ),
+    (
+        "empty_prompt",
+        "p.jsonl",
+        [PAIR | {"prompt": "  \n "}],
+        {},
+        ["p.jsonl:1:", "empty prompt", "fill in the prompt"],
+    ),
+    (
+        "empty_response",
+        "r.jsonl",
+        [{"prompt": "p", "response": "  ", "score": 1}],
+        {},
+        ["r.jsonl:1:", "empty response", "--data.on_bad_rows skip"],
+    ),
+    (
+        "empty_control_response",
+        "r.jsonl",
+        [{"prompt": "p", "concise": "", "verbose": "v"}],
+        {},
+        ["r.jsonl:1:", "empty concise"],
+    ),
+    (
+        "mixed_formats",
+        "x.jsonl",
+        [
+            PAIR,
+            {
+                "conversations": [],
+                "chosen": {"from": "gpt", "value": "a"},
+                "rejected": {"from": "gpt", "value": "b"},
+            },
+        ],
+        {},
+        [
+            "x.jsonl:2:",
+            "looks like format sharegpt, not pairwise (detected from row 1)",
+            "one source per format",
+        ],
+    ),
+    (
+        "no_format_fits",
+        "f.jsonl",
+        [{"question": "q", "answer": "a"}],
+        {},
+        [
+            "f.jsonl:1:",
+            "cannot tell the data format",
+            "'question'",
+            "hh_rlhf (chosen, rejected",
+            "--data.format",
+        ],
+    ),
     ("ranks_missing", "o.jsonl", [_TREE], {"format": "ranked"}, ["o.jsonl:", "no assistant reply", "'rank'"]),
-    ("bad_rank", "o.jsonl", [{"prompt": _TREE["prompt"] | {"replies": [{"text": "a", "role": "assistant", "rank": "1"}]}}],
-     {}, ["o.jsonl:1:", "prompt.replies[0].rank is '1'", "expected a number"]),
-    ("bad_vote", "v.jsonl", [_VOTES | {"annotator1": 1, "annotator2": 3, "annotator3": 1}], {},
-     ["v.jsonl:1:", "vote annotator2 is 3", "0 (tie), 1 (response1 better) or 2"]),
-    ("score_not_number", "s.jsonl", [{"prompt": "p", "response": "r", "score": "high"}], {},
-     ["s.jsonl:1:", "field 'score' is 'high'", "finite number"]),
-    ("hh_without_assistant", "h.jsonl", [{"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: yo"}], {},
-     ["h.jsonl:1:", r"no '\n\nAssistant:' turn", "--data.format pairwise"]),
-    ("csv_no_header", "c.csv", "What is 2+2?,4,5\nq,a,b\n", {}, ["c.csv:2:", "cannot tell the data format", "header"]),
-    ("csv_short_row", "c.csv", "prompt,chosen,rejected\np,c\n", {}, ["c.csv:2:", "2 fields but the header has 3", "quote"]),
-    ("csv_bad_header", "c.csv", "prompt,,rejected\np,c,r\n", {}, ["c.csv:1:", "empty column name", "header row"]),
+    (
+        "bad_rank",
+        "o.jsonl",
+        [{"prompt": _TREE["prompt"] | {"replies": [{"text": "a", "role": "assistant", "rank": "1"}]}}],
+        {},
+        ["o.jsonl:1:", "prompt.replies[0].rank is '1'", "expected a number"],
+    ),
+    (
+        "bad_vote",
+        "v.jsonl",
+        [_VOTES | {"annotator1": 1, "annotator2": 3, "annotator3": 1}],
+        {},
+        ["v.jsonl:1:", "vote annotator2 is 3", "0 (tie), 1 (response1 better) or 2"],
+    ),
+    (
+        "score_not_number",
+        "s.jsonl",
+        [{"prompt": "p", "response": "r", "score": "high"}],
+        {},
+        ["s.jsonl:1:", "field 'score' is 'high'", "finite number"],
+    ),
+    (
+        "hh_without_assistant",
+        "h.jsonl",
+        [{"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: yo"}],
+        {},
+        ["h.jsonl:1:", r"no '\n\nAssistant:' turn", "--data.format pairwise"],
+    ),
+    (
+        "csv_no_header",
+        "c.csv",
+        "What is 2+2?,4,5\nq,a,b\n",
+        {},
+        ["c.csv:2:", "cannot tell the data format", "header"],
+    ),
+    (
+        "csv_short_row",
+        "c.csv",
+        "prompt,chosen,rejected\np,c\n",
+        {},
+        ["c.csv:2:", "2 fields but the header has 3", "quote"],
+    ),
+    (
+        "csv_bad_header",
+        "c.csv",
+        "prompt,,rejected\np,c,r\n",
+        {},
+        ["c.csv:1:", "empty column name", "header row"],
+    ),
     ("unsupported_type", "d.txt", "hello", {}, ["d.txt: unsupported file type '.txt'", ".jsonl"]),
-    ("not_gzip", "g.jsonl.gz", b'{"prompt": "plain"}\n', {}, ["g.jsonl.gz:1:", "gzip data is corrupt", "re-download"]),
+    (
+        "not_gzip",
+        "g.jsonl.gz",
+        b'{"prompt": "plain"}\n',
+        {},
+        ["g.jsonl.gz:1:", "gzip data is corrupt", "re-download"],
+    ),
     ("truncated_gzip", "g.jsonl.gz", _GZ_CUT, {}, ["g.jsonl.gz:", "gzip data is corrupt or truncated"]),
-    ("corrupt_parquet", "p.parquet", b"PAR1 not really parquet", {}, ["p.parquet: cannot load", "check the file"]),
-    ("hub_offline", None, None, {"path": "someone/some-dataset"},
-     ["someone/some-dataset: the hub dataset is not reachable offline", "--data.path FILE"]),
-    ("unknown_attribute", "s.jsonl", [{"prompt": "p", "response": "r", "scores": {"a": 1}}], {"attributes": ["b"]},
-     ["attribute 'b' is in no row's scores", "--data.attributes"]),
+    (
+        "corrupt_parquet",
+        "p.parquet",
+        b"PAR1 not really parquet",
+        {},
+        ["p.parquet: cannot load", "check the file"],
+    ),
+    (
+        "hub_offline",
+        None,
+        None,
+        {"path": "someone/some-dataset"},
+        ["someone/some-dataset: the hub dataset is not reachable offline", "--data.path FILE"],
+    ),
+    (
+        "unknown_attribute",
+        "s.jsonl",
+        [{"prompt": "p", "response": "r", "scores": {"a": 1}}],
+        {"attributes": ["b"]},
+        ["attribute 'b' is in no row's scores", "--data.attributes"],
+    ),
 ]
 
 
@@ -401,8 +663,7 @@ def _make_bad_input(tmp_path: Path, case_id: str, name: str | None, content) -> 
     return str(tmp_path / name) if name else ""
 
 
-@pytest.mark.parametrize(("case_id", "name", "content", "options", "fragments"), BAD_INPUTS,
-                         ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize(("case_id", "name", "content", "options", "fragments"), BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_one_line_with_a_fix(tmp_path, case_id, name, content, options, fragments):
     path = _make_bad_input(tmp_path, case_id, name, content)
     options = {"path": path, **options}
@@ -418,8 +679,10 @@ def test_bad_input_is_one_line_with_a_fix(tmp_path, case_id, name, content, opti
     ("options", "fragments"),
     [
         ({"format": "hh_rhlf"}, ["format 'hh_rhlf' is unknown (did you mean 'hh_rlhf'?)", "--data.format"]),
-        ({"pairing": "best", "ties": "draw", "on_bad_rows": "ignore"},
-         ["pairing 'best'", "ties 'draw'", "on_bad_rows 'ignore'", "--data.on_bad_rows"]),
+        (
+            {"pairing": "best", "ties": "draw", "on_bad_rows": "ignore"},
+            ["pairing 'best'", "ties 'draw'", "on_bad_rows 'ignore'", "--data.on_bad_rows"],
+        ),
         ({"score_thresholds": [3.0, 1.0], "score_labels": ["x"]}, ["not ascending", "score_labels needs 3"]),
         ({"score_thresholds": [1.0], "quantile_bins": 3}, ["keep one of them"]),
         ({"quantile_bins": 1}, ["quantile_bins 1 must be an integer >= 2"]),
@@ -441,10 +704,14 @@ def test_config_problems_reported_at_construction(options, fragments):
 
 def test_template_on_detected_conversation_format(tmp_path):
     with pytest.raises(ConfigError, match="does not apply to format sharegpt"):
-        read(write(tmp_path, "s.jsonl", [{"conversations": [], "chosen": "a", "rejected": "b"}]), prompt_template="{x}")
+        read(
+            write(tmp_path, "s.jsonl", [{"conversations": [], "chosen": "a", "rejected": "b"}]),
+            prompt_template="{x}",
+        )
 
 
 # --------------------------------------------------------------------------------- never a traceback
+
 
 def _weighted(common: st.SearchStrategy, rare: st.SearchStrategy, odds: int) -> st.SearchStrategy:
     # one_of draws its branches uniformly and treats repeated branches as one: distinct copies weight it.
@@ -471,9 +738,7 @@ def _shaped(required: dict, optional: dict | None = None) -> st.SearchStrategy:
 
 def _message(roles: list[str]) -> st.SearchStrategy:
     role = _maybe(st.sampled_from(roles))
-    return st.fixed_dictionaries({"role": role, "content": _TEXTS}) | st.fixed_dictionaries(
-        {"from": role, "value": _TEXTS}
-    )
+    return st.fixed_dictionaries({"role": role, "content": _TEXTS}) | st.fixed_dictionaries({"from": role, "value": _TEXTS})
 
 
 _ASSISTANT_TURN = _message(["assistant", "gpt"])
@@ -481,28 +746,61 @@ _TURNS = st.lists(_message(["user", "human", "assistant", "gpt", "system"]), max
 _REPLY = st.builds(lambda head, last: head + [last], _TURNS, _ASSISTANT_TURN)
 _HH = st.builds(
     lambda shared, a, b: (f"\n\nHuman: {shared}\n\nAssistant: {a}", f"\n\nHuman: {shared}\n\nAssistant: {b}"),
-    _TEXTS, _TEXTS, _TEXTS,
+    _TEXTS,
+    _TEXTS,
+    _TEXTS,
 )
-_VOTE = st.sampled_from([0, 1, 2, 2, 1, 1, 2, 3, "1", None, True, 1.0])
+_VOTE = _weighted(st.sampled_from([0, 1, 2]), st.sampled_from([3, "1", None, True, 1.0]), odds=8)
 
 
 def _node(role: str, replies: st.SearchStrategy | None = None) -> st.SearchStrategy:
-    fields = {"text": _TEXTS, "role": _maybe(st.just(role)), "rank": _maybe(st.none() | st.integers(0, 3))}
+    fields = {
+        "text": _TEXTS,
+        "role": _maybe(st.just(role), 8),
+        "rank": _maybe(_weighted(st.integers(0, 3), st.none(), 3)),
+    }
     return st.fixed_dictionaries(fields | ({"replies": replies} if replies is not None else {}))
 
 
-_TREE = _node("prompter", st.lists(_node("assistant", st.lists(_node("prompter", st.lists(_node("assistant"))),
-                                                                 max_size=1)), max_size=4))
+_TREE = _node(
+    "prompter",
+    st.lists(
+        _node("assistant", st.lists(_node("prompter", st.lists(_node("assistant"), max_size=2)), max_size=1)),
+        min_size=2,
+        max_size=3,
+    ),
+)
 _SHAPES = {
     "hh_rlhf": _HH.flatmap(lambda pair: _shaped({"chosen": st.just(pair[0]), "rejected": st.just(pair[1])})),
     "pairwise": _shaped({"prompt": _TEXTS | _TURNS, "chosen": _TEXTS | _REPLY, "rejected": _TEXTS | _REPLY}),
-    "sharegpt": _shaped({"conversations": _TURNS, "chosen": _ASSISTANT_TURN | _TEXTS, "rejected": _ASSISTANT_TURN},
-                        {"system": _TEXTS}),
+    "sharegpt": _shaped(
+        {
+            "conversations": st.lists(_message(["human", "user", "gpt"]), min_size=1, max_size=2),
+            "chosen": _ASSISTANT_TURN | _TEXTS,
+            "rejected": _ASSISTANT_TURN,
+        },
+        {"system": _TEXTS},
+    ),
     "multi_response": _shaped({"prompt": _TEXTS, "concise": _TEXTS, "verbose": _TEXTS}),
-    "pointwise": _shaped({"prompt": _TEXTS, "response": _TEXTS},
-                         {"score": st.floats() | _TEXTS, "scores": st.dictionaries(_TEXTS, st.floats() | st.none())}),
-    "pairwise_votes": _shaped({"instruction": _TEXTS, "response1": _TEXTS, "response2": _TEXTS,
-                               "annotator1": _VOTE, "annotator2": _VOTE, "annotator3": _VOTE}, {"input": _TEXTS}),
+    "pointwise": _shaped({"prompt": _TEXTS, "response": _TEXTS, "score": st.floats(-5, 5) | _TEXTS})
+    | _shaped(
+        {
+            "prompt": _TEXTS | _TURNS,
+            "response": _TEXTS,
+            "scores": st.dictionaries(_TEXTS, st.floats(-5, 5) | st.none() | st.floats(), max_size=3),
+        }
+    ),
+    "pairwise_votes": _shaped(
+        {
+            "instruction": _TEXTS,
+            "response1": _TEXTS,
+            "response2": _TEXTS,
+            "annotator1": _VOTE,
+            "annotator2": _VOTE,
+            "annotator3": _VOTE,
+        },
+        {"input": _TEXTS},
+    ),
     "ranked": _shaped({"prompt": _TREE}),
 }
 

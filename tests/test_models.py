@@ -89,8 +89,7 @@ def test_tiny_chat_template_is_chatml_without_default_system_prompt():
     assert prompt == "<|im_start|>user\nHi é<|im_end|>\n<|im_start|>assistant\n"
     full = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert full == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi é<|im_end|>\n"
-        "<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi é<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     )
     assert end_of_turn_id(tokenizer) == 2
 
@@ -244,9 +243,7 @@ def test_unknown_name_offline(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as info:
         load_model("smollm2-135m")
-    assert_one_line_error(
-        info, "HF_HUB_OFFLINE=1", DEFAULT_MODEL, "download it once online or pass a local folder"
-    )
+    assert_one_line_error(info, "HF_HUB_OFFLINE=1", DEFAULT_MODEL, "download it once online or pass a local folder")
 
 
 def test_hub_id_passes_through_online(monkeypatch: pytest.MonkeyPatch):
@@ -260,9 +257,7 @@ def test_alias_not_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert model_cache_dir() == tmp_path
     with pytest.raises(ConfigError) as info:
         load_tokenizer(DEFAULT_MODEL)
-    assert_one_line_error(
-        info, "python -m meet_lightning download-model smollm2-135m-instruct", "MEET_MODEL_CACHE"
-    )
+    assert_one_line_error(info, "python -m meet_lightning download-model smollm2-135m-instruct", "MEET_MODEL_CACHE")
 
 
 def test_truncated_weights(tiny_folder: Path):
@@ -348,9 +343,7 @@ def test_smollm2_answers_and_round_trips(tmp_path: Path):
     )
     batch = tokenizer([prompt], return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(
-            **batch, max_new_tokens=20, do_sample=False, eos_token_id=end_of_turn_id(tokenizer)
-        )
+        output = model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=end_of_turn_id(tokenizer))
     answer = tokenizer.decode(output[0, batch.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 

@@ -22,16 +22,30 @@ CONTROLS = {
 @pytest.fixture(scope="module")
 def datamodule(shared_data):
     data = PreferenceDataModule(
-        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), preference="harmless", model_name_or_path="tiny-debug",
-        max_length=96, batch_size=4, max_examples=16, max_val_examples=4,
+        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
+        preference="harmless",
+        model_name_or_path="tiny-debug",
+        max_length=96,
+        batch_size=4,
+        max_examples=16,
+        max_val_examples=4,
     )
     data.setup("fit")
     return data
 
 
 def trainer(tmp_path, steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,8 +94,15 @@ def test_stage2_starts_from_stage1_controls_and_trains_lm_and_controls(datamodul
     controls = tmp_path / "controls.safetensors"
     save_controls(stage1.control, controls, stage1.schema, stage1.base_fingerprint)
 
-    stage2 = JointFinetuneModule("tiny-debug", PromptTuningControl(num_tokens=2), datamodule.control_schema, lr=1e-3,
-                                 control_lr=1e-2, init_controls=str(controls), lm_lora_rank=lm_lora_rank)
+    stage2 = JointFinetuneModule(
+        "tiny-debug",
+        PromptTuningControl(num_tokens=2),
+        datamodule.control_schema,
+        lr=1e-3,
+        control_lr=1e-2,
+        init_controls=str(controls),
+        lm_lora_rank=lm_lora_rank,
+    )
     stage2.configure_model()
     assert torch.equal(stage2.control.bank, stage1.control.bank)  # exactly equal at step 0
     lm_before, bank_before = snapshot(stage2.lm), stage2.control.bank.detach().clone()
@@ -99,23 +120,11 @@ def test_stage2_refuses_controls_of_another_base_model(datamodule, tmp_path):
     other.configure_model()
     controls = tmp_path / "controls.safetensors"
     save_controls(other.control, controls, other.schema, "0" * 16)
-    stage2 = JointFinetuneModule("tiny-debug", PromptTuningControl(num_tokens=2), datamodule.control_schema, init_controls=str(controls))
+    stage2 = JointFinetuneModule(
+        "tiny-debug", PromptTuningControl(num_tokens=2), datamodule.control_schema, init_controls=str(controls)
+    )
     with pytest.raises(CheckpointError, match="another base model"):
         stage2.configure_model()
-
-
-def test_a_new_objective_is_a_small_subclass(datamodule, tmp_path):
-    class LengthPenalty(ControlTokenModule):
-        def __init__(self, *args, penalty: float = 0.1, **kwargs):
-            super().__init__(*args, **kwargs)
-
-        def compute_loss(self, batch):
-            out = super().compute_loss(batch)
-            return {**out, "loss": out["loss"] + self.hparams.penalty * 0, "base": out["loss"].detach()}
-
-    module = LengthPenalty("tiny-debug", PromptTuningControl(num_tokens=2), datamodule.control_schema, penalty=0.5)
-    assert module.hparams.penalty == 0.5
-    trainer(tmp_path, 1).fit(module, datamodule)
 
 
 def test_warmup_then_cosine_schedule():

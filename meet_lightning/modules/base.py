@@ -8,7 +8,8 @@ classifier, the optimizer, the schedule and checkpoint hygiene are shared here.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -42,7 +43,9 @@ def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlT
     module_name, _, class_name = str(control.get("class_path", "")).rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name, None) if module_name.startswith("meet_lightning") else None
     if not (isinstance(cls, type) and issubclass(cls, ControlTokens)):
-        raise CheckpointError(f"control class_path {control.get('class_path')!r} is not a meet_lightning control — use one of meet_lightning.control's classes")
+        raise CheckpointError(
+            f"control class_path {control.get('class_path')!r} is not a meet_lightning control — use one of meet_lightning.control's classes"
+        )
     return cls(**(control.get("init_args") or {}))
 
 
@@ -79,7 +82,10 @@ class MeetModule(L.LightningModule):
         problems = [
             (not model_name_or_path, "no model: set --model_name_or_path"),
             (not 0 < lr < 1, f"lr {lr} must be in (0, 1) — set model.init_args.lr"),
-            (control_lr is not None and not 0 < control_lr < 10, f"control_lr {control_lr} must be in (0, 10) — set model.init_args.control_lr"),
+            (
+                control_lr is not None and not 0 < control_lr < 10,
+                f"control_lr {control_lr} must be in (0, 10) — set model.init_args.control_lr",
+            ),
             (weight_decay < 0, f"weight_decay {weight_decay} must be ≥ 0"),
             (warmup_steps < 0, f"warmup_steps {warmup_steps} must be ≥ 0"),
             (not 0 <= min_lr_ratio <= 1, f"min_lr_ratio {min_lr_ratio} must be in [0, 1]"),
@@ -102,7 +108,9 @@ class MeetModule(L.LightningModule):
         if self.lm is not None:
             return
         self.tokenizer = load_tokenizer(self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code)
-        lm = load_model(self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        lm = load_model(
+            self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code
+        )
         self.base_fingerprint = model_fingerprint(lm)
         self.control.setup(lm, self.tokenizer, self.schema)
         self.lm = self.wrap_lm(lm).train()  # from_pretrained returns eval mode; Lightning keeps modes as found
@@ -124,7 +132,9 @@ class MeetModule(L.LightningModule):
         return [p for p in self.control.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- forward
-    def response_logps(self, batch: Mapping[str, torch.Tensor], control_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_logps(
+        self, batch: Mapping[str, torch.Tensor], control_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
 
         Returns:
@@ -200,7 +210,9 @@ class MeetModule(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} has nothing to train — check the control and lm settings")
         optimizer = torch.optim.AdamW(groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------- checkpoint
@@ -208,7 +220,12 @@ class MeetModule(L.LightningModule):
         """Keeps only trainable tensors, and records the base model and control schema."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["meet"] = {"module": f"{type(self).__module__}.{type(self).__name__}", "fingerprint": self.base_fingerprint, "schema": self.schema.to_dict(), "control": self.control.config()}
+        checkpoint["meet"] = {
+            "module": f"{type(self).__module__}.{type(self).__name__}",
+            "fingerprint": self.base_fingerprint,
+            "schema": self.schema.to_dict(),
+            "control": self.control.config(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses a checkpoint of another base model or schema; fills frozen tensors from the base model."""
@@ -216,9 +233,13 @@ class MeetModule(L.LightningModule):
         if meta is None:
             raise CheckpointError("checkpoint has no meet_lightning metadata — pass a checkpoint written by meet_lightning")
         if meta["fingerprint"] != self.base_fingerprint:
-            raise CheckpointError(f"checkpoint was trained on another base model (fingerprint {meta['fingerprint']} ≠ {self.base_fingerprint}) — use the model_name_or_path it was trained with")
+            raise CheckpointError(
+                f"checkpoint was trained on another base model (fingerprint {meta['fingerprint']} ≠ {self.base_fingerprint}) — use the model_name_or_path it was trained with"
+            )
         if meta["schema"] != self.schema.to_dict():
-            raise CheckpointError(f"checkpoint control schema {meta['schema']} ≠ this run's {self.schema.to_dict()} — use the same data preferences")
+            raise CheckpointError(
+                f"checkpoint control schema {meta['schema']} ≠ this run's {self.schema.to_dict()} — use the same data preferences"
+            )
         own = self.state_dict()
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
 

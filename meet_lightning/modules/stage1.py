@@ -17,4 +17,6 @@ class ControlTokenModule(MeetModule):
         self.lm.requires_grad_(False)
         self.control.requires_grad_(True)
         if not list(self.control.parameters()):
-            raise ValueError(f"{type(self.control).__name__} has no parameters to train in stage 1 — use PromptTuningControl or LoRAControl")
+            raise ValueError(
+                f"{type(self.control).__name__} has no parameters to train in stage 1 — use PromptTuningControl or LoRAControl"
+            )

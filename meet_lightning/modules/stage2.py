@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -44,7 +43,16 @@ class JointFinetuneModule(MeetModule):
         lm_lora_target_modules: list[str] | None = None,
     ) -> None:
         super().__init__(
-            model_name_or_path, control, control_schema, lr, control_lr, weight_decay, warmup_steps, min_lr_ratio, dtype, trust_remote_code
+            model_name_or_path,
+            control,
+            control_schema,
+            lr,
+            control_lr,
+            weight_decay,
+            warmup_steps,
+            min_lr_ratio,
+            dtype,
+            trust_remote_code,
         )
 
     def configure_model(self) -> None:
@@ -59,8 +67,18 @@ class JointFinetuneModule(MeetModule):
             return lm
         from peft import LoraConfig, get_peft_model
 
-        targets = self.hparams.lm_lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        config = LoraConfig(r=self.hparams.lm_lora_rank, lora_alpha=self.hparams.lm_lora_alpha, target_modules=targets, lora_dropout=0.0)
+        targets = self.hparams.lm_lora_target_modules or [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        config = LoraConfig(
+            r=self.hparams.lm_lora_rank, lora_alpha=self.hparams.lm_lora_alpha, target_modules=targets, lora_dropout=0.0
+        )
         return get_peft_model(lm, config)
 
     def configure_trainable(self) -> None:
@@ -71,4 +89,3 @@ class JointFinetuneModule(MeetModule):
     def merged_lm(self) -> nn.Module:
         """The LM with any LM LoRA merged in (for export)."""
         return self.lm.merge_and_unload() if self.hparams.lm_lora_rank > 0 else self.lm
-

@@ -1,0 +1,271 @@
+"""The command line, called in process: recipes, resuming, per-stage commands, export, generate, evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from meet_lightning.cli import main
+from meet_lightning.export import AlignedModel
+from meet_lightning.modules import JointFinetuneModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "debug.yaml" and p.parent.name != "strategies")
+
+
+def run(*args: str) -> int:
+    try:
+        return main(list(args))
+    except SystemExit as exit:  # --help / --print_config exit inside the parser
+        return int(exit.code or 0)
+
+
+def fit_args(recipe: Path, out: Path, hh: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(recipe),
+        "--config",
+        str(CONFIGS / "debug.yaml"),
+        "--data.path",
+        str(hh),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def hh(shared_data) -> Path:
+    return shared_data / "hh_rlhf_harmless.train.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, hh) -> Path:
+    """One debug run of the main recipe, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "meet"
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh)) == 0
+    return out
+
+
+def test_help_lists_every_command(capsys):
+    assert run("--help") == 0
+    text = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "generate", "evaluate", "inspect-data", "download-model"):
+        assert command in text
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_recipe_runs_through_the_cli(recipe, tmp_path, hh):
+    out = tmp_path / "run"
+    assert run(*fit_args(recipe, out, hh)) == 0
+    assert (out / "export" / "config.json").is_file() and (out / "export" / "controls.safetensors").is_file()
+    for stage in ("stage1", "stage2"):
+        if (out / stage).exists():
+            assert json.loads((out / stage / "done.json").read_text())["global_step"] == 3
+
+
+def test_two_stage_run_writes_stage_files_and_a_loadable_export(finished_run):
+    assert (finished_run / "stage1" / "controls.safetensors").is_file()
+    assert (finished_run / "stage2" / "checkpoints" / "last.ckpt").is_file()
+    assert (finished_run / "stage2" / "logs").is_dir()
+    plain = AutoModelForCausalLM.from_pretrained(finished_run / "export")  # plain transformers
+    assert plain.config.num_hidden_layers == 2
+    card = (finished_run / "export" / "README.md").read_text()
+    assert "hh_rlhf_harmless" in card and "harmless/good" in card
+    schema = json.loads((finished_run / "export" / "meet_schema.json").read_text())
+    assert schema["preferences"] == {"harmless": ["good", "bad"]} and schema["placement"] == "prefix"
+
+
+def test_stage2_checkpoint_has_its_own_hyperparameters_and_reloads(finished_run):
+    path = finished_run / "stage2" / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=True)
+    assert state["hyper_parameters"]["lr"] == 1e-5 and state["hyper_parameters"]["control_lr"] == 1e-3
+    module = JointFinetuneModule.load_from_checkpoint(path, weights_only=True)
+    assert torch.equal(module.control.bank, state["state_dict"]["control.bank"])
+
+
+def test_rerun_skips_finished_stages(finished_run, hh, capsys):
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh)) == 0
+    out = capsys.readouterr().out
+    assert "stage1: finished earlier" in out and "stage2: finished earlier" in out
+
+
+def test_changed_recipe_is_refused_with_a_diff_but_budget_changes_are_not(finished_run, hh, capsys):
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh, "--data.batch_size", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.batch_size: 4 → 2" in err and "--overwrite" in err
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh, "--stage2.trainer.max_steps", "3")) == 0
+
+
+def test_run_stopped_after_stage1_resumes_with_stage2(tmp_path, hh, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv("MEET_FAULT", "stage2:step=1")
+    with pytest.raises(RuntimeError, match="MEET_FAULT"):
+        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh))
+    assert (out / "stage1" / "done.json").is_file() and not (out / "stage2" / "done.json").exists()
+    monkeypatch.delenv("MEET_FAULT")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh)) == 0
+    printed = capsys.readouterr().out
+    assert "stage1: finished earlier" in printed
+
+
+def test_run_stopped_mid_stage2_resumes_from_last_checkpoint_keeping_stage2_controls(tmp_path, hh, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv("MEET_FAULT", "stage2:step=2")
+    with pytest.raises(RuntimeError, match="MEET_FAULT"):
+        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh))
+    saved = torch.load(out / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1
+    monkeypatch.delenv("MEET_FAULT")
+    module_state: dict = {}
+    original = JointFinetuneModule.on_load_checkpoint
+
+    def spy(self, checkpoint):  # the controls in place when the checkpoint is restored
+        original(self, checkpoint)
+        module_state.setdefault("restored_bank", checkpoint["state_dict"]["control.bank"].clone())  # first = the resume
+
+    monkeypatch.setattr(JointFinetuneModule, "on_load_checkpoint", spy)
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh)) == 0
+    printed = capsys.readouterr().out
+    assert "stage1: finished earlier" in printed and "stage2: restoring from" in printed and "at step 1" in printed
+    assert torch.equal(module_state["restored_bank"], saved["state_dict"]["control.bank"])
+    stage1_bank = torch.load(out / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["control.bank"]
+    assert not torch.equal(saved["state_dict"]["control.bank"], stage1_bank)  # stage 2's own controls were resumed
+    assert json.loads((out / "stage2" / "done.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_validate_and_test_per_stage(finished_run, hh, command, stage, capsys):
+    args = fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh, "--stage", stage)
+    assert run(command, *args[1:]) == 0
+
+
+def test_predict_writes_generations_per_stage(finished_run, hh, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "Hi there", "controls": "good"})
+        + "\n"
+        + json.dumps({"prompt": "Bye", "controls": {"harmless": "bad"}})
+        + "\n"
+    )
+    args = fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh, "--stage", "stage1", "--data.predict_path", str(prompts))
+    assert run("predict", *args[1:]) == 0
+    rows = [json.loads(line) for line in (finished_run / "stage1" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["controls"] for r in rows] == ["good", {"harmless": "bad"}] and all(isinstance(r["response"], str) for r in rows)
+
+
+def test_generate_and_aligned_model_agree(finished_run, capsys):
+    assert (
+        run(
+            "generate", "--model", str(finished_run / "export"), "--control", "good", "--prompt", "Hello", "--max_new_tokens", "6"
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out.strip()
+    model = AlignedModel.from_pretrained(finished_run / "export")
+    assert model.generate(["Hello"], control="good", max_new_tokens=6) == [printed]
+    mixed = model.generate(["Hello", "Hello"], control=["good", {"harmless": "bad"}], max_new_tokens=6)
+    assert mixed == [printed, model.generate(["Hello"], control="harmless/bad", max_new_tokens=6)[0]]
+
+
+def test_generate_with_an_unknown_control_lists_the_known_ones(finished_run, capsys):
+    assert run("generate", "--model", str(finished_run / "export"), "--control", "polite", "--prompt", "Hi") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: control 'polite' is unknown") and "harmless/good" in err and err.count("\n") == 1
+
+
+def test_evaluate_reports_control_accuracy(finished_run, hh, tmp_path, capsys):
+    report = tmp_path / "metrics.json"
+    args = [
+        "evaluate",
+        "--model",
+        str(finished_run / "export"),
+        "--data.path",
+        str(hh),
+        "--data.preference",
+        "harmless",
+        "--max_pairs",
+        "6",
+        "--output",
+        str(report),
+    ]
+    assert run(*args) == 0
+    metrics = json.loads(report.read_text())
+    assert (
+        metrics["pairs"] + metrics["pairs_skipped_too_long"] == 6
+        and metrics["pairs"] >= 4
+        and 0.0 <= metrics["control_accuracy"] <= 1.0
+    )
+    assert len(metrics["control_accuracy_ci95"]) == 2 and "logp_accuracy" in metrics and "chosen_nll" in metrics
+
+
+def test_print_config_shows_the_resolved_recipe(hh, capsys, tmp_path):
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path, hh, "--print_config")) == 0
+    printed = capsys.readouterr().out
+    assert "model_name_or_path: tiny-debug" in printed and "PromptTuningControl" in printed
+
+
+@pytest.mark.parametrize(
+    "flag, suggestion",
+    [
+        ("--stage1.trainer.max_step", "--stage1.trainer.max_steps"),
+        ("--data.batchsize", "--data.batch_size"),
+    ],
+)
+def test_a_typo_gives_one_line_with_did_you_mean(hh, tmp_path, capsys, flag, suggestion):
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path, hh, flag, "3")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and f"did you mean {suggestion}?" in err
+
+
+def test_unknown_command_suggests_the_closest(capsys):
+    assert run("fitt") == 2
+    assert "did you mean fit?" in capsys.readouterr().err
+
+
+CUSTOM = '''
+import torch
+from meet_lightning import ControlTokenModule
+
+
+class NormPenaltyModule(ControlTokenModule):
+    """Stage 1 with an L2 penalty on the control tokens: a new objective in a few lines."""
+
+    def __init__(self, *args, penalty: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, batch):
+        out = super().compute_loss(batch)
+        norm = sum(p.pow(2).mean() for p in self.control_parameters())
+        return {"loss": out["loss"] + self.hparams.penalty * norm, "nll": out["loss"].detach(), "norm": norm.detach()}
+'''
+
+
+def test_a_subclass_with_a_new_objective_runs_through_the_cli(tmp_path, hh, monkeypatch):
+    (tmp_path / "custom_objective.py").write_text(CUSTOM)
+    assert len(CUSTOM.strip().splitlines()) <= 20
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    args = fit_args(
+        CONFIGS / "meet_hh_prompt.yaml",
+        out,
+        hh,
+        "--stage1.model",
+        "custom_objective.NormPenaltyModule",
+        "--stage1.model.penalty",
+        "0.5",
+        "--stage2.model",
+        "null",
+    )
+    assert run(*args) == 0
+    state = torch.load(out / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["hyper_parameters"]["penalty"] == 0.5
+    logged = (out / "stage1" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/norm" in logged and "train/nll" in logged
