@@ -21,6 +21,10 @@ _EXPORTS = {
     "MeetModule": "meet_lightning.modules.base",
     "ControlTokenModule": "meet_lightning.modules.stage1",
     "JointFinetuneModule": "meet_lightning.modules.stage2",
+    "SFTModule": "meet_lightning.modules.baselines",
+    "DPOModule": "meet_lightning.modules.baselines",
+    "HybridDPOModule": "meet_lightning.modules.baselines",
+    "SampleGenerations": "meet_lightning.callbacks",
     "AlignedModel": "meet_lightning.export",
 }
 

@@ -8,6 +8,7 @@ and exits with code 2; an internal bug keeps its traceback (exit code 1).
 from __future__ import annotations
 
 import difflib
+import os
 import functools
 import re
 import sys
@@ -144,21 +145,17 @@ def run_download_model(argv: Sequence[str]) -> int:
 
 def run_inspect_data(argv: Sequence[str]) -> int:
     """``inspect-data``: what a data file turns into, and why rows were dropped."""
+    from meet_lightning.formats import SourceConfig
     from meet_lightning.inspect_data import inspect_data
 
     parser = OneLineParser(prog="meet_lightning inspect-data", description=COMMANDS_HELP["inspect-data"])
-    parser.add_argument("--data.path", type=str, required=True, help="data file or hub id")
-    parser.add_argument("--data.format", type=str, default="auto", help="format name (auto detects)")
-    parser.add_argument("--data.preference", type=str | None, default=None, help="preference name")
-    parser.add_argument("--data.on_bad_rows", type=str, default="error", choices=["error", "skip"])
-    parser.add_argument("--data.max_length", type=int, default=512, help="max tokens per row with --model")
+    parser.add_class_arguments(SourceConfig, "data", instantiate=False)
     parser.add_argument("--model", type=str | None, default=None, help="tokenizer for token lengths (default: whitespace words)")
-    args = parser.parse_args(list(argv))
-    print(
-        inspect_data(
-            args.data.path, args.data.format, args.data.preference, args.data.on_bad_rows, args.model, args.data.max_length
-        )
+    parser.add_argument(
+        "--max_length", type=int, default=512, help="count rows too long to train at this many tokens (with --model)"
     )
+    args = parser.parse_args(list(argv))
+    print(inspect_data(SourceConfig(**vars(args.data)), args.model, args.max_length))
     return 0
 
 
@@ -183,6 +180,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its read errors reach the user as our own one line
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 

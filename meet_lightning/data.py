@@ -11,10 +11,11 @@ import json
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -252,29 +253,34 @@ class ResumableDataLoader(DataLoader):
         self.batch_sampler.load_state_dict(state)
 
 
-def split_units(
-    parsed: Sequence[ParsedSource], val_fraction: float, seed: int
-) -> tuple[list[PreferencePair | ControlledExample], list[PreferencePair | ControlledExample]]:
-    """Splits pairs and stand-alone rows into train and validation, keeping all rows of a prompt together.
+@dataclass
+class Split:
+    """Training rows and comparisons of one side of the train/validation split."""
 
-    Grouping by prompt keeps a prompt's other comparisons (OpenAssistant siblings) out of validation.
+    examples: list[ControlledExample] = field(default_factory=list)
+    pairs: list[PreferencePair] = field(default_factory=list)
+
+
+def split_by_prompt(parsed: Sequence[ParsedSource], val_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Splits rows and pairs into train and validation by prompt, with a fixed seed.
+
+    A prompt's rows and comparisons all land on the same side, so a prompt's other comparisons (OpenAssistant
+    siblings, the two sides of a pair) never leak from training into validation.
     """
-    groups: dict[str, list[PreferencePair | ControlledExample]] = {}
+    groups: dict[str, Split] = {}
     for source in parsed:
-        in_pairs = {_example_key(e) for p in source.pairs for e in p.examples()}
-        units = [*source.pairs, *(e for e in source.examples if _example_key(e) not in in_pairs)]
-        for unit in units:
-            groups.setdefault(json.dumps(unit.prompt, sort_keys=True), []).append(unit)
+        for example in source.examples:
+            groups.setdefault(json.dumps(example.prompt, sort_keys=True), Split()).examples.append(example)
+        for pair in source.pairs:
+            groups.setdefault(json.dumps(pair.prompt, sort_keys=True), Split()).pairs.append(pair)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     num_val = round(len(keys) * val_fraction)
-    val = [u for k in keys[:num_val] for u in groups[k]]
-    train = [u for k in keys[num_val:] for u in groups[k]]
+    sides = (keys[num_val:], keys[:num_val])
+    train, val = (
+        Split([e for k in side for e in groups[k].examples], [p for k in side for p in groups[k].pairs]) for side in sides
+    )
     return train, val
-
-
-def _example_key(example: ControlledExample) -> tuple:
-    return (example.source, example.response, tuple(sorted(example.controls.items())))
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -292,6 +298,9 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: Share of prompts held out for validation.
         val_path: A separate validation file (same format options as ``path``); overrides ``val_fraction``.
         pair_batches: Train on paired batches ``[chosen; rejected]`` (DPO); needs pairwise data.
+        chosen_only: Train on the chosen response of each pair only (the SFT baseline); rejected responses
+            and stand-alone rows are left out of training. Validation keeps its pairs. Not with
+            ``pair_batches``.
         group_by_length: Batch rows of similar length together (less padding).
         num_workers: DataLoader worker processes.
         seed: Seed of the validation split and the batch order.
@@ -315,6 +324,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         val_path: str | None = None,
         pair_batches: bool = False,
+        chosen_only: bool = False,
         group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 1234,
@@ -331,8 +341,11 @@ class PreferenceDataModule(L.LightningDataModule):
             for name, value in (("max_examples", max_examples), ("max_val_examples", max_val_examples))
             if value is not None and value < 1
         ]
+        if pair_batches and chosen_only:
+            problems.append("--data.pair_batches and --data.chosen_only were both set — use one (chosen_only for SFT)")
         if problems:
             raise ConfigError("; ".join(problems))
+        self.chosen_only = chosen_only
         self.sources = (
             [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows)]
             if path
@@ -385,47 +398,59 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ tokenization
     def setup(self, stage: str | None = None) -> None:
-        """Splits and tokenizes the data (once; every Lightning stage reuses it)."""
+        """Splits and tokenizes the data (once; every Lightning stage reuses it).
+
+        Training uses the sources' rows (or their pairs with ``pair_batches``); validation uses pairs when
+        there are any, so the control classifier can score them, else rows.
+        """
         if self.train_items or self.val_items:
             return
         schema = ControlSchema.from_dict(self.control_schema)
-        train, val = split_units(self.parsed, 0.0 if self.val_source else self.val_fraction, self.seed)
+        train, val = split_by_prompt(self.parsed, 0.0 if self.val_source else self.val_fraction, self.seed)
         if self.val_source is not None:
-            val = list(self._parsed_val.pairs) or list(self._parsed_val.examples)
-        train, val = train[: self.max_examples], val[: self.max_val_examples]
+            val = Split(list(self._parsed_val.examples), list(self._parsed_val.pairs))
         encoder = PromptTokenizer(self.tokenizer, self.max_length)
         self.summary = Counter()
-        self.train_items = self._tokenize_units(train, encoder, schema, pairs_only=self.pair_batches, split="train")
-        self.val_items = self._tokenize_units(
-            val, encoder, schema, pairs_only=any(isinstance(u, PreferencePair) for u in val), split="val"
-        )
+        train_units = train.pairs if self.pair_batches else train.examples
+        if self.chosen_only:  # SFT: the chosen side of each pair, nothing else
+            train_units = [pair.examples()[0] for pair in train.pairs]
+        val_units = val.pairs or val.examples
+        self.train_items = self._tokenize(train_units[: self.max_examples], encoder, schema, "train")
+        self.val_items = self._tokenize(val_units[: self.max_val_examples], encoder, schema, "val")
+        rank_zero_info(self.describe())
         if not self.train_items:
             raise DataError(
-                f"{self.sources[0].path}: no training rows left after reading and tokenizing — check --data.path and --data.max_length"
+                f"{self.sources[0].path}: no training {'pairs' if self.pair_batches else 'rows'} left after reading and tokenizing"
+                " — check --data.path, --data.max_length (and that pair_batches gets pairwise data)"
             )
 
-    def _tokenize_units(
-        self, units: Sequence, encoder: PromptTokenizer, schema: ControlSchema, pairs_only: bool, split: str
-    ) -> list:
+    def describe(self) -> str:
+        """One line per source (rows read, pairs, skipped with reasons) and the tokenization summary."""
+        lines = []
+        for source in self.parsed:
+            skipped = "; ".join(f"{n} {reason}" for reason, n in source.skipped.most_common()) or "none"
+            warned = "; ".join(f"{n} {reason}" for reason, n in source.warnings.most_common())
+            lines.append(
+                f"data: {source.path} ({source.format}): {source.rows_read} rows read → {len(source.examples)} rows,"
+                f" {len(source.pairs)} pairs; skipped: {skipped}" + (f"; warnings: {warned}" if warned else "")
+            )
+        lines.append("data: " + ", ".join(f"{key} {n}" for key, n in sorted(self.summary.items())))
+        return "\n".join(lines)
+
+    def _tokenize(self, units: Sequence, encoder: PromptTokenizer, schema: ControlSchema, split: str) -> list:
+        """Rows as :class:`TokenizedRow`, pairs as ``(chosen, rejected)`` tuples; too-long ones counted."""
         items: list = []
         for unit in units:
-            if isinstance(unit, PreferencePair):
-                rows = [encoder.tokenize(e, schema) for e in unit.examples()]
-                if None in rows:
-                    self.summary[f"{split}: pairs dropped, a response longer than max_length"] += 1
-                elif pairs_only:
-                    items.append(tuple(rows))
-                else:
-                    items.extend(rows)
-            elif pairs_only:
-                self.summary[f"{split}: rows without a pair ignored by paired batches"] += 1
+            rows = (
+                [encoder.tokenize(e, schema) for e in unit.examples()]
+                if isinstance(unit, PreferencePair)
+                else [encoder.tokenize(unit, schema)]
+            )
+            if None in rows:
+                self.summary[f"{split}: dropped, a response longer than max_length"] += 1
             else:
-                row = encoder.tokenize(unit, schema)
-                if row is None:
-                    self.summary[f"{split}: rows dropped, response longer than max_length"] += 1
-                else:
-                    items.append(row)
-        self.summary[f"{split}: {'pairs' if pairs_only else 'rows'}"] += len(items)
+                items.append(tuple(rows) if isinstance(unit, PreferencePair) else rows[0])
+        self.summary[f"{split}: {'pairs' if units and isinstance(units[0], PreferencePair) else 'rows'}"] += len(items)
         return items
 
     # ------------------------------------------------------------- dataloaders

@@ -67,6 +67,7 @@ def export_model(
         "lm_fingerprint": model_fingerprint(lm),
         "data": (recipe or {}).get("data"),
         "library_version": __version__,
+        **(module.export_metadata() if hasattr(module, "export_metadata") else {}),  # e.g. DPO: objective, reference
     }
     (tmp / SCHEMA_FILE).write_text(json.dumps(schema, indent=2))
     (tmp / "README.md").write_text(model_card(schema, recipe, metrics))

@@ -41,16 +41,10 @@ def example_lengths(parsed: ParsedSource, model: str | None, max_length: int) ->
     return lengths, dropped
 
 
-def inspect_data(
-    path: str,
-    format: str = "auto",
-    preference: str | None = None,
-    on_bad_rows: str = "error",
-    model: str | None = None,
-    max_length: int = 512,
-) -> str:
+def inspect_data(source: SourceConfig, model: str | None = None, max_length: int = 512) -> str:
     """A plain-text report: format, rows, examples per control, drops with reasons, length percentiles."""
-    parsed = read_source(SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows))
+    parsed = read_source(source)
+    path, format = source.path, source.format
     lengths, too_long = example_lengths(parsed, model, max_length)
     per_control = Counter(f"{p}/{c}" for e in parsed.examples for p, c in e.controls.items())
     unit = f"tokens ({model}, chat template)" if model else "whitespace words"

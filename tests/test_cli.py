@@ -269,3 +269,63 @@ def test_a_subclass_with_a_new_objective_runs_through_the_cli(tmp_path, hh, monk
     assert state["hyper_parameters"]["penalty"] == 0.5
     logged = (out / "stage1" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "train/norm" in logged and "train/nll" in logged
+
+
+def cli_flags(options: dict) -> list[str]:
+    flags = []
+    for key, value in options.items():
+        flags += [f"--data.{key}", value if isinstance(value, str) else json.dumps(value)]
+    return flags
+
+
+def test_bad_data_files_through_the_cli_give_one_line_and_exit_2(tmp_path, capsys):
+    from test_formats import BAD_INPUTS, _make_bad_input
+
+    assert len(BAD_INPUTS) >= 15
+    for case_id, name, content, options, fragments in BAD_INPUTS:
+        (tmp_path / case_id).mkdir()
+        path = _make_bad_input(tmp_path / case_id, case_id, name, content)
+        code = run("inspect-data", "--data.path", str(path), *cli_flags(options))
+        err = capsys.readouterr().err
+        assert code == 2, case_id
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (case_id, err)
+        for fragment in fragments:
+            assert fragment in err, (case_id, fragment, err)
+
+
+def test_inspect_data_reports_counts_drops_and_lengths(hh, capsys):
+    assert (
+        run(
+            "inspect-data",
+            "--data.path",
+            str(hh),
+            "--data.preference",
+            "harmless",
+            "--model",
+            "tiny-debug",
+            "--max_length",
+            "256",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    for line in (
+        "format:    hh_rlhf  (detected)",
+        "rows read: 1800",
+        "pairs:     1796",
+        "harmless/good: 1796",
+        "chosen and rejected differ before the last Assistant turn: 4",
+        "too long to train at max_length 256:",
+    ):
+        assert line in out
+    assert "length in tokens (tiny-debug, chat template): p50" in out
+
+
+def test_an_internal_bug_exits_1_with_its_traceback(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    # A bug (not bad input) must not be disguised as exit code 2: simulate one in a subprocess.
+    code = "import meet_lightning.inspect_data as m; m.read_source = lambda s: 1 / 0; from meet_lightning.cli import main; raise SystemExit(main(['inspect-data', '--data.path', 'x']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "ZeroDivisionError" in result.stderr and "Traceback" in result.stderr

@@ -1,0 +1,190 @@
+"""Tokenization, masking, truncation, batching and the PreferenceDataModule, on a tiny tokenizer built in code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meet_lightning.data import (
+    IGNORE_INDEX,
+    PreferenceDataModule,
+    PromptTokenizer,
+    ResumableBatchSampler,
+    collate_pairs,
+    collate_rows,
+    split_by_prompt,
+)
+from meet_lightning.errors import ConfigError
+from meet_lightning.examples import ControlledExample, ControlSchema, ParsedSource, PreferencePair
+from meet_lightning.models import build_tiny_tokenizer, end_of_turn_id, prepare_tokenizer
+
+SCHEMA = ControlSchema.from_dict({"harmless": ["good", "bad"], "length": ["concise", "verbose"]})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def test_labels_cover_the_response_and_its_end_of_turn_token_only(tokenizer):
+    encoder = PromptTokenizer(tokenizer, max_length=200)
+    row = encoder.tokenize(ControlledExample((user("Hi?"),), "Hello!", {"harmless": "good"}), SCHEMA)
+    labelled = [t for t in row.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Hello!<|im_end|>"
+    assert labelled[-1] == end_of_turn_id(tokenizer)
+    assert row.labels[: row.response_start] == (IGNORE_INDEX,) * row.response_start
+    assert tokenizer.decode(row.input_ids[: row.response_start]).endswith("<|im_start|>assistant\n")
+    assert row.prefix_pos == 0 and row.control_ids == (0, -1)
+
+
+def test_fallback_template_without_a_chat_template(tokenizer):
+    plain = build_tiny_tokenizer()
+    plain.chat_template = None
+    plain = prepare_tokenizer(plain)
+    encoder = PromptTokenizer(plain, max_length=200)
+    row = encoder.tokenize(ControlledExample((user("Hi?"),), "Hello!", {}), ControlSchema({}))
+    assert plain.decode(row.input_ids[: row.response_start]).endswith("Assistant:")
+    assert plain.decode([t for t in row.labels if t != IGNORE_INDEX]).strip() == f"Hello!{plain.eos_token}"
+
+
+def test_truncation_drops_oldest_turns_first_and_keeps_the_system_turn(tokenizer):
+    turns = [{"role": "system", "content": "Be nice."}]
+    for i in range(6):
+        turns += [user(f"question {i} " + "x" * 30), {"role": "assistant", "content": f"answer {i} " + "y" * 30}]
+    turns.append(user("last question"))
+    encoder = PromptTokenizer(tokenizer, max_length=220)
+    row = encoder.tokenize(ControlledExample(tuple(turns), "final answer", {}), ControlSchema({}))
+    text = tokenizer.decode(row.input_ids)
+    assert len(row.input_ids) <= 220
+    assert text.startswith("<|im_start|>system\nBe nice.") and "last question" in text and "final answer" in text
+    assert "question 5" in text and "answer 5" in text  # the latest turns stay
+    assert "question 0" not in text and "question 4" not in text  # the oldest went first
+    assert text.index("<|im_start|>user") < text.index("<|im_start|>assistant")  # restarts on a user turn
+
+
+def test_truncation_cuts_inside_a_long_single_turn_from_the_left(tokenizer):
+    encoder = PromptTokenizer(tokenizer, max_length=80)
+    row = encoder.tokenize(ControlledExample((user("START " + "z" * 200 + " END"),), "ok", {}), ControlSchema({}))
+    text = tokenizer.decode(row.input_ids)
+    assert len(row.input_ids) <= 80 and "END" in text and "START" not in text and text.endswith("ok<|im_end|>")
+
+
+def test_a_response_longer_than_max_length_is_dropped(tokenizer):
+    encoder = PromptTokenizer(tokenizer, max_length=40)
+    assert encoder.tokenize(ControlledExample((user("q"),), "r" * 100, {}), ControlSchema({})) is None
+
+
+def test_collate_pairs_puts_chosen_first_and_pads_right(tokenizer):
+    encoder = PromptTokenizer(tokenizer, max_length=100)
+    pair = PreferencePair((user("q"),), "yes", "a much longer no", "harmless")
+    rows = tuple(encoder.tokenize(e, SCHEMA) for e in pair.examples())
+    batch = collate_pairs([rows, rows], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4 and int(batch["num_pairs"]) == 2
+    assert batch["control_ids"][:, 0].tolist() == [0, 0, 1, 1]
+    assert batch["attention_mask"][0].tolist()[-1] == 0 and batch["attention_mask"][2].tolist()[-1] == 1
+    single = collate_rows([rows[0]], tokenizer.pad_token_id)
+    assert single["control_ids"].shape == (1, 2)
+
+
+def test_sampler_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
+    lengths = [i % 17 for i in range(40)]
+    full = ResumableBatchSampler(40, 4, seed=3, lengths=lengths)
+    epoch0, epoch1 = list(full), list(full)
+    assert epoch0 != epoch1 and sorted(i for b in epoch0 for i in b) == list(range(40))
+    resumed = ResumableBatchSampler(40, 4, seed=3, lengths=lengths)
+    iterator = iter(resumed)
+    first = [next(iterator) for _ in range(3)]
+    state = resumed.state_dict()
+    restarted = ResumableBatchSampler(40, 4, seed=3, lengths=lengths)
+    restarted.load_state_dict(state)
+    assert first + list(restarted) == epoch0 and list(restarted) == epoch1
+
+
+def test_sampler_splits_batches_between_ranks_without_overlap():
+    ranks = [list(ResumableBatchSampler(40, 4, seed=1, rank=r, world_size=2)) for r in range(2)]
+    seen = [i for batches in ranks for b in batches for i in b]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and sorted(seen) == list(range(40))
+
+
+def test_split_keeps_every_row_and_pair_of_a_prompt_on_one_side():
+    pairs = [PreferencePair((user(f"p{i % 7}"),), f"c{i}", f"r{i}", "harmless", source=str(i)) for i in range(30)]
+    source = ParsedSource("x", "pairwise", 30, pairs, [e for p in pairs for e in p.examples()])
+    train, val = split_by_prompt([source], 0.3, seed=0)
+    train_prompts = {json.dumps(p.prompt) for p in train.pairs} | {json.dumps(e.prompt) for e in train.examples}
+    val_prompts = {json.dumps(p.prompt) for p in val.pairs} | {json.dumps(e.prompt) for e in val.examples}
+    assert not train_prompts & val_prompts and len(val_prompts) == 2
+    assert len(train.pairs) + len(val.pairs) == 30 and len(train.examples) + len(val.examples) == 60
+
+
+def test_datamodule_on_real_hh_data_counts_and_batches(shared_data):
+    data = PreferenceDataModule(
+        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
+        preference="harmless",
+        model_name_or_path="tiny-debug",
+        max_length=256,
+        batch_size=4,
+        val_fraction=0.1,
+    )
+    assert data.control_schema == {"harmless": ["good", "bad"]}
+    data.setup("fit")
+    kept, dropped = (
+        data.summary["train: rows"] + data.summary["val: pairs"],
+        data.summary["train: dropped, a response longer than max_length"],
+    )
+    assert data.summary["train: rows"] > 2000 and data.summary["val: pairs"] > 100 and dropped > 0 and kept > 0
+    batch = next(iter(data.val_dataloader()))
+    assert int(batch["num_pairs"]) == 4 and batch["input_ids"].shape[0] == 8
+    assert "1800 rows read" in data.describe() and "4 chosen and rejected differ" in data.describe()
+
+
+def test_pair_batches_for_dpo(shared_data):
+    data = PreferenceDataModule(
+        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
+        model_name_or_path="tiny-debug",
+        max_length=256,
+        batch_size=2,
+        pair_batches=True,
+        max_examples=10,
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert int(batch["num_pairs"]) == 2 and batch["input_ids"].shape[0] == 4 and 0 < len(data.train_items) <= 10
+
+
+def test_several_sources_each_feed_their_own_preference(shared_data):
+    from meet_lightning.formats import SourceConfig
+
+    data = PreferenceDataModule(
+        sources=[
+            SourceConfig(path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), preference="harmless"),
+            SourceConfig(path=str(shared_data / "alpaca_eval_concise_verbose.train.jsonl.gz"), preference="length"),
+        ],
+        model_name_or_path="tiny-debug",
+        max_length=4096,
+    )
+    assert data.control_schema == {"harmless": ["good", "bad"], "length": ["concise", "verbose"]}
+    data.setup("fit")
+    labelled = {tuple(c >= 0 for c in row.control_ids) for row in data.train_items}
+    assert labelled == {(True, False), (False, True)}  # a row without a label for a preference gets no token
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({}, "no data: set --data.path"),
+        ({"path": "x.jsonl", "sources": [{"path": "y"}]}, "--data.path and --data.sources were both given"),
+        ({"path": "x.jsonl", "batch_size": 0}, "--data.batch_size 0 must be ≥ 1"),
+        ({"path": "x.jsonl", "val_fraction": 1.5}, "--data.val_fraction 1.5 must be in [0, 1)"),
+        ({"path": "x.jsonl", "max_length": 2}, "--data.max_length 2 is too small"),
+        ({"path": "x.jsonl", "max_examples": 0}, "--data.max_examples 0 must be ≥ 1"),
+    ],
+)
+def test_datamodule_arguments_are_checked_at_construction(kwargs, fragment):
+    with pytest.raises(ConfigError) as error:
+        PreferenceDataModule(**kwargs)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
