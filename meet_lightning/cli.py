@@ -8,8 +8,8 @@ and exits with code 2; an internal bug keeps its traceback (exit code 1).
 from __future__ import annotations
 
 import difflib
-import os
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence

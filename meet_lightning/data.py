@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from meet_lightning.errors import ConfigError, DataError
