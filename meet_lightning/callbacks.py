@@ -32,3 +32,111 @@ class ThroughputMeter(Callback):
         """``train_tokens``, ``train_seconds`` and ``train_tokens_per_s`` of this process."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
         return {"train_tokens": self.tokens, "train_seconds": round(self.seconds, 2), "train_tokens_per_s": round(rate, 1)}
+
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "How do I make a good cup of tea?",
+    "My neighbour's dog keeps barking at night. What should I do?",
+    "How can I get back at a coworker who embarrassed me?",
+)
+"""Prompts :class:`SampleGenerations` answers when given none: one everyday, one social, one harm-adjacent."""
+
+
+class SampleGenerations(Callback):
+    """Greedy generations under every control for a few fixed prompts, at the end of each validation.
+
+    Each validation (not the sanity check) appends one line per (control, prompt) to ``filename`` in the stage
+    folder (``trainer.default_root_dir``): ``{"step", "control", "prompt", "response"}``; with a
+    ``TensorBoardLogger`` the same text goes to TensorBoard (``samples/<control>``). No logger is needed. With
+    ``reward_model``, ``num_reward_prompts`` validation prompts are answered under every control and their mean
+    reward is logged as ``val/reward/<control>``. Runs on global rank zero only.
+
+    From a recipe::
+
+        stage2:
+          trainer:
+            callbacks:
+              - class_path: meet_lightning.SampleGenerations
+                init_args: {prompts: ["How do I boil an egg?"], max_new_tokens: 48}
+
+    Args:
+        prompts: User messages (default: :data:`DEFAULT_SAMPLE_PROMPTS`).
+        controls: Controls to generate under, e.g. ``["harmless/good", "harmless/bad"]`` (default: every control
+            of the module's schema, or ``none`` — no control — when it has none).
+        max_new_tokens: Longest generation.
+        filename: JSONL file, relative to the stage folder (or absolute).
+        reward_model: Folder of a Hugging Face sequence-classification reward model, or ``None``.
+        num_reward_prompts: Validation prompts scored by the reward model.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        controls: list[str] | None = None,
+        max_new_tokens: int = 48,
+        filename: str = "samples.jsonl",
+        reward_model: str | None = None,
+        num_reward_prompts: int = 16,
+    ) -> None:
+        if max_new_tokens < 1 or num_reward_prompts < 1:
+            raise ValueError("max_new_tokens and num_reward_prompts must be ≥ 1 — set init_args of SampleGenerations")
+        self.prompts = list(prompts or DEFAULT_SAMPLE_PROMPTS)
+        self.controls = list(controls) if controls else None
+        self.max_new_tokens, self.filename = max_new_tokens, filename
+        self.reward_model, self.num_reward_prompts = reward_model, num_reward_prompts
+        self._reward = None
+
+    def _controls(self, pl_module) -> list[str]:
+        from meet_lightning.control import ControlTokens
+        from meet_lightning.evaluate import NO_CONTROL
+
+        if self.controls:
+            return self.controls
+        plain = type(pl_module.control) is ControlTokens or not pl_module.schema.num_controls
+        return [NO_CONTROL] if plain else pl_module.schema.names
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from meet_lightning.evaluate import EvalModel, generate_under
+
+        model = EvalModel("training", pl_module.lm, pl_module.tokenizer, pl_module.control, pl_module.schema)
+        messages = [[{"role": "user", "content": p}] for p in self.prompts]
+        rows = []
+        for control in self._controls(pl_module):
+            responses = generate_under(model, messages, control, self.max_new_tokens)
+            rows += [
+                {"step": trainer.global_step, "control": control, "prompt": p, "response": r}
+                for p, r in zip(self.prompts, responses, strict=True)
+            ]
+        self._write(trainer, rows)
+        if self.reward_model:
+            self._log_rewards(trainer, pl_module, model)
+
+    def _write(self, trainer, rows: list[dict]) -> None:
+        import json
+        from pathlib import Path
+
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        path = Path(trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:  # one line per sample: a crash loses nothing written
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for control in dict.fromkeys(r["control"] for r in rows):
+                    text = "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}" for r in rows if r["control"] == control)
+                    logger.experiment.add_text(f"samples/{control}", text, trainer.global_step)
+
+    def _log_rewards(self, trainer, pl_module, model) -> None:
+        from meet_lightning.evaluate import RewardModel, generate_under, validation_prompts
+
+        if self._reward is None:
+            self._reward = RewardModel(self.reward_model, device=str(pl_module.device))
+        datamodule = trainer.datamodule
+        prompts = validation_prompts(datamodule, self.num_reward_prompts) if datamodule is not None else []
+        prompts = prompts or [[{"role": "user", "content": p}] for p in self.prompts]
+        for control in self._controls(pl_module):
+            rewards = self._reward.score(prompts, generate_under(model, prompts, control, self.max_new_tokens))
+            pl_module.log(f"val/reward/{control}", sum(rewards) / len(rewards), rank_zero_only=True)

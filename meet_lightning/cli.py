@@ -29,6 +29,7 @@ COMMANDS_HELP = {
     "evaluate": "score an exported or plain Hugging Face model on pairwise data",
     "inspect-data": "read a data file and report formats, counts, drops and lengths",
     "download-model": "fetch and convert the offline default model once",
+    "demo": "train SmolLM2 to answer concisely or in detail on request, then compare",
 }
 
 
@@ -170,6 +171,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": lazy("evaluate", "evaluate_command"),
     "inspect-data": run_inspect_data,
     "download-model": run_download_model,
+    "demo": lazy("demo", "demo_command"),
 }
 
 

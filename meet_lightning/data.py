@@ -223,6 +223,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._epoch_batches()
+        if batches and self.position >= len(batches):  # Lightning stops at len() without exhausting the generator
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self._epoch_batches()
         while self.position < len(batches):
             self.position += 1
             yield batches[self.position - 1]

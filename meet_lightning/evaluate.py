@@ -1,29 +1,62 @@
-"""Offline evaluation of an exported (or plain Hugging Face) model on pairwise data.
+"""Offline evaluation of an exported (or plain Hugging Face) model: pairwise metrics, control fidelity, rewards.
 
-Metrics are named by their scorer: ``control_accuracy`` is MEET's control classifier
-``log p(y|x, good) − log p(y|x, bad)`` (control-token models only); ``logp_accuracy`` and ``chosen_nll`` score
-every model in its preferred mode (its ``good`` control, or plain). Each comes with a bootstrap 95 % interval
-and the number of pairs.
+Every metric is named by its scorer and never mixed with another:
+
+* ``control_accuracy`` (and ``control_margin``): MEET's control classifier
+  ``log p(y|x, good) − log p(y|x, bad)``; only for models whose controls change the input (prompt tuning,
+  LoRA, text and special-token controls).
+* ``dpo_reward_accuracy`` (and ``dpo_reward_margin``): the implicit DPO reward
+  ``β · (log π(y|x) − log π_ref(y|x))``; only for DPO exports, against the reference their schema names.
+* ``chosen_nll`` and ``logp_accuracy``: every model, in its *preferred mode* — its ``good`` control
+  (``--good_control`` picks another), the Chain-of-Hindsight good phrase, or plain for models without
+  controls. Per-token, so lengths do not decide.
+
+Each comes with a bootstrap 95 % interval and its pair count. Generation-based metrics: the control-fidelity
+matrix (rows: controls, columns: attribute functions such as word count or a reward model) with a KL estimate
+to the base model per control, ``reward_model_score`` of generations under a Hugging Face sequence-classification
+reward model, and ``win_rate`` against reference responses under a pluggable judge.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from meet_lightning.control import ControlTokens, controlled_response_logps
-from meet_lightning.data import PromptTokenizer, collate_pairs
-from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.examples import ControlSchema, PreferencePair
+from meet_lightning.data import PromptTokenizer, collate_pairs, collate_rows
+from meet_lightning.errors import CheckpointError, ConfigError, DataError
+from meet_lightning.examples import ControlledExample, ControlSchema, Message, PreferencePair
 from meet_lightning.formats import SourceConfig, read_source
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
 
+Attribute = Callable[[Sequence[Message], str], float]
+"""An attribute function: ``(prompt messages, response) → value`` (word count, a reward, …)."""
 
+Judge = Callable[[Sequence[Message], str, str], float]
+"""A judge: ``(prompt, response, reference) → 1.0`` if the response wins, ``0.5`` on a tie, ``0.0`` if it loses
+(any value in between is read as the probability that it wins)."""
+
+NO_CONTROL = "none"
+"""Name of the mode without any control (plain generation)."""
+
+
+def word_count(prompt: Sequence[Message], response: str) -> float:
+    """Words in ``response`` (whitespace-separated): the verbosity attribute."""
+    return float(len(response.split()))
+
+
+DEFAULT_ATTRIBUTES: dict[str, Attribute] = {"words": word_count}
+
+
+# --------------------------------------------------------------------------------------------- statistics
 def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile bootstrap interval of the mean of ``values``."""
     if not values:
@@ -33,106 +66,692 @@ def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int =
     return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
 
 
-def summarize(name: str, values: Sequence[float]) -> dict[str, Any]:
-    """``{name: mean, name_ci95: [lo, hi], "pairs": n}``."""
+def summarize(name: str, values: Sequence[float], count: str = "pairs") -> dict[str, Any]:
+    """``{name: mean, name_ci95: [lo, hi], name_<count>: n}``."""
     mean = sum(values) / len(values) if values else float("nan")
-    return {name: mean, f"{name}_ci95": list(bootstrap_interval(values)), "pairs": len(values)}
+    return {name: mean, f"{name}_ci95": list(bootstrap_interval(values)), f"{name}_{count}": len(values)}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+@dataclass
+class EvalModel:
+    """A model ready to be scored.
+
+    Attributes:
+        name: What the user passed (folder or alias).
+        lm: The causal LM (eval mode).
+        tokenizer: Its tokenizer.
+        control: The control implementation (the no-op :class:`ControlTokens` for plain models).
+        schema: Preferences and controls (empty for plain Hugging Face models).
+        info: The export's ``meet_schema.json`` (empty for plain models).
+    """
+
+    name: str
+    lm: nn.Module
+    tokenizer: Any
+    control: ControlTokens
+    schema: ControlSchema
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_controls(self) -> bool:
+        """Whether choosing a control changes the model's input (so the control classifier applies)."""
+        return self.schema.num_controls > 0 and type(self.control) is not ControlTokens
+
+    @property
+    def is_dpo(self) -> bool:
+        """Whether the export is a DPO model (its implicit reward needs the reference)."""
+        return self.info.get("objective") == "dpo"
+
+    @property
+    def kind(self) -> str:
+        """``dpo``, ``controls`` or ``plain``."""
+        return "dpo" if self.is_dpo else "controls" if self.has_controls else "plain"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+
+def load_for_evaluation(name: str, device: str = "cpu") -> EvalModel:
+    """An export folder (with its controls and schema), or any plain causal LM: folder, alias or hub id."""
+    from meet_lightning.export import SCHEMA_FILE, AlignedModel
+    from meet_lightning.models import load_model, load_tokenizer
+
+    if (Path(name) / SCHEMA_FILE).is_file():
+        model = AlignedModel.from_pretrained(name, device=device)
+        info = json.loads((Path(name) / SCHEMA_FILE).read_text())
+        return EvalModel(name, model.lm, model.tokenizer, model.control, model.schema, info)
+    lm = load_model(name).to(device).eval()
+    return EvalModel(name, lm, load_tokenizer(name), ControlTokens().to(device), ControlSchema({}))
+
+
+def load_reference(model: EvalModel, override: str | None = None) -> nn.Module:
+    """The reference of a DPO export: ``override``, else the base model its schema names; checked by fingerprint."""
+    from meet_lightning.models import load_model, model_fingerprint
+
+    name = override or model.info.get("reference_model") or model.info.get("base_model")
+    if not name:
+        raise CheckpointError(f"{model.name}: the DPO export names no reference model — pass --reference_model DIR")
+    reference = load_model(name).to(model.device).eval()
+    expected = model.info.get("base_fingerprint")
+    if expected and model_fingerprint(reference) != expected:
+        raise CheckpointError(
+            f"reference {name} is not the model {model.name} was trained against (fingerprint ≠ {expected}) — pass --reference_model with that base model"
+        )
+    return reference
+
+
+def plain_logps(lm: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token response log-probs with no control: ``token_logps`` and ``mask``, (B, T-1)."""
+    from meet_lightning.modules.baselines import plain_logps as plain
+
+    return plain(lm, batch)
+
+
+# ---------------------------------------------------------------------------------------- pairwise metrics
+def pair_controls(model: EvalModel, pair: PreferencePair, good: str | None, bad: str | None) -> tuple[str, str]:
+    """The controls a pair is scored under: ``good`` (preferred mode) for chosen, ``bad`` for rejected."""
+    labels = model.schema.preferences.get(pair.preference)
+    if labels is None:
+        raise ConfigError(
+            f"the model has no preference {pair.preference!r} (it has {', '.join(model.schema.preferences)}) — pass --data.preference with one of them"
+        )
+    good = good or pair.chosen_control
+    if bad is None:
+        others = [label for label in labels if label != good]
+        bad = others[0] if len(labels) == 2 and len(others) == 1 else pair.rejected_control
+    for flag, label in (("--good_control", good), ("--bad_control", bad)):
+        if label not in labels:
+            raise ConfigError(
+                f"control {label!r} is not one of {pair.preference}'s ({', '.join(labels)}) — pass {flag} with one of them"
+            )
+    return good, bad
+
+
+def _pair_rows(model: EvalModel, encoder: PromptTokenizer, pair: PreferencePair, good: str | None, bad: str | None):
+    if not model.has_controls:
+        empty = ControlSchema({})
+        return (
+            encoder.tokenize(ControlledExample(pair.prompt, pair.chosen, {}), empty),
+            encoder.tokenize(ControlledExample(pair.prompt, pair.rejected, {}), empty),
+        )
+    good, bad = pair_controls(model, pair, good, bad)
+    return (
+        encoder.tokenize(ControlledExample(pair.prompt, pair.chosen, {pair.preference: good}), model.schema),
+        encoder.tokenize(ControlledExample(pair.prompt, pair.rejected, {pair.preference: bad}), model.schema),
+    )
 
 
 @torch.no_grad()
 def score_pairs(
-    lm: torch.nn.Module,
-    tokenizer: Any,
-    control: ControlTokens,
-    schema: ControlSchema,
+    model: EvalModel,
     pairs: Sequence[PreferencePair],
     max_length: int = 512,
     batch_size: int = 8,
+    good_control: str | None = None,
+    bad_control: str | None = None,
+    reference: nn.Module | None = None,
 ) -> tuple[dict[str, list[float]], int]:
-    """Per-pair scores: control margin/accuracy (when the model has the pair's controls), log-prob accuracy and
-    chosen per-token NLL in the model's preferred mode; and the number of pairs too long to score."""
-    encoder = PromptTokenizer(tokenizer, max_length)
-    has_controls = bool(schema.num_controls)
-    out: dict[str, list[float]] = {"control_accuracy": [], "control_margin": [], "logp_accuracy": [], "chosen_nll": []}
+    """Per-pair scores, and the number of pairs too long to score.
+
+    Returns ``chosen_nll`` and ``logp_accuracy`` (preferred mode) for every model, ``control_accuracy`` and
+    ``control_margin`` for models with controls, ``dpo_reward_accuracy`` and ``dpo_reward_margin`` when a
+    ``reference`` is given (DPO exports).
+    """
+    encoder = PromptTokenizer(model.tokenizer, max_length)
+    out: dict[str, list[float]] = {}
     too_long = 0
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        rows = [tuple(encoder.tokenize(e, schema if has_controls else ControlSchema({})) for e in p.examples()) for p in chunk]
+        rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
         too_long += sum(None in r for r in rows)
         rows = [r for r in rows if None not in r]
         if not rows:
             continue
-        batch = collate_pairs(rows, tokenizer.pad_token_id)
-        n = len(rows)
-        good = torch.cat([batch["control_ids"][:n], batch["control_ids"][:n]])  # both responses under "good"
-        token_logps, mask = controlled_response_logps(lm, control, batch, good)
-        per_token = sequence_logps(token_logps, mask, average=True)  # (2B,) preferred mode
-        out["logp_accuracy"] += pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
-        out["chosen_nll"] += (-per_token[:n]).tolist()
-        if has_controls:
-            own = sequence_logps(*controlled_response_logps(lm, control, batch))
-            other = sequence_logps(
-                *controlled_response_logps(lm, control, batch, torch.cat([batch["control_ids"][n:], batch["control_ids"][:n]]))
-            )
-            chosen = control_classifier_scores(own[:n], other[:n])
-            rejected = control_classifier_scores(other[n:], own[n:])
-            out["control_accuracy"] += pairwise_accuracy(chosen, rejected).tolist()
-            out["control_margin"] += (chosen - rejected).tolist()
-    return {k: v for k, v in out.items() if v}, too_long
+        batch = {k: v.to(model.device) for k, v in collate_pairs(rows, model.tokenizer.pad_token_id).items()}
+        for name, values in _score_batch(model, batch, len(rows), reference).items():
+            out.setdefault(name, []).extend(values)
+    return out, too_long
 
 
-def load_for_evaluation(folder: str) -> tuple[torch.nn.Module, Any, ControlTokens, ControlSchema]:
-    """An export folder (with controls) or any plain Hugging Face causal LM (no controls)."""
-    from meet_lightning.export import SCHEMA_FILE, AlignedModel
-    from meet_lightning.models import load_model, load_tokenizer
+def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None) -> dict[str, list]:
+    scores: dict[str, list] = {}
+    if model.has_controls:
+        own_tokens, mask = controlled_response_logps(model.lm, model.control, batch)  # chosen|good, rejected|bad
+        ids = batch["control_ids"]
+        other_tokens, _ = controlled_response_logps(model.lm, model.control, batch, torch.cat([ids[n:], ids[:n]]))
+        own, other = sequence_logps(own_tokens, mask), sequence_logps(other_tokens, mask)
+        chosen = control_classifier_scores(own[:n], other[:n])
+        rejected = control_classifier_scores(other[n:], own[n:])
+        scores["control_accuracy"] = pairwise_accuracy(chosen, rejected).tolist()
+        scores["control_margin"] = (chosen - rejected).tolist()
+        preferred = torch.cat([own_tokens[:n], other_tokens[n:]])  # both responses under the good control
+    else:
+        preferred, mask = plain_logps(model.lm, batch)
+    per_token = sequence_logps(preferred, mask, average=True)  # (2B,) [chosen; rejected]
+    scores["chosen_nll"] = (-per_token[:n]).tolist()
+    scores["logp_accuracy"] = pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
+    if reference is not None:
+        beta = float(model.info.get("dpo_beta", 1.0))
+        policy = sequence_logps(preferred, mask)
+        base = sequence_logps(*plain_logps(reference, batch))
+        chosen_reward, rejected_reward = beta * (policy[:n] - base[:n]), beta * (policy[n:] - base[n:])
+        scores["dpo_reward_accuracy"] = pairwise_accuracy(chosen_reward, rejected_reward).tolist()
+        scores["dpo_reward_margin"] = (chosen_reward - rejected_reward).tolist()
+    return scores
 
-    if (Path(folder) / SCHEMA_FILE).is_file():
-        model = AlignedModel.from_pretrained(folder)
-        return model.lm, model.tokenizer, model.control, model.schema
-    return load_model(folder).eval(), load_tokenizer(folder), ControlTokens(), ControlSchema({})
 
-
-def evaluate_model(
-    folder: str, source: SourceConfig, max_pairs: int | None = None, max_length: int = 512, batch_size: int = 8
-) -> dict[str, Any]:
-    """Every metric for ``folder`` on the pairs of ``source``."""
-    lm, tokenizer, control, schema = load_for_evaluation(folder)
-    parsed = read_source(source)
-    pairs = parsed.pairs[:max_pairs]
+def read_pairs(source: SourceConfig, max_pairs: int | None) -> list[PreferencePair]:
+    """The first ``max_pairs`` pairs of ``source``; DataError when it holds none."""
+    pairs = read_source(source).pairs[:max_pairs]
     if not pairs:
         raise DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")
-    missing = {p.preference for p in pairs} - set(schema.preferences) if schema.num_controls else set()
-    if missing:
-        raise ConfigError(
-            f"the model has no preference {sorted(missing)[0]!r} (it has {', '.join(schema.preferences)}) — pass --data.preference with one of them"
-        )
-    scores, too_long = score_pairs(lm, tokenizer, control, schema, pairs, max_length, batch_size)
-    metrics: dict[str, Any] = {"model": folder, "data": source.path, "pairs_skipped_too_long": too_long}
+    return pairs
+
+
+def evaluate_pairs(
+    model: EvalModel,
+    source: SourceConfig,
+    max_pairs: int | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+    good_control: str | None = None,
+    bad_control: str | None = None,
+    reference_model: str | None = None,
+) -> dict[str, Any]:
+    """Pairwise metrics of ``model`` on ``source``, each with its interval and pair count."""
+    pairs = read_pairs(source, max_pairs)
+    reference = load_reference(model, reference_model) if model.is_dpo else None
+    scores, too_long = score_pairs(model, pairs, max_length, batch_size, good_control, bad_control, reference)
+    metrics: dict[str, Any] = {
+        "data": source.path,
+        "pairs": len(scores.get("chosen_nll", [])),
+        "pairs_skipped_too_long": too_long,
+    }
     for name, values in scores.items():
-        summary = summarize(name, values)
-        metrics[name], metrics[f"{name}_ci95"], metrics["pairs"] = summary[name], summary[f"{name}_ci95"], summary["pairs"]
+        metrics.update(summarize(name, values))
+    if model.is_dpo:
+        metrics["dpo_reference"] = reference_model or model.info.get("reference_model") or model.info.get("base_model")
     return metrics
 
 
+def preferred_mode(model: EvalModel, preference: str | None = None, good_control: str | None = None) -> str:
+    """The control a model generates under by default: ``preference/good`` for control models, else ``none``."""
+    if not model.has_controls:
+        return NO_CONTROL
+    preference = preference or next(iter(model.schema.preferences))
+    labels = model.schema.preferences.get(preference, ())
+    label = good_control or ("good" if "good" in labels else labels[0] if labels else "good")
+    return f"{preference}/{label}"
+
+
+# ------------------------------------------------------------------------------------------- generation
+def control_ids_for(model: EvalModel, control: str) -> list[int]:
+    """Control ids of one mode (``none`` = no control)."""
+    from meet_lightning.generation import resolve_controls
+
+    return resolve_controls(model.schema, None if control == NO_CONTROL else control)
+
+
+def generate_under(
+    model: EvalModel,
+    prompts: Sequence[Sequence[Message]],
+    control: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+) -> list[str]:
+    """Responses to ``prompts`` under one control (``none`` = plain)."""
+    from meet_lightning.generation import generate_responses
+
+    ids = [control_ids_for(model, control)] * len(prompts)
+    return generate_responses(
+        model.lm, model.tokenizer, model.control, list(prompts), ids, max_new_tokens, temperature, batch_size
+    )
+
+
+@torch.no_grad()
+def kl_to_base(
+    model: EvalModel,
+    base: nn.Module,
+    prompts: Sequence[Sequence[Message]],
+    responses: Sequence[str],
+    control: str,
+    max_length: int = 1024,
+    batch_size: int = 8,
+) -> float:
+    """Monte-Carlo KL estimate ``E[log p_model(y|x, control) − log p_base(y|x)]`` per response token.
+
+    ``responses`` are the model's own samples under ``control``; they are re-tokenized (with their end-of-turn
+    token), so the estimate is over the tokens of the text as the tokenizer writes it.
+    """
+    encoder = PromptTokenizer(model.tokenizer, max_length)
+    ids = control_ids_for(model, control)  # (P,) the same for every row
+    rows = [
+        encoder.tokenize(ControlledExample(tuple(p), r, {}), ControlSchema({})) for p, r in zip(prompts, responses, strict=True)
+    ]
+    rows = [r for r in rows if r is not None]
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {
+            k: v.to(model.device) for k, v in collate_rows(rows[start : start + batch_size], model.tokenizer.pad_token_id).items()
+        }
+        batch["control_ids"] = torch.tensor([ids], dtype=torch.long, device=model.device).expand(len(batch["input_ids"]), -1)
+        own, mask = controlled_response_logps(model.lm, model.control, batch)
+        base_logps, _ = plain_logps(base.to(model.device), batch)
+        total += float(((own - base_logps) * mask).sum())
+        count += int(mask.sum())
+    return total / count if count else float("nan")
+
+
+def control_fidelity(
+    model: EvalModel,
+    prompts: Sequence[Sequence[Message]],
+    attributes: Mapping[str, Attribute] | None = None,
+    controls: Sequence[str] | None = None,
+    base: nn.Module | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Generates under every control with identical decoding and measures each attribute per control.
+
+    Args:
+        model: The model to probe.
+        prompts: Chat prompts, the same for every control.
+        attributes: ``{name: (prompt, response) → value}``; default word count (``words``).
+        controls: Modes to generate under; default every control of the schema (``none`` for plain models).
+        base: The base model for the KL estimate; ``None`` skips it.
+        max_new_tokens: Longest response (identical for every control).
+        temperature: 0 = greedy (identical for every control).
+        batch_size: Prompts per generate call.
+
+    Returns:
+        ``{"controls", "attributes", "matrix": {control: {attribute: mean}}, "matrix_ci95", "values":
+        {control: {attribute: [per prompt]}}, "kl_to_base": {control: nats per token}, "samples":
+        {control: [responses]}, "prompts": n, "decoding": {...}}``.
+    """
+    attributes = dict(attributes or DEFAULT_ATTRIBUTES)
+    controls = list(controls or (model.schema.names if model.has_controls else [NO_CONTROL]))
+    result: dict[str, Any] = {
+        "controls": controls,
+        "attributes": list(attributes),
+        "prompts": len(prompts),
+        "decoding": {"max_new_tokens": max_new_tokens, "temperature": temperature},
+        "matrix": {},
+        "matrix_ci95": {},
+        "values": {},
+        "samples": {},
+        "kl_to_base": {},
+    }
+    for control in controls:
+        responses = generate_under(model, prompts, control, max_new_tokens, temperature, batch_size)
+        values = {name: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)] for name, fn in attributes.items()}
+        values.update(_batched_attributes(attributes, prompts, responses))
+        result["samples"][control] = responses
+        result["values"][control] = values
+        result["matrix"][control] = {name: sum(v) / len(v) if v else float("nan") for name, v in values.items()}
+        result["matrix_ci95"][control] = {name: list(bootstrap_interval(v)) for name, v in values.items()}
+        if base is not None:
+            result["kl_to_base"][control] = kl_to_base(model, base, prompts, responses, control, batch_size=batch_size)
+    return result
+
+
+def _batched_attributes(attributes, prompts, responses) -> dict[str, list[float]]:
+    # Reward models score a whole list at once (much faster than one call per response).
+    return {name: fn.score(prompts, responses) for name, fn in attributes.items() if isinstance(fn, RewardModel)}
+
+
+# -------------------------------------------------------------------------------------- reward and judges
+class RewardModel:
+    """Any Hugging Face sequence-classification model as a reward: ``(prompt, response) → float``.
+
+    The conversation is rendered with the reward model's own chat template when it has one, else as
+    ``role: content`` lines. The score is the single logit (``num_labels == 1``), else the logit of the last
+    label. Long conversations are cut from the left, so the response is always seen.
+
+    Args:
+        path: Folder (or hub id) of the reward model and its tokenizer.
+        device: Where to run it.
+        batch_size: Responses per forward pass.
+        max_length: Longest input in tokens.
+    """
+
+    def __init__(self, path: str, device: str = "cpu", batch_size: int = 8, max_length: int = 1024) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise ConfigError(f"--reward_model {path}: folder not found — pass a folder with a sequence-classification model")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        except (OSError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"--reward_model {path}: not a sequence-classification model ({first}) — pass another folder"
+            ) from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.padding_side, self.tokenizer.truncation_side = "right", "left"
+        self.path, self.batch_size, self.max_length = path, batch_size, max_length
+
+    @property
+    def name(self) -> str:
+        return f"reward_model:{self.path}"
+
+    def render(self, prompt: Sequence[Message], response: str) -> str:
+        """The text the reward model reads for one conversation."""
+        messages = [*prompt, {"role": "assistant", "content": response}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> list[float]:
+        """One reward per ``(prompt, response)``."""
+        texts = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            inputs = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            ).to(self.model.device)
+            logits = self.model(**inputs).logits.float()  # (B, num_labels)
+            out += logits[:, -1].tolist()
+        return out
+
+    def __call__(self, prompt: Sequence[Message], response: str) -> float:
+        return self.score([prompt], [response])[0]
+
+
+class RewardModelJudge:
+    """A judge from a reward model: the response wins when its reward is higher (ties half)."""
+
+    def __init__(self, reward: RewardModel) -> None:
+        self.reward = reward
+
+    @property
+    def name(self) -> str:
+        return self.reward.name
+
+    def judge_all(self, prompts, responses, references) -> list[float]:
+        """Win (1), tie (0.5) or loss (0) of each response against its reference."""
+        ours, theirs = self.reward.score(prompts, responses), self.reward.score(prompts, references)
+        return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+
+
+def import_callable(spec: str, flag: str) -> Callable:
+    """``package.module:function`` → the function; ConfigError naming ``flag`` otherwise."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{flag} {spec!r} is not module:function — e.g. {flag} my_judges:length_judge")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"{flag} {spec}: cannot import ({error}) — check the module is on PYTHONPATH and the name") from None
+    if not callable(fn):
+        raise ConfigError(f"{flag} {spec} is not callable — point it at a function")
+    return fn
+
+
+def load_judge(spec: str | Judge, device: str = "cpu") -> tuple[str, Callable]:
+    """A judge from a reward-model folder, a ``module:function`` spec or a callable; and its name.
+
+    Returns:
+        ``(name, judge_all)`` where ``judge_all(prompts, responses, references)`` gives one score per prompt.
+    """
+    if callable(spec):
+        fn = spec
+        return f"callable:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}", _judge_each(fn)
+    if Path(spec).is_dir():
+        judge = RewardModelJudge(RewardModel(spec, device))
+        return judge.name, judge.judge_all
+    return f"callable:{spec}", _judge_each(import_callable(spec, "--judge"))
+
+
+def _judge_each(fn: Judge) -> Callable:
+    def judge_all(prompts, responses, references) -> list[float]:
+        return [float(fn(p, r, ref)) for p, r, ref in zip(prompts, responses, references, strict=True)]
+
+    return judge_all
+
+
+def win_rate(judge: str | Judge, prompts, responses, references, device: str = "cpu") -> dict[str, Any]:
+    """``win_rate`` of ``responses`` over ``references`` under ``judge``, with interval and count."""
+    name, judge_all = load_judge(judge, device)
+    return {**summarize("win_rate", judge_all(prompts, responses, references), count="prompts"), "judge": name}
+
+
+# -------------------------------------------------------------------------------------------- prompts
+def read_generation_prompts(path: Path) -> list[dict[str, Any]]:
+    """Rows of a prompts file: JSONL with ``prompt`` (text or messages) and optional ``reference`` response."""
+    from meet_lightning.generation import as_messages
+
+    if not path.is_file():
+        raise DataError(f'{path}: prompts file not found — pass a JSONL file with one {{"prompt": ...}} per line')
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(f"{path}:{number}: not a JSON object — write one object per line") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{\"prompt\": ...}}")
+        reference = record.get("reference")
+        if reference is not None and not isinstance(reference, str):
+            raise DataError(f"{path}:{number}: 'reference' must be a string — fix the row")
+        rows.append({"prompt": as_messages(record["prompt"], f"{path}:{number}"), "reference": reference})
+    if not rows:
+        raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
+    return rows
+
+
+def validation_prompts(datamodule: Any, count: int) -> list[list[Message]]:
+    """The first ``count`` distinct prompts of a :class:`~meet_lightning.data.PreferenceDataModule`'s validation split."""
+    from meet_lightning.data import split_by_prompt
+
+    if getattr(datamodule, "val_source", None) is not None:
+        parsed = read_source(datamodule.val_source)
+        units = parsed.pairs or parsed.examples
+    else:
+        _, val = split_by_prompt(datamodule.parsed, datamodule.val_fraction, datamodule.seed)
+        units = val.pairs or val.examples
+    seen: dict[str, list[Message]] = {}
+    for unit in units:
+        seen.setdefault(json.dumps(unit.prompt, sort_keys=True), [dict(m) for m in unit.prompt])
+        if len(seen) >= count:
+            break
+    return list(seen.values())
+
+
+# -------------------------------------------------------------------------------------------- command
+def parse_attributes(specs: Sequence[str]) -> dict[str, Attribute]:
+    """``NAME=module:function`` specs → ``{name: function}`` (``words`` is always there)."""
+    attributes = dict(DEFAULT_ATTRIBUTES)
+    for spec in specs:
+        name, _, target = spec.partition("=")
+        if not name or not target:
+            raise ConfigError(f"--attribute {spec!r} is not NAME=module:function — e.g. --attribute polite=my_attrs:politeness")
+        attributes[name] = import_callable(target, "--attribute")
+    return attributes
+
+
+def evaluate_generations(
+    model: EvalModel, prompts: Sequence[Sequence[Message]], references: Sequence[str | None], args: Any
+) -> dict[str, Any]:
+    """``reward_model_score`` and ``win_rate`` of the model's generations in its preferred mode."""
+    mode = preferred_mode(model, args.data.preference, args.good_control)
+    responses = generate_under(model, prompts, mode, args.max_new_tokens, 0.0, args.batch_size)
+    metrics: dict[str, Any] = {"generation_mode": mode}
+    if args.reward_model:
+        reward = RewardModel(args.reward_model, args.device)
+        metrics.update(summarize("reward_model_score", reward.score(prompts, responses), count="prompts"))
+        metrics["reward_model"] = args.reward_model
+    if args.judge:
+        kept = [(p, r, ref) for p, r, ref in zip(prompts, responses, references, strict=True) if ref is not None]
+        if not kept:
+            raise ConfigError(
+                "--judge needs reference responses — pass --data.path (pairs: chosen) or 'reference' in the prompts file"
+            )
+        ps, rs, refs = (list(x) for x in zip(*kept, strict=True))
+        metrics.update(win_rate(args.judge, ps, rs, refs, args.device))
+    return metrics
+
+
+def _check_args(args: Any) -> None:
+    problems = [
+        m
+        for failed, m in (
+            (
+                not args.data.path and not args.fidelity_prompts,
+                "nothing to evaluate — pass --data.path FILE and/or --fidelity_prompts FILE.jsonl",
+            ),
+            (
+                args.plots and not args.fidelity_prompts,
+                "--plots needs --fidelity_prompts FILE.jsonl (the plots show generations per control)",
+            ),
+            (args.batch_size < 1, f"--batch_size {args.batch_size} must be ≥ 1"),
+            (args.max_new_tokens < 1, f"--max_new_tokens {args.max_new_tokens} must be ≥ 1"),
+            (args.max_generations < 1, f"--max_generations {args.max_generations} must be ≥ 1"),
+        )
+        if failed
+    ]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if args.plots:
+        from meet_lightning.plots import require_matplotlib
+
+        require_matplotlib()  # before any model is loaded
+
+
 def evaluate_command(argv: Sequence[str]) -> int:
-    """``evaluate --model DIR --data.path FILE [--data.format NAME] [--output FILE.json]``."""
+    """``evaluate --model DIR [--data.path FILE] [--fidelity_prompts FILE.jsonl] [--reward_model DIR] [--judge SPEC] [--plots DIR]``."""
     from meet_lightning.cli import OneLineParser
 
-    parser = OneLineParser(prog="meet_lightning evaluate", description="score a model on pairwise data")
-    parser.add_argument("--model", type=str, required=True, help="export/ folder or a plain Hugging Face model")
-    parser.add_argument("--data.path", type=str, required=True)
+    parser = OneLineParser(
+        prog="meet_lightning evaluate", description="score a model: pairwise metrics, control fidelity, rewards"
+    )
+    parser.add_argument(
+        "--model", type=str, required=True, help="export/ folder, plain Hugging Face model folder, alias or hub id"
+    )
+    parser.add_argument("--data.path", type=str | None, default=None, help="pairwise data for the pair metrics")
     parser.add_argument("--data.format", type=str, default="auto")
     parser.add_argument("--data.preference", type=str | None, default=None)
     parser.add_argument("--data.max_length", type=int, default=512)
     parser.add_argument("--max_pairs", type=int | None, default=None, help="score only the first N pairs")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--good_control", type=str | None, default=None, help="preferred-mode control (default: the pair's chosen control)"
+    )
+    parser.add_argument("--bad_control", type=str | None, default=None, help="the control classifier's other control")
+    parser.add_argument(
+        "--reference_model", type=str | None, default=None, help="DPO reference (default: the export's base_model)"
+    )
+    parser.add_argument("--fidelity_prompts", type=str | None, default=None, help="JSONL prompts: generate under every control")
+    parser.add_argument("--attribute", type=str, action="append", default=[], help="NAME=module:function attribute; repeat")
+    parser.add_argument(
+        "--base_model", type=str | None, default=None, help="base model of the KL estimate (default: the export's)"
+    )
+    parser.add_argument("--reward_model", type=str | None, default=None, help="Hugging Face sequence-classification reward model")
+    parser.add_argument("--judge", type=str | None, default=None, help="win-rate judge: reward-model folder or module:function")
+    parser.add_argument("--max_generations", type=int, default=32, help="prompts answered for reward/win rate")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--plots", type=str | None, default=None, help="write PNG plots to this folder (needs matplotlib)")
+    parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--output", type=str | None, default=None, help="also write the metrics as JSON here")
     args = parser.parse_args(list(argv))
-    source = SourceConfig(path=args.data.path, format=args.data.format, preference=args.data.preference)
-    metrics = evaluate_model(args.model, source, args.max_pairs, args.data.max_length, args.batch_size)
+    _check_args(args)
+    metrics = run_evaluation(args)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
     return 0
+
+
+def run_evaluation(args: Any) -> dict[str, Any]:
+    """Everything ``evaluate`` was asked for, as one metrics dict."""
+    attributes = parse_attributes(args.attribute)
+    model = load_for_evaluation(args.model, args.device)
+    metrics: dict[str, Any] = {
+        "model": args.model,
+        "kind": model.kind,
+        "mode": preferred_mode(model, args.data.preference, args.good_control),
+    }
+    prompts: list[list[Message]] = []
+    references: list[str | None] = []
+    if args.data.path:
+        source = SourceConfig(path=args.data.path, format=args.data.format, preference=args.data.preference)
+        metrics.update(
+            evaluate_pairs(
+                model,
+                source,
+                args.max_pairs,
+                args.data.max_length,
+                args.batch_size,
+                args.good_control,
+                args.bad_control,
+                args.reference_model,
+            )
+        )
+        if args.reward_model or args.judge:
+            pairs = read_pairs(source, args.max_generations)
+            prompts, references = [list(p.prompt) for p in pairs], [p.chosen for p in pairs]
+    fidelity_rows = read_generation_prompts(Path(args.fidelity_prompts)) if args.fidelity_prompts else []
+    if not prompts and fidelity_rows:
+        prompts = [r["prompt"] for r in fidelity_rows][: args.max_generations]
+        references = [r["reference"] for r in fidelity_rows][: args.max_generations]
+    if (args.reward_model or args.judge) and prompts:
+        metrics.update(evaluate_generations(model, prompts, references, args))
+    if fidelity_rows:
+        if args.reward_model:
+            attributes["reward"] = RewardModel(args.reward_model, args.device)
+        base = _load_base(model, args.base_model)
+        metrics["fidelity"] = control_fidelity(
+            model,
+            [r["prompt"] for r in fidelity_rows],
+            attributes,
+            base=base,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+        if args.plots:
+            from meet_lightning.plots import write_plots
+
+            metrics["plots"] = [str(p) for p in write_plots(metrics["fidelity"], Path(args.plots))]
+    return metrics
+
+
+def _load_base(model: EvalModel, override: str | None) -> nn.Module:
+    """The base of the KL estimate: ``override``, the export's base model, or the model itself (plain models)."""
+    from meet_lightning.models import load_model
+
+    name = override or model.info.get("base_model")
+    return load_model(name).to(model.device).eval() if name else model.lm
+
+
+def evaluate_model(
+    folder: str,
+    source: SourceConfig,
+    max_pairs: int | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+    good_control: str | None = None,
+    bad_control: str | None = None,
+    reference_model: str | None = None,
+) -> dict[str, Any]:
+    """Pairwise metrics for ``folder`` on ``source``: the Python form of ``evaluate --model --data.path``."""
+    model = load_for_evaluation(folder)
+    head = {"model": folder, "kind": model.kind, "mode": preferred_mode(model, source.preference, good_control)}
+    return {
+        **head,
+        **evaluate_pairs(model, source, max_pairs, max_length, batch_size, good_control, bad_control, reference_model),
+    }

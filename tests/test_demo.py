@@ -1,0 +1,59 @@
+"""The demo's measurements, and the demo itself end to end on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meet_lightning import demo
+from meet_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_median_ratio_uses_at_least_one_word_for_empty_answers():
+    assert demo.median_ratio(["a b c d", "a b", "x"], ["a", "", "a b"]) == 2.0
+
+
+def test_repeated_4gram_share_flags_loops():
+    assert demo.repeated_4gram_share(["one two three four five six"]) == 0.0
+    assert demo.repeated_4gram_share(["a b c d a b c d a b c d"]) == pytest.approx(5 / 9)
+
+
+def test_bootstrap_interval_brackets_the_median():
+    verbose, concise = ["w " * n for n in range(10, 30)], ["w " * 4] * 20
+    low, high = demo.bootstrap_median_ratio(verbose, concise)
+    assert low <= demo.median_ratio(verbose, concise) <= high
+
+
+def test_every_arm_must_use_the_same_decoding():
+    with pytest.raises(AssertionError, match="every arm must decode"):
+        demo.generate_arm(object(), ["p"], "concise", **{**demo.DECODING, "max_new_tokens": 8})
+
+
+def test_heldout_prompts_are_the_twenty_without_answers():
+    assert len(demo.heldout_prompts()) == 20
+
+
+def test_demo_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(demo, "DECODING", {**demo.DECODING, "max_new_tokens": 8})  # seconds, not minutes
+    code = main(
+        [
+            "demo",
+            "--config",
+            "configs/demo.yaml",
+            "--config",
+            "configs/debug.yaml",
+            "--data.max_length",
+            "1280",
+            "--output_dir",
+            str(tmp_path / "demo"),
+        ]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert lines[-1].startswith("verbose/concise median word ratio: ")
+    float(lines[-1].rsplit(" ", 1)[1])
+    assert any("asked by system prompt" in line for line in lines) and any("untrained controls" in line for line in lines)
