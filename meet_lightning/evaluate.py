@@ -337,9 +337,9 @@ def kl_to_base(
             k: v.to(model.device) for k, v in collate_rows(rows[start : start + batch_size], model.tokenizer.pad_token_id).items()
         }
         batch["control_ids"] = torch.tensor([ids], dtype=torch.long, device=model.device).expand(len(batch["input_ids"]), -1)
-        own, mask = controlled_response_logps(model.lm, model.control, batch)
-        base_logps, _ = plain_logps(base.to(model.device), batch)
-        total += float(((own - base_logps) * mask).sum())
+        own, mask = controlled_response_logps(model.lm, model.control, batch)  # (B, T+C-1): controls spliced in
+        base_logps, base_mask = plain_logps(base.to(model.device), batch)  # (B, T-1): the same response tokens
+        total += float((own * mask).sum() - (base_logps * base_mask).sum())
         count += int(mask.sum())
     return total / count if count else float("nan")
 

@@ -17,6 +17,12 @@ _DATASETS_CACHE = tempfile.mkdtemp(prefix="meet-test-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
 atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and a second spinning OpenMP thread on a busy 2-core
+# machine makes each step ~50x slower; one thread keeps the suite fast and its timing stable.
+torch.set_num_threads(1)
+
 SHARED = Path(os.environ.get("MEET_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 """The real preference files (``../shared/data``), read by path; ``MEET_SHARED_DATA`` points elsewhere."""
 

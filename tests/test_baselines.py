@@ -202,3 +202,16 @@ def test_chain_of_hindsight_phrases_are_plain_tokens_in_the_spliced_input(paired
         assert f"<|im_start|>assistant\n{phrase}" in text  # infix: right after the assistant header
         start = int(batch["response_start"][row])
         assert (labels[row, start : start + len(control.tokens_for(0 if row < pairs else 1))] == -100).all()
+
+
+def test_pairwise_baselines_on_row_batches_fail_with_one_line(shared_data, tmp_path, capsys):
+    from pathlib import Path
+
+    from meet_lightning.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["fit", "--config", str(configs / "baselines/dpo.yaml"), "--config", str(configs / "debug.yaml")]
+    args += ["--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), "--data.max_length", "128"]
+    assert main([*args, "--output_dir", str(tmp_path / "run"), "--data.pair_batches", "false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: DPOModule trains on paired batches") and err.count("\n") == 1

@@ -181,7 +181,8 @@ def test_reward_model_scores_generations_and_judges_win_rate(meet_export, reward
     prompt = [{"role": "user", "content": "Hi"}]
     scores = rm.score([prompt, prompt], ["Hello there!", "Go away."])
     assert len(scores) == 2 and scores[0] != scores[1] and scores[0] == pytest.approx(rm(prompt, "Hello there!"), abs=1e-5)
-    extra = ("--reward_model", str(reward_folder), "--judge", str(reward_folder), "--max_generations", "3", "--max_new_tokens", "6")
+    extra = ["--reward_model", str(reward_folder), "--judge", str(reward_folder)]
+    extra += ["--max_generations", "3", "--max_new_tokens", "6"]
     metrics = evaluate(meet_export, hh, tmp_path, *extra)
     assert metrics["reward_model_score_prompts"] == 3 and len(metrics["reward_model_score_ci95"]) == 2
     assert metrics["win_rate_prompts"] == 3 and 0 <= metrics["win_rate"] <= 1
@@ -201,7 +202,8 @@ def test_judge_win_rate_with_a_python_callable(base_folder, hh, tmp_path, monkey
     assert result["win_rate"] == 0.5 and result["win_rate_prompts"] == 4 and result["judge"].startswith("callable:")
     (tmp_path / "my_judges.py").write_text(JUDGES)
     monkeypatch.syspath_prepend(str(tmp_path))
-    metrics = evaluate(base_folder, hh, tmp_path, "--judge", "my_judges:longer", "--max_generations", "2", "--max_new_tokens", "4")
+    extra = ["--judge", "my_judges:longer", "--max_generations", "2", "--max_new_tokens", "4"]
+    metrics = evaluate(base_folder, hh, tmp_path, *extra)
     assert metrics["judge"] == "callable:my_judges:longer" and metrics["win_rate_prompts"] == 2
 
 
@@ -227,7 +229,7 @@ stage1:
     assert events and any(b"samples/harmless/good" in e.read_bytes() for e in events)
 
 
-def test_sample_generations_works_without_a_logger(tmp_path, shared_data):
+def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, shared_data, reward_folder):
     import lightning as L
 
     from meet_lightning.callbacks import SampleGenerations
@@ -247,8 +249,10 @@ def test_sample_generations_works_without_a_logger(tmp_path, shared_data):
     module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=2), data.control_schema)
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[SampleGenerations(prompts=["Hi"], controls=["harmless/good", "none"], max_new_tokens=3)],
+        callbacks=[SampleGenerations(prompts=["Hi"], controls=["harmless/good", "none"], max_new_tokens=3,
+                                     reward_model=str(reward_folder), num_reward_prompts=2)],
     )  # fmt: skip
     trainer.validate(module, data)
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["control"] for r in rows] == ["harmless/good", "none"]
+    assert {"val/reward/harmless/good", "val/reward/none"} <= set(trainer.callback_metrics)

@@ -56,6 +56,15 @@ def pair_keys(batch: Mapping[str, torch.Tensor]) -> list[str]:
     return keys
 
 
+def check_paired_data(module: MeetModule, stage: str) -> None:
+    """Refuses, before the first step, to fit a pairwise objective on a data module that serves single rows."""
+    data = module.trainer.datamodule
+    if stage == "fit" and getattr(data, "pair_batches", True) is False:
+        raise ConfigError(
+            f"{type(module).__name__} trains on paired batches — set data.pair_batches: true (--data.pair_batches true)"
+        )
+
+
 def check_plain(module: MeetModule) -> None:
     """Refuses a control implementation on a baseline that trains the plain LM."""
     if type(module.control) is not ControlTokens:
@@ -219,6 +228,9 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         self.reference_cache_misses = 0
         """Pairs whose reference log-probs had to be computed by a model."""
         object.__setattr__(self, "_reference", None)  # not a submodule: never saved, optimized or put in train mode
+
+    def setup(self, stage: str) -> None:
+        check_paired_data(self, stage)
 
     # ------------------------------------------------------------- reference
     def configure_model(self) -> None:
@@ -424,6 +436,9 @@ class HybridDPOModule(JointFinetuneModule):
             lm_lora_alpha,
             lm_lora_target_modules,
         )
+
+    def setup(self, stage: str) -> None:
+        check_paired_data(self, stage)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``NLL + dpo_weight · DPO`` with the control classifier as implicit reward (see the class docstring)."""
