@@ -20,8 +20,10 @@ from typing import Any
 
 from meet_lightning.examples import ControlSchema
 
-DECODING = {"max_new_tokens": 256, "temperature": 0.0, "batch_size": 20}
-"""Greedy, 256 new tokens: the same for every arm (asserted in :func:`generate_arm`)."""
+DECODING = {"max_new_tokens": 256, "temperature": 0.0, "repetition_penalty": 1.2, "batch_size": 40}
+"""Greedy with a mild repetition penalty, 256 new tokens: the same for every arm (asserted in
+:func:`generate_arm`). A 135M model decoding greedily falls into loops on long answers; the penalty is the usual
+remedy and applies to every arm alike."""
 
 SYSTEM_PROMPTS = {"concise": "Be as concise as possible.", "verbose": "Always answer with as much detail as possible."}
 
@@ -63,10 +65,16 @@ def repeated_4gram_share(texts: Sequence[str]) -> float:
     return repeated / total if total else 0.0
 
 
-def generate_arm(model: Any, prompts: Sequence[Any], control: Any, **decoding: Any) -> list[str]:
-    """One arm of the comparison; refuses decoding settings other than :data:`DECODING`."""
+def generate_arm(model: Any, prompts: Sequence[Any], first: Any, second: Any, **decoding: Any) -> tuple[list[str], list[str]]:
+    """One model's answers to every prompt under ``first`` and under ``second``, in one mixed batch.
+
+    ``prompts`` is a list, or a pair of lists (a different prompt per side, e.g. two system prompts).
+    Refuses decoding settings other than :data:`DECODING`, so no arm can be favoured.
+    """
     assert decoding == DECODING, f"every arm must decode with {DECODING}, got {decoding}"
-    return model.generate(list(prompts), control=control, **decoding)
+    left, right = prompts if isinstance(prompts, tuple) else (prompts, prompts)
+    texts = model.generate([*left, *right], controls=[first] * len(left) + [second] * len(right), **decoding)
+    return texts[: len(left)], texts[len(left) :]
 
 
 def untrained_model(recipe: dict[str, Any], schema: ControlSchema) -> Any:
@@ -91,24 +99,21 @@ def report(recipe: dict[str, Any], log=print) -> float:
     prompts = heldout_prompts()
     trained = AlignedModel.from_pretrained(Path(recipe["output_dir"]) / "export", dtype="bfloat16")
     started = time.perf_counter()
-    concise = generate_arm(trained, prompts, "concise", **DECODING)
-    verbose = generate_arm(trained, prompts, "verbose", **DECODING)
+    concise, verbose = generate_arm(trained, prompts, "concise", "verbose", **DECODING)
     base = untrained_model(recipe, trained.schema)
-    base_concise = generate_arm(base, prompts, "concise", **DECODING)
-    base_verbose = generate_arm(base, prompts, "verbose", **DECODING)
-    asked = {
-        name: [[{"role": "system", "content": text}, {"role": "user", "content": p}] for p in prompts]
-        for name, text in SYSTEM_PROMPTS.items()
-    }
-    asked_concise = generate_arm(base, asked["concise"], None, **DECODING)
-    asked_verbose = generate_arm(base, asked["verbose"], None, **DECODING)
+    base_concise, base_verbose = generate_arm(base, prompts, "concise", "verbose", **DECODING)
+    asked = tuple(
+        [[{"role": "system", "content": SYSTEM_PROMPTS[side]}, {"role": "user", "content": p}] for p in prompts]
+        for side in ("concise", "verbose")
+    )
+    asked_concise, asked_verbose = generate_arm(base, asked, None, None, **DECODING)
     seconds = time.perf_counter() - started
 
     for prompt, short, long in list(zip(prompts, concise, verbose, strict=True))[:3]:
         log(f"\n### {prompt}\n[concise, {words(short)} words] {short}\n[verbose, {words(long)} words] {long}")
     ratio = median_ratio(verbose, concise)
     low, high = bootstrap_median_ratio(verbose, concise)
-    log(f"\ngeneration: 6 arms × {len(prompts)} held-out prompts, {DECODING} — {seconds:.0f} s")
+    log(f"\ngeneration: 3 models × 2 controls × {len(prompts)} held-out prompts, {DECODING} — {seconds:.0f} s")
     log(
         f"median words, trained: concise {statistics.median(map(words, concise))}, verbose {statistics.median(map(words, verbose))}"
     )
@@ -118,7 +123,10 @@ def report(recipe: dict[str, Any], log=print) -> float:
     log(
         f"untrained model asked by system prompt:  verbose/concise median word ratio {median_ratio(asked_verbose, asked_concise):.2f}"
     )
-    log(f"repeated 4-grams in trained verbose answers: {100 * repeated_4gram_share(verbose):.1f} % (target ≤ 10 %)")
+    log(
+        f"repeated 4-grams in verbose answers: trained {100 * repeated_4gram_share(verbose):.1f} % (target ≤ 10 %),"
+        f" system prompt {100 * repeated_4gram_share(asked_verbose):.1f} %"
+    )
     log(f"trained ratio 95 % bootstrap interval: [{low:.2f}, {high:.2f}]")
     log(f"verbose/concise median word ratio: {ratio:.2f}")
     return ratio

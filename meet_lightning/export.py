@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from meet_lightning import __version__
 from meet_lightning.control import ControlTokens
-from meet_lightning.controls_io import read_controls_metadata, save_controls
-from meet_lightning.errors import CheckpointError
+from meet_lightning.controls_io import load_controls, save_controls
+from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
@@ -118,6 +117,29 @@ def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metr
     return "\n".join(lines)
 
 
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_SCHEMA_FIELDS = {"preferences": dict, "controls": list, "control": dict, "base_fingerprint": str}
+
+
+def read_schema(folder: Path) -> dict[str, Any]:
+    """An export's ``meet_schema.json``; CheckpointError when the folder, the file or one of its fields is wrong."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder — pass the export/ folder of a meet_lightning run")
+    schema_file = folder / SCHEMA_FILE
+    if not schema_file.is_file():
+        raise CheckpointError(f"{folder}: no {SCHEMA_FILE} — pass the export/ folder of a meet_lightning run")
+    try:
+        info = json.loads(schema_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{schema_file}: not valid JSON ({error}) — export the run again") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{schema_file}: not a JSON object — export the run again")
+    wrong = [f"{key} (want a {kind.__name__})" for key, kind in _SCHEMA_FIELDS.items() if not isinstance(info.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{schema_file}: missing or wrong fields: {', '.join(wrong)} — export the run again")
+    return info
+
+
 class AlignedModel:
     """An exported model that generates under chosen controls.
 
@@ -133,19 +155,23 @@ class AlignedModel:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu") -> AlignedModel:
-        """Loads ``export/`` (safetensors + JSON only)."""
+        """Loads ``export/`` (safetensors + JSON only: a pickle file in the folder is never opened)."""
         folder = Path(folder)
-        schema_file = folder / SCHEMA_FILE
-        if not schema_file.is_file():
-            raise CheckpointError(f"{folder}: no {SCHEMA_FILE} — pass the export/ folder of a meet_lightning run")
-        info = json.loads(schema_file.read_text())
+        info = read_schema(folder)
         schema = ControlSchema.from_dict(info["preferences"])
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if not any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS):
+            raise CheckpointError(
+                f"{folder}: no model.safetensors — exports hold safetensors only (pickle weights are never loaded);"
+                " export the run again"
+            )
         tokenizer = load_tokenizer(str(folder))
         lm = load_model(str(folder), DTYPES[dtype]).to(device)
         control = build_control(info["control"])
         control.setup(lm, tokenizer, schema)
-        read_controls_metadata(folder / CONTROLS_FILE)
-        control.load_state_dict(load_file(str(folder / CONTROLS_FILE)), strict=True)
+        # the same schema, control settings and base model as the schema file says, or a one-line error
+        load_controls(control, folder / CONTROLS_FILE, schema, info["base_fingerprint"])
         return cls(lm, tokenizer, control.to(device), schema)
 
     @property
@@ -156,23 +182,38 @@ class AlignedModel:
     def generate(
         self,
         prompts: Sequence[str | Sequence[Mapping[str, str]]],
-        control: ControlSpec | Sequence[ControlSpec] = None,
+        control: ControlSpec = None,
+        controls: Sequence[ControlSpec] | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         batch_size: int = 8,
+        repetition_penalty: float = 1.0,
     ) -> list[str]:
         """Responses to ``prompts``.
 
         Args:
             prompts: User messages, or chat message lists.
-            control: One choice for every prompt (``"good"``, ``["harmless/good", "concise"]``,
-                ``{"harmless": "good"}``) or a list with one choice per prompt (mixed batch).
+            control: One choice for every prompt: ``"good"``, ``["harmless/good", "concise"]`` (several
+                preferences), ``{"harmless": "good"}``, or ``None`` (no control).
+            controls: Instead of ``control``, one choice per prompt (a mixed batch).
             max_new_tokens: Longest response.
             temperature: 0 for greedy decoding.
             batch_size: Prompts per generate call.
+            repetition_penalty: ``> 1`` discourages repeating earlier tokens (1 = off).
         """
-        per_prompt = isinstance(control, list) and len(control) == len(prompts) and not all(isinstance(c, str) for c in control)
-        specs = list(control) if per_prompt else [control] * len(prompts)
+        if controls is not None and (control is not None or len(controls) != len(prompts)):
+            raise ConfigError(f"controls= needs one choice per prompt ({len(prompts)}), without control= — pass one of them")
+        specs = list(controls) if controls is not None else [control] * len(prompts)
         ids = [resolve_controls(self.schema, spec) for spec in specs]
         messages = [as_messages(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
-        return generate_responses(self.lm, self.tokenizer, self.control, messages, ids, max_new_tokens, temperature, batch_size)
+        return generate_responses(
+            self.lm,
+            self.tokenizer,
+            self.control,
+            messages,
+            ids,
+            max_new_tokens,
+            temperature,
+            batch_size,
+            repetition_penalty=repetition_penalty,
+        )

@@ -82,8 +82,10 @@ def generate_responses(
     temperature: float = 0.0,
     batch_size: int = 8,
     max_prompt_tokens: int = 1024,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
-    """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0)."""
+    """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0;
+    ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence, as in transformers)."""
     encoder = PromptTokenizer(tokenizer, max_prompt_tokens)
     device = next(lm.parameters()).device
     stop = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
@@ -104,6 +106,7 @@ def generate_responses(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
+                repetition_penalty=repetition_penalty,
                 top_p=None,
                 top_k=None,
                 **sampling,
@@ -151,6 +154,20 @@ def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def row_controls(schema: ControlSchema, row: Mapping[str, Any], path: str) -> list[int]:
+    """The control ids of one predict row; a ConfigError names the file and row."""
+    controls = row["controls"]
+    valid = controls is None or isinstance(controls, (str, Mapping)) or isinstance(controls, list)
+    if not valid or (isinstance(controls, list) and not all(isinstance(c, str) for c in controls)):
+        raise DataError(
+            f"{path}:{row['row']}: 'controls' must be a name, a list of names or {{preference: control}} — fix the row"
+        )
+    try:
+        return resolve_controls(schema, controls)
+    except ConfigError as error:
+        raise DataError(f"{path}:{row['row']}: {error}") from None
+
+
 def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_tokens: int = 128) -> list[dict[str, Any]]:
     """``predict``: generations for ``data.predict_path`` with a stage checkpoint, written to ``out``."""
     predict_path = cli.datamodule.predict_path
@@ -159,8 +176,8 @@ def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_to
     rows = read_prompts(Path(predict_path))
     from meet_lightning.pipeline import restore_module
 
+    ids = [row_controls(cli.model.schema, r, predict_path) for r in rows]  # before the model loads: fail fast
     module = restore_module(cli.model, checkpoint)
-    ids = [resolve_controls(module.schema, r["controls"]) for r in rows]
     texts = generate_responses(module.lm, module.tokenizer, module.control, [r["prompt"] for r in rows], ids, max_new_tokens)
     results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
     write_jsonl_atomic(out, results)

@@ -175,7 +175,7 @@ def test_generate_and_aligned_model_agree(finished_run, capsys):
     printed = capsys.readouterr().out.strip()
     model = AlignedModel.from_pretrained(finished_run / "export")
     assert model.generate(["Hello"], control="good", max_new_tokens=6) == [printed]
-    mixed = model.generate(["Hello", "Hello"], control=["good", {"harmless": "bad"}], max_new_tokens=6)
+    mixed = model.generate(["Hello", "Hello"], controls=["good", {"harmless": "bad"}], max_new_tokens=6)
     assert mixed == [printed, model.generate(["Hello"], control="harmless/bad", max_new_tokens=6)[0]]
 
 

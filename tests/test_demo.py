@@ -29,7 +29,7 @@ def test_bootstrap_interval_brackets_the_median():
 
 def test_every_arm_must_use_the_same_decoding():
     with pytest.raises(AssertionError, match="every arm must decode"):
-        demo.generate_arm(object(), ["p"], "concise", **{**demo.DECODING, "max_new_tokens": 8})
+        demo.generate_arm(object(), ["p"], "concise", "verbose", **{**demo.DECODING, "max_new_tokens": 8})
 
 
 def test_heldout_prompts_are_the_twenty_without_answers():
