@@ -333,3 +333,17 @@ def test_an_internal_bug_exits_1_with_its_traceback(tmp_path, monkeypatch):
     code = "import meet_lightning.inspect_data as m; m.read_source = lambda s: 1 / 0; from meet_lightning.cli import main; raise SystemExit(main(['inspect-data', '--data.path', 'x']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "ZeroDivisionError" in result.stderr and "Traceback" in result.stderr
+
+
+def test_stage1_select_best_writes_the_controls_of_the_best_checkpoint(tmp_path, hh):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    extra = ["--stage1.select", "best", "--stage1.trainer.val_check_interval", "1", "--stage1.trainer.limit_val_batches", "1",
+             "--stage2.model", "null"]
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh, *extra)) == 0
+    best = torch.load(out / "stage1" / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(out / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)
+    written = load_file(out / "stage1" / "controls.safetensors")["bank"]
+    assert torch.equal(written, best["state_dict"]["control.bank"])
+    assert best["global_step"] < last["global_step"] or torch.equal(written, last["state_dict"]["control.bank"])
