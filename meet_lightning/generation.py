@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def generate_responses(
         ids, mask, _ = control.insert(batch)
         ids, mask = to_left_padding(ids, mask)
         embeds = control.embed(lm.get_input_embeddings(), ids)
-        with control.route(batch["control_ids"]):
+        with control.route(batch["control_ids"]), warnings.catch_warnings():
+            # transformers warns that with inputs_embeds the penalty sees only new tokens: that is intended here
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
             out = lm.generate(
                 inputs_embeds=embeds,
                 attention_mask=mask,
