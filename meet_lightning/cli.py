@@ -50,12 +50,80 @@ class OneLineParser(ArgumentParser):
 
 
 def one_line(message: str, known: Sequence[str]) -> str:
-    """Shortens a jsonargparse message to its first line and adds the closest known flag."""
+    """Shortens a jsonargparse message to one line naming the flag, what was wrong and the fix.
+
+    Bad values (``Parser key "data.batch_size": Expected a <class 'int'>…``) become
+    ``--data.batch_size 'abc' is not an int — pass an int``; unknown keys get the closest known flag.
+    """
+    described = describe_bad_value(message.strip())
+    if described:
+        return described
+    group = re.match(r"Group '([\w.]+)' does not accept option '(\w+)'", message.strip())
+    if group:
+        flag = f"--{group.group(1)}.{group.group(2)}"
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return f"unknown key {flag} in the recipe" + (f" — did you mean {close[0]}?" if close else " — check its spelling")
+    required = re.match(r"the following arguments are required: ([\w., ]+)", message.strip())
+    if required:
+        names = [f"--{n.strip().lstrip('-')}" for n in required.group(1).split(",")]
+        return f"{', '.join(names)} is required — pass {names[0]} or set it in the recipe YAML"
     text = " ".join(message.strip().split("\n")[0].split())
     keys = re.findall(r"(?:--)?([A-Za-z_][\w.]*)", text)
     unknown = [k for k in keys if f"--{k}" not in known and "." in k]
     close = difflib.get_close_matches(f"--{unknown[0]}", known, n=1, cutoff=0.6) if unknown else []
     return f"{text} — did you mean {close[0]}?" if close else text
+
+
+_TYPE_NAMES = {"int": "an int", "float": "a number", "str": "text", "bool": "true or false", "dict": "a mapping"}
+
+
+def describe_bad_value(message: str) -> str | None:
+    """One line for jsonargparse's ``Parser key "KEY": …`` messages (a value of the wrong type or choice)."""
+    key = re.match(r'Parser key "([\w.]+)":', message)
+    if not key:
+        return None
+    flag = f"--{key.group(1)}"
+    missing_file = re.search(r"File does not exist: '([^']+)'", message)
+    if missing_file:
+        return f"{flag} {missing_file.group(1)}: file not found — check the path"
+    given = re.search(r"(?:Given|Got) value: (.*)", message)
+    value = given.group(1).strip() if given else None
+    bad_class = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", message)
+    if bad_class:
+        return (
+            f"{flag} {bad_class.group(1)}: cannot import it ({bad_class.group(2).strip()}) — pass the full import path"
+            " of a subclass (package.module.Class)"
+        )
+    choices = [c.strip().strip("'") for group in re.findall(r"Literal\[([^\]]*)\]", message) for c in group.split(",")]
+    types = [_TYPE_NAMES.get(t, t) for t in re.findall(r"Expected a <class '(\w+)'>", message) if t != "NoneType"]
+    expected = f"one of {', '.join(dict.fromkeys(choices))}" if choices else " or ".join(dict.fromkeys(types)) or None
+    if expected is None:
+        return f"{flag}: {' '.join(message.split())[len(key.group(0)) :].strip()}"
+    shown = f" {value!r}" if value is not None else ""
+    return f"{flag}{shown} is not {expected} — pass {'one of them' if choices else expected} to {flag}"
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """ConfigError naming the file, line and column for a ``--config`` that is not valid YAML or not a mapping."""
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # jsonargparse reports a missing file (or takes inline YAML)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not UTF-8 text — save the recipe as UTF-8 YAML") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ConfigError(f"--config {path}: not valid YAML ({problem}{where}) — fix the file") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"--config {path}: a recipe is a YAML mapping (key: value), not a {type(loaded).__name__} — see configs/"
+            )
 
 
 # ------------------------------------------------------------------- recipes
@@ -106,6 +174,7 @@ def recipe_parser(command: str) -> OneLineParser:
 def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any]:
     """Parses a recipe into plain YAML types; ``None`` recipe when only printing it."""
     parser = recipe_parser(command)
+    check_config_files(argv)
     try:
         cfg = parser.parse_args(list(argv))
     except ConfigError:

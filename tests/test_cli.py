@@ -339,8 +339,16 @@ def test_stage1_select_best_writes_the_controls_of_the_best_checkpoint(tmp_path,
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    extra = ["--stage1.select", "best", "--stage1.trainer.val_check_interval", "1", "--stage1.trainer.limit_val_batches", "1",
-             "--stage2.model", "null"]
+    extra = [
+        "--stage1.select",
+        "best",
+        "--stage1.trainer.val_check_interval",
+        "1",
+        "--stage1.trainer.limit_val_batches",
+        "1",
+        "--stage2.model",
+        "null",
+    ]
     assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh, *extra)) == 0
     best = torch.load(out / "stage1" / "checkpoints" / "best.ckpt", weights_only=True)
     last = torch.load(out / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)
