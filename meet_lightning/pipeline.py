@@ -321,6 +321,8 @@ def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
         for key in sorted(set(old) | set(new), key=str):
             if key in BUDGET_KEYS or key in HARDWARE_KEYS:
                 continue
+            if (key not in old and not new[key]) or (key not in new and not old[key]):
+                continue  # an option added (or removed) by a library upgrade, left at its off value
             found = recipe_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
                 return found

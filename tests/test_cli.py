@@ -355,3 +355,11 @@ def test_stage1_select_best_writes_the_controls_of_the_best_checkpoint(tmp_path,
     written = load_file(out / "stage1" / "controls.safetensors")["bank"]
     assert torch.equal(written, best["state_dict"]["control.bank"])
     assert best["global_step"] < last["global_step"] or torch.equal(written, last["state_dict"]["control.bank"])
+
+
+def test_an_option_added_by_an_upgrade_at_its_off_value_is_not_a_recipe_change():
+    from meet_lightning.pipeline import recipe_difference
+
+    old = {"data": {"path": "x", "batch_size": 4}}
+    assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": False}}) == ""
+    assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": True}}) == "data.chosen_only: None → True"
