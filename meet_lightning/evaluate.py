@@ -555,26 +555,14 @@ def win_rate(judge: str | Judge, prompts, responses, references, device: str = "
 # -------------------------------------------------------------------------------------------- prompts
 def read_generation_prompts(path: Path) -> list[dict[str, Any]]:
     """Rows of a prompts file: JSONL with ``prompt`` (text or messages) and optional ``reference`` response."""
-    from meet_lightning.generation import as_messages
+    from meet_lightning.generation import read_prompt_records
 
-    if not path.is_file():
-        raise DataError(f'{path}: prompts file not found — pass a JSONL file with one {{"prompt": ...}} per line')
     rows = []
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DataError(f"{path}:{number}: not a JSON object — write one object per line") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{\"prompt\": ...}}")
+    for number, record, prompt in read_prompt_records(path, "prompts file", '"prompt": ...'):
         reference = record.get("reference")
         if reference is not None and not isinstance(reference, str):
             raise DataError(f"{path}:{number}: 'reference' must be a string — fix the row")
-        rows.append({"prompt": as_messages(record["prompt"], f"{path}:{number}"), "reference": reference})
-    if not rows:
-        raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
+        rows.append({"prompt": prompt, "reference": reference})
     return rows
 
 

@@ -127,10 +127,16 @@ def as_messages(prompt: str | Sequence[Mapping[str, str]], where: str) -> list[M
     raise DataError(f"{where}: 'prompt' must be non-empty text or a list of {{role, content}} messages — fix the row")
 
 
-def read_prompts(path: Path) -> list[dict[str, Any]]:
-    """Rows of a predict file: JSONL with ``prompt`` and optional ``controls``."""
+def read_prompt_records(path: Path, what: str, fields: str) -> list[tuple[int, dict[str, Any], list[Message]]]:
+    """``(row, record, prompt messages)`` for each line of a JSONL prompts file; DataError naming ``FILE:ROW``.
+
+    Args:
+        path: The JSONL file.
+        what: What the file is for, in messages (e.g. ``predict file``).
+        fields: The fields a line holds, for the fix in messages (e.g. ``"prompt": ..., "controls": ...``).
+    """
     if not path.is_file():
-        raise DataError(f"{path}: predict file not found — set --data.predict_path to a JSONL file")
+        raise DataError(f"{path}: {what} not found — pass a JSONL file with one {{{fields}}} per line")
     rows = []
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
@@ -140,13 +146,17 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise DataError(f"{path}:{number}: not a JSON object — write one object per line") from None
         if not isinstance(record, dict) or "prompt" not in record:
-            raise DataError(f'{path}:{number}: missing field \'prompt\' — each line needs {{"prompt": ..., "controls": ...}}')
-        rows.append(
-            {"prompt": as_messages(record["prompt"], f"{path}:{number}"), "controls": record.get("controls"), "row": number}
-        )
+            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{{fields}}}")
+        rows.append((number, record, as_messages(record["prompt"], f"{path}:{number}")))
     if not rows:
         raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
     return rows
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    """Rows of a predict file: JSONL with ``prompt`` and optional ``controls``."""
+    records = read_prompt_records(path, "predict file (--data.predict_path)", '"prompt": ..., "controls": ...')
+    return [{"prompt": prompt, "controls": record.get("controls"), "row": number} for number, record, prompt in records]
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
