@@ -31,6 +31,7 @@ Choices made for every format:
 
 from __future__ import annotations
 
+import abc
 import bisect
 import csv
 import difflib
@@ -608,7 +609,7 @@ def _number(value: Any, where: str) -> float:
 # ------------------------------------------------------------------------------------------------ formats
 
 
-class _Format:
+class _Format(abc.ABC):
     """One data format: ``parse`` turns a record into pairs/examples, ``finish`` runs after the last record.
 
     A fresh instance reads each source, so a format may keep state across records (pointwise buffers its
@@ -623,6 +624,7 @@ class _Format:
         self.cfg = cfg
         self.preference = cfg.preference or DEFAULT_PREFERENCE
 
+    @abc.abstractmethod
     def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
         """Turn one record into pairs and examples.
 
@@ -631,7 +633,6 @@ class _Format:
             raw: The record as read, for ``prompt_template``.
             source: ``FILE:ROW`` for the examples.
         """
-        raise NotImplementedError
 
     def finish(self) -> _Out:
         """Whatever needs the whole file (e.g. quantile labels)."""
