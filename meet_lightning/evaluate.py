@@ -36,6 +36,7 @@ from meet_lightning.errors import CheckpointError, ConfigError, DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, Message, PreferencePair
 from meet_lightning.formats import SourceConfig, read_source
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
+from meet_lightning.modules.baselines import plain_logps
 
 Attribute = Callable[[Sequence[Message], str], float]
 """An attribute function: ``(prompt messages, response) → value`` (word count, a reward, …)."""
@@ -165,13 +166,6 @@ def schema_model_name(model: EvalModel, key: str, flag: str) -> str | None:
             f" — pass {flag} {name} yourself if you trust it"
         )
     return name
-
-
-def plain_logps(lm: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token response log-probs with no control: ``token_logps`` and ``mask``, (B, T-1)."""
-    from meet_lightning.modules.baselines import plain_logps as plain
-
-    return plain(lm, batch)
 
 
 # ---------------------------------------------------------------------------------------- pairwise metrics
