@@ -236,23 +236,25 @@ def score_pairs(
 def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        own_tokens, mask = controlled_response_logps(model.lm, model.control, batch)  # chosen|good, rejected|bad
+        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch)  # chosen|good, rejected|bad
         ids = batch["control_ids"]
-        other_tokens, _ = controlled_response_logps(model.lm, model.control, batch, torch.cat([ids[n:], ids[:n]]))
-        own, other = sequence_logps(own_tokens, mask), sequence_logps(other_tokens, mask)
+        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, torch.cat([ids[n:], ids[:n]]))
+        # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
+        own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])
         rejected = control_classifier_scores(other[n:], own[n:])
         scores["control_accuracy"] = pairwise_accuracy(chosen, rejected).tolist()
         scores["control_margin"] = (chosen - rejected).tolist()
-        preferred = torch.cat([own_tokens[:n], other_tokens[n:]])  # both responses under the good control
+        policy = torch.cat([own[:n], other[n:]])  # both responses under the good control
+        counts = torch.cat([own_mask[:n].sum(-1), other_mask[n:].sum(-1)])
     else:
-        preferred, mask = plain_logps(model.lm, batch)
-    per_token = sequence_logps(preferred, mask, average=True)  # (2B,) [chosen; rejected]
+        tokens, mask = plain_logps(model.lm, batch)
+        policy, counts = sequence_logps(tokens, mask), mask.sum(-1)
+    per_token = policy / counts.clamp(min=1)  # (2B,) [chosen; rejected]
     scores["chosen_nll"] = (-per_token[:n]).tolist()
     scores["logp_accuracy"] = pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
     if reference is not None:
         beta = float(model.info.get("dpo_beta", 1.0))
-        policy = sequence_logps(preferred, mask)
         base = sequence_logps(*plain_logps(reference, batch))
         chosen_reward, rejected_reward = beta * (policy[:n] - base[:n]), beta * (policy[n:] - base[n:])
         scores["dpo_reward_accuracy"] = pairwise_accuracy(chosen_reward, rejected_reward).tolist()

@@ -256,3 +256,41 @@ def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, 
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["control"] for r in rows] == ["harmless/good", "none"]
     assert {"val/reward/harmless/good", "val/reward/none"} <= set(trainer.callback_metrics)
+
+
+def test_text_controls_of_different_lengths_score_each_pass_with_its_own_positions():
+    """A longer ``bad`` phrase shifts the response: every score must equal the same row scored on its own."""
+    from meet_lightning.control import TextControl, controlled_response_logps
+    from meet_lightning.data import PromptTokenizer, collate_rows
+    from meet_lightning.evaluate import EvalModel, score_pairs
+    from meet_lightning.examples import ControlledExample, ControlSchema, PreferencePair
+    from meet_lightning.losses import sequence_logps
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    lm = build_tiny_model(tokenizer).eval()
+    schema = ControlSchema.from_dict({"harmless": ["good", "bad"]})
+    control = TextControl({"good": "Good:", "bad": "A much longer bad phrase here:"})
+    control.setup(lm, tokenizer, schema)
+    model = EvalModel("tiny", lm, tokenizer, control, schema)
+    pairs = [
+        PreferencePair(({"role": "user", "content": f"question {i}?"},), "yes " * (i + 1), "no", "harmless") for i in range(3)
+    ]
+    scores, too_long = score_pairs(model, pairs, max_length=128)
+
+    encoder = PromptTokenizer(tokenizer, 128)
+
+    def alone(pair: PreferencePair, response: str, label: str) -> tuple[float, int]:
+        row = encoder.tokenize(ControlledExample(pair.prompt, response, {"harmless": label}), schema)
+        with torch.no_grad():
+            tokens, mask = controlled_response_logps(lm, control, collate_rows([row], tokenizer.pad_token_id))
+        return float(sequence_logps(tokens, mask)), int(mask.sum())
+
+    assert too_long == 0
+    for i, pair in enumerate(pairs):
+        (cg, n_c), (cb, _), (rg, n_r), (rb, _) = (
+            alone(pair, r, c) for r in (pair.chosen, pair.rejected) for c in ("good", "bad")
+        )
+        assert scores["control_margin"][i] == pytest.approx((cg - cb) - (rg - rb), abs=1e-4)
+        assert scores["chosen_nll"][i] == pytest.approx(-cg / n_c, abs=1e-5)
+        assert scores["logp_accuracy"][i] == float(cg / n_c > rg / n_r)

@@ -1,0 +1,482 @@
+"""The paper's comparison table from one command: every arm trained and scored side by side, with honest statistics.
+
+    python benchmarks/compare.py --out runs/compare            # default: --budget small, all arms
+    python benchmarks/compare.py --out runs/compare --budget full --arms meet_prompt,coh,dpo
+
+Every arm is a recipe under ``configs/`` run through the real CLI (``python -m meet_lightning fit``, one
+subprocess per run) on the same data, model, seed, batch, length and total optimizer steps. Each arm trains
+once on both preferences together (HH-RLHF ``harmless``: good/bad, and AlpacaEval ``length``: concise/verbose),
+with a held-out part of each file split off by prompt with a fixed seed. Scoring (in this process, bf16
+autocast for every arm alike):
+
+- HH held-out pairs: ``chosen_nll`` and ``logp_accuracy`` in each model's preferred mode (every arm),
+  ``control_accuracy`` (arms with controls), ``dpo_reward_accuracy`` (DPO);
+- AlpacaEval held-out prompts: words under ``verbose`` ÷ words under ``concise`` (arms with controls), greedy.
+
+Every number has a bootstrap 95 % interval; each arm is compared with MEET (prompt) on the same pairs or
+prompts, and a method "wins" only where the interval of the paired difference excludes 0 ("tie" otherwise).
+Re-running the same command resumes: finished runs and scored arms are read back, not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heldout import split_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HH = ROOT.parent / "shared/data/hh_rlhf_harmless.train.jsonl.gz"
+ALPACA = ROOT.parent / "shared/data/alpaca_eval_concise_verbose.train.jsonl.gz"
+REFERENCE = "meet_prompt"
+BASE = "base"
+# Chain-of-Hindsight phrases for both preferences (also the text init of the stage2_only_text_init ablation).
+PHRASES = {
+    "good": "A good response:",
+    "bad": "A bad response:",
+    "concise": "A concise response:",
+    "verbose": "A detailed response:",
+}
+LR_GRID = {"small": (1.0,), "full": (1 / 3, 1.0, 3.0)}  # multipliers of each recipe's learning rates
+DECODING = {"temperature": 0.0, "repetition_penalty": 1.2}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method of the table: a recipe plus the overrides that make it train on both preferences.
+
+    Attributes:
+        recipe: YAML under ``configs/``.
+        label: Name in the table.
+        stages: Active stages; the step budget is split evenly between them.
+        overrides: Extra CLI arguments.
+    """
+
+    recipe: str
+    label: str
+    stages: tuple[str, ...] = ("stage1",)
+    overrides: tuple[str, ...] = ()
+
+
+ARMS: dict[str, Arm] = {
+    "meet_prompt": Arm("configs/meet_hh_prompt.yaml", "MEET (prompt)", ("stage1", "stage2")),
+    "meet_lora": Arm("configs/meet_hh_lora.yaml", "MEET (LoRA)", ("stage1", "stage2")),
+    "coh": Arm(
+        "configs/baselines/coh.yaml", "Chain of Hindsight", overrides=("--control.init_args.phrases", json.dumps(PHRASES))
+    ),
+    "special_token": Arm("configs/baselines/special_token.yaml", "special token"),
+    "stage1_only": Arm("configs/ablations/stage1_only.yaml", "stage 1 only"),
+    "stage2_only": Arm("configs/ablations/stage2_only.yaml", "stage 2 only (random init)"),
+    "stage2_only_text_init": Arm(
+        "configs/ablations/stage2_only_text_init.yaml",
+        "stage 2 only (text init)",
+        overrides=("--control.init_args.init_text", json.dumps(PHRASES)),
+    ),
+    "sft": Arm("configs/baselines/sft.yaml", "SFT"),
+    "dpo": Arm("configs/baselines/dpo.yaml", "DPO"),
+}
+
+
+@dataclass
+class Settings:
+    """What every arm shares (the table prints it)."""
+
+    out: Path
+    model: str = "smollm2-135m-instruct"
+    steps: int = 40
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 1234
+    budget: str = "small"
+    eval_pairs: int = 64
+    length_prompts: int = 24
+    max_new_tokens: int = 128
+    max_val_examples: int = 32
+    threads: int = 2
+    overlay: str | None = None
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+
+
+# ------------------------------------------------------------------------------------------------- data
+def prepare_data(s: Settings) -> dict[str, Path]:
+    """Held-out splits of both files (by prompt, fixed seed): training files and evaluation files."""
+    for source in (HH, ALPACA):
+        if not source.is_file():
+            sys.exit(f"{source}: not found — compare.py reads ../shared/data beside the repository")
+    hh_train, hh_eval = split_file(HH, s.out / "data/hh", s.eval_pairs, s.seed)
+    alpaca_train, alpaca_eval = split_file(ALPACA, s.out / "data/alpaca", s.length_prompts, s.seed)
+    return {"hh_train": hh_train, "hh_eval": hh_eval, "alpaca_train": alpaca_train, "alpaca_eval": alpaca_eval}
+
+
+def sources(data: dict[str, Path]) -> str:
+    """The ``--data.sources`` value: both preferences in one run."""
+    return json.dumps(
+        [
+            {"path": str(data["hh_train"]), "format": "hh_rlhf", "preference": "harmless"},
+            {"path": str(data["alpaca_train"]), "format": "multi_response", "preference": "length"},
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------- training
+def stage_steps(arm: Arm, steps: int) -> dict[str, int]:
+    """The total budget split evenly over the arm's stages (MEET: half in stage 1, half in stage 2)."""
+    share, extra = divmod(steps, len(arm.stages))
+    return {stage: share + (i < extra) for i, stage in enumerate(arm.stages)}
+
+
+def lr_overrides(arm: Arm, multiplier: float) -> list[str]:
+    """Every learning rate of the recipe (``lr``, ``control_lr``) scaled by ``multiplier``."""
+    recipe = yaml.safe_load((ROOT / arm.recipe).read_text())
+    args = []
+    for stage in arm.stages:
+        init_args = recipe[stage]["model"].get("init_args", {})
+        args += [
+            a
+            for key in ("lr", "control_lr")
+            if key in init_args
+            for a in (f"--{stage}.model.init_args.{key}", f"{init_args[key] * multiplier:.3g}")
+        ]
+    return args
+
+
+def fit_command(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float, out: Path) -> list[str]:
+    """The ``fit`` command line of one run."""
+    recipe = yaml.safe_load((ROOT / arm.recipe).read_text())
+    rows_per_batch = s.batch_size // 2 if recipe["data"].get("pair_batches") else s.batch_size  # DPO counts pairs
+    args = [sys.executable, "-m", "meet_lightning", "fit", "--config", str(ROOT / arm.recipe)]
+    args += ["--config", s.overlay, *arm.overrides] if s.overlay else list(arm.overrides)
+    args += ["--model_name_or_path", s.model, "--output_dir", str(out), "--seed_everything", str(s.seed)]
+    args += ["--data.path", "null", "--data.sources", sources(data), "--data.max_length", str(s.max_length)]
+    args += ["--data.batch_size", str(rows_per_batch), "--data.max_val_examples", str(s.max_val_examples)]
+    for stage, steps in stage_steps(arm, s.steps).items():
+        trainer = f"--{stage}.trainer"
+        args += [f"{trainer}.max_steps", str(steps), f"{trainer}.val_check_interval", str(steps)]
+        args += [f"{trainer}.log_every_n_steps", "5", f"{trainer}.enable_progress_bar", "false"]
+    return args + lr_overrides(arm, multiplier)
+
+
+def run_fit(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float) -> dict[str, Any]:
+    """Trains one (arm, learning rate) run in a subprocess, or reads it back when it finished earlier."""
+    out = s.out / "runs" / f"{arm_name(arm)}-lr{multiplier:.3g}"
+    record = out / "compare_run.json"
+    command = fit_command(arm, s, data, multiplier, out)
+    if record.is_file():
+        return read_back(record, "command", command[1:])
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    print(f"  fit {arm.label} (lr × {multiplier:.3g}) → {out}", flush=True)
+    start = time.perf_counter()
+    with (out / "fit.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{out / 'fit.log'}: {arm.label} failed — read the log, fix, and re-run the same command (it resumes)")
+    done = [json.loads((out / stage / "done.json").read_text()) for stage in arm.stages]
+    result = {
+        "arm": arm_name(arm),
+        "lr_multiplier": multiplier,
+        "export": str(out / "export"),
+        "steps": sum(d["global_step"] for d in done),
+        "train_tokens": sum(d["train_tokens"] for d in done),
+        "train_seconds": sum(d["train_seconds"] for d in done),
+        "wall_seconds": time.perf_counter() - start,
+        "peak_rss_gb": usage.ru_maxrss / 2**20,  # KiB on Linux
+        "val_loss": done[-1]["val/loss"],
+        "command": command[1:],
+    }
+    result["tokens_per_s"] = result["train_tokens"] / result["train_seconds"]
+    record.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
+    """A finished run or score read back for resuming; exits when it was made with other settings."""
+    record = json.loads(path.read_text())
+    if record[key] != json.loads(json.dumps(expected)):
+        sys.exit(f"{path}: made with other settings than this command's — pass a new --out, or delete {path.parent}")
+    return record
+
+
+def arm_name(arm: Arm) -> str:
+    return next(name for name, a in ARMS.items() if a is arm)
+
+
+def train_arm(arm: Arm, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+    """Every learning rate of the budget; the one with the lowest validation loss is the arm's run."""
+    runs = [run_fit(arm, s, data, m) for m in LR_GRID[s.budget]]
+    best = min(runs, key=lambda r: r["val_loss"])
+    return {**best, "lrs_tried": [r["lr_multiplier"] for r in runs], "tuning": runs}
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def heldout_pairs(path: Path, tokenizer: Any, s: Settings) -> list:
+    """HH held-out pairs whose both sides fit ``max_length`` with room for controls: every arm scores the same."""
+    from meet_lightning.data import PromptTokenizer
+    from meet_lightning.evaluate import read_pairs
+    from meet_lightning.examples import ControlledExample, ControlSchema
+    from meet_lightning.formats import SourceConfig
+
+    encoder, empty = PromptTokenizer(tokenizer, s.max_length - 32), ControlSchema({})
+    pairs = read_pairs(SourceConfig(path=str(path), format="hh_rlhf", preference="harmless"), None)
+    fits = lambda p, r: encoder.tokenize(ControlledExample(p.prompt, r, {}), empty) is not None  # noqa: E731
+    return [p for p in pairs if fits(p, p.chosen) and fits(p, p.rejected)]
+
+
+def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+    """Per-pair and per-prompt values of one model (cached in ``out/scores``)."""
+    import torch
+
+    from meet_lightning.evaluate import load_for_evaluation, load_reference, score_pairs
+
+    cache = s.out / "scores" / f"{name}.json"
+    settings = [export, s.max_length, s.batch_size, s.max_new_tokens, s.eval_pairs, s.length_prompts]
+    if cache.is_file():
+        return read_back(cache, "settings", settings)
+    print(f"  score {name}", flush=True)
+    torch.set_num_threads(s.threads)
+    model = load_for_evaluation(export)
+    pairs = heldout_pairs(data["hh_eval"], model.tokenizer, s)
+    reference = load_reference(model) if model.is_dpo else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, too_long = score_pairs(model, pairs, s.max_length, s.batch_size, reference=reference)
+        lengths = verbosity(model, data["alpaca_eval"], s) if model.has_controls else None
+    assert too_long == 0, f"{name}: {too_long} held-out pairs did not fit although they were filtered to fit"
+    result = {"kind": model.kind, "pairs": values, "length": lengths, "settings": settings}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def verbosity(model: Any, path: Path, s: Settings) -> dict[str, list[float]]:
+    """Words per answer to the held-out AlpacaEval prompts under ``concise`` and under ``verbose`` (one batch)."""
+    from meet_lightning.export import AlignedModel
+
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+    aligned = AlignedModel(model.lm, model.tokenizer, model.control, model.schema)
+    texts = aligned.generate(
+        prompts * 2,
+        controls=["concise"] * len(prompts) + ["verbose"] * len(prompts),
+        max_new_tokens=s.max_new_tokens,
+        batch_size=2 * len(prompts),
+        **DECODING,
+    )
+    words = [float(len(t.split())) for t in texts]
+    return {"concise": words[: len(prompts)], "verbose": words[len(prompts) :], "samples": texts[:2]}
+
+
+# --------------------------------------------------------------------------------------------- statistics
+METRICS = {  # name: (higher is better, where the per-item values live)
+    "chosen_nll": (False, "pairs"),
+    "logp_accuracy": (True, "pairs"),
+    "control_accuracy": (True, "pairs"),
+    "dpo_reward_accuracy": (True, "pairs"),
+    "length_ratio": (True, "length"),
+}
+
+
+def statistic(scores: dict[str, Any], metric: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``idx (S, n) → (S,)`` the metric on resampled items, or ``None`` when the model has no such metric."""
+    if metric == "length_ratio":
+        if not scores["length"]:
+            return None
+        concise, verbose = np.array(scores["length"]["concise"]), np.array(scores["length"]["verbose"])
+        # An all-empty concise side has no ratio (nan), rather than a misleading 0 or inf.
+        return lambda idx: verbose[idx].mean(-1) / np.where(concise[idx].mean(-1) > 0, concise[idx].mean(-1), np.nan)
+    if metric not in scores["pairs"]:
+        return None
+    values = np.array(scores["pairs"][metric])
+    return lambda idx: values[idx].mean(-1)
+
+
+def item_count(scores: dict[str, Any], metric: str) -> int:
+    return len(scores["length"]["concise"]) if metric == "length_ratio" else len(scores["pairs"].get(metric, []))
+
+
+def bootstrap(stat: Callable[[np.ndarray], np.ndarray], n: int, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The statistic on all items and its 95 % percentile bootstrap interval."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    values = stat(idx)
+    lo, hi = np.nanpercentile(values, [2.5, 97.5]) if np.isfinite(values).any() else (np.nan, np.nan)
+    return float(stat(np.arange(n)[None])[0]), float(lo), float(hi)
+
+
+def summarize(scores: dict[str, Any]) -> dict[str, list[float]]:
+    """``{metric: [value, lo, hi]}`` for the metrics the model has."""
+    out = {}
+    for metric in METRICS:
+        stat = statistic(scores, metric)
+        if stat is not None:
+            out[metric] = list(bootstrap(stat, item_count(scores, metric)))
+    return out
+
+
+def paired(reference: dict[str, Any], other: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """Reference minus other on the same items, with its interval and the verdict for the reference."""
+    a, b = statistic(reference, metric), statistic(other, metric)
+    if a is None or b is None:
+        return None
+    diff, lo, hi = bootstrap(lambda idx: a(idx) - b(idx), item_count(reference, metric))
+    better = METRICS[metric][0]
+    verdict = (
+        "n/a"
+        if not np.isfinite([diff, lo, hi]).all()
+        else "tie"
+        if lo <= 0 <= hi
+        else ("wins" if (lo > 0) == better else "loses")
+    )
+    return {"difference": diff, "ci95": [lo, hi], "verdict": verdict}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fmt(cell: list[float] | None, digits: int = 3) -> str:
+    return "n/a" if cell is None else f"{cell[0]:.{digits}f} [{cell[1]:.{digits}f}, {cell[2]:.{digits}f}]"
+
+
+def table(results: dict[str, dict[str, Any]], s: Settings) -> str:
+    """The markdown report: metrics with intervals and costs, then paired differences against MEET (prompt)."""
+    head = "| arm | lr × | steps | train tokens | train s | tok/s | chosen_nll ↓ | logp_accuracy | control_accuracy | dpo_reward_accuracy | verbose/concise words |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results.values():
+        run, m = r.get("run") or {}, r["metrics"]
+        cost = (
+            [
+                f"{run['lr_multiplier']:.3g}",
+                str(run["steps"]),
+                f"{run['train_tokens']:,}",
+                f"{run['train_seconds']:.0f}",
+                f"{run['tokens_per_s']:.0f}",
+            ]
+            if run
+            else ["–"] * 5
+        )
+        cells = [fmt(m.get(k), 2 if k == "length_ratio" else 3) for k in METRICS]
+        lines.append("| " + " | ".join([r["label"], *cost, *cells]) + " |")
+    lines += ["", f"Paired differences, {ARMS[REFERENCE].label} minus each arm on the same items (95 % bootstrap interval):", ""]
+    lines += ["| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, r in results.items():
+        if name == REFERENCE:
+            continue
+        cells = []
+        for metric in METRICS:
+            d = r["vs_reference"].get(metric)
+            cells.append(
+                "n/a" if d is None else f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] MEET {d['verdict']}"
+            )
+        lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Horizontal bars with 95 % intervals for the main metrics, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["logp_accuracy", "control_accuracy", "length_ratio"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.45 * len(results) + 1.5), sharey=True)
+    labels = [r["label"] for r in results.values()]
+    for ax, metric in zip(axes, metrics, strict=True):
+        cells = [r["metrics"].get(metric) for r in results.values()]
+        y = [i for i, c in enumerate(cells) if c]
+        value = np.array([cells[i][0] for i in y])
+        err = np.array([[value[j] - cells[i][1], cells[i][2] - value[j]] for j, i in enumerate(y)]).T
+        ax.barh(y, value, xerr=err if len(y) else None, color="tab:blue", alpha=0.8)
+        ax.axvline(1.0 if metric == "length_ratio" else 0.5, color="grey", lw=0.8, ls="--")
+        ax.set_title(metric)
+    axes[0].set_yticks(range(len(labels)), labels)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- main
+def run(s: Settings) -> dict[str, Any]:
+    """Trains, scores and reports every arm; returns the JSON written to ``out/compare.json``."""
+    unknown = [a for a in s.arms if a not in ARMS]
+    if unknown:
+        sys.exit(f"--arms: unknown {', '.join(unknown)} — choose from {', '.join(ARMS)}")
+    if REFERENCE not in s.arms:
+        s.arms = [REFERENCE, *s.arms]  # every comparison is against MEET (prompt)
+    s.out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(s)
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {BASE: {"label": "untrained base", "export": s.model, "run": None}}
+    for name in s.arms:
+        run_ = train_arm(ARMS[name], s, data)
+        results[name] = {"label": ARMS[name].label, "export": run_["export"], "run": run_}
+    for name, r in results.items():
+        r["scores"] = score_arm(name, r["export"], s, data)
+        r["metrics"] = summarize(r["scores"])
+    for r in results.values():
+        r["vs_reference"] = {m: paired(results[REFERENCE]["scores"], r["scores"], m) for m in METRICS}
+    report = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+        "budget_note": f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss",
+        "seconds": time.perf_counter() - start,
+        "results": results,
+    }
+    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
+    markdown = table(results, s)
+    plot(results, s.out / "compare.png")
+    counts = {m: item_count(results[REFERENCE]["scores"], m) for m in ("chosen_nll", "length_ratio")}
+    markdown = f"{header(s)}; scored: {counts['chosen_nll']} HH pairs, {counts['length_ratio']} AlpacaEval prompts\n\n{markdown}"
+    (s.out / "compare.md").write_text(markdown + "\n")
+    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
+    return report
+
+
+def header(s: Settings) -> str:
+    lrs = (
+        "one learning rate per method (the recipe's)"
+        if s.budget == "small"
+        else "3 learning rates per method (×1/3, ×1, ×3), picked by validation loss"
+    )
+    return (
+        f"model {s.model}; both preferences in one run (HH harmless + AlpacaEval length); {s.steps} optimizer steps per arm "
+        f"(MEET: {s.steps // 2} + {s.steps - s.steps // 2}), batch {s.batch_size} rows, max length {s.max_length}, seed {s.seed}; "
+        f"budget {s.budget}: {lrs}; held out: {s.eval_pairs} HH prompts, {s.length_prompts} AlpacaEval prompts; "
+        f"length: greedy, {s.max_new_tokens} new tokens, repetition penalty {DECODING['repetition_penalty']}"
+    )
+
+
+def parse(argv: Sequence[str] | None = None) -> Settings:
+    defaults = Settings(out=Path("runs/compare"))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=defaults.out)
+    p.add_argument("--budget", choices=list(LR_GRID), default=defaults.budget)
+    p.add_argument("--arms", default=",".join(defaults.arms), help="comma-separated: " + ", ".join(ARMS))
+    p.add_argument("--model", default=defaults.model)
+    p.add_argument("--overlay", help="a YAML applied over every recipe, e.g. configs/debug.yaml for a seconds-long check")
+    for name in (
+        "steps",
+        "batch_size",
+        "max_length",
+        "seed",
+        "eval_pairs",
+        "length_prompts",
+        "max_new_tokens",
+        "max_val_examples",
+        "threads",
+    ):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name))
+    args = p.parse_args(argv)
+    return Settings(**{**vars(args), "arms": [a for a in args.arms.split(",") if a]})
+
+
+if __name__ == "__main__":
+    run(parse())

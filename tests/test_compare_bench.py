@@ -1,0 +1,71 @@
+"""benchmarks/compare.py: every arm through the real CLI on a tiny model, paired statistics, resuming."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compare  # noqa: E402
+
+ARMS = ["meet_prompt", "coh", "dpo"]
+
+
+def settings(out: Path, **changes) -> compare.Settings:
+    tiny = dict(model="tiny-debug", overlay=str(ROOT / "configs/debug.yaml"), steps=2, eval_pairs=6, length_prompts=3)
+    tiny.update(max_new_tokens=4, max_length=1024, threads=1)
+    return compare.Settings(out=out, arms=list(ARMS), **{**tiny, **changes})
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, shared_data):
+    out = tmp_path_factory.mktemp("compare")
+    return out, compare.run(settings(out))
+
+
+def test_every_arm_trains_the_same_budget_and_is_scored_on_the_same_pairs(report):
+    out, result = report
+    results = result["results"]
+    assert list(results) == ["base", *ARMS]
+    assert {r["run"]["steps"] for r in results.values() if r["run"]} == {2}
+    assert all(r["run"]["train_tokens"] > 0 and r["run"]["peak_rss_gb"] > 0 for r in results.values() if r["run"])
+    pair_counts = {len(r["scores"]["pairs"]["chosen_nll"]) for r in results.values()}
+    assert pair_counts == {6}  # every held-out pair fits at this length, for every arm
+    has = {name: set(r["metrics"]) for name, r in results.items()}
+    assert has["base"] == {"chosen_nll", "logp_accuracy"}
+    assert {"control_accuracy", "length_ratio"} <= has["meet_prompt"] and "dpo_reward_accuracy" not in has["meet_prompt"]
+    assert "control_accuracy" in has["coh"] and "dpo_reward_accuracy" in has["dpo"] and "control_accuracy" not in has["dpo"]
+    assert all(len(r["scores"]["length"]["verbose"]) == 3 for n, r in results.items() if n in ("meet_prompt", "coh"))
+    for cell in results["meet_prompt"]["metrics"].values():
+        assert cell[1] <= cell[0] <= cell[2] or cell[0] != cell[0]  # value inside its interval (or nan)
+    for name in ("compare.json", "compare.md", "compare.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| DPO |" in (out / "compare.md").read_text()
+
+
+def test_rerunning_reads_finished_runs_back_and_refuses_other_settings(report, monkeypatch):
+    out, first = report
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = compare.run(settings(out))
+    assert again["results"]["dpo"]["metrics"] == first["results"]["dpo"]["metrics"]
+    with pytest.raises(SystemExit, match="other settings"):
+        compare.run(settings(out, max_length=512))
+
+
+def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
+    def scores(accuracy, nll):
+        return {"pairs": {"logp_accuracy": accuracy, "chosen_nll": nll}, "length": None}
+
+    n = 40
+    meet = scores([1.0] * n, [1.0] * n)
+    worse = scores([0.0] * n, [2.0] * n)
+    noisy = scores([1.0, 0.0] * (n // 2), [1.0 + 0.01 * (-1) ** i for i in range(n)])
+    assert compare.paired(meet, worse, "logp_accuracy")["verdict"] == "wins"
+    assert compare.paired(meet, worse, "chosen_nll")["verdict"] == "wins"  # lower NLL is better
+    assert compare.paired(worse, meet, "chosen_nll")["verdict"] == "loses"
+    assert compare.paired(meet, meet, "logp_accuracy")["verdict"] == "tie"
+    assert compare.paired(meet, noisy, "chosen_nll")["verdict"] == "tie"
+    assert compare.paired(meet, worse, "control_accuracy") is None  # neither has it: n/a, not a tie
