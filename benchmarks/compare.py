@@ -95,7 +95,7 @@ class Settings:
 
     out: Path
     model: str = "smollm2-135m-instruct"
-    steps: int = 40
+    steps: int = 32
     batch_size: int = 8
     max_length: int = 256
     seed: int = 1234
@@ -164,6 +164,7 @@ def fit_command(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float,
     for stage, steps in stage_steps(arm, s.steps).items():
         trainer = f"--{stage}.trainer"
         args += [f"{trainer}.max_steps", str(steps), f"{trainer}.val_check_interval", str(steps)]
+        args += [f"--{stage}.model.init_args.warmup_steps", str(max(1, steps // 10))]  # one rule for every arm
         args += [f"{trainer}.log_every_n_steps", "5", f"{trainer}.enable_progress_bar", "false"]
     return args + lr_overrides(arm, multiplier)
 
