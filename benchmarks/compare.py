@@ -84,6 +84,7 @@ ARMS: dict[str, Arm] = {
         "stage 2 only (text init)",
         overrides=("--control.init_args.init_text", json.dumps(PHRASES)),
     ),
+    "meet_dpo_hybrid": Arm("configs/meet_hh_dpo_hybrid.yaml", "MEET + DPO term (hybrid)", ("stage1", "stage2")),
     "sft": Arm("configs/baselines/sft.yaml", "SFT"),
     "dpo": Arm("configs/baselines/dpo.yaml", "DPO"),
 }
