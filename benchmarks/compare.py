@@ -164,7 +164,8 @@ def fit_command(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float,
     args += ["--data.batch_size", str(rows_per_batch), "--data.max_val_examples", str(s.max_val_examples)]
     for stage, steps in stage_steps(arm, s.steps).items():
         trainer = f"--{stage}.trainer"
-        args += [f"{trainer}.max_steps", str(steps), f"{trainer}.val_check_interval", str(steps)]
+        # Validation once, after training (the pipeline's own validate): not also in fit.
+        args += [f"{trainer}.max_steps", str(steps), f"{trainer}.val_check_interval", "null"]
         args += [f"--{stage}.model.init_args.warmup_steps", str(max(1, steps // 10))]  # one rule for every arm
         args += [f"{trainer}.log_every_n_steps", "5", f"{trainer}.enable_progress_bar", "false"]
     return args + lr_overrides(arm, multiplier)
