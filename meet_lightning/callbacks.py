@@ -8,16 +8,20 @@ from lightning.pytorch.callbacks import Callback
 
 
 class ThroughputMeter(Callback):
-    """Counts real (non-pad) training tokens and wall time of ``fit``, for the stage's summary.
+    """Counts real (non-pad) training tokens and training wall time of a stage, across resumes.
+
+    The totals travel in the checkpoint, so a stage resumed after a crash reports its whole run, not only the
+    last process (time between the crash and the restart is not counted).
 
     Attributes:
         tokens: Non-pad tokens of every training batch seen (control tokens not counted).
-        seconds: Wall time from the first to the last training batch.
+        seconds: Wall time from the first to the last training batch of each process, summed.
     """
 
     def __init__(self) -> None:
         self.tokens = 0
         self.seconds = 0.0
+        self._earlier = 0.0  # seconds of the processes before this one (from the checkpoint)
         self._start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -26,10 +30,17 @@ class ThroughputMeter(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens += int(batch["attention_mask"].sum())
-        self.seconds = time.perf_counter() - self._start
+        self.seconds = self._earlier + time.perf_counter() - self._start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"tokens": self.tokens, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.tokens = int(state_dict["tokens"])
+        self.seconds = self._earlier = float(state_dict["seconds"])
 
     def summary(self) -> dict[str, float]:
-        """``train_tokens``, ``train_seconds`` and ``train_tokens_per_s`` of this process."""
+        """``train_tokens``, ``train_seconds`` and ``train_tokens_per_s`` of the stage."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
         return {"train_tokens": self.tokens, "train_seconds": round(self.seconds, 2), "train_tokens_per_s": round(rate, 1)}
 
