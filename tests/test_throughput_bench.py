@@ -1,0 +1,113 @@
+"""``benchmarks/throughput.py`` on the tiny model: every arm runs, and the JSON holds every key with sane numbers.
+
+The arms run in this process (``--in-process``): a subprocess per arm would cost ~5 s of imports each. TRL arms
+run only where ``trl`` is installed (``pip install -e .[bench]``); CI installs ``.[dev]`` and skips them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    """The benchmark script as a module (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_benchmark()
+HAS_TRL = importlib.util.find_spec("trl") is not None
+QUICK = [
+    "--model", "tiny-debug", "--steps", "2", "--warmup-steps", "1", "--windows", "1", "--threads", "1",
+    "--in-process", "--peak-size", "256", "--pool-pairs", "16", "--accuracy-pairs", "4", "--max-length", "512",
+    "--gen-tokens", "8",
+]  # fmt: skip
+KEYS = (
+    "stage2_vs_trl_dpo_pairs_per_s",
+    "stage2_infix_vs_trl_dpo_pairs_per_s",
+    "stage2_vs_trl_sft_tokens_per_s",
+    "stage1_vs_stage2_tokens_per_s",
+    "stage1_vs_trl_prompt_tuning_tokens_per_s",
+    "stage2_peak_rss_vs_trl_dpo",
+    "stage2_mfu_bf16",
+    "padding_fraction",
+    "stage2_prefix_control_accuracy",
+    "stage2_infix_control_accuracy",
+    "generation_vs_transformers_tokens_per_s",
+)
+
+
+def run_benchmark(tmp_path: Path, shared_data: Path, arms: list[str], *extra: str) -> dict:
+    """Runs the benchmark's CLI in process; returns the JSON it wrote (and asserts it succeeded)."""
+    out = tmp_path / "throughput.json"
+    data = shared_data / "hh_rlhf_harmless.train.jsonl.gz"
+    code = bench.main([*QUICK, "--data", str(data), "--arms", ",".join(arms), "--json", str(out), *extra])
+    summary = json.loads(out.read_text())
+    assert code == 0, summary["problems"]
+    return summary
+
+
+def check_arm(arm: dict, steps: int = 3) -> None:
+    """Positive rates, the raw per-step timings in the JSON, the asked-for shared settings, a falling loss."""
+    assert arm["tokens_per_s"] > 0 and arm["pairs_per_s"] > 0 and arm["peak_rss_mb"] > 0
+    assert 0 < arm["mfu_bf16"] < 1 and 0 <= arm["padding_fraction"] < 1
+    assert len(arm["windows"]) == 1 and len(arm["windows"][0]["steps_raw"]) == steps
+    assert arm["settings"]["rows_per_step"] == 8 and arm["settings"]["precision"] == "bf16-autocast"
+    assert arm["settings"]["threads"] == 1 and arm["settings"]["gradient_checkpointing"] is False
+    assert arm["loss_fell"], arm["losses"]
+
+
+def test_library_arms_and_generation(tmp_path, shared_data):
+    arms = [*bench.LIBRARY_ARMS, "generation"]
+    summary = run_benchmark(tmp_path, shared_data, arms)
+    assert set(KEYS) <= set(summary)
+    for name in bench.LIBRARY_ARMS:
+        check_arm(summary["arms"][name])
+    assert summary["stage1_vs_stage2_tokens_per_s"] > 0 and 0 < summary["stage2_mfu_bf16"] < 1
+    assert 0 <= summary["stage2_prefix_control_accuracy"] <= 1 and 0 <= summary["stage2_infix_control_accuracy"] <= 1
+    assert summary["generation_vs_transformers_tokens_per_s"] > 0
+    assert summary["arms"]["generation"]["identical_outputs"] == 1.0  # same model, same greedy settings
+    assert summary["stage2_vs_trl_dpo_pairs_per_s"] is None  # TRL arms not asked for
+
+
+def test_all_logits_lever_changes_cost_not_loss(tmp_path, shared_data):
+    base = run_benchmark(tmp_path, shared_data, ["stage2_prefix"])["arms"]["stage2_prefix"]
+    full = run_benchmark(tmp_path, shared_data, ["stage2_prefix"], "--all-logits")["arms"]["stage2_prefix"]
+    assert full["settings"]["all_logits"] is True
+    assert full["losses"][0][0] == pytest.approx(base["losses"][0][0], abs=1e-2)
+    base_positions = sum(s["logit_positions"] for s in base["windows"][0]["steps_raw"])
+    assert sum(s["logit_positions"] for s in full["windows"][0]["steps_raw"]) > base_positions
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install -e .[bench])")
+def test_trl_arms_and_ratios(tmp_path, shared_data):
+    arms = [*bench.TRL_ARMS, "stage1_prompt", "stage2_prefix", "stage2_infix"]
+    summary = run_benchmark(tmp_path, shared_data, arms)
+    for name in arms:
+        check_arm(summary["arms"][name])
+    for key in KEYS[:6]:
+        assert summary[key] > 0, key
+    # every arm timed the same pairs in the same batches (TRL renders one extra newline token per row)
+    tokens = {name: summary["arms"][name]["windows"][0]["tokens"] for name in arms}
+    assert max(tokens.values()) - min(tokens.values()) <= 2 * 8 * 2
+
+
+def test_flops_per_token_match_the_definitions():
+    dims = {"N": 1000, "L": 2, "d": 8, "V": 50}
+    # one 10-token row, logits at 4 positions: 6N per token + 12·L·d·T per token + 6·d·V per logit position
+    assert bench.step_flops(dims, 3, False, [10], 4) == 6 * 1000 * 10 + 12 * 2 * 8 * 10 * 10 + 6 * 8 * 50 * 4
+    assert bench.step_flops(dims, 2, True, [10], 4) == 3 * (2 * 1000 * 10 + 4 * 2 * 8 * 100 + 2 * 8 * 50 * 4)
+
+
+def test_unknown_arm_is_one_line_error(capsys):
+    assert bench.main(["--arms", "stage3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown arm(s) stage3") and "\n" not in err
