@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from meet_lightning.examples import ControlSchema
-from meet_lightning.losses import IGNORE_INDEX, response_token_logps
+from meet_lightning.losses import response_token_logps
 
 PLACEMENTS = ("prefix", "infix")
 
@@ -135,16 +135,6 @@ class ControlTokens(nn.Module):
     def num_inserted(self, control_ids: list[int]) -> int:
         """How many tokens a row with these control ids gets."""
         return len(self._row_tokens(control_ids))
-
-    @property
-    def shares_prompt(self) -> bool:
-        """Whether a row's tokens before its response are the same under every control.
-
-        True for ``infix`` placement and for controls that insert nothing; then the two responses of a pair can
-        continue one prompt pass. Controls that change the LM's weights on every position (LoRA) override it.
-        """
-        num_controls = self.schema.num_controls if self.schema else 0
-        return self.placement == "infix" or not any(self.tokens_for(c) for c in range(num_controls))
 
 
 class PromptTuningControl(ControlTokens):
@@ -345,10 +335,6 @@ class LoRAControl(ControlTokens):
 
         return hook
 
-    @property
-    def shares_prompt(self) -> bool:
-        return False  # the deltas apply to the prompt positions too
-
     @contextlib.contextmanager
     def route(self, control_ids: torch.Tensor) -> Iterator[None]:
         self._active = control_ids
@@ -363,70 +349,12 @@ def controlled_response_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
 
-    A paired batch ``[chosen; rejected]`` whose pairs have identical tokens before the response (see
-    :attr:`ControlTokens.shares_prompt`) runs each prompt through the LM once (:func:`shared_prompt_logps`).
-
     Returns:
-        ``token_logps`` and ``mask``, both (B, T'-1); only their masked sums and means are meaningful (the
-        shared path returns a shorter T').
+        ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
     """
     controls = batch["control_ids"] if control_ids is None else control_ids
     ids, mask, labels = control.insert({**batch, "control_ids": controls})  # (B, T)
-    if "num_pairs" in batch and control.shares_prompt and 2 * int(batch["num_pairs"]) == ids.shape[0]:
-        shared = shared_prompt_logps(lm, control, ids, mask, labels, batch["response_start"])
-        if shared is not None:
-            return shared
     embeds = control.embed(lm.get_input_embeddings(), ids)  # (B, T, H)
     with control.route(controls):
         hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
     return response_token_logps(hidden, labels, lm.get_output_embeddings())
-
-
-def shared_prompt_logps(
-    lm: nn.Module,
-    control: ControlTokens,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor,
-    response_start: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Response log-probs of a paired batch with one prompt pass per pair; ``None`` when some pair's prompts differ.
-
-    The prompt of pair ``b`` (all but its last token) runs once; rows ``b`` and ``b + n`` continue from its KV
-    cache with their own controls and responses, at their true positions. The prompt pass ends one token early
-    so that every labelled position is in the second pass.
-
-    Args:
-        ids, mask, labels: (2n, T) spliced, right-padded paired batch ``[chosen; rejected]``.
-        response_start: (2n,) index of each row's first response token (where ``infix`` controls go).
-    """
-    n = ids.shape[0] // 2
-    cut = (response_start[:n] - 1).clamp(min=1)  # (n,) prompt tokens in the shared pass
-    width = int(cut.max())
-    j = torch.arange(width, device=ids.device)[None, :]  # (1, P)
-    prompt_mask = (j < cut[:, None]).long()  # (n, P)
-    same = (response_start[:n] == response_start[n:]).all() and ((ids[:n, :width] == ids[n:, :width]) | (prompt_mask == 0)).all()
-    if not same:
-        return None
-    decoder, embedding = lm.get_decoder(), lm.get_input_embeddings()
-    prompt = decoder(inputs_embeds=control.embed(embedding, ids[:n, :width]), attention_mask=prompt_mask, use_cache=True)
-    cache = prompt.past_key_values
-    cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1, ...: pair b's prompt for its chosen and its rejected row
-    order = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], 1).flatten().to(ids.device)  # (2n,) interleaved
-    start = cut.repeat_interleave(2)  # (2n,) in the interleaved order
-    ids, mask, labels = ids[order], mask[order], labels[order]
-    rest = mask.sum(-1) - start  # (2n,) tokens after the shared prompt
-    s = torch.arange(int(rest.max()), device=ids.device)[None, :]  # (1, S)
-    valid = s < rest[:, None]  # (2n, S)
-    src = (start[:, None] + s).clamp(max=ids.shape[1] - 1)  # (2n, S)
-    suffix = torch.where(valid, ids.gather(1, src), control.pad_id)
-    suffix_labels = torch.where(valid, labels.gather(1, src), IGNORE_INDEX)
-    hidden = decoder(
-        inputs_embeds=control.embed(embedding, suffix),
-        attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), valid.long()], 1),  # (2n, P + S)
-        position_ids=start[:, None] + s,  # true positions: the prompt pass's padding is skipped
-        past_key_values=cache,
-    ).last_hidden_state  # (2n, S, H)
-    logps, label_mask = response_token_logps(hidden, suffix_labels, lm.get_output_embeddings())
-    back = torch.argsort(order)  # interleaved → [chosen; rejected]
-    return logps[back], label_mask[back]

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from meet_lightning.control import (
-    ControlTokens,
     LoRAControl,
     PromptTuningControl,
     SpecialTokenControl,
     TextControl,
     controlled_response_logps,
-    shared_prompt_logps,
     splice,
 )
-from meet_lightning.data import PromptTokenizer, collate_pairs, collate_rows
+from meet_lightning.data import PromptTokenizer, collate_rows
 from meet_lightning.examples import ControlledExample, ControlSchema
 from meet_lightning.generation import generate_responses
 from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
@@ -140,61 +138,3 @@ def test_generation_with_cache_equals_without_and_mixed_equals_single(name, toke
 def test_bad_control_arguments_name_the_argument(bad, fragment):
     with pytest.raises(ValueError, match=fragment):
         bad()
-
-
-def make_pairs(tokenizer, pairs=3):
-    """A paired batch ``[chosen; rejected]`` whose prompts differ in length (the prompt pass is padded)."""
-    encoder = PromptTokenizer(tokenizer, max_length=128)
-    rows = []
-    for i in range(pairs):
-        prompt = ({"role": "user", "content": "Question " + "very " * (3 * i) + "long?"},)
-        chosen = ControlledExample(prompt, "Fine" + ", thanks" * i, {"harmless": "good", "length": "concise"})
-        rejected = ControlledExample(prompt, "No.", {"harmless": "bad", "length": "verbose"})
-        rows.append((encoder.tokenize(chosen, SCHEMA), encoder.tokenize(rejected, SCHEMA)))
-    return collate_pairs(rows, tokenizer.pad_token_id)
-
-
-def sums_and_grads(lm, control, batch):
-    lm.zero_grad()
-    control.zero_grad()
-    logps, mask = controlled_response_logps(lm, control, batch)
-    sums = (logps * mask).sum(-1)  # (2n,)
-    sums.sum().backward()
-    grads = [p.grad.clone() for p in [*lm.parameters(), *control.parameters()] if p.grad is not None]
-    return sums.detach(), int(mask.sum()), grads
-
-
-@pytest.mark.parametrize("name", ["prompt_infix", "text", "plain"])
-def test_a_pair_shares_one_prompt_pass_with_the_same_logps_and_gradients(name, tokenizer):
-    if name == "plain":
-        lm, control = build_tiny_model(tokenizer, seed=0).eval(), ControlTokens()
-        control.setup(lm, tokenizer, SCHEMA)
-    else:
-        lm, control = built(name, tokenizer)
-    control = control.float()
-    batch = make_pairs(tokenizer)
-    assert control.shares_prompt
-    ids, mask, labels = control.insert(batch)
-    assert shared_prompt_logps(lm, control, ids, mask, labels, batch["response_start"]) is not None  # taken
-    shared = sums_and_grads(lm, control, batch)
-    separate = sums_and_grads(lm, control, {k: v for k, v in batch.items() if k != "num_pairs"})  # row batch
-    assert shared[1] == separate[1] == (batch["labels"] != -100).sum()
-    assert torch.allclose(shared[0], separate[0], atol=1e-4)
-    assert len(shared[2]) == len(separate[2]) > 0
-    for ours, theirs in zip(shared[2], separate[2], strict=True):
-        assert torch.allclose(ours, theirs, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["prompt_prefix", "lora", "special_token"])
-def test_controls_before_the_prompt_or_on_every_position_never_share_it(name, tokenizer):
-    _, control = built(name, tokenizer)
-    assert not control.shares_prompt  # prefix tokens or LoRA deltas change the prompt's hidden states
-
-
-def test_pairs_whose_prompts_were_truncated_differently_are_not_shared(tokenizer):
-    lm, control = built("prompt_infix", tokenizer)
-    batch = make_pairs(tokenizer)
-    ids, mask, labels = control.insert(batch)
-    ids = ids.clone()
-    ids[-1, 1] += 1  # the last rejected row's prompt differs from its chosen row's
-    assert shared_prompt_logps(lm, control, ids, mask, labels, batch["response_start"]) is None
