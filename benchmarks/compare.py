@@ -138,9 +138,8 @@ def stage_steps(arm: Arm, steps: int) -> dict[str, int]:
     return {stage: share + (i < extra) for i, stage in enumerate(arm.stages)}
 
 
-def lr_overrides(arm: Arm, multiplier: float) -> list[str]:
+def lr_overrides(arm: Arm, recipe: dict[str, Any], multiplier: float) -> list[str]:
     """Every learning rate of the recipe (``lr``, ``control_lr``) scaled by ``multiplier``."""
-    recipe = yaml.safe_load((ROOT / arm.recipe).read_text())
     args = []
     for stage in arm.stages:
         init_args = recipe[stage]["model"].get("init_args", {})
@@ -168,12 +167,13 @@ def fit_command(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float,
         args += [f"{trainer}.max_steps", str(steps), f"{trainer}.val_check_interval", "null"]
         args += [f"--{stage}.model.init_args.warmup_steps", str(max(1, steps // 10))]  # one rule for every arm
         args += [f"{trainer}.log_every_n_steps", "5", f"{trainer}.enable_progress_bar", "false"]
-    return args + lr_overrides(arm, multiplier)
+    return args + lr_overrides(arm, recipe, multiplier)
 
 
-def run_fit(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float) -> dict[str, Any]:
+def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float) -> dict[str, Any]:
     """Trains one (arm, learning rate) run in a subprocess, or reads it back when it finished earlier."""
-    out = s.out / "runs" / f"{arm_name(arm)}-lr{multiplier:.3g}"
+    arm = ARMS[name]
+    out = s.out / "runs" / f"{name}-lr{multiplier:.3g}"
     record = out / "compare_run.json"
     command = fit_command(arm, s, data, multiplier, out)
     if record.is_file():
@@ -189,7 +189,7 @@ def run_fit(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float) -> 
         sys.exit(f"{out / 'fit.log'}: {arm.label} failed — read the log, fix, and re-run the same command (it resumes)")
     done = [json.loads((out / stage / "done.json").read_text()) for stage in arm.stages]
     result = {
-        "arm": arm_name(arm),
+        "arm": name,
         "lr_multiplier": multiplier,
         "export": str(out / "export"),
         "steps": sum(d["global_step"] for d in done),
@@ -213,13 +213,9 @@ def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
     return record
 
 
-def arm_name(arm: Arm) -> str:
-    return next(name for name, a in ARMS.items() if a is arm)
-
-
-def train_arm(arm: Arm, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+def train_arm(name: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
     """Every learning rate of the budget; the one with the lowest validation loss is the arm's run."""
-    runs = [run_fit(arm, s, data, m) for m in LR_GRID[s.budget]]
+    runs = [run_fit(name, s, data, m) for m in LR_GRID[s.budget]]
     best = min(runs, key=lambda r: r["val_loss"])
     return {**best, "lrs_tried": [r["lr_multiplier"] for r in runs], "tuning": runs}
 
@@ -265,6 +261,7 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
 
 def verbosity(model: Any, path: Path, s: Settings) -> dict[str, list[float]]:
     """Words per answer to the held-out AlpacaEval prompts under ``concise`` and under ``verbose`` (one batch)."""
+    from meet_lightning.evaluate import word_count
     from meet_lightning.export import AlignedModel
 
     prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
@@ -276,17 +273,17 @@ def verbosity(model: Any, path: Path, s: Settings) -> dict[str, list[float]]:
         batch_size=2 * len(prompts),
         **DECODING,
     )
-    words = [float(len(t.split())) for t in texts]
+    words = [word_count([], t) for t in texts]
     return {"concise": words[: len(prompts)], "verbose": words[len(prompts) :], "samples": texts[:2]}
 
 
 # --------------------------------------------------------------------------------------------- statistics
-METRICS = {  # name: (higher is better, where the per-item values live)
-    "chosen_nll": (False, "pairs"),
-    "logp_accuracy": (True, "pairs"),
-    "control_accuracy": (True, "pairs"),
-    "dpo_reward_accuracy": (True, "pairs"),
-    "length_ratio": (True, "length"),
+METRICS = {  # name: higher is better
+    "chosen_nll": False,
+    "logp_accuracy": True,
+    "control_accuracy": True,
+    "dpo_reward_accuracy": True,
+    "length_ratio": True,
 }
 
 
@@ -332,7 +329,7 @@ def paired(reference: dict[str, Any], other: dict[str, Any], metric: str) -> dic
     if a is None or b is None:
         return None
     diff, lo, hi = bootstrap(lambda idx: a(idx) - b(idx), item_count(reference, metric))
-    better = METRICS[metric][0]
+    better = METRICS[metric]
     verdict = (
         "n/a"
         if not np.isfinite([diff, lo, hi]).all()
@@ -348,7 +345,7 @@ def fmt(cell: list[float] | None, digits: int = 3) -> str:
     return "n/a" if cell is None else f"{cell[0]:.{digits}f} [{cell[1]:.{digits}f}, {cell[2]:.{digits}f}]"
 
 
-def table(results: dict[str, dict[str, Any]], s: Settings) -> str:
+def table(results: dict[str, dict[str, Any]]) -> str:
     """The markdown report: metrics with intervals and costs, then paired differences against MEET (prompt)."""
     head = "| arm | lr × | steps | train tokens | train s | tok/s | chosen_nll ↓ | logp_accuracy | control_accuracy | dpo_reward_accuracy | verbose/concise words |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -420,7 +417,7 @@ def run(s: Settings) -> dict[str, Any]:
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {BASE: {"label": "untrained base", "export": s.model, "run": None}}
     for name in s.arms:
-        run_ = train_arm(ARMS[name], s, data)
+        run_ = train_arm(name, s, data)
         results[name] = {"label": ARMS[name].label, "export": run_["export"], "run": run_}
     for name, r in results.items():
         r["scores"] = score_arm(name, r["export"], s, data)
@@ -434,10 +431,10 @@ def run(s: Settings) -> dict[str, Any]:
         "results": results,
     }
     (s.out / "compare.json").write_text(json.dumps(report, indent=1))
-    markdown = table(results, s)
     plot(results, s.out / "compare.png")
     counts = {m: item_count(results[REFERENCE]["scores"], m) for m in ("chosen_nll", "length_ratio")}
-    markdown = f"{header(s)}; scored: {counts['chosen_nll']} HH pairs, {counts['length_ratio']} AlpacaEval prompts\n\n{markdown}"
+    scored = f"scored: {counts['chosen_nll']} HH pairs, {counts['length_ratio']} AlpacaEval prompts"
+    markdown = f"{header(s)}; {scored}\n\n{table(results)}"
     (s.out / "compare.md").write_text(markdown + "\n")
     print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
     return report

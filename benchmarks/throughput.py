@@ -156,6 +156,7 @@ def prepare_data(source: Path, model: str, max_length: int, num_train: int, num_
     tokenizer.model_max_length = 1 << 30  # long conversations are measured here, then cut by whole turns
     encoder = PromptTokenizer(tokenizer, max_length)
     train, heldout, skipped = [], [], 0
+    train_prompts: set[str] = set()
     for pair in pairs:
         if len(heldout) >= num_heldout:
             break
@@ -164,7 +165,8 @@ def prepare_data(source: Path, model: str, max_length: int, num_train: int, num_
             skipped += 1
         elif len(train) < num_train:
             train.append(fitted)
-        elif json.dumps(fitted.prompt) not in {json.dumps(p.prompt) for p in train}:  # prompts never trained on
+            train_prompts.add(json.dumps(fitted.prompt))
+        elif json.dumps(fitted.prompt) not in train_prompts:  # prompts never trained on
             heldout.append(fitted)
     if len(train) < num_train or len(heldout) < num_heldout:
         raise BenchError(
@@ -499,8 +501,9 @@ def trl_sft_rows(pairs: Sequence, plan: Sequence[Sequence[int]]) -> list[dict]:
     """Prompt–completion rows in plan order: a batch's chosen rows, then its rejected rows (as a paired batch)."""
     rows = []
     for batch in plan:
+        records = [pair_record(pairs[i]) for i in batch]
         for side in ("chosen", "rejected"):
-            rows += [{"prompt": pair_record(pairs[i])["prompt"], "completion": pair_record(pairs[i])[side]} for i in batch]
+            rows += [{"prompt": r["prompt"], "completion": r[side]} for r in records]
     return rows
 
 
