@@ -235,6 +235,18 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._epoch_batches())
 
+    @property
+    def consumed(self) -> int:
+        """Batches of the seeded stream handed out so far on all ranks together, counted from epoch 0."""
+        return (self.epoch * len(self) + self.position) * self.world_size
+
+    def skip(self, batches: int) -> None:
+        """Starts ``batches`` batches (all ranks together) into the stream, as if they had been trained on."""
+        per_epoch = len(self) * self.world_size
+        if per_epoch:
+            self.epoch, self.position = divmod(batches, per_epoch)
+            self.position //= self.world_size
+
     def state_dict(self) -> dict[str, int]:
         """Epoch, batches of it already handed out on this rank, and the number of ranks."""
         return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
@@ -320,6 +332,9 @@ class PreferenceDataModule(L.LightningDataModule):
         group_by_length: Batch rows of similar length together (less padding).
         num_workers: DataLoader worker processes.
         seed: Seed of the validation split and the batch order.
+        skip_batches: Training batches of the seeded stream to start after. The two-stage orchestrator sets it
+            for stage 2 to the batches stage 1 trained on, so that stage 2 continues the stream instead of
+            replaying stage 1's batches (a resumed stage continues from its checkpoint instead).
         on_bad_rows: ``error`` stops at the first bad row; ``skip`` skips bad rows and reports the count.
         predict_path: JSONL with ``prompt`` and optional ``controls`` for ``predict``.
         max_examples: Keep only this many training pairs/rows (after the split), for quick runs.
@@ -344,6 +359,7 @@ class PreferenceDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 1234,
+        skip_batches: int = 0,
         on_bad_rows: str = "error",
         predict_path: str | None = None,
         max_examples: int | None = None,
@@ -357,6 +373,8 @@ class PreferenceDataModule(L.LightningDataModule):
             for name, value in (("max_examples", max_examples), ("max_val_examples", max_val_examples))
             if value is not None and value < 1
         ]
+        if skip_batches < 0:
+            problems.append(f"--data.skip_batches {skip_batches} must be ≥ 0")
         if pair_batches and chosen_only:
             problems.append("--data.pair_batches and --data.chosen_only were both set — use one (chosen_only for SFT)")
         if problems:
@@ -373,7 +391,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.model_name_or_path, self.max_length = model_name_or_path, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_fraction, self.pair_batches, self.group_by_length = val_fraction, pair_batches, group_by_length
-        self.num_workers, self.seed, self.predict_path = num_workers, seed, predict_path
+        self.num_workers, self.seed, self.skip_batches, self.predict_path = num_workers, seed, skip_batches, predict_path
+        self.train_sampler: ResumableBatchSampler | None = None  # the training loader's, once built
         self.max_examples, self.max_val_examples = max_examples, max_val_examples
         self.trust_remote_code = trust_remote_code
         self._parsed: list[ParsedSource] | None = None
@@ -494,7 +513,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, length-grouped training batches (rows, or pairs with ``pair_batches``)."""
-        return self._loader(self.train_items, self.batch_size, shuffle=True)
+        loader = self._loader(self.train_items, self.batch_size, shuffle=True)
+        self.train_sampler = loader.batch_sampler
+        self.train_sampler.skip(self.skip_batches)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         """Validation pairs (scored by the control classifier) or rows, in file order."""

@@ -23,7 +23,7 @@ import importlib
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from meet_lightning.control import ControlTokens, controlled_response_logps
 from meet_lightning.data import PromptTokenizer, collate_pairs, collate_rows
 from meet_lightning.errors import CheckpointError, ConfigError, DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, Message, PreferencePair
-from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.formats import DEFAULT_PREFERENCE, SourceConfig, read_source
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
 from meet_lightning.modules.baselines import plain_logps
 
@@ -270,6 +270,19 @@ def read_pairs(source: SourceConfig, max_pairs: int | None) -> list[PreferencePa
     return pairs
 
 
+def as_model_preference(model: EvalModel, pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """Pairs under the default preference name, renamed to the model's preference when it has only one.
+
+    Files without a preference column name theirs ``preference``: a model trained on such a file with
+    ``--data.preference harmless`` should score that file without the flag again.
+    """
+    names = model.schema.preferences if model.has_controls else {}
+    if len(names) != 1 or DEFAULT_PREFERENCE in names:
+        return pairs
+    only = next(iter(names))
+    return [replace(p, preference=only) if p.preference == DEFAULT_PREFERENCE else p for p in pairs]
+
+
 def evaluate_pairs(
     model: EvalModel,
     source: SourceConfig,
@@ -281,7 +294,7 @@ def evaluate_pairs(
     reference_model: str | None = None,
 ) -> dict[str, Any]:
     """Pairwise metrics of ``model`` on ``source``, each with its interval and pair count."""
-    pairs = read_pairs(source, max_pairs)
+    pairs = as_model_preference(model, read_pairs(source, max_pairs))
     reference = load_reference(model, reference_model) if model.is_dpo else None
     scores, too_long = score_pairs(model, pairs, max_length, batch_size, good_control, bad_control, reference)
     metrics: dict[str, Any] = {

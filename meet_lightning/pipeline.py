@@ -94,7 +94,18 @@ def active_stages(recipe: Mapping[str, Any]) -> list[str]:
     return [s for s in STAGES if (recipe.get(s) or {}).get("model")]
 
 
-def stage_args(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def next_log_version(logs: Path) -> int:
+    """The first free ``version_N`` under ``logs`` (a resumed stage logs to a new one, as Lightning does)."""
+    numbers = [p.name.removeprefix("version_") for p in logs.glob("version_*")]
+    return max((int(n) for n in numbers if n.isdigit()), default=-1) + 1
+
+
+def stage_args(
+    recipe: Mapping[str, Any],
+    stage: str,
+    extra_model_args: Mapping[str, Any] | None = None,
+    extra_data_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The plain LightningCLI config of one stage, with the shared keys linked in."""
     out = Path(recipe["output_dir"]) / stage
     spec = recipe[stage]
@@ -103,22 +114,29 @@ def stage_args(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[
     model["init_args"].update(
         {"model_name_or_path": recipe["model_name_or_path"], "control": recipe.get("control"), **(extra_model_args or {})}
     )
+    # one version for both loggers: left to pick their own, the second counts the first's new folder
+    logs = {"save_dir": str(out), "name": "logs", "version": next_log_version(out / "logs")}
     trainer = {
         "default_root_dir": str(out),
         "logger": [
-            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
-            {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": logs},
+            {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": dict(logs)},
         ],
         **copy.deepcopy(spec.get("trainer") or {}),
         # after the recipe's trainer, which holds Lightning's default True: a DistributedSampler would replace
         # our batch sampler, which is rank-aware and resumable (the position of a killed run)
         "use_distributed_sampler": False,
     }
-    data = {**copy.deepcopy(recipe["data"]), "model_name_or_path": recipe["model_name_or_path"]}
+    data = {**copy.deepcopy(recipe["data"]), "model_name_or_path": recipe["model_name_or_path"], **(extra_data_args or {})}
     return {"seed_everything": recipe["seed_everything"], "trainer": trainer, "model": model, "data": data}
 
 
-def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping[str, Any] | None = None) -> StageCLI:
+def build_stage(
+    recipe: Mapping[str, Any],
+    stage: str,
+    extra_model_args: Mapping[str, Any] | None = None,
+    extra_data_args: Mapping[str, Any] | None = None,
+) -> StageCLI:
     """Builds (seeds, then instantiates) one stage's trainer, module and data module.
 
     The trainer gets the callbacks and checkpoint IO that make a resume bit-identical and a bad step stop
@@ -148,7 +166,7 @@ def build_stage(recipe: Mapping[str, Any], stage: str, extra_model_args: Mapping
             MeetModule,
             PreferenceDataModule,
             subclass_mode_model=True,
-            args=stage_args(recipe, stage, extra_model_args),
+            args=stage_args(recipe, stage, extra_model_args, extra_data_args),
             run=False,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": callbacks},
@@ -360,17 +378,18 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
 def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log) -> dict[str, float]:
     """Fits one stage (resuming from ``ckpt_path`` or its ``last.ckpt``), writes its files and done-marker."""
     out = Path(recipe["output_dir"]) / stage
-    extra = (
-        {"init_controls": str(Path(recipe["output_dir"]) / "stage1" / "controls.safetensors")}
-        if stage == "stage2" and "stage1" in active_stages(recipe)
-        else None
-    )
+    after_stage1 = stage == "stage2" and "stage1" in active_stages(recipe)
+    stage1 = Path(recipe["output_dir"]) / "stage1"
+    extra = {"init_controls": str(stage1 / "controls.safetensors")} if after_stage1 else None
+    # stage 2 continues stage 1's batch stream: replaying it would show a MEET run half the data of a
+    # single-stage baseline with the same total steps
+    data_extra = {"skip_batches": stage1_batches(stage1)} if after_stage1 else None
     init_controls = (extra or {}).get("init_controls") or ((recipe[stage].get("model") or {}).get("init_args") or {}).get(
         "init_controls"
     )
     if init_controls:
         read_controls_metadata(Path(init_controls))  # missing/foreign file: one line now, not after the model loads
-    cli = build_stage(recipe, stage, extra)
+    cli = build_stage(recipe, stage, extra, data_extra)
     last = out / "checkpoints" / "last.ckpt"
     resume = ckpt_path or (str(last) if last.exists() else None)
     if resume and Path(resume).is_dir():  # a DeepSpeed checkpoint folder: Lightning reads it itself
@@ -385,12 +404,18 @@ def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log)
         write_stage1_controls(cli, recipe, out)
     metrics = {k: float(v) for k, v in (cli.trainer.validate(cli.model, cli.datamodule, verbose=False) or [{}])[0].items()}
     metrics["global_step"] = cli.trainer.global_step
+    metrics["train_batches"] = cli.datamodule.train_sampler.consumed
     metrics.update(next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary())
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(metrics, indent=2))
     cli.trainer.strategy.barrier()
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def stage1_batches(folder: Path) -> int:
+    """Training batches of the stream stage 1 went through (0 for a stage 1 finished before this was recorded)."""
+    return int(json.loads((folder / DONE).read_text()).get("train_batches", 0))
 
 
 def write_stage1_controls(cli: StageCLI, recipe: Mapping[str, Any], out: Path) -> None:

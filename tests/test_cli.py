@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from meet_lightning.cli import main
@@ -74,10 +75,19 @@ def test_every_recipe_runs_through_the_cli(recipe, tmp_path, hh):
             assert json.loads((out / stage / "done.json").read_text())["global_step"] == 3
 
 
+def test_stage2_continues_stage1s_batch_stream_instead_of_replaying_it(finished_run):
+    stage1 = json.loads((finished_run / "stage1" / "done.json").read_text())
+    stage2 = json.loads((finished_run / "stage2" / "done.json").read_text())
+    assert stage1["train_batches"] == 3 and stage2["train_batches"] == 6  # 3 + 3 steps of one batch, one stream
+    assert yaml.safe_load((finished_run / "stage2" / "logs" / "version_0" / "config.yaml").read_text())["data"]["skip_batches"] == 3
+
+
 def test_two_stage_run_writes_stage_files_and_a_loadable_export(finished_run):
     assert (finished_run / "stage1" / "controls.safetensors").is_file()
     assert (finished_run / "stage2" / "checkpoints" / "last.ckpt").is_file()
-    assert (finished_run / "stage2" / "logs").is_dir()
+    logs = finished_run / "stage2" / "logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]  # CSV and TensorBoard side by side
+    assert (logs / "version_0" / "metrics.csv").is_file() and list((logs / "version_0").glob("events.out.tfevents.*"))
     plain = AutoModelForCausalLM.from_pretrained(finished_run / "export")  # plain transformers
     assert plain.config.num_hidden_layers == 2
     card = (finished_run / "export" / "README.md").read_text()

@@ -105,6 +105,22 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
     assert first + list(restarted) == epoch0 and list(restarted) == epoch1
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sampler_skip_continues_the_stream_where_a_run_of_that_many_batches_stopped(world_size):
+    lengths = [i % 17 for i in range(40)]
+    ranks = [ResumableBatchSampler(40, 4, seed=3, lengths=lengths, rank=r, world_size=world_size) for r in range(world_size)]
+    streams = [list(s) + list(s) + list(s) for s in ranks]  # three epochs of each rank's batches
+    per_epoch = 10 // world_size  # batches of one epoch on one rank
+    for skip in (0, 6, 10, 14):  # start, mid-epoch, an epoch boundary, into the second epoch
+        for rank, stream in enumerate(streams):
+            later = ResumableBatchSampler(40, 4, seed=3, lengths=lengths, rank=rank, world_size=world_size)
+            later.skip(skip)
+            assert later.consumed == skip
+            start = skip // world_size
+            rest_of_epoch = per_epoch - start % per_epoch
+            assert list(later) + list(later) == stream[start : start + rest_of_epoch + per_epoch]
+
+
 def test_sampler_splits_batches_between_ranks_without_overlap():
     ranks = [list(ResumableBatchSampler(40, 4, seed=1, rank=r, world_size=2)) for r in range(2)]
     seen = [i for batches in ranks for b in batches for i in b]

@@ -88,9 +88,10 @@ def reward_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def evaluate(model: Path | str, hh: Path, tmp_path: Path, *extra: str) -> dict:
+def evaluate(model: Path | str, hh: Path, tmp_path: Path, *extra: str, preference: str | None = "harmless") -> dict:
     report = tmp_path / "metrics.json"
-    args = ["evaluate", "--model", str(model), "--data.path", str(hh), "--data.preference", "harmless"]
+    args = ["evaluate", "--model", str(model), "--data.path", str(hh)]
+    args += ["--data.preference", preference] if preference else []
     assert run(*args, "--max_pairs", "6", "--data.max_length", "256", "--output", str(report), *extra) == 0
     return json.loads(report.read_text())
 
@@ -118,6 +119,13 @@ def test_meet_export_reports_control_accuracy_but_no_dpo_reward(meet_export, hh,
     assert "dpo_reward_accuracy" not in metrics
     swapped = evaluate(meet_export, hh, tmp_path, "--good_control", "bad")  # preferred mode is configurable
     assert swapped["mode"] == "harmless/bad" and swapped["control_accuracy"] == pytest.approx(1 - metrics["control_accuracy"])
+
+
+def test_a_file_without_preference_names_is_scored_as_the_models_only_preference(meet_export, hh, tmp_path):
+    named = evaluate(meet_export, hh, tmp_path)
+    unnamed = evaluate(meet_export, hh, tmp_path, preference=None)  # the hh_rlhf format names it "preference"
+    assert unnamed["mode"] == "harmless/good" and unnamed["pairs"] == named["pairs"]
+    assert unnamed["control_accuracy"] == named["control_accuracy"] and unnamed["chosen_nll"] == pytest.approx(named["chosen_nll"])
 
 
 def test_dpo_export_reports_dpo_reward_accuracy_against_its_base(dpo_export, hh, tmp_path):
