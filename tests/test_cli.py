@@ -79,7 +79,8 @@ def test_stage2_continues_stage1s_batch_stream_instead_of_replaying_it(finished_
     stage1 = json.loads((finished_run / "stage1" / "done.json").read_text())
     stage2 = json.loads((finished_run / "stage2" / "done.json").read_text())
     assert stage1["train_batches"] == 3 and stage2["train_batches"] == 6  # 3 + 3 steps of one batch, one stream
-    assert yaml.safe_load((finished_run / "stage2" / "logs" / "version_0" / "config.yaml").read_text())["data"]["skip_batches"] == 3
+    config = yaml.safe_load((finished_run / "stage2" / "logs" / "version_0" / "config.yaml").read_text())
+    assert config["data"]["skip_batches"] == 3
 
 
 def test_two_stage_run_writes_stage_files_and_a_loadable_export(finished_run):

@@ -125,7 +125,8 @@ def test_a_file_without_preference_names_is_scored_as_the_models_only_preference
     named = evaluate(meet_export, hh, tmp_path)
     unnamed = evaluate(meet_export, hh, tmp_path, preference=None)  # the hh_rlhf format names it "preference"
     assert unnamed["mode"] == "harmless/good" and unnamed["pairs"] == named["pairs"]
-    assert unnamed["control_accuracy"] == named["control_accuracy"] and unnamed["chosen_nll"] == pytest.approx(named["chosen_nll"])
+    assert unnamed["control_accuracy"] == named["control_accuracy"]
+    assert unnamed["chosen_nll"] == pytest.approx(named["chosen_nll"])
 
 
 def test_dpo_export_reports_dpo_reward_accuracy_against_its_base(dpo_export, hh, tmp_path):
