@@ -235,11 +235,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._epoch_batches())
 
-    @property
-    def consumed(self) -> int:
-        """Batches of the seeded stream handed out so far on all ranks together, counted from epoch 0."""
-        return (self.epoch * len(self) + self.position) * self.world_size
-
     def skip(self, batches: int) -> None:
         """Starts ``batches`` batches (all ranks together) into the stream, as if they had been trained on."""
         per_epoch = len(self) * self.world_size
@@ -392,7 +387,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_fraction, self.pair_batches, self.group_by_length = val_fraction, pair_batches, group_by_length
         self.num_workers, self.seed, self.skip_batches, self.predict_path = num_workers, seed, skip_batches, predict_path
-        self.train_sampler: ResumableBatchSampler | None = None  # the training loader's, once built
         self.max_examples, self.max_val_examples = max_examples, max_val_examples
         self.trust_remote_code = trust_remote_code
         self._parsed: list[ParsedSource] | None = None
@@ -514,8 +508,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled, length-grouped training batches (rows, or pairs with ``pair_batches``)."""
         loader = self._loader(self.train_items, self.batch_size, shuffle=True)
-        self.train_sampler = loader.batch_sampler
-        self.train_sampler.skip(self.skip_batches)
+        loader.batch_sampler.skip(self.skip_batches)
         return loader
 
     def val_dataloader(self) -> DataLoader:

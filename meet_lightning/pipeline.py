@@ -404,7 +404,7 @@ def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log)
         write_stage1_controls(cli, recipe, out)
     metrics = {k: float(v) for k, v in (cli.trainer.validate(cli.model, cli.datamodule, verbose=False) or [{}])[0].items()}
     metrics["global_step"] = cli.trainer.global_step
-    metrics["train_batches"] = cli.datamodule.train_sampler.consumed
+    metrics["batch_stream_position"] = stream_position(cli)
     metrics.update(next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary())
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(metrics, indent=2))
@@ -413,9 +413,15 @@ def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log)
     return metrics
 
 
+def stream_position(cli: StageCLI) -> int:
+    """Batches of the seeded training stream behind a finished stage: those it skipped and trained on (all ranks)."""
+    trained = cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed  # restored on resume
+    return cli.datamodule.skip_batches + trained * cli.trainer.world_size
+
+
 def stage1_batches(folder: Path) -> int:
-    """Training batches of the stream stage 1 went through (0 for a stage 1 finished before this was recorded)."""
-    return int(json.loads((folder / DONE).read_text()).get("train_batches", 0))
+    """Where stage 1 left the batch stream (0 for a stage 1 finished before this was recorded)."""
+    return int(json.loads((folder / DONE).read_text()).get("batch_stream_position", 0))
 
 
 def write_stage1_controls(cli: StageCLI, recipe: Mapping[str, Any], out: Path) -> None:

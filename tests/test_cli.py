@@ -78,7 +78,7 @@ def test_every_recipe_runs_through_the_cli(recipe, tmp_path, hh):
 def test_stage2_continues_stage1s_batch_stream_instead_of_replaying_it(finished_run):
     stage1 = json.loads((finished_run / "stage1" / "done.json").read_text())
     stage2 = json.loads((finished_run / "stage2" / "done.json").read_text())
-    assert stage1["train_batches"] == 3 and stage2["train_batches"] == 6  # 3 + 3 steps of one batch, one stream
+    assert stage1["batch_stream_position"] == 3 and stage2["batch_stream_position"] == 6  # 3 + 3 steps, one stream
     config = yaml.safe_load((finished_run / "stage2" / "logs" / "version_0" / "config.yaml").read_text())
     assert config["data"]["skip_batches"] == 3
 

@@ -115,7 +115,6 @@ def test_sampler_skip_continues_the_stream_where_a_run_of_that_many_batches_stop
         for rank, stream in enumerate(streams):
             later = ResumableBatchSampler(40, 4, seed=3, lengths=lengths, rank=rank, world_size=world_size)
             later.skip(skip)
-            assert later.consumed == skip
             start = skip // world_size
             rest_of_epoch = per_epoch - start % per_epoch
             assert list(later) + list(later) == stream[start : start + rest_of_epoch + per_epoch]
