@@ -225,13 +225,12 @@ def heldout_pairs(path: Path, tokenizer: Any, s: Settings) -> list:
     """HH held-out pairs whose both sides fit ``max_length`` with room for controls: every arm scores the same."""
     from meet_lightning.data import PromptTokenizer
     from meet_lightning.evaluate import read_pairs
-    from meet_lightning.examples import ControlledExample, ControlSchema
+    from meet_lightning.examples import ControlSchema
     from meet_lightning.formats import SourceConfig
 
-    encoder, empty = PromptTokenizer(tokenizer, s.max_length - 32), ControlSchema({})
+    encoder, schema = PromptTokenizer(tokenizer, s.max_length - 32), ControlSchema.from_dict({"harmless": ["good", "bad"]})
     pairs = read_pairs(SourceConfig(path=str(path), format="hh_rlhf", preference="harmless"), None)
-    fits = lambda p, r: encoder.tokenize(ControlledExample(p.prompt, r, {}), empty) is not None  # noqa: E731
-    return [p for p in pairs if fits(p, p.chosen) and fits(p, p.rejected)]
+    return [p for p in pairs if encoder.tokenize_pair(p, schema) is not None]
 
 
 def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def batch_plan(settings: Mapping[str, Any], train_file: str, group_by_length: bo
     data.setup("fit")
     encoder = PromptTokenizer(data.tokenizer, settings["max_length"])
     schema = ControlSchema.from_dict(data.control_schema)
-    index = {tuple(encoder.tokenize(e, schema) for e in pair.examples()): i for i, pair in enumerate(data.parsed[0].pairs)}
+    index = {encoder.tokenize_pair(pair, schema): i for i, pair in enumerate(data.parsed[0].pairs)}
     batches = list(iter(data.train_dataloader().batch_sampler))
     return [[index[data.train_items[i]] for i in batch] for batch in batches]
 

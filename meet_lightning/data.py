@@ -113,12 +113,30 @@ class PromptTokenizer:
 
     def tokenize(self, example: ControlledExample, schema: ControlSchema) -> TokenizedRow | None:
         """Tokenizes one training row; ``None`` when its response alone leaves no room for a prompt."""
-        full_prompt = self.render_prompt(example.prompt)
-        response = self.response_ids(example.prompt, example.response, full_prompt)
-        budget = self.max_length - len(response)
-        prompt = full_prompt if len(full_prompt) <= budget else self.fit_prompt(example.prompt, budget)
+        rows = self.tokenize_same_prompt([example], schema)
+        return rows[0] if rows else None
+
+    def tokenize_pair(self, pair: PreferencePair, schema: ControlSchema) -> tuple[TokenizedRow, TokenizedRow] | None:
+        """Chosen and rejected rows of ``pair`` (under their controls), with one prompt; ``None`` if they do not fit."""
+        rows = self.tokenize_same_prompt(pair.examples(), schema)
+        return (rows[0], rows[1]) if rows else None
+
+    def tokenize_same_prompt(self, examples: Sequence[ControlledExample], schema: ControlSchema) -> list[TokenizedRow] | None:
+        """Rows of responses to one prompt, whose prompt is cut once, to leave room for the longest response.
+
+        Cut per row, a long prompt would be cut deeper before a longer response: the two sides of a pair would
+        answer different conversations, and comparing their log-probs would compare contexts, not responses.
+        ``None`` when the longest response leaves no room for a prompt.
+        """
+        full_prompt = self.render_prompt(examples[0].prompt)
+        responses = [self.response_ids(e.prompt, e.response, full_prompt) for e in examples]
+        budget = self.max_length - max(map(len, responses))
+        prompt = full_prompt if len(full_prompt) <= budget else self.fit_prompt(examples[0].prompt, budget)
         if prompt is None:
             return None
+        return [self._row(prompt, response, e, schema) for response, e in zip(responses, examples, strict=True)]
+
+    def _row(self, prompt: list[int], response: list[int], example: ControlledExample, schema: ControlSchema) -> TokenizedRow:
         return TokenizedRow(
             input_ids=tuple(prompt + response),
             labels=tuple([IGNORE_INDEX] * len(prompt) + response),
@@ -470,15 +488,11 @@ class PreferenceDataModule(L.LightningDataModule):
         """Rows as :class:`TokenizedRow`, pairs as ``(chosen, rejected)`` tuples; too-long ones counted."""
         items: list = []
         for unit in units:
-            rows = (
-                [encoder.tokenize(e, schema) for e in unit.examples()]
-                if isinstance(unit, PreferencePair)
-                else [encoder.tokenize(unit, schema)]
-            )
-            if None in rows:
+            rows = encoder.tokenize_pair(unit, schema) if isinstance(unit, PreferencePair) else encoder.tokenize(unit, schema)
+            if rows is None:
                 self.summary[f"{split}: dropped, a response longer than max_length"] += 1
             else:
-                items.append(tuple(rows) if isinstance(unit, PreferencePair) else rows[0])
+                items.append(rows)
         self.summary[f"{split}: {'pairs' if units and isinstance(units[0], PreferencePair) else 'rows'}"] += len(items)
         return items
 

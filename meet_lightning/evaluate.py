@@ -189,17 +189,14 @@ def pair_controls(model: EvalModel, pair: PreferencePair, good: str | None, bad:
 
 
 def _pair_rows(model: EvalModel, encoder: PromptTokenizer, pair: PreferencePair, good: str | None, bad: str | None):
-    if not model.has_controls:
-        empty = ControlSchema({})
-        return (
-            encoder.tokenize(ControlledExample(pair.prompt, pair.chosen, {}), empty),
-            encoder.tokenize(ControlledExample(pair.prompt, pair.rejected, {}), empty),
-        )
-    good, bad = pair_controls(model, pair, good, bad)
-    return (
-        encoder.tokenize(ControlledExample(pair.prompt, pair.chosen, {pair.preference: good}), model.schema),
-        encoder.tokenize(ControlledExample(pair.prompt, pair.rejected, {pair.preference: bad}), model.schema),
-    )
+    """Chosen (under ``good``) and rejected (under ``bad``) rows with one prompt; ``None`` when they do not fit."""
+    if model.has_controls:
+        good, bad = pair_controls(model, pair, good, bad)
+        controls, schema = ({pair.preference: good}, {pair.preference: bad}), model.schema
+    else:
+        controls, schema = ({}, {}), ControlSchema({})
+    sides = [ControlledExample(pair.prompt, r, c) for r, c in zip((pair.chosen, pair.rejected), controls, strict=True)]
+    return encoder.tokenize_same_prompt(sides, schema)
 
 
 @torch.no_grad()
@@ -223,8 +220,8 @@ def score_pairs(
     too_long = 0
     for start in range(0, len(pairs), batch_size):
         rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
-        too_long += sum(None in r for r in rows)
-        rows = [r for r in rows if None not in r]
+        too_long += sum(r is None for r in rows)
+        rows = [r for r in rows if r is not None]
         if not rows:
             continue
         batch = {k: v.to(model.device) for k, v in collate_pairs(rows, model.tokenizer.pad_token_id).items()}

@@ -79,6 +79,17 @@ def test_a_response_longer_than_max_length_is_dropped(tokenizer):
     assert encoder.tokenize(ControlledExample((user("q"),), "r" * 100, {}), ControlSchema({})) is None
 
 
+def test_both_sides_of_a_pair_answer_the_same_cut_prompt(tokenizer):
+    encoder = PromptTokenizer(tokenizer, max_length=80)
+    pair = PreferencePair((user("START " + "z" * 200 + " END"),), "ok", "a much longer answer " * 2, "harmless")
+    chosen, rejected = encoder.tokenize_pair(pair, SCHEMA)
+    assert chosen.input_ids[: chosen.response_start] == rejected.input_ids[: rejected.response_start]
+    assert max(len(chosen.input_ids), len(rejected.input_ids)) <= 80 and chosen.control_ids != rejected.control_ids
+    alone = encoder.tokenize(pair.examples()[0], SCHEMA)  # cut for its own short response, it keeps more prompt
+    assert alone.response_start > chosen.response_start
+    assert encoder.tokenize_pair(PreferencePair(pair.prompt, "ok", "r" * 100, "harmless"), SCHEMA) is None
+
+
 def test_collate_pairs_puts_chosen_first_and_pads_right(tokenizer):
     encoder = PromptTokenizer(tokenizer, max_length=100)
     pair = PreferencePair((user("q"),), "yes", "a much longer no", "harmless")
@@ -169,6 +180,8 @@ def test_pair_batches_for_dpo(shared_data):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert int(batch["num_pairs"]) == 2 and batch["input_ids"].shape[0] == 4 and 0 < len(data.train_items) <= 10
+    prompts = [[row.input_ids[: row.response_start] for row in pair] for pair in data.train_items]
+    assert all(chosen == rejected for chosen, rejected in prompts)  # long HH prompts are cut once per pair
 
 
 def test_several_sources_each_feed_their_own_preference(shared_data):
