@@ -357,15 +357,19 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
     out = Path(recipe["output_dir"])
     results: dict[str, Any] = {}
     trained = False
+    # Each stage continues the batch stream where the previous one left it: replaying stage 1's batches would
+    # show a MEET run half the data of a single-stage baseline with the same total steps.
+    position: int | None = None
     for stage in active_stages(recipe):
         done = out / stage / DONE
         if done.is_file():
             log(f"{stage}: finished earlier ({done}), skipping")
             results[stage] = json.loads(done.read_text())
-            continue
-        results[stage] = run_stage(recipe, stage, ckpt_path, log)
-        trained = True
-        ckpt_path = None  # --ckpt_path applies to the first unfinished stage only
+        else:
+            results[stage] = run_stage(recipe, stage, ckpt_path, log, position)
+            trained = True
+            ckpt_path = None  # --ckpt_path applies to the first unfinished stage only
+        position = int(results[stage].get("batch_stream_position", 0))  # 0: a stage finished before it was recorded
     from meet_lightning.export import SCHEMA_FILE, export_run
 
     if not trained and (out / "export" / SCHEMA_FILE).is_file():
@@ -375,15 +379,20 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
     return results
 
 
-def run_stage(recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log) -> dict[str, float]:
-    """Fits one stage (resuming from ``ckpt_path`` or its ``last.ckpt``), writes its files and done-marker."""
+def run_stage(
+    recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log, skip_batches: int | None = None
+) -> dict[str, float]:
+    """Fits one stage (resuming from ``ckpt_path`` or its ``last.ckpt``), writes its files and done-marker.
+
+    ``skip_batches`` (where the previous stage left the batch stream) overrides ``data.skip_batches``.
+    """
     out = Path(recipe["output_dir"]) / stage
-    after_stage1 = stage == "stage2" and "stage1" in active_stages(recipe)
-    stage1 = Path(recipe["output_dir"]) / "stage1"
-    extra = {"init_controls": str(stage1 / "controls.safetensors")} if after_stage1 else None
-    # stage 2 continues stage 1's batch stream: replaying it would show a MEET run half the data of a
-    # single-stage baseline with the same total steps
-    data_extra = {"skip_batches": stage1_batches(stage1)} if after_stage1 else None
+    extra = (
+        {"init_controls": str(Path(recipe["output_dir"]) / "stage1" / "controls.safetensors")}
+        if stage == "stage2" and "stage1" in active_stages(recipe)
+        else None
+    )
+    data_extra = None if skip_batches is None else {"skip_batches": skip_batches}
     init_controls = (extra or {}).get("init_controls") or ((recipe[stage].get("model") or {}).get("init_args") or {}).get(
         "init_controls"
     )
@@ -417,11 +426,6 @@ def stream_position(cli: StageCLI) -> int:
     """Batches of the seeded training stream behind a finished stage: those it skipped and trained on (all ranks)."""
     trained = cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed  # restored on resume
     return cli.datamodule.skip_batches + trained * cli.trainer.world_size
-
-
-def stage1_batches(folder: Path) -> int:
-    """Where stage 1 left the batch stream (0 for a stage 1 finished before this was recorded)."""
-    return int(json.loads((folder / DONE).read_text()).get("batch_stream_position", 0))
 
 
 def write_stage1_controls(cli: StageCLI, recipe: Mapping[str, Any], out: Path) -> None:
