@@ -134,6 +134,7 @@ def recipe_parser(command: str) -> OneLineParser:
     from meet_lightning.control import ControlTokens
     from meet_lightning.data import PreferenceDataModule
     from meet_lightning.modules.base import MeetModule
+    from meet_lightning.precision import AUTO, Precision
 
     parser = OneLineParser(prog=f"meet_lightning {command}", description=COMMANDS_HELP[command])
     parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML; repeat to overlay")
@@ -152,7 +153,15 @@ def recipe_parser(command: str) -> OneLineParser:
             required=False,
             instantiate=False,
         )
-        parser.add_class_arguments(Trainer, f"{stage}.trainer", instantiate=False, fail_untyped=False, sub_configs=True)
+        parser.add_class_arguments(
+            Trainer, f"{stage}.trainer", instantiate=False, fail_untyped=False, sub_configs=True, skip={"precision"}
+        )
+        parser.add_argument(
+            f"--{stage}.trainer.precision",
+            type=Precision,
+            default=AUTO,
+            help="auto: bf16-mixed where the device computes bf16 natively, else 32-true (16-mixed on GPUs without bf16)",
+        )
         parser.add_argument(
             f"--{stage}.select",
             type=str,

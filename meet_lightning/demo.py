@@ -78,14 +78,13 @@ def generate_arm(model: Any, prompts: Sequence[Any], first: Any, second: Any, **
 
 
 def untrained_model(recipe: dict[str, Any], schema: ControlSchema) -> Any:
-    """The base model with freshly initialised controls (what stage 1 starts from), in bf16."""
-    import torch
-
+    """The base model with freshly initialised controls (what stage 1 starts from), in the device's dtype."""
     from meet_lightning.export import AlignedModel
     from meet_lightning.models import load_model, load_tokenizer
     from meet_lightning.modules.base import build_control
+    from meet_lightning.precision import resolve_dtype
 
-    lm = load_model(recipe["model_name_or_path"], torch.bfloat16)
+    lm = load_model(recipe["model_name_or_path"], resolve_dtype("auto")[0])
     tokenizer = load_tokenizer(recipe["model_name_or_path"])
     control = build_control(recipe["control"])
     control.setup(lm, tokenizer, schema)
@@ -97,7 +96,11 @@ def report(recipe: dict[str, Any], log=print) -> float:
     from meet_lightning.export import AlignedModel
 
     prompts = heldout_prompts()
-    trained = AlignedModel.from_pretrained(Path(recipe["output_dir"]) / "export", dtype="bfloat16")
+    from meet_lightning.precision import resolve_dtype
+
+    dtype, reason = resolve_dtype("auto")
+    log(f"generation dtype: {str(dtype).removeprefix('torch.')} ({reason})")
+    trained = AlignedModel.from_pretrained(Path(recipe["output_dir"]) / "export", dtype="auto")
     started = time.perf_counter()
     concise, verbose = generate_arm(trained, prompts, "concise", "verbose", **DECODING)
     base = untrained_model(recipe, trained.schema)

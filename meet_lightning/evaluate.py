@@ -37,6 +37,7 @@ from meet_lightning.examples import ControlledExample, ControlSchema, Message, P
 from meet_lightning.formats import DEFAULT_PREFERENCE, SourceConfig, read_source
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
 from meet_lightning.modules.baselines import plain_logps
+from meet_lightning.precision import resolve_dtype
 
 Attribute = Callable[[Sequence[Message], str], float]
 """An attribute function: ``(prompt messages, response) → value`` (word count, a reward, …)."""
@@ -114,16 +115,23 @@ class EvalModel:
         return next(self.lm.parameters()).device
 
 
-def load_for_evaluation(name: str, device: str = "cpu") -> EvalModel:
-    """An export folder (with its controls and schema), or any plain causal LM: folder, alias or hub id."""
+def load_for_evaluation(name: str, device: str = "cpu", dtype: str = "auto") -> EvalModel:
+    """An export folder (with its controls and schema), or any plain causal LM: folder, alias or hub id.
+
+    ``dtype`` ``auto`` loads bfloat16 weights where ``device`` computes bf16 natively, else float32.
+    """
     from meet_lightning.export import SCHEMA_FILE, AlignedModel
     from meet_lightning.models import load_model, load_tokenizer
 
     if (Path(name) / SCHEMA_FILE).is_file():
-        model = AlignedModel.from_pretrained(name, device=device)
+        model = AlignedModel.from_pretrained(name, dtype=dtype, device=device)
         info = json.loads((Path(name) / SCHEMA_FILE).read_text())
         return EvalModel(name, model.lm, model.tokenizer, model.control, model.schema, info)
-    lm = load_model(name).to(device).eval()
+    try:
+        weights_dtype, _ = resolve_dtype(dtype, device)
+    except ValueError as error:
+        raise ConfigError(f"--dtype: {error}") from None
+    lm = load_model(name, weights_dtype).to(device).eval()
     return EvalModel(name, lm, load_tokenizer(name), ControlTokens().to(device), ControlSchema({}))
 
 
@@ -138,13 +146,13 @@ def load_reference(model: EvalModel, override: str | None = None) -> nn.Module:
     )
     if not name:
         raise CheckpointError(f"{model.name}: the DPO export names no reference model — pass --reference_model DIR")
-    reference = load_model(name).to(model.device).eval()
+    reference = load_model(name).to(model.device).eval()  # float32: the fingerprint is of the weights as trained
     expected = model.info.get("base_fingerprint")
     if expected and model_fingerprint(reference) != expected:
         raise CheckpointError(
             f"reference {name} is not the model {model.name} was trained against (fingerprint ≠ {expected}) — pass --reference_model with that base model"
         )
-    return reference
+    return reference.to(model.lm.dtype)
 
 
 def schema_model_name(model: EvalModel, key: str, flag: str) -> str | None:
@@ -684,6 +692,13 @@ def evaluate_command(argv: Sequence[str]) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--plots", type=str | None, default=None, help="write PNG plots to this folder (needs matplotlib)")
     parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto: bfloat16 where the device computes it natively, else float32",
+    )
     parser.add_argument("--output", type=str | None, default=None, help="also write the metrics as JSON here")
     args = parser.parse_args(list(argv))
     _check_args(args)
@@ -699,9 +714,10 @@ def evaluate_command(argv: Sequence[str]) -> int:
 def run_evaluation(args: Any) -> dict[str, Any]:
     """Everything ``evaluate`` was asked for, as one metrics dict."""
     attributes = parse_attributes(args.attribute)
-    model = load_for_evaluation(args.model, args.device)
+    model = load_for_evaluation(args.model, args.device, args.dtype)
     metrics: dict[str, Any] = {
         "model": args.model,
+        "dtype": str(model.lm.dtype).removeprefix("torch."),
         "kind": model.kind,
         "mode": preferred_mode(model, args.data.preference, args.good_control),
     }
@@ -754,7 +770,7 @@ def _load_base(model: EvalModel, override: str | None) -> nn.Module:
     from meet_lightning.models import load_model
 
     name = override or schema_model_name(model, "base_model", "--base_model")
-    return load_model(name).to(model.device).eval() if name else model.lm
+    return load_model(name, model.lm.dtype).to(model.device).eval() if name else model.lm
 
 
 def evaluate_model(

@@ -23,7 +23,8 @@ from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
-from meet_lightning.modules.base import DTYPES, MeetModule, build_control
+from meet_lightning.modules.base import MeetModule, build_control
+from meet_lightning.precision import resolve_dtype
 
 SCHEMA_FILE = "meet_schema.json"
 CONTROLS_FILE = "controls.safetensors"
@@ -154,20 +155,29 @@ class AlignedModel:
         self.lm, self.tokenizer, self.control, self.schema = lm.eval(), tokenizer, control, schema
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu") -> AlignedModel:
-        """Loads ``export/`` (safetensors + JSON only: a pickle file in the folder is never opened)."""
+    def from_pretrained(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu") -> AlignedModel:
+        """Loads ``export/`` (safetensors + JSON only: a pickle file in the folder is never opened).
+
+        Args:
+            folder: The ``export/`` folder of a run.
+            dtype: Weights dtype: ``auto`` (bfloat16 where ``device`` computes it natively, else float32 — see
+                :mod:`meet_lightning.precision`), ``float32``, ``bfloat16`` or ``float16``.
+            device: Where the model runs.
+        """
         folder = Path(folder)
         info = read_schema(folder)
         schema = ControlSchema.from_dict(info["preferences"])
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        try:
+            weights_dtype, _ = resolve_dtype(dtype, device)
+        except ValueError as error:
+            raise ConfigError(f"{error} — pass one of them") from None
         if not any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS):
             raise CheckpointError(
                 f"{folder}: no model.safetensors — exports hold safetensors only (pickle weights are never loaded);"
                 " export the run again"
             )
         tokenizer = load_tokenizer(str(folder))
-        lm = load_model(str(folder), DTYPES[dtype]).to(device)
+        lm = load_model(str(folder), weights_dtype).to(device)
         control = build_control(info["control"])
         control.setup(lm, tokenizer, schema)
         # the same schema, control settings and base model as the schema file says, or a one-line error

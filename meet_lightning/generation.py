@@ -209,10 +209,17 @@ def generate_command(argv: Sequence[str]) -> int:
     parser.add_argument("--prompt", type=str, required=True, help="the user message")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto: bfloat16 where the CPU or GPU computes it natively, else float32",
+    )
     args = parser.parse_args(list(argv))
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("--max_new_tokens must be ≥ 1 and --temperature ≥ 0")
-    model = AlignedModel.from_pretrained(args.model)
+    model = AlignedModel.from_pretrained(args.model, dtype=args.dtype)
     print(
         model.generate(
             [args.prompt], control=args.control or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature

@@ -33,6 +33,7 @@ from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import CheckpointError, ConfigError, MeetError
 from meet_lightning.modules.base import MeetModule, build_control
+from meet_lightning.precision import Resolved, resolve_precision
 from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/InjectedFault re-exported for callers
     AtomicCheckpointIO,
     FaultInjection,
@@ -100,6 +101,12 @@ def next_log_version(logs: Path) -> int:
     return max((int(n) for n in numbers if n.isdigit()), default=-1) + 1
 
 
+def stage_precision(recipe: Mapping[str, Any], stage: str) -> Resolved:
+    """The stage's trainer precision with ``auto`` resolved from the hardware it runs on, and why."""
+    trainer = recipe[stage].get("trainer") or {}
+    return resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
+
+
 def stage_args(
     recipe: Mapping[str, Any],
     stage: str,
@@ -123,6 +130,7 @@ def stage_args(
             {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": dict(logs)},
         ],
         **copy.deepcopy(spec.get("trainer") or {}),
+        "precision": stage_precision(recipe, stage).precision,
         # after the recipe's trainer, which holds Lightning's default True: a DistributedSampler would replace
         # our batch sampler, which is rank-aware and resumable (the position of a killed run)
         "use_distributed_sampler": False,
@@ -399,6 +407,8 @@ def run_stage(
     if init_controls:
         read_controls_metadata(Path(init_controls))  # missing/foreign file: one line now, not after the model loads
     cli = build_stage(recipe, stage, extra, data_extra)
+    precision = stage_precision(recipe, stage)
+    log(f"{stage}: precision {precision.precision} ({precision.reason})")
     last = out / "checkpoints" / "last.ckpt"
     resume = ckpt_path or (str(last) if last.exists() else None)
     if resume and Path(resume).is_dir():  # a DeepSpeed checkpoint folder: Lightning reads it itself
@@ -415,11 +425,12 @@ def run_stage(
     metrics["global_step"] = cli.trainer.global_step
     metrics["batch_stream_position"] = stream_position(cli)
     metrics.update(next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary())
-    if cli.trainer.is_global_zero:
-        write_text_atomic(out / DONE, json.dumps(metrics, indent=2))
-    cli.trainer.strategy.barrier()
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics
+    record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason}
+    if cli.trainer.is_global_zero:
+        write_text_atomic(out / DONE, json.dumps(record, indent=2))
+    cli.trainer.strategy.barrier()
+    return record
 
 
 def stream_position(cli: StageCLI) -> int:

@@ -27,6 +27,15 @@ SHARED = Path(os.environ.get("MEET_SHARED_DATA", Path(__file__).resolve().parent
 """The real preference files (``../shared/data``), read by path; ``MEET_SHARED_DATA`` points elsewhere."""
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """``precision: auto`` and ``dtype: auto`` resolve as on a CPU without native bf16, whatever CPU runs the
+    suite: a test's numbers must not depend on the machine's generation (tests of the resolver inject their own)."""
+    from meet_lightning import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (False, "tests: CPU taken as without native bf16"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared data folder. Missing is a failure, not a skip: the golden tests must run."""

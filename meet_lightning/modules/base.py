@@ -25,8 +25,7 @@ from meet_lightning.losses import (
     sequence_logps,
 )
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from meet_lightning.precision import DTYPES
 
 
 def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlTokens:

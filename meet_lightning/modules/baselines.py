@@ -18,7 +18,8 @@ from torch import nn
 from meet_lightning.control import ControlTokens, controlled_response_logps
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, sequence_logps
-from meet_lightning.modules.base import DTYPES, MeetModule
+from meet_lightning.modules.base import MeetModule
+from meet_lightning.precision import DTYPES
 from meet_lightning.modules.stage2 import JointFinetuneModule
 
 _NO_CONTROL = ControlTokens()  # inserts nothing, routes nothing: the plain LM
