@@ -2,7 +2,8 @@
 
 Every arm trains the same model on the same pairs (a seeded sample of ``hh_rlhf_harmless``, multi-turn prompts
 with their oldest turns dropped to fit ``--max-length``), in the same batches in the same order (the first
-batches the library's length-grouping sampler draws from a pool of 50 batches), with bf16 autocast, no gradient
+batches the library's length-grouping sampler draws from a pool of 50 batches), at one precision (``--precision
+auto``: bf16 autocast where the CPU computes bf16 natively, else fp32 — see ``meet_lightning.precision``), no gradient
 checkpointing, no checkpoints, no logger and the same thread count. Each arm runs in its own subprocess (so its
 peak RSS is its own), once per round; the arm order rotates from round to round, so each arm gets ``--windows``
 interleaved measurement windows of ``--steps`` optimizer steps after ``--warmup-steps`` unmeasured ones. Medians
@@ -23,9 +24,9 @@ Arms (``--arms``, comma-separated; default all):
 * ``generation`` — ``AlignedModel.generate`` against plain ``transformers`` ``generate`` (greedy, batch 8).
 
 Definitions: tokens/s counts real (non-pad) data tokens, control tokens excluded; every arm sees both rows of a
-pair in the same batch, so pairs/s = rows/s ÷ 2. MFU = model FLOPs ÷ the bf16 matmul peak measured here (median
-of 5 timings of a 4096² matmul at the run's thread count). Model FLOPs per processed token (data + control
-tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
+pair in the same batch, so pairs/s = rows/s ÷ 2. MFU = model FLOPs ÷ the matmul peak of the run's precision
+measured here (median of 5 timings of a 4096² matmul at the run's thread count, in bf16 or fp32 as the arms run).
+Model FLOPs per processed token (data + control tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
 full fine-tuning, 2 for a frozen LM that back-propagates to its inputs, 1 for a reference forward; plus
 ``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``,
 ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best setting.
@@ -93,7 +94,7 @@ TARGETS = (  # (label, JSON key, goal, higher is better)
     ("stage 1 tokens/s ÷ TRL SFT + prompt tuning", "stage1_vs_trl_prompt_tuning_tokens_per_s", 1.3, True),
     ("stage 2 peak RSS ÷ TRL DPO", "stage2_peak_rss_vs_trl_dpo", 0.6, False),
     ("padding fraction (stage 2)", "padding_fraction", 0.05, False),
-    ("stage 2 MFU (bf16 peak)", "stage2_mfu_bf16", 0.35, True),
+    ("stage 2 MFU (peak of the run's precision)", "stage2_mfu", 0.35, True),
 )
 
 
@@ -259,15 +260,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_bf16_peak(threads: int, size: int = 4096, repeats: int = 5) -> float:
-    """bf16 matmul FLOP/s: median of ``repeats`` timings of a ``size``² matmul, after one warm-up."""
+def measure_peak(threads: int, dtype: str, size: int = 4096, repeats: int = 5) -> float:
+    """Matmul FLOP/s in ``dtype`` (``bfloat16``/``float32``): median of ``repeats`` timings of a ``size``² matmul."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.randn(size, size).to(torch.bfloat16)
-        b = torch.randn(size, size).to(torch.bfloat16)
+        a = torch.randn(size, size).to(getattr(torch, dtype))
+        b = torch.randn(size, size).to(getattr(torch, dtype))
         torch.mm(a, b)
         timings = []
         for _ in range(repeats):
@@ -277,6 +278,17 @@ def measure_bf16_peak(threads: int, size: int = 4096, repeats: int = 5) -> float
     finally:
         torch.set_num_threads(previous)
     return 2 * size**3 / statistics.median(timings)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` shows it (``/proc/cpuinfo``), or the platform's processor string."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def checkpointing_on(model: Any) -> bool:
@@ -381,14 +393,14 @@ def lightning_recorder(all_logits: bool):
     return StepRecorder()
 
 
-def heldout_control_accuracy(module, data) -> float:
+def heldout_control_accuracy(module, data, precision: str) -> float:
     """``val/control_accuracy`` of the trained module on the held-out pairs, through Lightning's ``validate``."""
     import lightning as L
 
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="bf16-mixed",
+        precision=precision,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -398,7 +410,8 @@ def heldout_control_accuracy(module, data) -> float:
 
 
 def library_trainer(settings: Mapping[str, Any], recorder: Any):
-    """A Lightning trainer as the recipes set it (bf16-mixed, clipping 1.0), without checkpoints, logger or validation."""
+    """A Lightning trainer as the recipes set it (the run's precision, clipping 1.0), without checkpoints, logger or
+    validation."""
     import lightning as L
 
     from meet_lightning.reliability import GradientCheck
@@ -406,7 +419,7 @@ def library_trainer(settings: Mapping[str, Any], recorder: Any):
     return L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="bf16-mixed",
+        precision=settings["precision"],
         max_steps=settings["warmup_steps"] + settings["steps"],
         gradient_clip_val=1.0,
         logger=False,
@@ -425,7 +438,7 @@ def library_settings(module: Any, data: Any, trainer: Any, levers: Mapping[str, 
     return effective(
         2 * data.batch_size,
         data.max_length,
-        "bf16-autocast" if trainer.precision == "bf16-mixed" else trainer.precision,
+        trainer.precision,
         checkpointing_on(module.lm),
         module=type(module).__name__,
         control=module.control.config(),
@@ -466,7 +479,7 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
             "loss_after": recorder.loss_after,
         }
         if accuracy:
-            result["control_accuracy"] = heldout_control_accuracy(module, data)
+            result["control_accuracy"] = heldout_control_accuracy(module, data, trainer.precision)
     return result
 
 
@@ -508,7 +521,7 @@ def trl_sft_rows(pairs: Sequence, plan: Sequence[Sequence[int]]) -> list[dict]:
 
 
 def trl_common_args(spec: Mapping[str, Any], rows_per_batch: int) -> dict[str, Any]:
-    """TrainingArguments shared by the TRL arms: bf16, no gradient checkpointing, no saving or logging."""
+    """TrainingArguments shared by the TRL arms: the run's precision, no gradient checkpointing, no saving or logging."""
     settings = spec["settings"]
     return {
         "output_dir": str(Path(spec["workdir"]) / f"{spec['arm']}-{spec['round']}"),
@@ -520,7 +533,7 @@ def trl_common_args(spec: Mapping[str, Any], rows_per_batch: int) -> dict[str, A
         "warmup_steps": 0,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
-        "bf16": True,  # set explicitly: TRL's defaults differ between its configs
+        "bf16": settings["precision"] == "bf16-mixed",  # set explicitly: TRL's defaults differ between its configs
         "gradient_checkpointing": False,  # DPOConfig turns it on by default
         "use_cpu": True,
         "save_strategy": "no",
@@ -551,12 +564,12 @@ def recording_trainer(base: type) -> type:
             return out
 
         def first_batch_loss(self, batch: dict) -> float:
-            """The loss of ``batch`` now, not recorded, under training's bf16 autocast."""
+            """The loss of ``batch`` now, not recorded, under training's autocast (if any)."""
             import torch
 
             self.recording = False
             try:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
                     return float(self.compute_loss(self.model, self._prepare_inputs(batch)).detach())
             finally:
                 self.recording = True
@@ -619,7 +632,7 @@ def trl_result(spec, trainer, collator, clock, lm_dims, config_keys: Sequence[st
         "settings": effective(
             args.per_device_train_batch_size * (2 if spec["arm"] == "trl_dpo" else 1),
             args.max_length,
-            "bf16-autocast" if trainer.accelerator.mixed_precision == "bf16" else trainer.accelerator.mixed_precision,
+            "bf16-mixed" if trainer.accelerator.mixed_precision == "bf16" else "32-true",
             bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", None)) or checkpointing_on(model),
             **{key: _plain(getattr(args, key)) for key in config_keys if hasattr(args, key)},
         ),
@@ -748,7 +761,7 @@ def plain_generate(lm: Any, tokenizer: Any, prompts: Sequence, max_new_tokens: i
 def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
     """``AlignedModel.generate`` (the path of ``generate``/``predict``) against plain ``model.generate``.
 
-    Same model (bf16 weights), same prompts, greedy, batch 8; no control (``control=None``), so both produce the
+    Same model (weights in the run's dtype), same prompts, greedy, batch 8; no control (``control=None``), so both produce the
     same tokens and do the same work. Warm-up: one short call each. The order alternates from round to round.
     """
     import torch
@@ -947,7 +960,7 @@ def arm_summary(runs: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[st
         "tokens_per_s": median_of(rates("tokens")),
         "pairs_per_s": median_of([r / 2 for r in rates("rows")]),
         "seconds_per_step": median_of([w["seconds"] / w["steps"] for w in windows]),
-        "mfu_bf16": median_of([f / peak_flops for f in rates("flops")]),
+        "mfu": median_of([f / peak_flops for f in rates("flops")]),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "padding_fraction": 1 - sum(w["tokens"] for w in windows) / sum(w["slots"] for w in windows),
         "tokens_per_pair": sum(w["tokens"] for w in windows) / sum(w["rows"] / 2 for w in windows),
@@ -996,14 +1009,14 @@ def summarize(results: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[s
         "stage1_vs_stage2_tokens_per_s": ratio(arms, "stage1_prompt", "stage2_prefix", "tokens_per_s"),
         "stage1_vs_trl_prompt_tuning_tokens_per_s": ratio(arms, "stage1_prompt", "trl_sft_prompt", "tokens_per_s"),
         "stage2_peak_rss_vs_trl_dpo": ratio(arms, "stage2_prefix", "trl_dpo", "peak_rss_mb"),
-        "stage2_mfu_bf16": stage2.get("mfu_bf16"),
+        "stage2_mfu": stage2.get("mfu"),
         "padding_fraction": stage2.get("padding_fraction"),
         "stage2_prefix_control_accuracy": stage2.get("control_accuracy"),
         "stage2_infix_control_accuracy": arms.get("stage2_infix", {}).get("control_accuracy"),
         "meet_dpo_vs_trl_dpo_pairs_per_s": ratio(arms, "meet_dpo", "trl_dpo", "pairs_per_s"),
         "stage1_lora_vs_stage2_tokens_per_s": ratio(arms, "stage1_lora", "stage2_prefix", "tokens_per_s"),
         "generation_vs_transformers_tokens_per_s": None,
-        "peak_bf16_flops": peak_flops,
+        "peak_flops": peak_flops,
         "arms": arms,
     }
     if "generation" in by_arm:
@@ -1044,7 +1057,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             continue
         losses = "; ".join(f"{a:.3f}→{b:.3f}" for a, b in arm["losses"])
         lines.append(
-            f"| {name} | {arm['tokens_per_s']:.0f} | {arm['pairs_per_s']:.2f} | {arm['seconds_per_step']:.2f} | {arm['mfu_bf16']:.1%} |"
+            f"| {name} | {arm['tokens_per_s']:.0f} | {arm['pairs_per_s']:.2f} | {arm['seconds_per_step']:.2f} | {arm['mfu']:.1%} |"
             f" {arm['peak_rss_mb'] / 1024:.2f} | {arm['padding_fraction']:.1%} | {arm['tokens_per_pair']:.0f} | {losses} |"
         )
     lines += ["", "| target | measured | goal | result |", "| --- | ---: | ---: | --- |"]
@@ -1058,7 +1071,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f" infix {_fmt(summary['stage2_infix_control_accuracy'])}",
         f"- generation tokens/s, meet ÷ transformers: {_fmt(summary['generation_vs_transformers_tokens_per_s'])}",
         f"- this library's DPO pairs/s ÷ TRL DPO: {_fmt(summary['meet_dpo_vs_trl_dpo_pairs_per_s'])}",
-        f"- bf16 matmul peak: {summary['peak_bf16_flops'] / 1e9:.0f} GFLOP/s",
+        f"- precision {summary['precision']['precision']} ({summary['precision']['reason']});"
+        f" {summary['precision']['peak_dtype']} matmul peak: {summary['peak_flops'] / 1e9:.0f} GFLOP/s",
     ]
     return "\n".join(lines)
 
@@ -1088,7 +1102,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--accuracy-pairs", type=int, default=16, help="held-out pairs for the prefix/infix control accuracy")
     parser.add_argument("--gen-tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument(
-        "--gen-dtype", type=str, default="bfloat16", choices=["bfloat16", "float32"], help="weights for generation"
+        "--precision",
+        type=str,
+        default="auto",
+        choices=["auto", "bf16-mixed", "32-true"],
+        help="every training arm's precision; auto: bf16-mixed where the CPU computes bf16 natively, else 32-true",
+    )
+    parser.add_argument(
+        "--gen-dtype",
+        type=str,
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="weights for generation (auto: the dtype of --precision)",
     )
     parser.add_argument("--all-logits", action="store_true", help="lever off: library arms compute logits on every position")
     parser.add_argument("--no-group-by-length", action="store_true", help="lever off: random batches instead of length-grouped")
@@ -1133,8 +1158,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """Prepares data, measures the peak, runs the rounds, prints and writes the summary."""
+    import torch
+
+    from meet_lightning.precision import resolve_precision
+
     arms = check_args(args)
+    resolved = resolve_precision(args.precision, "cpu")
+    peak_dtype = "bfloat16" if resolved.precision == "bf16-mixed" else "float32"
     settings = {
+        "precision": resolved.precision,
         "model": args.model,
         "batch_pairs": args.batch_size,
         "max_length": args.max_length,
@@ -1155,14 +1187,18 @@ def run_benchmark(args: argparse.Namespace) -> int:
     pool = max(args.pool_pairs or 50 * args.batch_size, (args.warmup_steps + args.steps) * args.batch_size)
     data = prepare_data(args.data, args.model, args.max_length, pool, max(args.accuracy_pairs, 8), workdir)
     plan = batch_plan(settings, data["train_file"], levers["group_by_length"])[: args.warmup_steps + args.steps]
-    peak = measure_bf16_peak(args.threads, args.peak_size)
+    peak = measure_peak(args.threads, peak_dtype, args.peak_size)
     base = {
         "settings": settings,
         "levers": levers,
         "plan": plan,
         "workdir": str(workdir),
         "accuracy_pairs": args.accuracy_pairs,
-        "generation": {"batch_size": 8, "max_new_tokens": args.gen_tokens, "dtype": args.gen_dtype},
+        "generation": {
+            "batch_size": 8,
+            "max_new_tokens": args.gen_tokens,
+            "dtype": peak_dtype if args.gen_dtype == "auto" else args.gen_dtype,
+        },
         **{k: data[k] for k in ("train_file", "heldout_file")},
     }
     results = run_rounds(arms, base, args.windows, args.in_process, workdir)
@@ -1170,12 +1206,19 @@ def run_benchmark(args: argparse.Namespace) -> int:
     expected = {
         "rows_per_step": 2 * args.batch_size,
         "max_length": args.max_length,
-        "precision": "bf16-autocast",
+        "precision": resolved.precision,
         "threads": args.threads,
         "gradient_checkpointing": False,
     }
     problems = check_settings(summary, expected)
     summary.update(
+        precision={
+            "precision": resolved.precision,
+            "reason": resolved.reason,
+            "peak_dtype": peak_dtype,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": cpu_model(),
+        },
         settings=settings,
         levers=levers,
         data={

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from meet_lightning.examples import ControlSchema
+from meet_lightning.heads import LMHead
 from meet_lightning.losses import response_token_logps
 
 PLACEMENTS = ("prefix", "infix")
@@ -345,9 +346,15 @@ class LoRAControl(ControlTokens):
 
 
 def controlled_response_logps(
-    lm: nn.Module, control: ControlTokens, batch: Mapping[str, torch.Tensor], control_ids: torch.Tensor | None = None
+    lm: nn.Module,
+    control: ControlTokens,
+    batch: Mapping[str, torch.Tensor],
+    control_ids: torch.Tensor | None = None,
+    fp32_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
+
+    ``fp32_head`` computes the LM head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
 
     Returns:
         ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
@@ -357,4 +364,4 @@ def controlled_response_logps(
     embeds = control.embed(lm.get_input_embeddings(), ids)  # (B, T, H)
     with control.route(controls):
         hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
-    return response_token_logps(hidden, labels, lm.get_output_embeddings())
+    return response_token_logps(hidden, labels, LMHead(lm, fp32=fp32_head))

@@ -205,6 +205,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rank: This process' rank; ``world_size`` processes split every epoch's batches.
         world_size: Number of processes.
         drop_last: Drop the last incomplete batch (training).
+        resume: Continue mid-epoch where the last pass stopped (training). Evaluation samplers pass ``False``:
+            Lightning's sanity check stops after a few batches, and the next validation must still score all.
     """
 
     def __init__(
@@ -217,9 +219,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        resume: bool = True,
     ) -> None:
         self.num_items, self.batch_size, self.shuffle, self.seed = num_items, batch_size, shuffle, seed
         self.lengths, self.rank, self.world_size, self.drop_last = lengths, rank, world_size, drop_last
+        self.resume = resume
         self.epoch = 0
         self.position = 0  # batches of the current epoch already yielded on this rank
 
@@ -240,6 +244,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return batches[self.rank : usable : self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
+        if not self.resume:
+            self.epoch, self.position = 0, 0
         batches = self._epoch_batches()
         if batches and self.position >= len(batches):  # Lightning stops at len() without exhausting the generator
             self.epoch, self.position = self.epoch + 1, 0
@@ -511,6 +517,7 @@ class PreferenceDataModule(L.LightningDataModule):
             world_size=world,
             drop_last=False,
             lengths=lengths if self.group_by_length and shuffle else None,
+            resume=shuffle,  # only training continues mid-epoch; every evaluation pass starts at its first batch
         )
         pad_id = self.tokenizer.pad_token_id
         collate = (lambda b: collate_pairs(b, pad_id)) if paired else (lambda b: collate_rows(b, pad_id))

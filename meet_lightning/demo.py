@@ -1,9 +1,8 @@
 """``python -m meet_lightning demo``: train concise/verbose controls, then show what they do.
 
-The report compares, on 20 held-out prompts and with one set of decoding settings for every arm: the trained
-model under ``concise`` and ``verbose``; the untrained model with freshly initialised controls; and the
-untrained model asked through a system prompt (what a user gets without training). Its last line is
-``verbose/concise median word ratio: X.XX``.
+The report compares, on 20 held-out prompts and with one set of decoding settings for both arms: the trained
+model under ``concise`` and ``verbose``, and the untrained model asked through a system prompt (what a user gets
+without training). Its last line is ``verbose/concise median word ratio: X.XX``.
 """
 
 from __future__ import annotations
@@ -20,10 +19,12 @@ from typing import Any
 
 from meet_lightning.examples import ControlSchema
 
-DECODING = {"max_new_tokens": 256, "temperature": 0.0, "repetition_penalty": 1.2, "batch_size": 40}
-"""Greedy with a mild repetition penalty, 256 new tokens: the same for every arm (asserted in
+DECODING = {"max_new_tokens": 160, "temperature": 0.0, "repetition_penalty": 1.2, "batch_size": 40}
+"""Greedy with a mild repetition penalty, 160 new tokens: the same for every arm (asserted in
 :func:`generate_arm`). A 135M model decoding greedily falls into loops on long answers; the penalty is the usual
-remedy and applies to every arm alike."""
+remedy and applies to every arm alike. 160 tokens (~120 words) keep a verbose answer's first paragraphs and the
+report within the demo's time in fp32 (each arm decodes until its longest answer stops: 256 tokens took ~100 s
+an arm on an AVX2 CPU)."""
 
 SYSTEM_PROMPTS = {"concise": "Be as concise as possible.", "verbose": "Always answer with as much detail as possible."}
 
@@ -78,7 +79,8 @@ def generate_arm(model: Any, prompts: Sequence[Any], first: Any, second: Any, **
 
 
 def untrained_model(recipe: dict[str, Any], schema: ControlSchema) -> Any:
-    """The base model with freshly initialised controls (what stage 1 starts from), in the device's dtype."""
+    """The base model (with freshly initialised controls, which the system-prompt arm leaves unused), in the
+    device's dtype."""
     from meet_lightning.export import AlignedModel
     from meet_lightning.models import load_model, load_tokenizer
     from meet_lightning.modules.base import build_control
@@ -104,7 +106,6 @@ def report(recipe: dict[str, Any], log=print) -> float:
     started = time.perf_counter()
     concise, verbose = generate_arm(trained, prompts, "concise", "verbose", **DECODING)
     base = untrained_model(recipe, trained.schema)
-    base_concise, base_verbose = generate_arm(base, prompts, "concise", "verbose", **DECODING)
     asked = tuple(
         [[{"role": "system", "content": SYSTEM_PROMPTS[side]}, {"role": "user", "content": p}] for p in prompts]
         for side in ("concise", "verbose")
@@ -116,12 +117,9 @@ def report(recipe: dict[str, Any], log=print) -> float:
         log(f"\n### {prompt}\n[concise, {words(short)} words] {short}\n[verbose, {words(long)} words] {long}")
     ratio = median_ratio(verbose, concise)
     low, high = bootstrap_median_ratio(verbose, concise)
-    log(f"\ngeneration: 3 models × 2 controls × {len(prompts)} held-out prompts, {DECODING} — {seconds:.0f} s")
+    log(f"\ngeneration: 2 arms × 2 sides × {len(prompts)} held-out prompts, {DECODING} — {seconds:.0f} s")
     log(
         f"median words, trained: concise {statistics.median(map(words, concise))}, verbose {statistics.median(map(words, verbose))}"
-    )
-    log(
-        f"untrained controls (same settings):      verbose/concise median word ratio {median_ratio(base_verbose, base_concise):.2f}"
     )
     log(
         f"untrained model asked by system prompt:  verbose/concise median word ratio {median_ratio(asked_verbose, asked_concise):.2f}"

@@ -9,7 +9,8 @@ Every metric is named by its scorer and never mixed with another:
   ``β · (log π(y|x) − log π_ref(y|x))``; only for DPO exports, against the reference their schema names.
 * ``chosen_nll`` and ``logp_accuracy``: every model, in its *preferred mode* — its ``good`` control
   (``--good_control`` picks another), the Chain-of-Hindsight good phrase, or plain for models without
-  controls. Per-token, so lengths do not decide.
+  controls. Per-token, so lengths do not decide: ``chosen_nll`` is the mean over chosen responses of each
+  response's mean token NLL (:func:`~meet_lightning.losses.response_nll`), as ``val/chosen_nll`` is.
 
 Each comes with a bootstrap 95 % interval and its pair count. Generation-based metrics: the control-fidelity
 matrix (rows: controls, columns: attribute functions such as word count or a reward model) with a KL estimate
@@ -241,9 +242,10 @@ def score_pairs(
 def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch)  # chosen|good, rejected|bad
+        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True)  # chosen|good, rejected|bad
         ids = batch["control_ids"]
-        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, torch.cat([ids[n:], ids[:n]]))
+        swapped = torch.cat([ids[n:], ids[:n]])
+        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, swapped, fp32_head=True)
         # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
         own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])
@@ -253,14 +255,14 @@ def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, re
         policy = torch.cat([own[:n], other[n:]])  # both responses under the good control
         counts = torch.cat([own_mask[:n].sum(-1), other_mask[n:].sum(-1)])
     else:
-        tokens, mask = plain_logps(model.lm, batch)
+        tokens, mask = plain_logps(model.lm, batch, fp32_head=True)
         policy, counts = sequence_logps(tokens, mask), mask.sum(-1)
-    per_token = policy / counts.clamp(min=1)  # (2B,) [chosen; rejected]
-    scores["chosen_nll"] = (-per_token[:n]).tolist()
+    per_token = policy / counts.clamp(min=1)  # (2B,) [chosen; rejected] mean log-prob per token
+    scores["chosen_nll"] = (-per_token[:n]).tolist()  # response_nll of the chosen side
     scores["logp_accuracy"] = pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
     if reference is not None:
         beta = float(model.info.get("dpo_beta", 1.0))
-        base = sequence_logps(*plain_logps(reference, batch))
+        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True))
         chosen_reward, rejected_reward = beta * (policy[:n] - base[:n]), beta * (policy[n:] - base[n:])
         scores["dpo_reward_accuracy"] = pairwise_accuracy(chosen_reward, rejected_reward).tolist()
         scores["dpo_reward_margin"] = (chosen_reward - rejected_reward).tolist()

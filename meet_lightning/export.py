@@ -31,15 +31,15 @@ CONTROLS_FILE = "controls.safetensors"
 
 
 def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print) -> Path:
-    """Exports the last stage of a finished run to ``output_dir/export``.
+    """Exports the last stage of a finished run (its selected checkpoint) to ``output_dir/export``.
 
     The module class comes from the recipe (which the user wrote), never from the checkpoint file.
     """
-    from meet_lightning.pipeline import active_stages, build_stage, restore_module
+    from meet_lightning.pipeline import active_stages, build_stage, restore_module, selected_checkpoint
 
     stage = active_stages(recipe)[-1]
     module = build_stage(recipe, stage).model
-    restore_module(module, Path(recipe["output_dir"]) / stage / "checkpoints" / "last.ckpt")
+    restore_module(module, selected_checkpoint(recipe, stage))
     folder = Path(recipe["output_dir"]) / "export"
     export_model(module, folder, recipe=recipe, metrics=metrics)
     log(f"exported to {folder}")

@@ -21,7 +21,8 @@ def response_token_logps(
         hidden: (B, T, H) last hidden states.
         labels: (B, T) token ids, ``-100`` where there is nothing to predict (unshifted: the label at ``t`` is
             predicted from position ``t - 1``).
-        head: The LM head, (N, H) → (N, V).
+        head: The LM head, (N, H) → (N, V): a :class:`~meet_lightning.heads.LMHead`, which applies the model's
+            own logit processing and, for scoring, computes in float32.
         chunk: Positions per head call, bounding the (N, V) logits held at once.
 
     Returns:
@@ -47,8 +48,17 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool 
 
 
 def nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over every response token of the batch (a scalar)."""
+    """Mean negative log-likelihood over every response token of the batch (a scalar): the training loss."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def response_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) each response's mean per-token negative log-likelihood.
+
+    ``chosen_nll`` (``evaluate`` and ``val/chosen_nll`` alike) is the mean of this over the chosen responses:
+    every response counts once whatever its length, so a few long answers do not decide it.
+    """
+    return -sequence_logps(token_logps, mask, average=True)
 
 
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from meet_lightning.errors import CheckpointError, ConfigError, MeetError
+from meet_lightning.heads import check_lm_head
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Alias of the offline default model, SmolLM2-135M-Instruct (see :func:`download_model`)."""
@@ -402,7 +403,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
         The model, on CPU.
 
     Raises:
-        ConfigError: The model cannot be found (see :func:`resolve_model_path`).
+        ConfigError: The model cannot be found (see :func:`resolve_model_path`), or its forward post-processes
+            logits in a way the losses do not reproduce (see :func:`~meet_lightning.heads.check_lm_head`).
         CheckpointError: A local folder whose weights cannot be read (truncated or foreign files).
     """
     path = resolve_model_path(name_or_path)
@@ -411,13 +413,15 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
     if path.endswith(".gguf"):
         return _load_gguf_model(Path(path)).to(dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _load_error(name_or_path, path, err) from err
     except SafetensorError as err:  # a truncated or foreign model.safetensors
         raise CheckpointError(
             f"cannot read the weights in {path} ({_first_line(err)}) — the folder is damaged; export or download it again"
         ) from err
+    check_lm_head(model, name_or_path)  # losses compute logits from hidden states: they must be the model's own
+    return model
 
 
 def _load_error(name: str, path: str, err: Exception) -> MeetError:

@@ -49,6 +49,8 @@ BUDGET_KEYS = {"max_steps", "max_epochs"}
 HARDWARE_KEYS = {"devices", "num_nodes", "accelerator", "strategy"}
 """Trainer keys a resumed run may change besides the budget: the same run on other hardware (2 GPUs → 1)."""
 DONE = "done.json"
+BEST = "best"
+"""File stem of the checkpoint ``select: best`` keeps."""
 
 
 class StageCLI(LightningCLI):
@@ -155,18 +157,13 @@ def build_stage(
     check_stage_settings(recipe, stage)
     fault = FaultSpec.from_env()
     fault = fault if fault is not None and fault.stage == stage else None
-    select_best = spec.get("select", "last") == "best"
-    checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        save_last=True,
-        save_top_k=1 if select_best else 0,
-        monitor="val/control_accuracy" if select_best else None,
-        mode="max",
-        filename="best",
-        every_n_train_steps=spec.get("checkpoint_every_n_steps", 100),
+    last = ModelCheckpoint(
+        dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=spec.get("checkpoint_every_n_steps", 100)
     )
     # FaultInjection before GradientCheck: an injected NaN gradient must meet the check in the same step.
-    callbacks = [checkpoint, FaultInjection(stage, fault), GradientCheck(stage), RNGState(), ThroughputMeter()]
+    callbacks = [last, FaultInjection(stage, fault), GradientCheck(stage), RNGState(), ThroughputMeter()]
+    if selects_best(recipe, stage):
+        callbacks.append(best_checkpoint(out / "checkpoints"))
     io = AtomicCheckpointIO(stage, folder=out / "checkpoints" if is_global_zero() else None, fault=fault)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments come from `args`, not the command line
     try:
@@ -190,6 +187,47 @@ def build_stage(
         raise ConfigError(trainer_message(stage, str(error))) from None
     finally:
         sys.argv = argv
+
+
+def selects_best(recipe: Mapping[str, Any], stage: str) -> bool:
+    """Whether the stage's ``select`` is ``best`` (by ``val/control_accuracy``) rather than ``last``."""
+    return (recipe.get(stage) or {}).get("select", "last") == "best"
+
+
+def best_checkpoint(folder: Path) -> ModelCheckpoint:
+    """Keeps ``best.ckpt``: the weights whose own validation scored the highest ``val/control_accuracy``.
+
+    It saves when a validation ends, never on a training step: a step-triggered save with a monitor ranks the
+    weights of step k by the validation of an earlier step (it runs before step k's validation). One file name,
+    overwritten, so ``validate``/``export`` in a later process find it.
+    """
+    return ModelCheckpoint(
+        dirpath=folder,
+        filename=BEST,
+        monitor="val/control_accuracy",
+        mode="max",
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=False,
+        enable_version_counter=False,
+    )
+
+
+def selected_checkpoint(recipe: Mapping[str, Any], stage: str) -> Path:
+    """The checkpoint ``select`` picks: ``best.ckpt`` with ``select: best``, else ``last.ckpt``.
+
+    One rule for everything after training: this is what is validated (``done.json``), written as stage 1's
+    controls (and so handed to stage 2), exported, and read by ``validate``/``test``/``predict``.
+    """
+    folder = Path(recipe["output_dir"]) / stage / "checkpoints"
+    if not selects_best(recipe, stage):
+        return folder / "last.ckpt"
+    if not (folder / f"{BEST}.ckpt").exists():
+        raise CheckpointError(
+            f"--{stage}.select best: no validation ran, so there is no {folder / BEST}.ckpt — set"
+            f" --{stage}.trainer.val_check_interval (or use --{stage}.select last)"
+        )
+    return folder / f"{BEST}.ckpt"
 
 
 def _meet_error_in(error: BaseException) -> MeetError | None:
@@ -419,12 +457,21 @@ def run_stage(
     cli.trainer.callbacks.append(RecordRecipe(recipe))
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume, weights_only=True)
     cli.trainer.save_checkpoint(last, weights_only=False)
+    # read before validating a checkpoint: restoring one also restores the callbacks' states
+    progress = {
+        "global_step": cli.trainer.global_step,
+        "batch_stream_position": stream_position(cli),
+        **next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary(),
+    }
+    selected = selected_checkpoint(recipe, stage)
+    # validating the selected checkpoint loads its weights: the controls written next are the ones reported
+    reloaded = str(selected) if selected != last else None
+    validated = cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=reloaded, weights_only=True, verbose=False)
+    metrics = {k: float(v) for k, v in (validated or [{}])[0].items()}
     if stage == "stage1":
-        write_stage1_controls(cli, recipe, out)
-    metrics = {k: float(v) for k, v in (cli.trainer.validate(cli.model, cli.datamodule, verbose=False) or [{}])[0].items()}
-    metrics["global_step"] = cli.trainer.global_step
-    metrics["batch_stream_position"] = stream_position(cli)
-    metrics.update(next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary())
+        write_stage1_controls(cli, out)
+    selected_step = check_checkpoint_file(selected)["global_step"] if reloaded else progress["global_step"]
+    metrics.update(global_step=progress.pop("global_step"), selected_step=selected_step, **progress)
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason}
     if cli.trainer.is_global_zero:
@@ -439,13 +486,9 @@ def stream_position(cli: StageCLI) -> int:
     return cli.datamodule.skip_batches + trained * cli.trainer.world_size
 
 
-def write_stage1_controls(cli: StageCLI, recipe: Mapping[str, Any], out: Path) -> None:
-    """``stage1/controls.safetensors`` from the final weights, or the best checkpoint with ``select: best``."""
+def write_stage1_controls(cli: StageCLI, out: Path) -> None:
+    """``stage1/controls.safetensors`` from the module's weights (those of the selected checkpoint)."""
     module: MeetModule = cli.model
-    best = cli.trainer.checkpoint_callback.best_model_path if (recipe["stage1"] or {}).get("select") == "best" else ""
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict({**module.state_dict(), **state})
     if cli.trainer.is_global_zero:
         save_controls(module.control, out / "controls.safetensors", module.schema, module.base_fingerprint)
     cli.trainer.strategy.barrier()
@@ -469,7 +512,7 @@ def check_checkpoint_file(path: Path) -> dict[str, Any]:
 
 
 def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str, Path]:
-    """The stage (default: the last active one) and its ``last.ckpt`` for validate/test/predict."""
+    """The stage (default: the last active one) and its selected checkpoint for validate/test/predict."""
     stages = active_stages(recipe)
     stage = stage or stages[-1]
     if stage not in stages:
@@ -477,7 +520,7 @@ def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str,
     last = Path(recipe["output_dir"]) / stage / "checkpoints" / "last.ckpt"
     if not last.exists():
         raise CheckpointError(f"{last}: not found — run `fit` with this recipe first")
-    return stage, last
+    return stage, selected_checkpoint(recipe, stage)
 
 
 def single_file_checkpoint(path: Path) -> Path:

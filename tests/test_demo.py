@@ -56,4 +56,4 @@ def test_demo_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert lines[-1].startswith("verbose/concise median word ratio: ")
     float(lines[-1].rsplit(" ", 1)[1])
-    assert any("asked by system prompt" in line for line in lines) and any("untrained controls" in line for line in lines)
+    assert any("asked by system prompt" in line for line in lines) and any("repeated 4-grams" in line for line in lines)

@@ -139,7 +139,8 @@ class MeetModule(L.LightningModule):
         Returns:
             ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
         """
-        return controlled_response_logps(self.lm, self.control, batch, control_ids)
+        # scoring (validation, test) takes the head in fp32: close pairs must not be decided by bf16 rounding
+        return controlled_response_logps(self.lm, self.control, batch, control_ids, fp32_head=not self.training)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The training objective: response-only NLL under each row's controls. Override for new objectives.

@@ -17,10 +17,10 @@ from torch import nn
 
 from meet_lightning.control import ControlTokens, controlled_response_logps
 from meet_lightning.errors import CheckpointError, ConfigError
-from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, sequence_logps
+from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, response_nll, sequence_logps
 from meet_lightning.modules.base import MeetModule
-from meet_lightning.precision import DTYPES
 from meet_lightning.modules.stage2 import JointFinetuneModule
+from meet_lightning.precision import DTYPES
 
 _NO_CONTROL = ControlTokens()  # inserts nothing, routes nothing: the plain LM
 
@@ -32,10 +32,15 @@ def require_pairs(batch: Mapping[str, torch.Tensor], who: str) -> int:
     return int(batch["num_pairs"])
 
 
-def plain_logps(lm: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1)."""
+def plain_logps(
+    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
+
+    ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
+    """
     no_controls = torch.full_like(batch["control_ids"], -1)
-    return controlled_response_logps(lm, _NO_CONTROL, batch, no_controls)
+    return controlled_response_logps(lm, _NO_CONTROL, batch, no_controls, fp32_head)
 
 
 def pair_keys(batch: Mapping[str, torch.Tensor]) -> list[str]:
@@ -82,7 +87,7 @@ class _PlainPairMetrics:
         per_token = sequence_logps(token_logps, mask, average=True)  # (2B,) [chosen; rejected]
         accuracy = pairwise_accuracy(per_token[:pairs], per_token[pairs:])
         self.log(f"{split}/logp_accuracy", accuracy.mean(), batch_size=pairs, sync_dist=True)
-        self.log(f"{split}/chosen_nll", nll(token_logps[:pairs], mask[:pairs]), batch_size=pairs, sync_dist=True)
+        self.log(f"{split}/chosen_nll", response_nll(token_logps[:pairs], mask[:pairs]).mean(), batch_size=pairs, sync_dist=True)
 
 
 class SFTModule(_PlainPairMetrics, MeetModule):
@@ -150,7 +155,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         return {"loss": nll(token_logps, mask)}
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
-        token_logps, mask = plain_logps(self.lm, batch)
+        token_logps, mask = plain_logps(self.lm, batch, fp32_head=True)
         if "num_pairs" not in batch:
             self.log(f"{split}/loss", nll(token_logps, mask), batch_size=mask.shape[0], sync_dist=True, prog_bar=True)
             return
@@ -229,6 +234,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         self.reference_cache_misses = 0
         """Pairs whose reference log-probs had to be computed by a model."""
         object.__setattr__(self, "_reference", None)  # not a submodule: never saved, optimized or put in train mode
+        self._cache_filled = False
 
     def setup(self, stage: str) -> None:
         check_paired_data(self, stage)
@@ -262,11 +268,12 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         return self._reference.to(self.device)
 
     @torch.no_grad()
-    def _score_reference(self, lm: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _score_reference(self, lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool) -> torch.Tensor:
+        """(2B,) [chosen; rejected] summed reference log-probs, the head in the precision of the policy's."""
         was_training = lm.training
         lm.eval()
         try:
-            return sequence_logps(*plain_logps(lm, batch))  # (2B,) [chosen; rejected]
+            return sequence_logps(*plain_logps(lm, batch, fp32_head))
         finally:
             lm.train(was_training)
 
@@ -278,27 +285,38 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             self.reference_cache_hits += pairs
             cached = torch.tensor([self.reference_cache[k] for k in keys], device=self.device)  # (B, 2)
             return cached[:, 0], cached[:, 1]
-        logps = self._score_reference(self.reference_lm(), batch)
+        logps = self._score_reference(self.reference_lm(), batch, fp32_head=not self.training)
         if keys:
             self.reference_cache_misses += pairs
             self.reference_cache.update(zip(keys, zip(logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True), strict=True))
         return logps[:pairs], logps[pairs:]
 
+    def on_validation_start(self) -> None:
+        # Lightning's sanity check is a validation before training starts: it must read the cache, not load a
+        # second full model that would then stay in memory for the whole run.
+        if self.trainer.state.fn == "fit":
+            self.fill_reference_cache()
+
     def on_train_start(self) -> None:
-        """With ``precompute_reference``: scores the pairs training and validation will use, once."""
+        self.fill_reference_cache()  # no sanity check ran (num_sanity_val_steps: 0)
+
+    def fill_reference_cache(self) -> None:
+        """With ``precompute_reference``: scores the pairs training and validation will use, once per fit.
+
+        Before the first update the policy *is* the base model: no copy is needed. Later (a resume whose
+        checkpoint lacks some pairs) the base is reloaded, and freed again once the cache is full.
+        """
         data = self.trainer.datamodule
-        if not self.hparams.precompute_reference or data is None:
+        if not self.hparams.precompute_reference or data is None or self._cache_filled:
             return
-        # Before the first update the policy *is* the base model: no copy needed. Later (a resume without a
-        # cache in its checkpoint) the base is reloaded.
         lm = self.lm if self.trainer.global_step == 0 else None
         train = data.train_dataloader()
         steps = self.trainer.estimated_stepping_batches * self.trainer.accumulate_grad_batches
         needed = len(train) if steps == float("inf") else min(len(train), int(steps))
         plugin = self.trainer.precision_plugin
-        for loader, limit, context in (
-            (train, needed, plugin.train_step_context),
-            (data.val_dataloader(), None, plugin.val_step_context),
+        for loader, limit, context, fp32_head in (
+            (train, needed, plugin.train_step_context, False),
+            (data.val_dataloader(), None, plugin.val_step_context, True),
         ):
             for index, batch in enumerate(loader):
                 if limit is not None and index >= limit:
@@ -307,17 +325,19 @@ class DPOModule(_PlainPairMetrics, MeetModule):
                     continue
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with context():
-                    logps = self._score_reference(lm if lm is not None else self.reference_lm(), batch)
+                    logps = self._score_reference(lm if lm is not None else self.reference_lm(), batch, fp32_head)
                 pairs = int(batch["num_pairs"])
                 self.reference_cache.update(
                     zip(pair_keys(batch), zip(logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True), strict=True)
                 )
+        self._cache_filled = True
+        object.__setattr__(self, "_reference", None)  # every pair of the run is cached: no reference model is needed
 
     # -------------------------------------------------------------- objective
     def dpo_terms(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """DPO loss, implicit rewards and the plain per-token log-probs of a paired batch."""
         pairs = require_pairs(batch, type(self).__name__)
-        token_logps, mask = plain_logps(self.lm, batch)  # (2B, T-1)
+        token_logps, mask = plain_logps(self.lm, batch, fp32_head=not self.training)  # (2B, T-1)
         policy = sequence_logps(token_logps, mask)  # (2B,) [chosen; rejected]
         reference_chosen, reference_rejected = self.reference_logps(batch)
         loss, chosen_reward, rejected_reward = dpo_loss(
@@ -336,8 +356,8 @@ class DPOModule(_PlainPairMetrics, MeetModule):
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         if "num_pairs" not in batch:  # pointwise validation data: NLL only
-            token_logps, mask = plain_logps(self.lm, batch)
-            self.log(f"{split}/chosen_nll", nll(token_logps, mask), batch_size=mask.shape[0], sync_dist=True)
+            token_logps, mask = plain_logps(self.lm, batch, fp32_head=True)
+            self.log(f"{split}/chosen_nll", response_nll(token_logps, mask).mean(), batch_size=mask.shape[0], sync_dist=True)
             return
         terms = self.dpo_terms(batch)
         pairs = int(batch["num_pairs"])
