@@ -28,6 +28,7 @@ from meet_lightning.cli import main, parse_recipe
 from meet_lightning.control import PromptTuningControl, controlled_response_logps
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import ConfigError
+from meet_lightning.heads import check_lm_head
 from meet_lightning.losses import sequence_logps
 from meet_lightning.modules import ControlTokenModule, DPOModule, SFTModule
 
@@ -179,24 +180,28 @@ def tiny_config(architecture: str):
 
 
 @pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite"])
-def test_the_head_gives_the_models_own_logits(architecture):
-    from meet_lightning.heads import LMHead, check_lm_head
+def test_response_logps_are_those_of_the_models_own_logits(architecture):
+    from meet_lightning.control import ControlTokens
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(tiny_config(architecture)).eval()
     ids = torch.randint(0, 97, (2, 9))
-    hidden = lm.get_decoder()(input_ids=ids).last_hidden_state  # (2, 9, 32)
-    own = lm(input_ids=ids).logits  # (2, 9, 97)
-    plain = lm.get_output_embeddings()(hidden)  # what the losses used before: no logit processing
-    assert (own - plain).abs().max() > 0.1  # the processing matters on these configs
-    torch.testing.assert_close(LMHead(lm)(hidden.flatten(0, 1)).view_as(own), own, rtol=1e-5, atol=1e-5)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a 4-token prompt, then the response
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "control_ids": torch.full((2, 1), -1)}  # fmt: skip
+    with torch.no_grad():
+        own = lm(input_ids=ids).logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (2, 8)
+        plain = lm.get_output_embeddings()(lm.get_decoder()(input_ids=ids).last_hidden_state)  # no logit processing
+        token_logps, mask = controlled_response_logps(lm, ControlTokens(), batch)  # (2, 8)
+    assert (lm(input_ids=ids).logits - plain).abs().max() > 0.1  # the processing matters on these configs
+    assert mask[:, 3:].all() and not mask[:, :3].any()
+    torch.testing.assert_close(token_logps[:, 3:], own[:, 3:], rtol=1e-5, atol=1e-5)
     check_lm_head(lm, architecture)  # accepted
 
 
 def test_a_model_with_an_unknown_logit_processing_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from meet_lightning.heads import check_lm_head
 
     class TemperedLlama(LlamaForCausalLM):
         """A llama whose forward divides its logits by a temperature no config field announces."""
@@ -225,6 +230,7 @@ def test_control_classifier_margin_under_bf16_mixed_is_within_1e2_of_fp32(paired
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, bf16 = module.control_accuracy(batch, sequence_logps(*module.response_logps(batch)))
     gap = (bf16 - fp32).abs().max().item()
+    print(f"bf16-mixed margin {bf16.tolist()} vs fp32 {fp32.tolist()}: |Δ| {gap:.4f}")
     assert gap < 1e-2, f"bf16-mixed margin {bf16.tolist()} vs fp32 {fp32.tolist()}: |Δ| {gap:.4f}"
 
 
