@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from meet_lightning.stats import bootstrap_interval, words
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import split_file  # noqa: E402
 
@@ -223,10 +225,10 @@ def train_arm(name: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ scoring
 def heldout_pairs(path: Path, tokenizer: Any, s: Settings) -> list:
     """HH held-out pairs whose both sides fit ``max_length`` with room for controls: every arm scores the same."""
-    from meet_lightning.data import PromptTokenizer
     from meet_lightning.evaluate import read_pairs
     from meet_lightning.examples import ControlSchema
     from meet_lightning.formats import SourceConfig
+    from meet_lightning.tokenization import PromptTokenizer
 
     encoder, schema = PromptTokenizer(tokenizer, s.max_length - 32), ControlSchema.from_dict({"harmless": ["good", "bad"]})
     pairs = read_pairs(SourceConfig(path=str(path), format="hh_rlhf", preference="harmless"), None)
@@ -261,7 +263,6 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
 
 def verbosity(model: Any, path: Path, s: Settings) -> dict[str, list[float]]:
     """Words per answer to the held-out AlpacaEval prompts under ``concise`` and under ``verbose`` (one batch)."""
-    from meet_lightning.evaluate import word_count
     from meet_lightning.export import AlignedModel
 
     prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
@@ -273,8 +274,8 @@ def verbosity(model: Any, path: Path, s: Settings) -> dict[str, list[float]]:
         batch_size=2 * len(prompts),
         **DECODING,
     )
-    words = [word_count([], t) for t in texts]
-    return {"concise": words[: len(prompts)], "verbose": words[len(prompts) :], "samples": texts[:2]}
+    counts = [float(words(t)) for t in texts]
+    return {"concise": counts[: len(prompts)], "verbose": counts[len(prompts) :], "samples": texts[:2]}
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -306,11 +307,9 @@ def item_count(scores: dict[str, Any], metric: str) -> int:
 
 
 def bootstrap(stat: Callable[[np.ndarray], np.ndarray], n: int, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """The statistic on all items and its 95 % percentile bootstrap interval."""
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    values = stat(idx)
-    lo, hi = np.nanpercentile(values, [2.5, 97.5]) if np.isfinite(values).any() else (np.nan, np.nan)
-    return float(stat(np.arange(n)[None])[0]), float(lo), float(hi)
+    """The statistic on all items and its 95 % percentile bootstrap interval (resampling items)."""
+    lo, hi = bootstrap_interval(lambda idx: float(stat(np.asarray(idx)[None])[0]), n, samples, seed)
+    return float(stat(np.arange(n)[None])[0]), lo, hi
 
 
 def summarize(scores: dict[str, Any]) -> dict[str, list[float]]:

@@ -145,9 +145,9 @@ def prepare_data(source: Path, model: str, max_length: int, num_train: int, num_
     Returns:
         ``train_file``, ``heldout_file`` and counts for the report.
     """
-    from meet_lightning.data import PromptTokenizer
     from meet_lightning.formats import SourceConfig, read_source
     from meet_lightning.models import load_tokenizer
+    from meet_lightning.tokenization import PromptTokenizer
 
     if not source.is_file():
         raise BenchError(f"{source}: data file not found — pass --data FILE (a preference JSONL, e.g. hh_rlhf_harmless)")
@@ -211,8 +211,8 @@ def batch_plan(settings: Mapping[str, Any], train_file: str, group_by_length: bo
 
     TRL arms are fed these batches in this order (sequential sampling), so every arm times the same pairs.
     """
-    from meet_lightning.data import PromptTokenizer
     from meet_lightning.examples import ControlSchema
+    from meet_lightning.tokenization import PromptTokenizer
 
     data = make_datamodule(settings, train_file, None, group_by_length, 0)
     data.setup("fit")

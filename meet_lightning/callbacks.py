@@ -1,10 +1,16 @@
-"""Training callbacks: throughput accounting (and, later, sample generations per control)."""
+"""Training callbacks: throughput accounting, and sample generations (and rewards) per control."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from meet_lightning.evaluate import NO_CONTROL, EvalModel, RewardModel, generate_under
 
 
 class ThroughputMeter(Callback):
@@ -24,17 +30,21 @@ class ThroughputMeter(Callback):
         self._earlier = 0.0  # seconds of the processes before this one (from the checkpoint)
         self._start: float | None = None
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._start is None:
             self._start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens += int(batch["attention_mask"].sum())
         self.seconds = self._earlier + time.perf_counter() - self._start
 
+    @override
     def state_dict(self) -> dict[str, float]:
         return {"tokens": self.tokens, "seconds": self.seconds}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.tokens = int(state_dict["tokens"])
         self.seconds = self._earlier = float(state_dict["seconds"])
@@ -98,19 +108,15 @@ class SampleGenerations(Callback):
         self._reward = None
 
     def _controls(self, pl_module) -> list[str]:
-        from meet_lightning.control import ControlTokens
-        from meet_lightning.evaluate import NO_CONTROL
-
         if self.controls:
             return self.controls
-        plain = type(pl_module.control) is ControlTokens or not pl_module.schema.num_controls
+        plain = not pl_module.control.steers or not pl_module.schema.num_controls
         return [NO_CONTROL] if plain else pl_module.schema.names
 
+    @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        from meet_lightning.evaluate import EvalModel, generate_under
-
         model = EvalModel("training", pl_module.lm, pl_module.tokenizer, pl_module.control, pl_module.schema)
         messages = [[{"role": "user", "content": p}] for p in self.prompts]
         rows = []
@@ -125,11 +131,6 @@ class SampleGenerations(Callback):
             self._log_rewards(trainer, pl_module, model)
 
     def _write(self, trainer, rows: list[dict]) -> None:
-        import json
-        from pathlib import Path
-
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         path = Path(trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:  # one line per sample: a crash loses nothing written
@@ -141,12 +142,10 @@ class SampleGenerations(Callback):
                     logger.experiment.add_text(f"samples/{control}", text, trainer.global_step)
 
     def _log_rewards(self, trainer, pl_module, model) -> None:
-        from meet_lightning.evaluate import RewardModel, generate_under, validation_prompts
-
         if self._reward is None:
             self._reward = RewardModel(self.reward_model, device=str(pl_module.device))
         datamodule = trainer.datamodule
-        prompts = validation_prompts(datamodule, self.num_reward_prompts) if datamodule is not None else []
+        prompts = datamodule.validation_prompts(self.num_reward_prompts) if datamodule is not None else []
         prompts = prompts or [[{"role": "user", "content": p}] for p in self.prompts]
         for control in self._controls(pl_module):
             rewards = self._reward.score(prompts, generate_under(model, prompts, control, self.max_new_tokens))

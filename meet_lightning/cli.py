@@ -245,8 +245,8 @@ def lazy(module: str, function: str) -> Callable[[Sequence[str]], int]:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: functools.partial(run_recipe_command, name) for name in ("fit", "validate", "test", "predict")},
-    "generate": lazy("generation", "generate_command"),
-    "evaluate": lazy("evaluate", "evaluate_command"),
+    "generate": lazy("inference_cli", "generate_command"),
+    "evaluate": lazy("inference_cli", "evaluate_command"),
     "inspect-data": run_inspect_data,
     "download-model": run_download_model,
     "demo": lazy("demo", "demo_command"),

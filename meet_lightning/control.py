@@ -12,6 +12,7 @@ implementation they hold:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meet_lightning.errors import CheckpointError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.heads import LMHead
 from meet_lightning.losses import response_token_logps
@@ -73,6 +75,9 @@ class ControlTokens(nn.Module):
         placement: ``prefix`` (right after BOS, before the chat template) or ``infix`` (right after the
             assistant header, before the response).
     """
+
+    steers = False
+    """Whether this control changes what the LM computes (False only for this no-op base: the plain LM)."""
 
     def __init__(self, placement: str = "prefix") -> None:
         super().__init__()
@@ -149,6 +154,8 @@ class PromptTuningControl(ControlTokens):
         placement: ``prefix`` or ``infix``.
         seed: Seed of the random/vocab initialisation.
     """
+
+    steers = True
 
     def __init__(
         self,
@@ -256,6 +263,8 @@ class TextControl(ControlTokens):
         placement: ``prefix`` or ``infix``.
     """
 
+    steers = True
+
     def __init__(self, phrases: dict[str, str], placement: str = "infix") -> None:
         super().__init__(placement)
         if not phrases:
@@ -292,6 +301,8 @@ class LoRAControl(ControlTokens):
         target_modules: Names (suffixes) of the linear layers to adapt.
         seed: Seed of the ``A`` initialisation (``B`` starts at zero, so an untrained adapter changes nothing).
     """
+
+    steers = True
 
     def __init__(self, rank: int = 8, alpha: float = 16.0, target_modules: list[str] | None = None, seed: int = 0) -> None:
         super().__init__("prefix")
@@ -365,3 +376,32 @@ def controlled_response_logps(
     with control.route(controls):
         hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
     return response_token_logps(hidden, labels, LMHead(lm, fp32=fp32_head))
+
+
+def plain_logps(
+    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
+
+    ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
+    """
+    no_controls = torch.full_like(batch["control_ids"], -1)
+    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head)
+
+
+def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlTokens:
+    """A control object from an instance or its ``{"class_path", "init_args"}`` form (checkpoints).
+
+    Only subclasses of :class:`ControlTokens` are accepted: a checkpoint cannot make us import anything else.
+    """
+    if control is None:
+        return ControlTokens()
+    if isinstance(control, ControlTokens):
+        return control
+    module_name, _, class_name = str(control.get("class_path", "")).rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None) if module_name.startswith("meet_lightning") else None
+    if not (isinstance(cls, type) and issubclass(cls, ControlTokens)):
+        raise CheckpointError(
+            f"control class_path {control.get('class_path')!r} is not a meet_lightning control — use one of meet_lightning.control's classes"
+        )
+    return cls(**(control.get("init_args") or {}))

@@ -8,7 +8,6 @@ without training). Its last line is ``verbose/concise median word ratio: X.XX``.
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import time
 from collections import Counter
@@ -17,7 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from meet_lightning import pipeline
+from meet_lightning.cli import parse_recipe
+from meet_lightning.control import build_control
 from meet_lightning.examples import ControlSchema
+from meet_lightning.export import AlignedModel
+from meet_lightning.models import load_model, load_tokenizer
+from meet_lightning.precision import resolve_dtype
+from meet_lightning.stats import bootstrap_interval, words
 
 DECODING = {"max_new_tokens": 160, "temperature": 0.0, "repetition_penalty": 1.2, "batch_size": 40}
 """Greedy with a mild repetition penalty, 160 new tokens: the same for every arm (asserted in
@@ -35,24 +41,22 @@ def heldout_prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-def words(text: str) -> int:
-    """Whitespace word count."""
-    return len(text.split())
+def word_ratios(verbose: Sequence[str], concise: Sequence[str]) -> list[float]:
+    """Per prompt ``words(verbose) / max(words(concise), 1)``."""
+    return [words(v) / max(words(c), 1) for v, c in zip(verbose, concise, strict=True)]
 
 
 def median_ratio(verbose: Sequence[str], concise: Sequence[str]) -> float:
-    """Median over prompts of ``words(verbose) / max(words(concise), 1)``."""
-    return statistics.median(words(v) / max(words(c), 1) for v, c in zip(verbose, concise, strict=True))
+    """Median over prompts of :func:`word_ratios`."""
+    return statistics.median(word_ratios(verbose, concise))
 
 
 def bootstrap_median_ratio(
     verbose: Sequence[str], concise: Sequence[str], samples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
     """95 % percentile bootstrap interval of :func:`median_ratio`, resampling prompts."""
-    ratios = [words(v) / max(words(c), 1) for v, c in zip(verbose, concise, strict=True)]
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(samples))
-    return medians[int(0.025 * samples)], medians[int(0.975 * samples) - 1]
+    ratios = word_ratios(verbose, concise)
+    return bootstrap_interval(lambda idx: statistics.median(ratios[i] for i in idx), len(ratios), samples, seed)
 
 
 def repeated_4gram_share(texts: Sequence[str]) -> float:
@@ -81,11 +85,6 @@ def generate_arm(model: Any, prompts: Sequence[Any], first: Any, second: Any, **
 def untrained_model(recipe: dict[str, Any], schema: ControlSchema) -> Any:
     """The base model (with freshly initialised controls, which the system-prompt arm leaves unused), in the
     device's dtype."""
-    from meet_lightning.export import AlignedModel
-    from meet_lightning.models import load_model, load_tokenizer
-    from meet_lightning.modules.base import build_control
-    from meet_lightning.precision import resolve_dtype
-
     lm = load_model(recipe["model_name_or_path"], resolve_dtype("auto")[0])
     tokenizer = load_tokenizer(recipe["model_name_or_path"])
     control = build_control(recipe["control"])
@@ -95,11 +94,7 @@ def untrained_model(recipe: dict[str, Any], schema: ControlSchema) -> Any:
 
 def report(recipe: dict[str, Any], log=print) -> float:
     """Generates every arm and prints the comparison; returns the trained median ratio."""
-    from meet_lightning.export import AlignedModel
-
     prompts = heldout_prompts()
-    from meet_lightning.precision import resolve_dtype
-
     dtype, reason = resolve_dtype("auto")
     log(f"generation dtype: {str(dtype).removeprefix('torch.')} ({reason})")
     trained = AlignedModel.from_pretrained(Path(recipe["output_dir"]) / "export", dtype="auto")
@@ -135,9 +130,6 @@ def report(recipe: dict[str, Any], log=print) -> float:
 
 def demo_command(argv: Sequence[str]) -> int:
     """``demo [fit flags]``: fit ``configs/demo.yaml`` (resumes; finished stages are skipped), then report."""
-    from meet_lightning import pipeline
-    from meet_lightning.cli import parse_recipe
-
     argv = list(argv)
     if "--config" not in argv:
         argv = ["--config", "configs/demo.yaml", *argv]

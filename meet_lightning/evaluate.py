@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,14 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from meet_lightning.control import ControlTokens, controlled_response_logps
-from meet_lightning.data import PromptTokenizer, collate_pairs, collate_rows
+from meet_lightning.control import ControlTokens, controlled_response_logps, plain_logps
 from meet_lightning.errors import CheckpointError, ConfigError, DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, Message, PreferencePair
+from meet_lightning.export import SCHEMA_FILE, AlignedModel
 from meet_lightning.formats import DEFAULT_PREFERENCE, SourceConfig, read_source
+from meet_lightning.generation import generate_responses, resolve_controls
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
-from meet_lightning.modules.baselines import plain_logps
+from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import resolve_dtype
+from meet_lightning.stats import mean_interval, words
+from meet_lightning.tokenization import PromptTokenizer, collate_pairs, collate_rows
 
 Attribute = Callable[[Sequence[Message], str], float]
 """An attribute function: ``(prompt messages, response) → value`` (word count, a reward, …)."""
@@ -52,27 +54,18 @@ NO_CONTROL = "none"
 
 
 def word_count(prompt: Sequence[Message], response: str) -> float:
-    """Words in ``response`` (whitespace-separated): the verbosity attribute."""
-    return float(len(response.split()))
+    """Words in ``response`` (:func:`~meet_lightning.stats.words`): the verbosity attribute."""
+    return float(words(response))
 
 
 DEFAULT_ATTRIBUTES: dict[str, Attribute] = {"words": word_count}
 
 
 # --------------------------------------------------------------------------------------------- statistics
-def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean of ``values``."""
-    if not values:
-        return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
-    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
-
-
 def summarize(name: str, values: Sequence[float], count: str = "pairs") -> dict[str, Any]:
     """``{name: mean, name_ci95: [lo, hi], name_<count>: n}``."""
     mean = sum(values) / len(values) if values else float("nan")
-    return {name: mean, f"{name}_ci95": list(bootstrap_interval(values)), f"{name}_{count}": len(values)}
+    return {name: mean, f"{name}_ci95": list(mean_interval(values)), f"{name}_{count}": len(values)}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -99,7 +92,7 @@ class EvalModel:
     @property
     def has_controls(self) -> bool:
         """Whether choosing a control changes the model's input (so the control classifier applies)."""
-        return self.schema.num_controls > 0 and type(self.control) is not ControlTokens
+        return self.schema.num_controls > 0 and self.control.steers
 
     @property
     def is_dpo(self) -> bool:
@@ -121,9 +114,6 @@ def load_for_evaluation(name: str, device: str = "cpu", dtype: str = "auto") -> 
 
     ``dtype`` ``auto`` loads bfloat16 weights where ``device`` computes bf16 natively, else float32.
     """
-    from meet_lightning.export import SCHEMA_FILE, AlignedModel
-    from meet_lightning.models import load_model, load_tokenizer
-
     if (Path(name) / SCHEMA_FILE).is_file():
         model = AlignedModel.from_pretrained(name, dtype=dtype, device=device)
         info = json.loads((Path(name) / SCHEMA_FILE).read_text())
@@ -138,8 +128,6 @@ def load_for_evaluation(name: str, device: str = "cpu", dtype: str = "auto") -> 
 
 def load_reference(model: EvalModel, override: str | None = None) -> nn.Module:
     """The reference of a DPO export: ``override``, else the base model its schema names; checked by fingerprint."""
-    from meet_lightning.models import load_model, model_fingerprint
-
     name = (
         override
         or schema_model_name(model, "reference_model", "--reference_model")
@@ -329,8 +317,6 @@ def preferred_mode(model: EvalModel, preference: str | None = None, good_control
 # ------------------------------------------------------------------------------------------- generation
 def control_ids_for(model: EvalModel, control: str) -> list[int]:
     """Control ids of one mode (``none`` = no control)."""
-    from meet_lightning.generation import resolve_controls
-
     return resolve_controls(model.schema, None if control == NO_CONTROL else control)
 
 
@@ -343,8 +329,6 @@ def generate_under(
     batch_size: int = 8,
 ) -> list[str]:
     """Responses to ``prompts`` under one control (``none`` = plain)."""
-    from meet_lightning.generation import generate_responses
-
     ids = [control_ids_for(model, control)] * len(prompts)
     return generate_responses(
         model.lm, model.tokenizer, model.control, list(prompts), ids, max_new_tokens, temperature, batch_size
@@ -432,7 +416,7 @@ def control_fidelity(
         result["samples"][control] = responses
         result["values"][control] = values
         result["matrix"][control] = {name: sum(v) / len(v) if v else float("nan") for name, v in values.items()}
-        result["matrix_ci95"][control] = {name: list(bootstrap_interval(v)) for name, v in values.items()}
+        result["matrix_ci95"][control] = {name: list(mean_interval(v)) for name, v in values.items()}
         if base is not None:
             result["kl_to_base"][control] = kl_to_base(model, base, prompts, responses, control, batch_size=batch_size)
     return result
@@ -569,212 +553,6 @@ def win_rate(judge: str | Judge, prompts, responses, references, device: str = "
 
 
 # -------------------------------------------------------------------------------------------- prompts
-def read_generation_prompts(path: Path) -> list[dict[str, Any]]:
-    """Rows of a prompts file: JSONL with ``prompt`` (text or messages) and optional ``reference`` response."""
-    from meet_lightning.generation import read_prompt_records
-
-    rows = []
-    for number, record, prompt in read_prompt_records(path, "prompts file", '"prompt": ...'):
-        reference = record.get("reference")
-        if reference is not None and not isinstance(reference, str):
-            raise DataError(f"{path}:{number}: 'reference' must be a string — fix the row")
-        rows.append({"prompt": prompt, "reference": reference})
-    return rows
-
-
-def validation_prompts(datamodule: Any, count: int) -> list[list[Message]]:
-    """The first ``count`` distinct prompts of a :class:`~meet_lightning.data.PreferenceDataModule`'s validation split."""
-    from meet_lightning.data import split_by_prompt
-
-    if getattr(datamodule, "val_source", None) is not None:
-        parsed = read_source(datamodule.val_source)
-        units = parsed.pairs or parsed.examples
-    else:
-        _, val = split_by_prompt(datamodule.parsed, datamodule.val_fraction, datamodule.seed)
-        units = val.pairs or val.examples
-    seen: dict[str, list[Message]] = {}
-    for unit in units:
-        seen.setdefault(json.dumps(unit.prompt, sort_keys=True), [dict(m) for m in unit.prompt])
-        if len(seen) >= count:
-            break
-    return list(seen.values())
-
-
-# -------------------------------------------------------------------------------------------- command
-def parse_attributes(specs: Sequence[str]) -> dict[str, Attribute]:
-    """``NAME=module:function`` specs → ``{name: function}`` (``words`` is always there)."""
-    attributes = dict(DEFAULT_ATTRIBUTES)
-    for spec in specs:
-        name, _, target = spec.partition("=")
-        if not name or not target:
-            raise ConfigError(f"--attribute {spec!r} is not NAME=module:function — e.g. --attribute polite=my_attrs:politeness")
-        attributes[name] = import_callable(target, "--attribute")
-    return attributes
-
-
-def evaluate_generations(
-    model: EvalModel, prompts: Sequence[Sequence[Message]], references: Sequence[str | None], args: Any
-) -> dict[str, Any]:
-    """``reward_model_score`` and ``win_rate`` of the model's generations in its preferred mode."""
-    mode = preferred_mode(model, args.data.preference, args.good_control)
-    responses = generate_under(model, prompts, mode, args.max_new_tokens, 0.0, args.batch_size)
-    metrics: dict[str, Any] = {"generation_mode": mode}
-    if args.reward_model:
-        reward = RewardModel(args.reward_model, args.device)
-        metrics.update(summarize("reward_model_score", reward.score(prompts, responses), count="prompts"))
-        metrics["reward_model"] = args.reward_model
-    if args.judge:
-        kept = [(p, r, ref) for p, r, ref in zip(prompts, responses, references, strict=True) if ref is not None]
-        if not kept:
-            raise ConfigError(
-                "--judge needs reference responses — pass --data.path (pairs: chosen) or 'reference' in the prompts file"
-            )
-        ps, rs, refs = (list(x) for x in zip(*kept, strict=True))
-        metrics.update(win_rate(args.judge, ps, rs, refs, args.device))
-    return metrics
-
-
-def _check_args(args: Any) -> None:
-    problems = [
-        m
-        for failed, m in (
-            (
-                not args.data.path and not args.fidelity_prompts,
-                "nothing to evaluate — pass --data.path FILE and/or --fidelity_prompts FILE.jsonl",
-            ),
-            (
-                args.plots and not args.fidelity_prompts,
-                "--plots needs --fidelity_prompts FILE.jsonl (the plots show generations per control)",
-            ),
-            (args.batch_size < 1, f"--batch_size {args.batch_size} must be ≥ 1"),
-            (args.max_new_tokens < 1, f"--max_new_tokens {args.max_new_tokens} must be ≥ 1"),
-            (args.max_generations < 1, f"--max_generations {args.max_generations} must be ≥ 1"),
-        )
-        if failed
-    ]
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if args.plots:
-        from meet_lightning.plots import require_matplotlib
-
-        require_matplotlib()  # before any model is loaded
-
-
-def evaluate_command(argv: Sequence[str]) -> int:
-    """``evaluate --model DIR [--data.path FILE] [--fidelity_prompts FILE.jsonl] [--reward_model DIR] [--judge SPEC] [--plots DIR]``."""
-    from meet_lightning.cli import OneLineParser
-
-    parser = OneLineParser(
-        prog="meet_lightning evaluate", description="score a model: pairwise metrics, control fidelity, rewards"
-    )
-    parser.add_argument(
-        "--model", type=str, required=True, help="export/ folder, plain Hugging Face model folder, alias or hub id"
-    )
-    parser.add_argument("--data.path", type=str | None, default=None, help="pairwise data for the pair metrics")
-    parser.add_argument("--data.format", type=str, default="auto")
-    parser.add_argument("--data.preference", type=str | None, default=None)
-    parser.add_argument("--data.max_length", type=int, default=512)
-    parser.add_argument("--max_pairs", type=int | None, default=None, help="score only the first N pairs")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument(
-        "--good_control", type=str | None, default=None, help="preferred-mode control (default: the pair's chosen control)"
-    )
-    parser.add_argument("--bad_control", type=str | None, default=None, help="the control classifier's other control")
-    parser.add_argument(
-        "--reference_model", type=str | None, default=None, help="DPO reference (default: the export's base_model)"
-    )
-    parser.add_argument("--fidelity_prompts", type=str | None, default=None, help="JSONL prompts: generate under every control")
-    parser.add_argument("--attribute", type=str, action="append", default=[], help="NAME=module:function attribute; repeat")
-    parser.add_argument(
-        "--base_model", type=str | None, default=None, help="base model of the KL estimate (default: the export's)"
-    )
-    parser.add_argument("--reward_model", type=str | None, default=None, help="Hugging Face sequence-classification reward model")
-    parser.add_argument("--judge", type=str | None, default=None, help="win-rate judge: reward-model folder or module:function")
-    parser.add_argument("--max_generations", type=int, default=32, help="prompts answered for reward/win rate")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--plots", type=str | None, default=None, help="write PNG plots to this folder (needs matplotlib)")
-    parser.add_argument("--device", type=str, default="cpu")
-    parser.add_argument(
-        "--dtype",
-        type=str,
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto: bfloat16 where the device computes it natively, else float32",
-    )
-    parser.add_argument("--output", type=str | None, default=None, help="also write the metrics as JSON here")
-    args = parser.parse_args(list(argv))
-    _check_args(args)
-    metrics = run_evaluation(args)
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    return 0
-
-
-def run_evaluation(args: Any) -> dict[str, Any]:
-    """Everything ``evaluate`` was asked for, as one metrics dict."""
-    attributes = parse_attributes(args.attribute)
-    model = load_for_evaluation(args.model, args.device, args.dtype)
-    metrics: dict[str, Any] = {
-        "model": args.model,
-        "dtype": str(model.lm.dtype).removeprefix("torch."),
-        "kind": model.kind,
-        "mode": preferred_mode(model, args.data.preference, args.good_control),
-    }
-    prompts: list[list[Message]] = []
-    references: list[str | None] = []
-    if args.data.path:
-        source = SourceConfig(path=args.data.path, format=args.data.format, preference=args.data.preference)
-        metrics.update(
-            evaluate_pairs(
-                model,
-                source,
-                args.max_pairs,
-                args.data.max_length,
-                args.batch_size,
-                args.good_control,
-                args.bad_control,
-                args.reference_model,
-            )
-        )
-        if args.reward_model or args.judge:
-            pairs = read_pairs(source, args.max_generations)
-            prompts, references = [list(p.prompt) for p in pairs], [p.chosen for p in pairs]
-    fidelity_rows = read_generation_prompts(Path(args.fidelity_prompts)) if args.fidelity_prompts else []
-    if not prompts and fidelity_rows:
-        prompts = [r["prompt"] for r in fidelity_rows][: args.max_generations]
-        references = [r["reference"] for r in fidelity_rows][: args.max_generations]
-    if (args.reward_model or args.judge) and prompts:
-        metrics.update(evaluate_generations(model, prompts, references, args))
-    if fidelity_rows:
-        if args.reward_model:
-            attributes["reward"] = RewardModel(args.reward_model, args.device)
-        base = _load_base(model, args.base_model)
-        metrics["fidelity"] = control_fidelity(
-            model,
-            [r["prompt"] for r in fidelity_rows],
-            attributes,
-            base=base,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-        )
-        if args.plots:
-            from meet_lightning.plots import write_plots
-
-            metrics["plots"] = [str(p) for p in write_plots(metrics["fidelity"], Path(args.plots))]
-    return metrics
-
-
-def _load_base(model: EvalModel, override: str | None) -> nn.Module:
-    """The base of the KL estimate: ``override``, the export's base model, or the model itself (plain models)."""
-    from meet_lightning.models import load_model
-
-    name = override or schema_model_name(model, "base_model", "--base_model")
-    return load_model(name, model.lm.dtype).to(model.device).eval() if name else model.lm
-
-
 def evaluate_model(
     folder: str,
     source: SourceConfig,

@@ -17,60 +17,64 @@ import torch
 import yaml
 
 from meet_lightning import __version__
-from meet_lightning.control import ControlTokens
+from meet_lightning.control import ControlTokens, build_control
 from meet_lightning.controls_io import load_controls, save_controls
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
-from meet_lightning.modules.base import MeetModule, build_control
 from meet_lightning.precision import resolve_dtype
 
 SCHEMA_FILE = "meet_schema.json"
 CONTROLS_FILE = "controls.safetensors"
 
 
-def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print) -> Path:
-    """Exports the last stage of a finished run (its selected checkpoint) to ``output_dir/export``.
-
-    The module class comes from the recipe (which the user wrote), never from the checkpoint file.
-    """
-    from meet_lightning.pipeline import active_stages, build_stage, restore_module, selected_checkpoint
-
-    stage = active_stages(recipe)[-1]
-    module = build_stage(recipe, stage).model
-    restore_module(module, selected_checkpoint(recipe, stage))
-    folder = Path(recipe["output_dir"]) / "export"
-    export_model(module, folder, recipe=recipe, metrics=metrics)
-    log(f"exported to {folder}")
-    return folder
-
-
 def export_model(
-    module: MeetModule, folder: Path, recipe: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None
+    folder: Path,
+    lm: torch.nn.Module,
+    tokenizer: Any,
+    control: ControlTokens,
+    schema: ControlSchema,
+    base_model: str,
+    base_fingerprint: str,
+    metadata: Mapping[str, Any] | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes ``folder`` (replacing it atomically): HF model + tokenizer, controls, schema and model card."""
+    """Writes ``folder`` (replacing it atomically): HF model + tokenizer, controls, schema and model card.
+
+    Args:
+        folder: The export folder.
+        lm: The LM to save (LoRA on the LM already merged: plain ``transformers`` must load it).
+        tokenizer: Its tokenizer.
+        control: The trained controls.
+        schema: The run's preferences and controls.
+        base_model: Name or path of the base LM the controls were trained on.
+        base_fingerprint: Its fingerprint (:func:`~meet_lightning.models.model_fingerprint`).
+        metadata: More schema fields (DPO: objective, reference model).
+        recipe: The resolved recipe, for the model card and the data source.
+        metrics: Final metrics, for the model card.
+    """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm = module.merged_lm() if hasattr(module, "merged_lm") else module.lm
     lm.save_pretrained(tmp, safe_serialization=True)
-    module.tokenizer.save_pretrained(tmp)
-    save_controls(module.control, tmp / CONTROLS_FILE, module.schema, module.base_fingerprint)
-    schema = {
-        "preferences": module.schema.to_dict(),
-        "controls": module.schema.names,
-        "control": module.control.config(),
-        "placement": module.control.placement,
-        "base_model": module.hparams.model_name_or_path,
-        "base_fingerprint": module.base_fingerprint,
+    tokenizer.save_pretrained(tmp)
+    save_controls(control, tmp / CONTROLS_FILE, schema, base_fingerprint)
+    info = {
+        "preferences": schema.to_dict(),
+        "controls": schema.names,
+        "control": control.config(),
+        "placement": control.placement,
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
         "lm_fingerprint": model_fingerprint(lm),
         "data": (recipe or {}).get("data"),
         "library_version": __version__,
-        **(module.export_metadata() if hasattr(module, "export_metadata") else {}),  # e.g. DPO: objective, reference
+        **(metadata or {}),
     }
-    (tmp / SCHEMA_FILE).write_text(json.dumps(schema, indent=2))
-    (tmp / "README.md").write_text(model_card(schema, recipe, metrics))
+    (tmp / SCHEMA_FILE).write_text(json.dumps(info, indent=2))
+    (tmp / "README.md").write_text(model_card(info, recipe, metrics))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from meet_lightning.control import ControlTokens
-from meet_lightning.data import IGNORE_INDEX, PromptTokenizer
 from meet_lightning.errors import ConfigError, DataError
 from meet_lightning.examples import ControlSchema, Message
+from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer
 
 ControlSpec = str | Sequence[str] | Mapping[str, str] | None
 """``"good"``, ``"harmless/good"``, ``["harmless/good", "concise"]``, ``{"harmless": "good"}`` or ``None``."""
@@ -179,50 +179,3 @@ def row_controls(schema: ControlSchema, row: Mapping[str, Any], path: str) -> li
         return resolve_controls(schema, controls)
     except ConfigError as error:
         raise DataError(f"{path}:{row['row']}: {error}") from None
-
-
-def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_tokens: int = 128) -> list[dict[str, Any]]:
-    """``predict``: generations for ``data.predict_path`` with a stage checkpoint, written to ``out``."""
-    predict_path = cli.datamodule.predict_path
-    if not predict_path:
-        raise ConfigError("predict needs --data.predict_path FILE.jsonl (lines with 'prompt' and optional 'controls')")
-    rows = read_prompts(Path(predict_path))
-    from meet_lightning.pipeline import restore_module
-
-    ids = [row_controls(cli.model.schema, r, predict_path) for r in rows]  # before the model loads: fail fast
-    module = restore_module(cli.model, checkpoint)
-    texts = generate_responses(module.lm, module.tokenizer, module.control, [r["prompt"] for r in rows], ids, max_new_tokens)
-    results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
-    write_jsonl_atomic(out, results)
-    log(f"wrote {len(results)} predictions to {out}")
-    return results
-
-
-def generate_command(argv: Sequence[str]) -> int:
-    """``generate --model DIR --control NAME [--control NAME ...] --prompt TEXT``."""
-    from meet_lightning.cli import OneLineParser
-    from meet_lightning.export import AlignedModel
-
-    parser = OneLineParser(prog="meet_lightning generate", description="generate under chosen controls")
-    parser.add_argument("--model", type=str, required=True, help="an export/ folder")
-    parser.add_argument("--control", type=str, action="append", default=[], help="control name; repeat to combine preferences")
-    parser.add_argument("--prompt", type=str, required=True, help="the user message")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument(
-        "--dtype",
-        type=str,
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto: bfloat16 where the CPU or GPU computes it natively, else float32",
-    )
-    args = parser.parse_args(list(argv))
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        raise ConfigError("--max_new_tokens must be ≥ 1 and --temperature ≥ 0")
-    model = AlignedModel.from_pretrained(args.model, dtype=args.dtype)
-    print(
-        model.generate(
-            [args.prompt], control=args.control or None, max_new_tokens=args.max_new_tokens, temperature=args.temperature
-        )[0]
-    )
-    return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from statistics import quantiles
 
-from meet_lightning.data import PromptTokenizer
 from meet_lightning.examples import ControlSchema, ParsedSource
 from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.models import load_tokenizer
+from meet_lightning.stats import words
+from meet_lightning.tokenization import PromptTokenizer
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -24,10 +26,8 @@ def example_lengths(parsed: ParsedSource, model: str | None, max_length: int) ->
     """Length of every example (tokens with ``model``, else whitespace words) and rows too long to fit."""
     dropped: Counter = Counter()
     if model is None:
-        words = [sum(len(m["content"].split()) for m in e.prompt) + len(e.response.split()) for e in parsed.examples]
-        return words, dropped
-    from meet_lightning.models import load_tokenizer
-
+        counts = [sum(words(m["content"]) for m in e.prompt) + words(e.response) for e in parsed.examples]
+        return counts, dropped
     tokenizer = load_tokenizer(model)
     tokenizer.model_max_length = 1 << 30
     untruncated = PromptTokenizer(tokenizer, 1 << 30)

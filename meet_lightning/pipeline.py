@@ -27,12 +27,18 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from meet_lightning.callbacks import ThroughputMeter
+from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import CheckpointError, ConfigError, MeetError
-from meet_lightning.modules.base import MeetModule, build_control
+from meet_lightning.export import SCHEMA_FILE, export_model
+from meet_lightning.formats import SourceConfig
+from meet_lightning.generation import generate_responses, read_prompts, row_controls, write_jsonl_atomic
+from meet_lightning.models import resolve_model_path
+from meet_lightning.modules.base import MeetModule
 from meet_lightning.precision import Resolved, resolve_precision
 from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/InjectedFault re-exported for callers
     AtomicCheckpointIO,
@@ -314,9 +320,6 @@ def check_stage_settings(recipe: Mapping[str, Any], stage: str) -> None:
 def check_recipe(recipe: Mapping[str, Any]) -> None:
     """Checks that need no model or data, so that bad settings fail before anything is written: the control,
     the data module's and every stage's own argument checks."""
-    from meet_lightning.formats import SourceConfig
-    from meet_lightning.models import resolve_model_path
-
     resolve_model_path(recipe.get("model_name_or_path", ""))  # a missing model folder: one line, now
     data = dict(recipe.get("data") or {})
     data["sources"] = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in data.get("sources") or []] or None
@@ -373,6 +376,7 @@ class RecordRecipe(Callback):
     def __init__(self, recipe: Mapping[str, Any]) -> None:
         self.recipe = recipe
 
+    @override
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             text = yaml.safe_dump(dict(self.recipe), sort_keys=False)
@@ -416,13 +420,36 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
             trained = True
             ckpt_path = None  # --ckpt_path applies to the first unfinished stage only
         position = int(results[stage].get("batch_stream_position", 0))  # 0: a stage finished before it was recorded
-    from meet_lightning.export import SCHEMA_FILE, export_run
-
     if not trained and (out / "export" / SCHEMA_FILE).is_file():
         log(f"export: up to date ({out / 'export'}), skipping")
     elif is_global_zero():
         export_run(recipe, results, log=log)
     return results
+
+
+def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print) -> Path:
+    """Exports the last stage of a finished run (its selected checkpoint) to ``output_dir/export``.
+
+    The module class comes from the recipe (which the user wrote), never from the checkpoint file.
+    """
+    stage = active_stages(recipe)[-1]
+    module: MeetModule = build_stage(recipe, stage).model
+    restore_module(module, selected_checkpoint(recipe, stage))
+    folder = Path(recipe["output_dir"]) / "export"
+    export_model(
+        folder,
+        module.merged_lm(),
+        module.tokenizer,
+        module.control,
+        module.schema,
+        module.hparams.model_name_or_path,
+        module.base_fingerprint,
+        metadata=module.export_metadata(),
+        recipe=recipe,
+        metrics=metrics,
+    )
+    log(f"exported to {folder}")
+    return folder
 
 
 def run_stage(
@@ -552,11 +579,24 @@ def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, l
     if not last.is_dir():  # a DeepSpeed folder is read by Lightning itself (predict converts it to one file)
         check_checkpoint_file(last)
     if command == "predict":
-        from meet_lightning.generation import predict_to_file
-
         return predict_to_file(cli, last, Path(recipe["output_dir"]) / stage / "predictions.jsonl", log=log)
     run = getattr(cli.trainer, command)
     return run(cli.model, cli.datamodule, ckpt_path=str(last), weights_only=True)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_tokens: int = 128) -> list[dict[str, Any]]:
+    """``predict``: generations for ``data.predict_path`` with a stage checkpoint, written to ``out``."""
+    predict_path = cli.datamodule.predict_path
+    if not predict_path:
+        raise ConfigError("predict needs --data.predict_path FILE.jsonl (lines with 'prompt' and optional 'controls')")
+    rows = read_prompts(Path(predict_path))
+    ids = [row_controls(cli.model.schema, r, predict_path) for r in rows]  # before the model loads: fail fast
+    module = restore_module(cli.model, checkpoint)
+    texts = generate_responses(module.lm, module.tokenizer, module.control, [r["prompt"] for r in rows], ids, max_new_tokens)
+    results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
+    write_jsonl_atomic(out, results)
+    log(f"wrote {len(results)} predictions to {out}")
+    return results

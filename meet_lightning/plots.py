@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from meet_lightning.errors import ConfigError
+from meet_lightning.stats import words
 
 
 def require_matplotlib() -> Any:
@@ -70,11 +71,9 @@ def _fidelity_bars(plt: Any, fidelity: Mapping[str, Any], path: Path) -> Path:
 
 def _length_histograms(plt: Any, fidelity: Mapping[str, Any], path: Path) -> Path:
     """Response length (words) per control, overlaid."""
-    from meet_lightning.evaluate import word_count
-
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for i, control in enumerate(fidelity["controls"]):
-        lengths = [word_count([], r) for r in fidelity["samples"][control]]
+        lengths = [words(r) for r in fidelity["samples"][control]]
         axis.hist(lengths, bins=min(20, max(len(set(lengths)), 1)), alpha=0.5, label=control, color=f"C{i}")
     axis.set_xlabel("words per response")
     axis.set_ylabel("responses")

@@ -28,6 +28,8 @@ Precision = PrecisionName | Literal[64, 32, 16]
 """What a recipe's ``trainer.precision`` accepts: ``auto`` or any precision Lightning's Trainer takes."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WeightsDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""What ``--dtype`` of generate/evaluate accepts: ``auto`` (see :func:`resolve_dtype`) or one of :data:`DTYPES`."""
 X86 = {"x86_64", "amd64", "i386", "i686"}
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from meet_lightning.errors import ConfigError, NumericalError
 
@@ -118,10 +119,12 @@ class FaultInjection(Callback):
         self.spec = spec if spec is not None and spec.stage == stage else None
         self.step = self.spec.step if self.spec else None
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.spec and self.spec.at == "step_end" and trainer.global_step == self.spec.step:
             self.spec.fire(f"after step {self.spec.step}")
 
+    @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.spec and self.spec.at == "nan_grad" and trainer.global_step + 1 == self.spec.step:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -320,12 +323,15 @@ class RNGState(Callback):
     def __init__(self) -> None:
         self._pending: Mapping[str, Any] | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return capture_rng_state()
 
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self._pending = state_dict
 
+    @override
     def on_train_start(self, trainer, pl_module) -> None:
         if self._pending is not None:
             restore_rng_state(self._pending)
@@ -346,6 +352,7 @@ class GradientCheck(Callback):
     def __init__(self, stage: str) -> None:
         self.stage = stage
 
+    @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meet_lightning.control import PromptTuningControl, TextControl
+from meet_lightning.control import PromptTuningControl, TextControl, plain_logps
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import ConfigError
 from meet_lightning.losses import nll, sequence_logps
 from meet_lightning.models import build_tiny_model, load_tokenizer
 from meet_lightning.modules import DPOModule, HybridDPOModule, SFTModule
-from meet_lightning.modules.baselines import pair_keys, plain_logps
+from meet_lightning.modules.baselines import pair_keys
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,18 +6,11 @@ import json
 
 import pytest
 
-from meet_lightning.data import (
-    IGNORE_INDEX,
-    PreferenceDataModule,
-    PromptTokenizer,
-    ResumableBatchSampler,
-    collate_pairs,
-    collate_rows,
-    split_by_prompt,
-)
+from meet_lightning.data import PreferenceDataModule, ResumableBatchSampler
 from meet_lightning.errors import ConfigError
 from meet_lightning.examples import ControlledExample, ControlSchema, ParsedSource, PreferencePair
 from meet_lightning.models import build_tiny_tokenizer, end_of_turn_id, prepare_tokenizer
+from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows, split_by_prompt
 
 SCHEMA = ControlSchema.from_dict({"harmless": ["good", "bad"], "length": ["concise", "verbose"]})
 

@@ -270,10 +270,10 @@ def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, 
 def test_text_controls_of_different_lengths_score_each_pass_with_its_own_positions():
     """A longer ``bad`` phrase shifts the response: every score must equal the same row scored on its own."""
     from meet_lightning.control import TextControl, controlled_response_logps
-    from meet_lightning.data import PromptTokenizer, collate_rows
     from meet_lightning.evaluate import EvalModel, score_pairs
     from meet_lightning.examples import ControlledExample, ControlSchema, PreferencePair
     from meet_lightning.losses import sequence_logps
+    from meet_lightning.tokenization import PromptTokenizer, collate_rows
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)

@@ -14,8 +14,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from typing_extensions import override
 
-from meet_lightning.control import ControlTokens, controlled_response_logps
+from meet_lightning.control import ControlTokens, build_control, controlled_response_logps
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
@@ -26,26 +27,6 @@ from meet_lightning.losses import (
 )
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import DTYPES
-
-
-def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlTokens:
-    """A control object from an instance or its ``{"class_path", "init_args"}`` form (checkpoints).
-
-    Only subclasses of :class:`ControlTokens` are accepted: a checkpoint cannot make us import anything else.
-    """
-    if control is None:
-        return ControlTokens()
-    if isinstance(control, ControlTokens):
-        return control
-    import importlib
-
-    module_name, _, class_name = str(control.get("class_path", "")).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name, None) if module_name.startswith("meet_lightning") else None
-    if not (isinstance(cls, type) and issubclass(cls, ControlTokens)):
-        raise CheckpointError(
-            f"control class_path {control.get('class_path')!r} is not a meet_lightning control — use one of meet_lightning.control's classes"
-        )
-    return cls(**(control.get("init_args") or {}))
 
 
 class MeetModule(L.LightningModule):
@@ -102,6 +83,7 @@ class MeetModule(L.LightningModule):
         self.base_fingerprint = ""
 
     # ------------------------------------------------------------------ model
+    @override
     def configure_model(self) -> None:
         """Loads the LM and tokenizer, builds the controls, then decides what trains (once)."""
         if self.lm is not None:
@@ -151,6 +133,7 @@ class MeetModule(L.LightningModule):
         token_logps, mask = self.response_logps(batch)
         return {"loss": nll(token_logps, mask)}
 
+    @override
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)
         rows = batch["input_ids"].shape[0]
@@ -160,9 +143,11 @@ class MeetModule(L.LightningModule):
         return out["loss"]
 
     # ------------------------------------------------------------- validation
+    @override
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    @override
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
@@ -195,6 +180,15 @@ class MeetModule(L.LightningModule):
         return pairwise_accuracy(chosen_score, rejected_score), chosen_score - rejected_score
 
     # -------------------------------------------------------------- optimizer
+    def merged_lm(self) -> nn.Module:
+        """The LM to export, loadable by plain ``transformers``. Override when the LM carries adapters to merge."""
+        return self.lm
+
+    def export_metadata(self) -> dict[str, Any]:
+        """More fields for the export's schema file (e.g. DPO: its objective and reference). None by default."""
+        return {}
+
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with LM and control parameter groups, linear warm-up then cosine decay per step."""
         decay = [p for p in self.lm_parameters() if p.ndim >= 2]
@@ -216,6 +210,7 @@ class MeetModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------- checkpoint
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keeps only trainable tensors, and records the base model and control schema."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -227,6 +222,7 @@ class MeetModule(L.LightningModule):
             "control": self.control.config(),
         }
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses a checkpoint of another base model or schema; fills frozen tensors from the base model."""
         meta = checkpoint.get("meet")

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
-from meet_lightning.control import ControlTokens, controlled_response_logps
+from meet_lightning.control import ControlTokens, plain_logps
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, response_nll, sequence_logps
+from meet_lightning.models import load_model, model_fingerprint
 from meet_lightning.modules.base import MeetModule
 from meet_lightning.modules.stage2 import JointFinetuneModule
 from meet_lightning.precision import DTYPES
-
-_NO_CONTROL = ControlTokens()  # inserts nothing, routes nothing: the plain LM
 
 
 def require_pairs(batch: Mapping[str, torch.Tensor], who: str) -> int:
@@ -30,17 +30,6 @@ def require_pairs(batch: Mapping[str, torch.Tensor], who: str) -> int:
     if "num_pairs" not in batch:
         raise ConfigError(f"{who} trains on paired batches — set data.pair_batches: true (--data.pair_batches true)")
     return int(batch["num_pairs"])
-
-
-def plain_logps(
-    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
-
-    ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
-    """
-    no_controls = torch.full_like(batch["control_ids"], -1)
-    return controlled_response_logps(lm, _NO_CONTROL, batch, no_controls, fp32_head)
 
 
 def pair_keys(batch: Mapping[str, torch.Tensor]) -> list[str]:
@@ -73,7 +62,7 @@ def check_paired_data(module: MeetModule, stage: str) -> None:
 
 def check_plain(module: MeetModule) -> None:
     """Refuses a control implementation on a baseline that trains the plain LM."""
-    if type(module.control) is not ControlTokens:
+    if module.control.steers:
         raise ConfigError(
             f"{type(module).__name__} trains the plain LM without control tokens, but the recipe sets "
             f"{type(module.control).__name__} — remove `control` from the recipe (--control null)"
@@ -138,6 +127,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         )
         check_plain(self)
 
+    @override
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
         if stage == "fit" and hasattr(data, "chosen_only") and not (data.chosen_only or data.pair_batches):
@@ -236,10 +226,12 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         object.__setattr__(self, "_reference", None)  # not a submodule: never saved, optimized or put in train mode
         self._cache_filled = False
 
+    @override
     def setup(self, stage: str) -> None:
         check_paired_data(self, stage)
 
     # ------------------------------------------------------------- reference
+    @override
     def configure_model(self) -> None:
         fresh = self.lm is None
         super().configure_model()
@@ -257,8 +249,6 @@ class DPOModule(_PlainPairMetrics, MeetModule):
     def reference_lm(self) -> nn.Module:
         """The frozen base model (the deep copy, or the base reloaded from ``model_name_or_path``)."""
         if self._reference is None:
-            from meet_lightning.models import load_model, model_fingerprint
-
             lm = load_model(self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], self.hparams.trust_remote_code)
             if self.base_fingerprint and model_fingerprint(lm) != self.base_fingerprint:
                 raise CheckpointError(
@@ -291,12 +281,14 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             self.reference_cache.update(zip(keys, zip(logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True), strict=True))
         return logps[:pairs], logps[pairs:]
 
+    @override
     def on_validation_start(self) -> None:
         # Lightning's sanity check is a validation before training starts: it must read the cache, not load a
         # second full model that would then stay in memory for the whole run.
         if self.trainer.state.fn == "fit":
             self.fill_reference_cache()
 
+    @override
     def on_train_start(self) -> None:
         self.fill_reference_cache()  # no sanity check ran (num_sanity_val_steps: 0)
 
@@ -368,11 +360,13 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         self.log_plain_pair_metrics(terms["token_logps"], terms["mask"], pairs, split)
 
     # ---------------------------------------------------- checkpoint, export
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.hparams.precompute_reference:
             checkpoint["dpo_reference_logps"] = {k: list(v) for k, v in self.reference_cache.items()}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("dpo_reference_logps") or {}
@@ -458,6 +452,7 @@ class HybridDPOModule(JointFinetuneModule):
             lm_lora_target_modules,
         )
 
+    @override
     def setup(self, stage: str) -> None:
         check_paired_data(self, stage)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
+from typing_extensions import override
 
 from meet_lightning.control import ControlTokens
 from meet_lightning.controls_io import load_controls
@@ -55,6 +56,7 @@ class JointFinetuneModule(MeetModule):
             trust_remote_code,
         )
 
+    @override
     def configure_model(self) -> None:
         fresh = self.lm is None
         super().configure_model()
