@@ -21,8 +21,10 @@ Re-running the same command resumes: finished runs and scored arms are read back
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -35,9 +37,6 @@ import numpy as np
 import yaml
 
 from meet_lightning.stats import bootstrap_interval, words
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import split_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HH = ROOT.parent / "shared/data/hh_rlhf_harmless.train.jsonl.gz"
@@ -111,6 +110,50 @@ class Settings:
     overlay: str | None = None
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
+
+
+# ------------------------------------------------------------------------------------- held-out split
+def hh_prompt(row: dict) -> str:
+    """HH-RLHF: the transcript before the last Assistant turn of ``chosen``."""
+    return row["chosen"].rsplit("\n\nAssistant:", 1)[0]
+
+
+def field_prompt(row: dict) -> str:
+    """Files with a ``prompt`` or ``instruction`` field."""
+    return row.get("prompt") or row["instruction"]
+
+
+def prompt_key(row: dict) -> str:
+    """The prompt of a row of any of the JSONL formats the benchmarks use."""
+    return hh_prompt(row) if "chosen" in row and isinstance(row["chosen"], str) else field_prompt(row)
+
+
+def _open(path: Path, mode: str):
+    return gzip.open(path, mode + "t", encoding="utf-8") if path.suffix == ".gz" else path.open(mode, encoding="utf-8")
+
+
+def split_file(
+    source: str | Path, dest: str | Path, num_heldout: int, seed: int = 1234, key: Callable[[dict], str] = prompt_key
+) -> tuple[Path, Path]:
+    """Writes ``dest/train.jsonl`` and ``dest/heldout.jsonl``; the held-out side has ``num_heldout`` prompts.
+
+    Returns:
+        The paths of the training and held-out files.
+    """
+    source, dest = Path(source), Path(dest)
+    with _open(source, "r") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    prompts = sorted({key(row) for row in rows})
+    random.Random(seed).shuffle(prompts)
+    heldout = set(prompts[:num_heldout])
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = dest / "train.jsonl", dest / "heldout.jsonl"
+    for path, keep in zip(paths, (False, True), strict=True):
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows if (key(row) in heldout) == keep)
+        tmp.replace(path)
+    return paths
 
 # ------------------------------------------------------------------------------------------------- data
 def prepare_data(s: Settings) -> dict[str, Path]:
