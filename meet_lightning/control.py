@@ -138,6 +138,11 @@ class ControlTokens(nn.Module):
         """Context in which per-row weight deltas follow ``control_ids`` (B, P). No-op by default."""
         yield
 
+    def input_vectors(self) -> torch.Tensor | None:
+        """(C, T, H) the vectors this control inserts as input embeddings, one row per control in schema id order;
+        ``None`` for controls that are not learned input vectors (the export then keeps them out of the vocabulary)."""
+        return None
+
     def num_inserted(self, control_ids: list[int]) -> int:
         """How many tokens a row with these control ids gets."""
         return len(self._row_tokens(control_ids))
@@ -193,6 +198,9 @@ class PromptTuningControl(ControlTokens):
     def tokens_for(self, control_id: int) -> list[int]:
         first = control_id * self.num_tokens
         return [-(first + t) - 1 for t in range(self.num_tokens)]
+
+    def input_vectors(self) -> torch.Tensor | None:
+        return self.bank.detach()
 
     def embed(self, embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
         tokens = embedding(input_ids.clamp(min=0))  # (B, L, H)

@@ -6,6 +6,7 @@ LM merged), and with :class:`AlignedModel` to generate under controls. Only safe
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,12 +19,14 @@ import yaml
 
 from meet_lightning import __version__
 from meet_lightning.control import ControlTokens, build_control
+from meet_lightning.control_vocab import add_control_vocabulary
 from meet_lightning.controls_io import load_controls, save_controls
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import resolve_dtype
+from meet_lightning.tokenization import PromptTokenizer
 
 SCHEMA_FILE = "meet_schema.json"
 CONTROLS_FILE = "controls.safetensors"
@@ -58,6 +61,7 @@ def export_model(
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    lm, tokenizer, vocabulary = with_control_vocabulary(lm, tokenizer, control, schema)
     lm.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_controls(control, tmp / CONTROLS_FILE, schema, base_fingerprint)
@@ -71,12 +75,34 @@ def export_model(
         "lm_fingerprint": model_fingerprint(lm),
         "data": (recipe or {}).get("data"),
         "library_version": __version__,
+        "vocabulary": vocabulary,
         **(metadata or {}),
     }
     (tmp / SCHEMA_FILE).write_text(json.dumps(info, indent=2))
     (tmp / "README.md").write_text(model_card(info, recipe, metrics))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def with_control_vocabulary(
+    lm: torch.nn.Module, tokenizer: Any, control: ControlTokens, schema: ControlSchema
+) -> tuple[torch.nn.Module, Any, dict[str, Any] | None]:
+    """``lm`` and a copy of ``tokenizer`` that plain ``transformers`` steers (see :mod:`meet_lightning.control_vocab`).
+
+    Input-vector controls (prompt tuning, special tokens) become added tokens; every export's generation config
+    stops at the end of the assistant turn. ``lm`` is extended in place (a copy would double the memory of a
+    large model; the export's caller discards it). Returns both and the schema's ``vocabulary`` entry (``None``
+    when the controls are not input vectors).
+    """
+    tokenizer = copy.deepcopy(tokenizer)
+    encoder = PromptTokenizer(tokenizer, 1)
+    lm.generation_config.eos_token_id = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    vectors = control.input_vectors()
+    if vectors is None or not schema.num_controls:
+        return lm, tokenizer, None
+    ids = add_control_vocabulary(lm, tokenizer, vectors.float(), schema, control.placement, encoder.bos_first)
+    return lm, tokenizer, {"token_ids": ids, "tokens_per_control": vectors.shape[1], "template_variable": "controls"}
 
 
 def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> str:
@@ -112,6 +138,7 @@ def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metr
         f'print(model.generate(["How do I boil an egg?"], control={example!r}))',
         "```",
         "",
+        *(_plain_transformers_use(example) if schema.get("vocabulary") else []),
         "## Recipe",
         "",
         "```yaml",
@@ -120,6 +147,26 @@ def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metr
         "",
     ]
     return "\n".join(lines)
+
+
+def _plain_transformers_use(example: str | None) -> list[str]:
+    """Model-card lines: steering the export with plain ``transformers`` (controls in the vocabulary)."""
+    return [
+        "Without meet_lightning (the controls are tokens of the vocabulary, the chat template places them):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/export")',
+        'model = AutoModelForCausalLM.from_pretrained("path/to/export")',
+        "inputs = tokenizer.apply_chat_template(",
+        f'    [{{"role": "user", "content": "How do I boil an egg?"}}], controls=[{example!r}],',
+        '    add_generation_prompt=True, return_tensors="pt", return_dict=True,',
+        ")",
+        "out = model.generate(**inputs, max_new_tokens=128)",
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
 
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")

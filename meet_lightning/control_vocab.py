@@ -1,0 +1,109 @@
+"""Prompt-tuning controls as vocabulary: an export that plain ``transformers`` steers, without this library.
+
+Each control's learned vectors become added special tokens (``<|length/concise:0|>`` …) whose input-embedding
+rows hold the vectors, and the chat template writes them where training spliced them in — ``prefix``: first
+(after the BOS a template writes itself), ``infix``: right after the assistant header — from the template
+variable ``controls``, a list of the names ``generate --control`` accepts::
+
+    tokenizer.apply_chat_template(messages, controls=["concise"], add_generation_prompt=True)
+
+Several preferences are written in schema order, as in training; without ``controls`` the prompt is the plain
+one. The added tokens are never generated: ``generation_config.suppress_tokens`` lists them (with tied
+embeddings they are output classes too), and ``generation_config.eos_token_id`` stops at the end of the turn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from meet_lightning.errors import ConfigError
+from meet_lightning.examples import ControlSchema
+
+BOS_EXPRESSION = re.compile(r"\{\{-?\s*bos_token\s*-?\}\}")
+
+
+def control_token(name: str, index: int) -> str:
+    """The added token for vector ``index`` of control ``name`` (``preference/label``)."""
+    return f"<|{name}:{index}|>"
+
+
+def control_strings(schema: ControlSchema, num_tokens: int) -> dict[str, dict[str, str]]:
+    """``{preference: {name: tokens}}`` with every full name and each short name that only one preference has."""
+    owners: dict[str, list[str]] = {}
+    for preference, labels in schema.preferences.items():
+        for label in labels:
+            owners.setdefault(label, []).append(preference)
+    table: dict[str, dict[str, str]] = {}
+    for preference, labels in schema.preferences.items():
+        for label in labels:
+            full = f"{preference}/{label}"
+            tokens = "".join(control_token(full, t) for t in range(num_tokens))
+            table.setdefault(preference, {})[full] = tokens
+            if len(owners[label]) == 1:
+                table[preference][label] = tokens
+    return table
+
+
+def controlled_template(template: str, schema: ControlSchema, num_tokens: int, placement: str, bos_first: bool) -> str:
+    """``template`` that also writes the tokens of the ``controls`` variable where training inserted them.
+
+    Raises:
+        ConfigError: ``prefix`` placement after a BOS the template writes in a way this cannot find.
+    """
+    table = control_strings(schema, num_tokens)
+    known = sorted({name for names in table.values() for name in names})
+    # No whitespace between our tags and the original text: the template environment trims blocks.
+    macro = (
+        "{%- macro meet_controls() -%}{%- if controls is defined and controls -%}"
+        f"{{%- for name in controls -%}}{{%- if name not in {json.dumps(known)} -%}}"
+        "{{- raise_exception('unknown control ' ~ name ~ ' — known: " + ", ".join(known) + "') -}}"
+        "{%- endif -%}{%- endfor -%}"
+        f"{{%- set table = {json.dumps(table)} -%}}"
+        f"{{%- for preference in {json.dumps(list(schema.preferences))} -%}}"
+        "{%- for name in controls -%}{%- if name in table[preference] -%}{{- table[preference][name] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endfor -%}{%- endif -%}{%- endmacro %}"
+    )
+    if placement == "infix":
+        return macro + template + "{% if add_generation_prompt %}{{ meet_controls() }}{% endif %}"
+    if not bos_first:
+        return macro + "{{ meet_controls() }}" + template
+    match = BOS_EXPRESSION.search(template)
+    if match is None:
+        raise ConfigError("the chat template writes its BOS token in a way the export cannot place prefix controls after")
+    return macro + template[: match.end()] + "{{ meet_controls() }}" + template[match.end() :]
+
+
+def add_control_vocabulary(
+    lm: nn.Module, tokenizer: Any, vectors: torch.Tensor, schema: ControlSchema, placement: str, bos_first: bool
+) -> list[int]:
+    """Adds the control tokens to ``tokenizer`` and ``lm`` (in place) and returns their ids.
+
+    Args:
+        lm: The LM to export.
+        tokenizer: Its tokenizer (its chat template is extended, see :func:`controlled_template`).
+        vectors: (C, T, H) the learned vectors, one row per control in schema id order.
+        schema: The run's preferences and controls.
+        placement: ``prefix`` or ``infix``.
+        bos_first: Whether the template writes a BOS token first (prefix controls follow it).
+    """
+    num_controls, num_tokens, hidden = vectors.shape
+    names = [control_token(name, t) for name in schema.names for t in range(num_tokens)]
+    clashes = [n for n in names if n in tokenizer.get_vocab()]
+    if clashes:
+        raise ConfigError(f"the tokenizer already has {clashes[0]} — export from the base model's tokenizer")
+    tokenizer.add_tokens(names, special_tokens=True)  # matched whole before BPE, skipped by decode(skip_special_tokens)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(max(rows, max(ids) + 1), mean_resizing=False)
+    embedding = lm.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[ids] = vectors.reshape(num_controls * num_tokens, hidden).to(embedding.dtype)
+    config = lm.generation_config
+    config.suppress_tokens = sorted({*(config.suppress_tokens or []), *ids})
+    tokenizer.chat_template = controlled_template(tokenizer.chat_template, schema, num_tokens, placement, bos_first)
+    return ids
