@@ -101,8 +101,23 @@ def with_control_vocabulary(
     vectors = control.input_vectors()
     if vectors is None or not schema.num_controls:
         return lm, tokenizer, None
+    rows = lm.get_input_embeddings().weight.shape[0]
     ids = add_control_vocabulary(lm, tokenizer, vectors.float(), schema, control.placement, encoder.bos_first)
-    return lm, tokenizer, {"token_ids": ids, "tokens_per_control": vectors.shape[1], "template_variable": "controls"}
+    vocabulary = {"token_ids": ids, "tokens_per_control": vectors.shape[1], "base_rows": rows}
+    return lm, tokenizer, {**vocabulary, "template_variable": "controls"}
+
+
+def without_control_vocabulary(lm: torch.nn.Module, vocabulary: Mapping[str, Any]) -> None:
+    """Drops the added control rows again (in place), so the LM scores and generates exactly as trained.
+
+    With tied embeddings the added rows are output classes too: kept, they would enter every log-softmax's
+    normaliser and shift ``evaluate``'s log-probs from the trained model's. ``AlignedModel`` splices the
+    vectors in itself.
+    """
+    lm.resize_token_embeddings(vocabulary["base_rows"])
+    added = set(vocabulary["token_ids"])
+    suppressed = [t for t in lm.generation_config.suppress_tokens or [] if t not in added]
+    lm.generation_config.suppress_tokens = suppressed or None
 
 
 def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> str:
@@ -229,6 +244,8 @@ class AlignedModel:
             )
         tokenizer = load_tokenizer(str(folder))
         lm = load_model(str(folder), weights_dtype).to(device)
+        if info.get("vocabulary"):
+            without_control_vocabulary(lm, info["vocabulary"])
         control = build_control(info["control"])
         control.setup(lm, tokenizer, schema)
         # the same schema, control settings and base model as the schema file says, or a one-line error

@@ -140,3 +140,20 @@ def test_smollm2_export_steered_by_plain_transformers_matches(tmp_path, placemen
     plain = plain_transformers(tmp_path / "export", cases, read_schema(tmp_path / "export")["vocabulary"]["token_ids"])
     assert plain["greedy"] == [model.generate([MESSAGES], control=c or None, max_new_tokens=12)[0] for c in cases]
     assert plain["control_tokens_sampled"] == 0
+
+
+def test_the_loaded_export_scores_over_the_trained_vocabulary(tmp_path):
+    """Kept, the added rows would be output classes (tied embeddings) and shift every log-softmax."""
+    torch.manual_seed(0)
+    lm, tokenizer = load_model("tiny-debug"), load_tokenizer("tiny-debug")
+    control = PromptTuningControl(num_tokens=2, init="random")
+    control.setup(lm, tokenizer, SCHEMA)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        trained = lm(input_ids=ids).logits  # (1, 5, V)
+    export_model(tmp_path / "export", lm, tokenizer, control, SCHEMA, "tiny-debug", model_fingerprint(lm))
+    assert lm.get_input_embeddings().weight.shape[0] > trained.shape[-1]  # the export did add rows
+    loaded = AlignedModel.from_pretrained(tmp_path / "export", dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.lm(input_ids=ids).logits, trained)
+    assert not loaded.lm.generation_config.suppress_tokens
