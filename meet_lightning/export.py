@@ -266,6 +266,9 @@ class AlignedModel:
         temperature: float = 0.0,
         batch_size: int = 8,
         repetition_penalty: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        progress: bool = False,
     ) -> list[str]:
         """Responses to ``prompts``.
 
@@ -278,6 +281,9 @@ class AlignedModel:
             temperature: 0 for greedy decoding.
             batch_size: Prompts per generate call.
             repetition_penalty: ``> 1`` discourages repeating earlier tokens (1 = off).
+            top_p: Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
+            top_k: Sample among the ``top_k`` most likely tokens (0 = off).
+            progress: Draw a progress bar over batches on stderr.
         """
         if controls is not None and (control is not None or len(controls) != len(prompts)):
             raise ConfigError(f"controls= needs one choice per prompt ({len(prompts)}), without control= — pass one of them")
@@ -294,4 +300,7 @@ class AlignedModel:
             temperature,
             batch_size,
             repetition_penalty=repetition_penalty,
+            top_p=top_p,
+            top_k=top_k,
+            progress=progress,
         )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from meet_lightning.control import ControlTokens
 from meet_lightning.errors import ConfigError, DataError
@@ -84,15 +86,24 @@ def generate_responses(
     batch_size: int = 8,
     max_prompt_tokens: int = 1024,
     repetition_penalty: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    progress: bool = False,
 ) -> list[str]:
     """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0;
-    ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence, as in transformers)."""
+    ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence, as in transformers;
+    ``top_p`` < 1 and ``top_k`` > 0 restrict sampling; ``progress`` draws a bar over batches on stderr)."""
     encoder = PromptTokenizer(tokenizer, max_prompt_tokens)
     device = next(lm.parameters()).device
     stop = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p if top_p < 1 else None, "top_k": top_k or None}
+        if temperature > 0
+        else {"do_sample": False, "top_p": None, "top_k": None}
+    )
     texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2, file=sys.stderr):
         batch = prompt_batch(
             encoder, prompts[start : start + batch_size], control_ids[start : start + batch_size], max_prompt_tokens
         )
@@ -110,8 +121,6 @@ def generate_responses(
                 eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
                 repetition_penalty=repetition_penalty,
-                top_p=None,
-                top_k=None,
                 **sampling,
             )
         texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
@@ -150,6 +159,19 @@ def read_prompt_records(path: Path, what: str, fields: str) -> list[tuple[int, d
         rows.append((number, record, as_messages(record["prompt"], f"{path}:{number}")))
     if not rows:
         raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
+    return rows
+
+
+def read_generate_prompts(path: Path) -> list[dict[str, Any]]:
+    """Rows of ``generate --prompts_file``: JSONL (``prompt`` and optional ``controls`` per line) when the file
+    ends in ``.jsonl``/``.json``, else one plain-text prompt per non-empty line (``controls`` from the flags)."""
+    if path.suffix in (".jsonl", ".json") or not path.is_file():
+        records = read_prompt_records(path, "prompts file (--prompts_file)", '"prompt": ..., "controls": ...')
+        return [{"prompt": prompt, "controls": record.get("controls"), "row": number} for number, record, prompt in records]
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
+    rows = [{"prompt": as_messages(text, f"{path}:{n}"), "controls": None, "row": n} for n, text in lines if text]
+    if not rows:
+        raise DataError(f"{path}: no prompts in the file — write one prompt per line (or JSONL with 'prompt')")
     return rows
 
 

@@ -413,7 +413,7 @@ BAD_INPUTS: list[BadInput] = [
         "export_generate_zero_tokens",
         "export",
         lambda c: [*_generate(c.run / "export"), "--max_new_tokens", "0"],
-        ("--max_new_tokens must be ≥ 1",),
+        ("--max_new_tokens 0 must be ≥ 1",),
     ),
     # ------------------------------------------------------------ predict files
     BadInput(

@@ -196,6 +196,50 @@ def test_generate_with_an_unknown_control_lists_the_known_ones(finished_run, cap
     assert err.startswith("error: control 'polite' is unknown") and "harmless/good" in err and err.count("\n") == 1
 
 
+def test_generate_a_prompts_file_to_jsonl_with_per_row_controls(finished_run, tmp_path):
+    export = finished_run / "export"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello", "controls": {"harmless": "bad"}}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    out = tmp_path / "out" / "responses.jsonl"
+    args = ["--model", str(export), "--prompts_file", str(prompts), "--control", "good", "--max_new_tokens", "6"]
+    assert run("generate", *args, "--output", str(out), "--batch_size", "1") == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model = AlignedModel.from_pretrained(export)
+    assert [r["controls"] for r in rows] == [{"harmless": "bad"}, ["good"]]  # a row's own controls win over the flag
+    assert [r["response"] for r in rows] == model.generate(["Hello", "Hi"], controls=[{"harmless": "bad"}, "good"], max_new_tokens=6)
+    text = tmp_path / "prompts.txt"
+    text.write_text("Hello\n\nHi\n")  # plain lines: one prompt each, controls from the flags
+    args = ["--model", str(export), "--prompts_file", str(text), "--control", "good", "--max_new_tokens", "6"]
+    assert run("generate", *args, "--output", str(out)) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [[{"role": "user", "content": "Hello"}], [{"role": "user", "content": "Hi"}]]
+    assert [r["response"] for r in rows] == model.generate(["Hello", "Hi"], control="good", max_new_tokens=6)
+
+
+def test_generate_sampling_with_a_seed_repeats(finished_run, capsys):
+    args = ["--model", str(finished_run / "export"), "--control", "good", "--prompt", "Hello", "--max_new_tokens", "8",
+            "--temperature", "1.5", "--top_p", "0.9", "--top_k", "20", "--seed", "3"]  # fmt: skip
+    capsys.readouterr()
+    outputs = []
+    for _ in range(2):
+        assert run("generate", *args) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_generate_names_every_bad_flag_and_a_bad_row(finished_run, tmp_path, capsys):
+    export = str(finished_run / "export")
+    bad = ["--prompt", "Hi", "--prompts_file", "x.jsonl", "--top_p", "1.5", "--top_k", "-1", "--batch_size", "0"]
+    assert run("generate", "--model", export, *bad) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(f in err for f in ("exactly one of --prompt", "--top_p 1.5", "--top_k -1", "--batch_size 0"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "Yo", "controls": "polite"}) + "\n")
+    assert run("generate", "--model", export, "--prompts_file", str(prompts)) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:2:" in err and "polite" in err and err.count("\n") == 1
+
+
 def test_evaluate_reports_control_accuracy(finished_run, hh, tmp_path, capsys):
     report = tmp_path / "metrics.json"
     args = [
