@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from meet_lightning.control import ControlTokens, controlled_response_logps, plain_logps
 from meet_lightning.errors import CheckpointError, ConfigError, DataError
@@ -205,8 +207,9 @@ def score_pairs(
     good_control: str | None = None,
     bad_control: str | None = None,
     reference: nn.Module | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, list[float]], int]:
-    """Per-pair scores, and the number of pairs too long to score.
+    """Per-pair scores, and the number of pairs too long to score (``progress``: pairs scored and pairs/s on stderr).
 
     Returns ``chosen_nll`` and ``logp_accuracy`` (preferred mode) for every model, ``control_accuracy`` and
     ``control_margin`` for models with controls, ``dpo_reward_accuracy`` and ``dpo_reward_margin`` when a
@@ -215,15 +218,23 @@ def score_pairs(
     encoder = PromptTokenizer(model.tokenizer, max_length)
     out: dict[str, list[float]] = {}
     too_long = 0
-    for start in range(0, len(pairs), batch_size):
-        rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
-        too_long += sum(r is None for r in rows)
-        rows = [r for r in rows if r is not None]
-        if not rows:
-            continue
-        batch = {k: v.to(model.device) for k, v in collate_pairs(rows, model.tokenizer.pad_token_id).items()}
-        for name, values in _score_batch(model, batch, len(rows), reference).items():
-            out.setdefault(name, []).extend(values)
+    bar = None  # drawn once the first batch is built: a bad control choice stays a one-line error
+    try:
+        for start in range(0, len(pairs), batch_size):
+            rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
+            if bar is None:
+                bar = tqdm(total=len(pairs), desc="score", unit="pair", disable=not progress, file=sys.stderr)
+            bar.update(len(rows))
+            too_long += sum(r is None for r in rows)
+            rows = [r for r in rows if r is not None]
+            if not rows:
+                continue
+            batch = {k: v.to(model.device) for k, v in collate_pairs(rows, model.tokenizer.pad_token_id).items()}
+            for name, values in _score_batch(model, batch, len(rows), reference).items():
+                out.setdefault(name, []).extend(values)
+    finally:
+        if bar is not None:
+            bar.close()
     return out, too_long
 
 
@@ -287,11 +298,12 @@ def evaluate_pairs(
     good_control: str | None = None,
     bad_control: str | None = None,
     reference_model: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Pairwise metrics of ``model`` on ``source``, each with its interval and pair count."""
     pairs = as_model_preference(model, read_pairs(source, max_pairs))
     reference = load_reference(model, reference_model) if model.is_dpo else None
-    scores, too_long = score_pairs(model, pairs, max_length, batch_size, good_control, bad_control, reference)
+    scores, too_long = score_pairs(model, pairs, max_length, batch_size, good_control, bad_control, reference, progress)
     metrics: dict[str, Any] = {
         "data": source.path,
         "pairs": len(scores.get("chosen_nll", [])),

@@ -113,6 +113,8 @@ class EvaluateOptions:
     """where the model runs"""
     dtype: WeightsDtype = "auto"
     """weights dtype; auto: bfloat16 where the device computes it natively, else float32"""
+    progress: bool = True
+    """show pairs scored and pairs/s on stderr"""
 
     def check(self) -> None:
         """ConfigError naming every bad option, before any model is loaded."""
@@ -184,6 +186,7 @@ def run_evaluation(options: EvaluateOptions) -> dict[str, Any]:
                 options.good_control,
                 options.bad_control,
                 options.reference_model,
+                options.progress,
             )
         )
         if options.reward_model or options.judge:

@@ -256,6 +256,7 @@ def test_evaluate_reports_control_accuracy(finished_run, hh, tmp_path, capsys):
         str(report),
     ]
     assert run(*args) == 0
+    assert "score: 100%" in capsys.readouterr().err.replace("\r", "\n")  # progress: pairs scored, pairs/s
     metrics = json.loads(report.read_text())
     assert (
         metrics["pairs"] + metrics["pairs_skipped_too_long"] == 6
