@@ -12,6 +12,7 @@ implementation they hold:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,23 @@ from meet_lightning.heads import LMHead
 from meet_lightning.losses import response_token_logps
 
 PLACEMENTS = ("prefix", "infix")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAWeights:
+    """Every control's LoRA factors: control ``c`` adds ``(alpha / rank) · B[c] @ A[c] @ x`` to each layer.
+
+    Attributes:
+        rank: LoRA rank.
+        alpha: Scaling numerator.
+        target_modules: The layer-name suffixes that were adapted.
+        layers: ``{module name in the LM: (A (C, r, in), B (C, out, r))}``.
+    """
+
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def splice(
@@ -141,6 +159,11 @@ class ControlTokens(nn.Module):
     def input_vectors(self) -> torch.Tensor | None:
         """(C, T, H) the vectors this control inserts as input embeddings, one row per control in schema id order;
         ``None`` for controls that are not learned input vectors (the export then keeps them out of the vocabulary)."""
+        return None
+
+    def lora_weights(self) -> LoRAWeights | None:
+        """The per-control weight deltas of this control, for the PEFT adapter export; ``None`` for controls that
+        are not LoRA adapters."""
         return None
 
     def num_inserted(self, control_ids: list[int]) -> int:
@@ -322,6 +345,7 @@ class LoRAControl(ControlTokens):
         self.lora_b = nn.ParameterDict()
         self._active: torch.Tensor | None = None  # (B, P) control ids while routing
         self._hooks: list = []
+        self._layer_names: dict[str, str] = {}  # parameter key -> module name in the LM (keys cannot hold dots)
 
     def init_args(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules, "seed": self.seed}
@@ -333,6 +357,7 @@ class LoRAControl(ControlTokens):
             raise ValueError(f"no linear layer named {self.target_modules} in the model — set init_args.target_modules")
         for name, layer in targets.items():
             key = name.replace(".", "_")
+            self._layer_names[key] = name
             a = torch.randn(schema.num_controls, self.rank, layer.in_features, generator=generator, device="cpu")
             a = a.to(layer.weight.device) / math.sqrt(layer.in_features)
             self.lora_a[key] = nn.Parameter(a.to(layer.weight.dtype))  # (C, r, in)
@@ -354,6 +379,11 @@ class LoRAControl(ControlTokens):
             return output + torch.einsum("bptr,bpor->bto", low, b) * (self.alpha / self.rank)
 
         return hook
+
+    def lora_weights(self) -> LoRAWeights:
+        layers = {name: (self.lora_a[key].detach(), self.lora_b[key].detach()) for key, name in self._layer_names.items()}
+        found = sorted({name.split(".")[-1] for name in layers})
+        return LoRAWeights(self.rank, self.alpha, [t for t in self.target_modules if t in found], layers)
 
     @contextlib.contextmanager
     def route(self, control_ids: torch.Tensor) -> Iterator[None]:

@@ -25,6 +25,7 @@ from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
+from meet_lightning.peft_export import write_peft_adapters
 from meet_lightning.precision import resolve_dtype
 from meet_lightning.tokenization import PromptTokenizer
 
@@ -65,6 +66,7 @@ def export_model(
     lm.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_controls(control, tmp / CONTROLS_FILE, schema, base_fingerprint)
+    lora = control.lora_weights()
     info = {
         "preferences": schema.to_dict(),
         "controls": schema.names,
@@ -76,6 +78,7 @@ def export_model(
         "data": (recipe or {}).get("data"),
         "library_version": __version__,
         "vocabulary": vocabulary,
+        "adapters": write_peft_adapters(tmp, lora, schema) if lora is not None else None,
         **(metadata or {}),
     }
     (tmp / SCHEMA_FILE).write_text(json.dumps(info, indent=2))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from meet_lightning.cli import main
@@ -73,6 +74,15 @@ def test_every_recipe_runs_through_the_cli(recipe, tmp_path, hh):
     for stage in ("stage1", "stage2"):
         if (out / stage).exists():
             assert json.loads((out / stage / "done.json").read_text())["global_step"] == 3
+    adapters = json.loads((out / "export" / "meet_schema.json").read_text())["adapters"]
+    if "LoRAControl" in recipe.read_text():  # each control a PEFT adapter on the exported LM's own layers
+        modules = dict(AutoModelForCausalLM.from_pretrained(out / "export").named_modules())
+        for folder in adapters.values():
+            keys = load_file(str(out / "export" / folder / "adapter_model.safetensors"))
+            layers = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in keys}
+            assert layers and all(isinstance(modules.get(name), torch.nn.Linear) for name in layers), folder
+    else:
+        assert adapters is None
 
 
 def test_stage2_continues_stage1s_batch_stream_instead_of_replaying_it(finished_run):
