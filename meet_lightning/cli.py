@@ -1,7 +1,7 @@
 """Command line: ``python -m meet_lightning COMMAND ...``.
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` read a recipe (see ``configs/``); ``generate``, ``evaluate``,
-``inspect-data`` and ``download-model`` are small tools around it. Bad input prints one ``error: ...`` line
+``push``, ``inspect-data`` and ``download-model`` are small tools around it. Bad input prints one ``error: ...`` line
 and exits with code 2; an internal bug keeps its traceback (exit code 1).
 """
 
@@ -27,6 +27,7 @@ COMMANDS_HELP = {
     "predict": "generate for data.predict_path with one stage's last checkpoint",
     "generate": "generate a response from an exported model under chosen controls",
     "evaluate": "score an exported or plain Hugging Face model on pairwise data",
+    "push": "publish an export/ folder to the Hugging Face Hub",
     "inspect-data": "read a data file and report formats, counts, drops and lengths",
     "download-model": "fetch and convert the offline default model once",
     "demo": "train SmolLM2 to answer concisely or in detail on request, then compare",
@@ -247,6 +248,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: functools.partial(run_recipe_command, name) for name in ("fit", "validate", "test", "predict")},
     "generate": lazy("inference_cli", "generate_command"),
     "evaluate": lazy("inference_cli", "evaluate_command"),
+    "push": lazy("inference_cli", "push_command"),
     "inspect-data": run_inspect_data,
     "download-model": run_download_model,
     "demo": lazy("demo", "demo_command"),

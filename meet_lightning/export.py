@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from meet_lightning import __version__
 from meet_lightning.control import ControlTokens, build_control
@@ -24,6 +23,7 @@ from meet_lightning.controls_io import load_controls, save_controls
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
+from meet_lightning.model_card import model_card
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.peft_export import write_peft_adapters
 from meet_lightning.precision import resolve_dtype
@@ -121,70 +121,6 @@ def without_control_vocabulary(lm: torch.nn.Module, vocabulary: Mapping[str, Any
     added = set(vocabulary["token_ids"])
     suppressed = [t for t in lm.generation_config.suppress_tokens or [] if t not in added]
     lm.generation_config.suppress_tokens = suppressed or None
-
-
-def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> str:
-    """A short model card: base model, data and licence note, controls, metrics, the resolved recipe."""
-    data = schema.get("data") or {}
-    example = schema["controls"][0].split("/", 1)[1] if schema["controls"] else None
-    sources = [data.get("path")] if data.get("path") else [s.get("path") for s in data.get("sources") or []]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [meet_lightning, control-tokens, alignment]",
-        "---",
-        "",
-        f"# MEET-aligned {schema['base_model']}",
-        "",
-        f"Trained with meet_lightning {schema['library_version']} (MEET, arXiv 2310.00819).",
-        "",
-        f"- Base model: `{schema['base_model']}` (fingerprint `{schema['base_fingerprint']}`)",
-        f"- Data: {', '.join(f'`{s}`' for s in sources) or 'unknown'} — the data's own licence applies to this model's use",
-        f"- Controls: {', '.join(f'`{c}`' for c in schema['controls'])} ({schema['control']['class_path']}, placement `{schema['placement']}`)",
-        "",
-        "## Metrics",
-        "",
-        "```json",
-        json.dumps(metrics or {}, indent=2),
-        "```",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from meet_lightning import AlignedModel",
-        'model = AlignedModel.from_pretrained("path/to/export")',
-        f'print(model.generate(["How do I boil an egg?"], control={example!r}))',
-        "```",
-        "",
-        *(_plain_transformers_use(example) if schema.get("vocabulary") else []),
-        "## Recipe",
-        "",
-        "```yaml",
-        yaml.safe_dump(dict(recipe or {}), sort_keys=False).rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _plain_transformers_use(example: str | None) -> list[str]:
-    """Model-card lines: steering the export with plain ``transformers`` (controls in the vocabulary)."""
-    return [
-        "Without meet_lightning (the controls are tokens of the vocabulary, the chat template places them):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/export")',
-        'model = AutoModelForCausalLM.from_pretrained("path/to/export")',
-        "inputs = tokenizer.apply_chat_template(",
-        f'    [{{"role": "user", "content": "How do I boil an egg?"}}], controls=[{example!r}],',
-        '    add_generation_prompt=True, return_tensors="pt", return_dict=True,',
-        ")",
-        "out = model.generate(**inputs, max_new_tokens=128)",
-        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "```",
-        "",
-    ]
 
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")

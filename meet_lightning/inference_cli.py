@@ -1,4 +1,4 @@
-"""The inference commands, ``generate`` and ``evaluate``: parsers only, over the core's Python API.
+"""The commands around an export, ``generate``, ``evaluate`` and ``push``: parsers only, over the core's Python API.
 
 ``evaluate``'s flags are :class:`~meet_lightning.report.EvaluateOptions`' fields (their docstrings are the help),
 so ``evaluate --model M --data.path F`` and ``run_evaluation(EvaluateOptions(model=M, data=EvalData(path=F)))``
@@ -21,6 +21,7 @@ from meet_lightning.errors import ConfigError
 from meet_lightning.export import AlignedModel
 from meet_lightning.generation import as_messages, read_generate_prompts, row_controls, write_jsonl_atomic
 from meet_lightning.precision import WeightsDtype
+from meet_lightning.publish import push_export
 from meet_lightning.report import EvaluateOptions, run_evaluation
 
 
@@ -118,4 +119,18 @@ def evaluate_command(argv: Sequence[str]) -> int:
     if parsed.output:
         Path(parsed.output).parent.mkdir(parents=True, exist_ok=True)
         Path(parsed.output).write_text(text + "\n")
+    return 0
+
+
+def push_command(argv: Sequence[str]) -> int:
+    """``push --model DIR --repo_id OWNER/NAME [--private] [--revision BRANCH] [--commit_message TEXT]``."""
+    parser = OneLineParser(prog="meet_lightning push", description="publish an export/ folder to the Hugging Face Hub")
+    parser.add_argument("--model", type=str, required=True, help="an export/ folder")
+    parser.add_argument("--repo_id", type=str, required=True, help="owner/name of the model repository (created when missing)")
+    parser.add_argument("--private", type=bool, default=False, help="create the repository as private")
+    parser.add_argument("--revision", type=str | None, default=None, help="branch to commit to (default: main)")
+    parser.add_argument("--commit_message", type=str | None, default=None)
+    args = parser.parse_args(list(argv))
+    url = push_export(args.model, args.repo_id, args.private, args.revision, args.commit_message)
+    print(f"pushed {args.model} to {url}")
     return 0

@@ -101,7 +101,10 @@ def test_peft_loads_each_lora_control_and_generates_what_aligned_model_does(tmp_
 def test_the_export_writes_one_adapter_per_control_and_one_per_full_combination(tmp_path):
     export_lora(tmp_path / "export")
     adapters = read_schema(tmp_path / "export")["adapters"]
-    assert set(adapters) == {*SCHEMA.names, *(f"length/{a}+harmless/{b}" for a in ("concise", "verbose") for b in ("good", "bad"))}
+    assert set(adapters) == {
+        *SCHEMA.names,
+        *(f"length/{a}+harmless/{b}" for a in ("concise", "verbose") for b in ("good", "bad")),
+    }
     single = json.loads((tmp_path / "export" / adapters["length/concise"] / "adapter_config.json").read_text())
     combined_dir = tmp_path / "export" / adapters["length/concise+harmless/bad"]
     combined = json.loads((combined_dir / "adapter_config.json").read_text())
