@@ -134,6 +134,7 @@ def recipe_parser(command: str) -> OneLineParser:
 
     from meet_lightning.control import ControlTokens
     from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.generation import DecodingOptions
     from meet_lightning.modules.base import MeetModule
     from meet_lightning.precision import AUTO, Precision
 
@@ -146,6 +147,7 @@ def recipe_parser(command: str) -> OneLineParser:
     )
     parser.add_subclass_arguments(ControlTokens, "control", required=False, help="control implementation shared by both stages")
     parser.add_class_arguments(PreferenceDataModule, "data", skip={"model_name_or_path"}, instantiate=False)
+    parser.add_class_arguments(DecodingOptions, "predict", instantiate=False, help="decoding of the predict command")
     for stage in ("stage1", "stage2"):
         parser.add_subclass_arguments(
             MeetModule,

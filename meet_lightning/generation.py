@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,42 @@ from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer
 
 ControlSpec = str | Sequence[str] | Mapping[str, str] | None
 """``"good"``, ``"harmless/good"``, ``["harmless/good", "concise"]``, ``{"harmless": "good"}`` or ``None``."""
+
+
+@dataclasses.dataclass
+class DecodingOptions:
+    """How responses are decoded: the ``generate`` command's flags and a recipe's ``predict`` section."""
+
+    max_new_tokens: int = 128
+    """Longest response, in tokens."""
+    temperature: float = 0.0
+    """0 = greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 = off)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating earlier tokens (1 = off)."""
+    batch_size: int = 8
+    """Prompts per generate call."""
+    seed: int | None = None
+    """Seed of sampling (reproducible samples)."""
+
+    def problems(self, flag: str = "--") -> list[str]:
+        """Every bad option, each named ``{flag}name`` (``--`` or ``--predict.``), with its fix."""
+        checks = (
+            (self.max_new_tokens < 1, f"{flag}max_new_tokens {self.max_new_tokens} must be ≥ 1"),
+            (self.temperature < 0, f"{flag}temperature {self.temperature} must be ≥ 0 (0 = greedy)"),
+            (not 0 < self.top_p <= 1, f"{flag}top_p {self.top_p} must be in (0, 1]"),
+            (self.top_k < 0, f"{flag}top_k {self.top_k} must be ≥ 0 (0 = off)"),
+            (self.repetition_penalty <= 0, f"{flag}repetition_penalty {self.repetition_penalty} must be > 0 (1 = off)"),
+            (self.batch_size < 1, f"{flag}batch_size {self.batch_size} must be ≥ 1"),
+        )
+        return [message for failed, message in checks if failed]
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`generate_responses` (the seed is applied by the caller, once)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "seed"}
 
 
 def resolve_controls(schema: ControlSchema, spec: ControlSpec) -> list[int]:

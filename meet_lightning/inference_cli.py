@@ -11,7 +11,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import torch
 from jsonargparse import set_parsing_settings
@@ -19,7 +19,7 @@ from jsonargparse import set_parsing_settings
 from meet_lightning.cli import OneLineParser
 from meet_lightning.errors import ConfigError
 from meet_lightning.export import AlignedModel
-from meet_lightning.generation import as_messages, read_generate_prompts, row_controls, write_jsonl_atomic
+from meet_lightning.generation import DecodingOptions, as_messages, read_generate_prompts, row_controls, write_jsonl_atomic
 from meet_lightning.precision import WeightsDtype
 from meet_lightning.publish import push_export
 from meet_lightning.report import EvaluateOptions, run_evaluation
@@ -36,13 +36,8 @@ def generate_command(argv: Sequence[str]) -> int:
     )  # fmt: skip
     parser.add_argument("--control", type=str, action="append", default=[], help="control name; repeat to combine preferences")
     parser.add_argument("--output", type=str | None, default=None, help="write {prompt, controls, response} JSONL here")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    parser.add_argument("--seed", type=int | None, default=None, help="seed of sampling (reproducible samples)")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the options' field docstrings are the help
+    parser.add_class_arguments(DecodingOptions, nested_key=None, as_group=False)
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument(
         "--dtype",
@@ -52,7 +47,15 @@ def generate_command(argv: Sequence[str]) -> int:
         help="weights dtype; auto: bfloat16 where the CPU or GPU computes it natively, else float32",
     )
     args = parser.parse_args(list(argv))
-    check_generate_args(args)
+    decoding = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
+    one_source = (
+        []
+        if (args.prompt is None) != (args.prompts_file is None)
+        else ["pass exactly one of --prompt TEXT and --prompts_file FILE"]
+    )
+    problems = one_source + decoding.problems()
+    if problems:
+        raise ConfigError("; ".join(problems))
     rows = (
         read_generate_prompts(Path(args.prompts_file))
         if args.prompts_file
@@ -64,18 +67,10 @@ def generate_command(argv: Sequence[str]) -> int:
     if args.prompts_file:  # every row's controls, checked before anything is generated: FILE:ROW in the error
         for row in rows:
             row_controls(model.schema, row, args.prompts_file)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    if decoding.seed is not None:
+        torch.manual_seed(decoding.seed)
     texts = model.generate(
-        [row["prompt"] for row in rows],
-        controls=[row["controls"] for row in rows],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        repetition_penalty=args.repetition_penalty,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        progress=True,
+        [row["prompt"] for row in rows], controls=[row["controls"] for row in rows], progress=True, **decoding.generate_kwargs()
     )
     if args.output:
         results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
@@ -84,22 +79,6 @@ def generate_command(argv: Sequence[str]) -> int:
     else:
         print("\n\n".join(texts))
     return 0
-
-
-def check_generate_args(args: Any) -> None:
-    """ConfigError naming every bad generate flag at once."""
-    checks = (
-        ((args.prompt is None) == (args.prompts_file is None), "pass exactly one of --prompt TEXT and --prompts_file FILE"),
-        (args.max_new_tokens < 1, f"--max_new_tokens {args.max_new_tokens} must be ≥ 1"),
-        (args.temperature < 0, f"--temperature {args.temperature} must be ≥ 0 (0 = greedy)"),
-        (not 0 < args.top_p <= 1, f"--top_p {args.top_p} must be in (0, 1]"),
-        (args.top_k < 0, f"--top_k {args.top_k} must be ≥ 0 (0 = off)"),
-        (args.repetition_penalty <= 0, f"--repetition_penalty {args.repetition_penalty} must be > 0 (1 = off)"),
-        (args.batch_size < 1, f"--batch_size {args.batch_size} must be ≥ 1"),
-    )
-    problems = [message for failed, message in checks if failed]
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def evaluate_command(argv: Sequence[str]) -> int:

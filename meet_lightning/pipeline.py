@@ -36,7 +36,7 @@ from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import CheckpointError, ConfigError, MeetError
 from meet_lightning.export import SCHEMA_FILE, export_model
 from meet_lightning.formats import SourceConfig
-from meet_lightning.generation import generate_responses, read_prompts, row_controls, write_jsonl_atomic
+from meet_lightning.generation import DecodingOptions, generate_responses, read_prompts, row_controls, write_jsonl_atomic
 from meet_lightning.models import resolve_model_path
 from meet_lightning.modules.base import MeetModule
 from meet_lightning.precision import Resolved, resolve_precision
@@ -334,6 +334,14 @@ def check_recipe(recipe: Mapping[str, Any]) -> None:
     for stage in active_stages(recipe):
         check_stage_settings(recipe, stage)
     check_modules(recipe)
+    problems = decoding_options(recipe).problems("--predict.")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def decoding_options(recipe: Mapping[str, Any]) -> DecodingOptions:
+    """The recipe's ``predict`` section (decoding options of ``predict``)."""
+    return DecodingOptions(**(recipe.get("predict") or {}))
 
 
 def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
@@ -387,7 +395,7 @@ def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
     """First difference between two recipes outside budget and hardware keys, as ``key: old → new`` (or empty)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for key in sorted(set(old) | set(new), key=str):
-            if key in BUDGET_KEYS or key in HARDWARE_KEYS:
+            if key in BUDGET_KEYS or key in HARDWARE_KEYS or (not prefix and key == "predict"):  # decoding trains nothing
                 continue
             if (key not in old and not new[key]) or (key not in new and not old[key]):
                 continue  # an option added (or removed) by a library upgrade, left at its off value
@@ -579,7 +587,8 @@ def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, l
     if not last.is_dir():  # a DeepSpeed folder is read by Lightning itself (predict converts it to one file)
         check_checkpoint_file(last)
     if command == "predict":
-        return predict_to_file(cli, last, Path(recipe["output_dir"]) / stage / "predictions.jsonl", log=log)
+        out = Path(recipe["output_dir"]) / stage / "predictions.jsonl"
+        return predict_to_file(cli, last, out, decoding_options(recipe), log=log)
     run = getattr(cli.trainer, command)
     return run(cli.model, cli.datamodule, ckpt_path=str(last), weights_only=True)
 
@@ -587,15 +596,18 @@ def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, l
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def predict_to_file(cli: Any, checkpoint: Path, out: Path, log=print, max_new_tokens: int = 128) -> list[dict[str, Any]]:
-    """``predict``: generations for ``data.predict_path`` with a stage checkpoint, written to ``out``."""
+def predict_to_file(cli: Any, checkpoint: Path, out: Path, decoding: DecodingOptions, log=print) -> list[dict[str, Any]]:
+    """``predict``: generations for ``data.predict_path`` with a stage checkpoint, decoded as ``decoding``, written to ``out``."""
     predict_path = cli.datamodule.predict_path
     if not predict_path:
         raise ConfigError("predict needs --data.predict_path FILE.jsonl (lines with 'prompt' and optional 'controls')")
     rows = read_prompts(Path(predict_path))
     ids = [row_controls(cli.model.schema, r, predict_path) for r in rows]  # before the model loads: fail fast
     module = restore_module(cli.model, checkpoint)
-    texts = generate_responses(module.lm, module.tokenizer, module.control, [r["prompt"] for r in rows], ids, max_new_tokens)
+    if decoding.seed is not None:
+        torch.manual_seed(decoding.seed)
+    prompts = [r["prompt"] for r in rows]
+    texts = generate_responses(module.lm, module.tokenizer, module.control, prompts, ids, progress=True, **decoding.generate_kwargs())
     results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
     write_jsonl_atomic(out, results)
     log(f"wrote {len(results)} predictions to {out}")

@@ -61,7 +61,7 @@ def finished_run(tmp_path_factory, hh) -> Path:
 def test_help_lists_every_command(capsys):
     assert run("--help") == 0
     text = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "generate", "evaluate", "inspect-data", "download-model", "demo"):
+    for command in ("fit", "validate", "test", "predict", "generate", "evaluate", "push", "inspect-data", "download-model", "demo"):
         assert command in text
 
 
@@ -184,6 +184,22 @@ def test_predict_writes_generations_per_stage(finished_run, hh, tmp_path):
     assert run("predict", *args[1:]) == 0
     rows = [json.loads(line) for line in (finished_run / "stage1" / "predictions.jsonl").read_text().splitlines()]
     assert [r["controls"] for r in rows] == ["good", {"harmless": "bad"}] and all(isinstance(r["response"], str) for r in rows)
+
+    def sampled(*decoding: str) -> list[str]:
+        assert run("predict", *args[1:], *decoding) == 0
+        return [json.loads(line)["response"] for line in (finished_run / "stage1" / "predictions.jsonl").read_text().splitlines()]
+
+    seeded = ("--predict.temperature", "1.5", "--predict.top_k", "50", "--predict.seed", "3", "--predict.batch_size", "1")
+    short = sampled(*seeded, "--predict.max_new_tokens", "4")
+    assert short == sampled(*seeded, "--predict.max_new_tokens", "4")  # the seed makes sampling reproducible
+    assert short != sampled(*seeded[:-2], "--predict.seed", "4", "--predict.max_new_tokens", "40")
+
+
+def test_bad_predict_decoding_options_are_one_line_naming_each(finished_run, hh, capsys):
+    args = fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh, "--data.predict_path", "x.jsonl")
+    assert run("predict", *args[1:], "--predict.top_p", "0", "--predict.max_new_tokens", "0") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--predict.max_new_tokens 0 must be ≥ 1" in err and "--predict.top_p 0.0 must be in (0, 1]" in err
 
 
 def test_generate_and_aligned_model_agree(finished_run, capsys):
