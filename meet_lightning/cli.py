@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
@@ -128,6 +129,54 @@ def check_config_files(argv: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------- recipes
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: ``meet_lightning/recipes`` in an installed wheel, ``configs/`` in a checkout."""
+    installed = PACKAGE_DIR / "recipes"
+    return installed if installed.is_dir() else PACKAGE_DIR.parent / "configs"
+
+
+def shipped_recipes() -> list[str]:
+    """Names ``--config`` accepts without a path: ``demo``, ``baselines/dpo`` …"""
+    root = recipes_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config_names(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--config NAME`` that is not a file replaced by the shipped recipe of that name.
+
+    ``demo``, ``demo.yaml`` and ``configs/demo.yaml`` all name ``configs/demo.yaml``, so the commands a
+    checkout's README shows also work after ``pip install`` from any folder. Inline YAML passes unchanged.
+    """
+    resolved = list(argv)
+    for i, arg in enumerate(resolved[:-1]):
+        value = resolved[i + 1]
+        if arg != "--config" or os.path.exists(value) or any(c in value for c in ":{\n"):
+            continue
+        name = value.removeprefix("configs/").removesuffix(".yaml")
+        if name not in shipped_recipes():
+            raise ConfigError(
+                f"--config {value}: no such file and no shipped recipe of that name — pass a path, or one of: {', '.join(shipped_recipes())}"
+            )
+        resolved[i + 1] = str(recipes_dir() / f"{name}.yaml")
+    return resolved
+
+
+def resolve_packaged_paths(recipe: dict[str, Any]) -> None:
+    """Data paths such as ``meet_lightning/demo_data/…`` (a shipped recipe's data) found in the installed
+    package when they are not found from the working folder."""
+    data = recipe.get("data") or {}
+    holders = [data, *(s for s in data.get("sources") or [] if isinstance(s, dict))]
+    for holder in holders:
+        for key in ("path", "predict_path"):
+            value = holder.get(key)
+            if isinstance(value, str) and value.startswith("meet_lightning/") and not os.path.exists(value):
+                packaged = PACKAGE_DIR.parent / value
+                holder[key] = str(packaged) if packaged.exists() else value
+
+
 def recipe_parser(command: str) -> OneLineParser:
     """The recipe parser: top-level keys, the control, the data and both stages."""
     from lightning import Trainer
@@ -186,9 +235,10 @@ def recipe_parser(command: str) -> OneLineParser:
 def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any]:
     """Parses a recipe into plain YAML types; ``None`` recipe when only printing it."""
     parser = recipe_parser(command)
+    argv = resolve_config_names(argv)
     check_config_files(argv)
     try:
-        cfg = parser.parse_args(list(argv))
+        cfg = parser.parse_args(argv)
     except ConfigError:
         raise
     except Exception as error:  # jsonargparse reports bad values as exceptions carrying its message
@@ -196,6 +246,7 @@ def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any
     recipe = yaml.safe_load(parser.dump(cfg, skip_check=True))
     for key in ("config", "overwrite", "ckpt_path", "stage"):
         recipe.pop(key, None)
+    resolve_packaged_paths(recipe)
     return recipe, cfg
 
 

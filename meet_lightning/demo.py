@@ -129,10 +129,10 @@ def report(recipe: dict[str, Any], log=print) -> float:
 
 
 def demo_command(argv: Sequence[str]) -> int:
-    """``demo [fit flags]``: fit ``configs/demo.yaml`` (resumes; finished stages are skipped), then report."""
+    """``demo [fit flags]``: fit the shipped ``demo`` recipe (resumes; finished stages are skipped), then report."""
     argv = list(argv)
     if "--config" not in argv:
-        argv = ["--config", "configs/demo.yaml", *argv]
+        argv = ["--config", "demo", *argv]
     recipe, cfg = parse_recipe("fit", argv)
     started = time.perf_counter()
     pipeline.fit(recipe, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path)
