@@ -156,6 +156,11 @@ class ControlTokens(nn.Module):
         """Context in which per-row weight deltas follow ``control_ids`` (B, P). No-op by default."""
         yield
 
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """The context a checkpointed layer is recomputed in during backward (gradient checkpointing): the
+        routing active now, when the layer runs forward. No-op by default."""
+        return contextlib.nullcontext()
+
     def input_vectors(self) -> torch.Tensor | None:
         """(C, T, H) the vectors this control inserts as input embeddings, one row per control in schema id order;
         ``None`` for controls that are not learned input vectors (the export then keeps them out of the vocabulary)."""
@@ -384,6 +389,9 @@ class LoRAControl(ControlTokens):
         layers = {name: (self.lora_a[key].detach(), self.lora_b[key].detach()) for key, name in self._layer_names.items()}
         found = sorted({name.split(".")[-1] for name in layers})
         return LoRAWeights(self.rank, self.alpha, [t for t in self.target_modules if t in found], layers)
+
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        return self.route(self._active) if self._active is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def route(self, control_ids: torch.Tensor) -> Iterator[None]:

@@ -31,6 +31,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -387,7 +388,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return prepare_tokenizer(tokenizer)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, quantization_config: Any = None
+) -> PreTrainedModel:
     """Load a causal language model as a plain, trainable float model in eval mode.
 
     A ``.gguf`` file is dequantized, its quantization marker removed (so ``save_pretrained`` and training
@@ -398,9 +401,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
         name_or_path: Alias, local folder, ``.gguf`` file or hub id (see :func:`resolve_model_path`).
         dtype: Parameter dtype. Keep float32 for training with mixed precision and for numeric tests.
         trust_remote_code: Run modelling code shipped with a hub repository; never turned on implicitly.
+        quantization_config: A transformers quantization config (a frozen 4-bit base); hub ids and folders only.
 
     Returns:
-        The model, on CPU.
+        The model, on CPU (a quantized one where its quantizer puts it).
 
     Raises:
         ConfigError: The model cannot be found (see :func:`resolve_model_path`), or its forward post-processes
@@ -408,12 +412,18 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
         CheckpointError: A local folder whose weights cannot be read (truncated or foreign files).
     """
     path = resolve_model_path(name_or_path)
+    if quantization_config is not None and (path in _TINY_DROPOUT or path.endswith(".gguf")):
+        raise ConfigError(f"{name_or_path}: quantize needs a model folder or hub id (built-in and .gguf models load as floats)")
+    if quantization_config is not None and (path in _TINY_DROPOUT or path.endswith(".gguf")):
+        raise ConfigError(f"{name_or_path}: quantize needs a model folder or hub id (built-in and .gguf models load as floats)")
     if path in _TINY_DROPOUT:
         return build_tiny_model(dropout=_TINY_DROPOUT[path]).to(dtype)
     if path.endswith(".gguf"):
         return _load_gguf_model(Path(path)).to(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quantization_config
+        )
     except OSError as err:
         raise _load_error(name_or_path, path, err) from err
     except SafetensorError as err:  # a truncated or foreign model.safetensors

@@ -7,6 +7,7 @@ classifier, the optimizer, the schedule and checkpoint hygiene are shared here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,12 @@ class MeetModule(L.LightningModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights are loaded in (``float32``; ``bfloat16`` halves memory).
         trust_remote_code: Allow the model's own code from the hub.
+        gradient_checkpointing: Recompute each decoder layer's activations in backward instead of keeping them
+            (less memory, about one more forward pass of compute); loss and gradients are unchanged.
+        optimizer: ``adamw`` (torch's default implementation), ``adamw_foreach``, ``adamw_fused`` or
+            ``adamw_8bit`` (bitsandbytes, where it supports the device).
+        quantize: ``nf4`` loads the frozen LM in 4 bits through bitsandbytes (stage 1 only: the LM must not
+            train; needs a CUDA GPU); ``None`` keeps ``dtype``.
     """
 
     def __init__(
@@ -57,6 +64,9 @@ class MeetModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer: str = "adamw",
+        quantize: str | None = None,
     ) -> None:
         super().__init__()
         problems = [
@@ -70,6 +80,11 @@ class MeetModule(L.LightningModule):
             (warmup_steps < 0, f"warmup_steps {warmup_steps} must be ≥ 0"),
             (not 0 <= min_lr_ratio <= 1, f"min_lr_ratio {min_lr_ratio} must be in [0, 1]"),
             (dtype not in DTYPES, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}"),
+            (
+                optimizer not in OPTIMIZERS,
+                f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)} — set model.init_args.optimizer",
+            ),
+            (quantize not in (None, "nf4"), f"quantize {quantize!r} is not nf4 or null — set model.init_args.quantize"),
         ]
         messages = [m for failed, m in problems if failed]
         if messages:
@@ -89,13 +104,25 @@ class MeetModule(L.LightningModule):
         if self.lm is not None:
             return
         self.tokenizer = load_tokenizer(self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code)
+        quantization = nf4_config(self.device_type()) if self.hparams.quantize else None
         lm = load_model(
-            self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code
+            self.hparams.model_name_or_path,
+            DTYPES[self.hparams.dtype],
+            trust_remote_code=self.hparams.trust_remote_code,
+            quantization_config=quantization,
         )
         self.base_fingerprint = model_fingerprint(lm)
         self.control.setup(lm, self.tokenizer, self.schema)
+        if self.hparams.gradient_checkpointing:
+            enable_gradient_checkpointing(lm, self.control)
         self.lm = self.wrap_lm(lm).train()  # from_pretrained returns eval mode; Lightning keeps modes as found
         self.configure_trainable()
+        if quantization is not None and self.lm_parameters():
+            raise ConfigError(f"quantize: nf4 keeps the LM frozen, but {type(self).__name__} trains it — use it in stage 1 only")
+
+    def device_type(self) -> str:
+        """``cpu``/``cuda``/…: where the trainer runs this module (``cpu`` outside a trainer)."""
+        return self._trainer.strategy.root_device.type if self._trainer is not None else "cpu"
 
     def wrap_lm(self, lm: nn.Module) -> nn.Module:
         """Hook for subclasses that wrap the LM (LoRA on the LM); returns it unchanged by default."""
@@ -202,7 +229,7 @@ class MeetModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ConfigError(f"{type(self).__name__} has nothing to train — check the control and lm settings")
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = OPTIMIZERS[self.hparams.optimizer](groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
@@ -238,6 +265,57 @@ class MeetModule(L.LightningModule):
             )
         own = self.state_dict()
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
+
+
+def enable_gradient_checkpointing(lm: nn.Module, control: ControlTokens) -> None:
+    """Turns on the LM's own activation checkpointing, recomputing each layer under the routing it ran with.
+
+    Non-reentrant checkpointing recomputes a layer during backward, after :meth:`ControlTokens.route` has
+    exited; ``context_fn`` re-enters the control's routing for the recomputation (LoRA controls' per-row deltas),
+    so the recomputed activations, and so the gradients, are those of the forward pass.
+    """
+
+    def contexts() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), control.recompute_context()
+
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": contexts})
+    lm.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+
+
+def _bitsandbytes_adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "optimizer adamw_8bit needs the bitsandbytes package — pip install bitsandbytes, or use adamw"
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(groups)
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups),
+    "adamw_foreach": lambda groups: torch.optim.AdamW(groups, foreach=True),
+    "adamw_fused": lambda groups: torch.optim.AdamW(groups, fused=True),
+    "adamw_8bit": _bitsandbytes_adamw,
+}
+"""``optimizer`` choices: AdamW implementations (same update; memory and speed differ, 8-bit stores its moments in 8 bits)."""
+
+
+def nf4_config(device_type: str) -> Any:
+    """A transformers ``BitsAndBytesConfig`` for a frozen 4-bit (NF4) LM; ConfigError naming what is missing."""
+    if device_type != "cuda":
+        raise ConfigError(
+            f"quantize: nf4 needs a CUDA GPU (this stage runs on {device_type}) and the bitsandbytes package — set quantize: null here"
+        )
+    try:
+        import bitsandbytes  # noqa: F401 - transformers needs it to load in 4 bits
+    except ImportError:
+        raise ConfigError(
+            "quantize: nf4 needs the bitsandbytes package — pip install bitsandbytes, or set quantize: null"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

@@ -98,6 +98,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights are loaded in.
         trust_remote_code: Allow the model's own code from the hub.
+        gradient_checkpointing, optimizer, quantize: As in :class:`~meet_lightning.modules.base.MeetModule`.
     """
 
     def __init__(
@@ -112,6 +113,9 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: float = 0.1,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer: str = "adamw",
+        quantize: str | None = None,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -124,6 +128,9 @@ class SFTModule(_PlainPairMetrics, MeetModule):
             min_lr_ratio,
             dtype,
             trust_remote_code,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            quantize=quantize,
         )
         check_plain(self)
 
@@ -183,6 +190,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights (and the reference) are loaded in.
         trust_remote_code: Allow the model's own code from the hub.
+        gradient_checkpointing, optimizer, quantize: As in :class:`~meet_lightning.modules.base.MeetModule`.
         beta: DPO temperature: strength of the implicit KL penalty to the reference.
         precompute_reference: Cache reference log-probs per pair instead of keeping a second model.
     """
@@ -201,6 +209,9 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         trust_remote_code: bool = False,
         beta: float = 0.1,
         precompute_reference: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer: str = "adamw",
+        quantize: str | None = None,
     ) -> None:
         if not beta > 0:
             raise ConfigError(f"beta {beta} must be > 0 — set model.init_args.beta (e.g. 0.1)")
@@ -215,6 +226,9 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             min_lr_ratio,
             dtype,
             trust_remote_code,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            quantize=quantize,
         )
         check_plain(self)
         self.reference_cache: dict[str, tuple[float, float]] = {}
@@ -424,6 +438,9 @@ class HybridDPOModule(JointFinetuneModule):
         lm_lora_target_modules: list[str] | None = None,
         dpo_weight: float = 1.0,
         beta: float = 0.1,
+        gradient_checkpointing: bool = False,
+        optimizer: str = "adamw",
+        quantize: str | None = None,
     ) -> None:
         problems = [
             m
@@ -450,6 +467,9 @@ class HybridDPOModule(JointFinetuneModule):
             lm_lora_rank,
             lm_lora_alpha,
             lm_lora_target_modules,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            quantize=quantize,
         )
 
     @override

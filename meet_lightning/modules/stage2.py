@@ -42,6 +42,9 @@ class JointFinetuneModule(MeetModule):
         lm_lora_rank: int = 0,
         lm_lora_alpha: float = 16.0,
         lm_lora_target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: str = "adamw",
+        quantize: str | None = None,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -54,6 +57,9 @@ class JointFinetuneModule(MeetModule):
             min_lr_ratio,
             dtype,
             trust_remote_code,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            quantize=quantize,
         )
 
     @override

@@ -1,0 +1,129 @@
+"""Memory levers of every stage: gradient checkpointing (same loss and gradients), the AdamW implementation,
+and a frozen 4-bit base (refused with the requirement where it cannot run)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from meet_lightning.control import LoRAControl, PromptTuningControl
+from meet_lightning.data import PreferenceDataModule
+from meet_lightning.errors import ConfigError
+from meet_lightning.modules import ControlTokenModule, JointFinetuneModule
+
+CONTROLS = {
+    "prefix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="prefix"),
+    "infix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="infix"),
+    "lora": lambda: LoRAControl(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+}
+MODULES = {"stage1": ControlTokenModule, "stage2": JointFinetuneModule}
+
+
+@pytest.fixture(scope="module")
+def batch(shared_data):
+    data = PreferenceDataModule(
+        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
+        preference="harmless",
+        model_name_or_path="tiny-debug",
+        max_length=96,
+        batch_size=4,
+        max_examples=8,
+        max_val_examples=2,
+    )
+    data.setup("fit")
+    return data.control_schema, next(iter(data.train_dataloader()))
+
+
+def loss_and_grads(module_class, control_name, schema, batch, **options):
+    """One forward and backward in fp32; also how often the first decoder layer's MLP computed (counted by
+    wrapping its ``forward``: transformers recomputes a checkpointed layer without running module hooks)."""
+    torch.manual_seed(0)
+    module = module_class("tiny-debug", CONTROLS[control_name](), schema, **options)
+    module.configure_model()
+    with torch.no_grad():  # LoRA B starts at zero (no effect): give the controls' routing something to change
+        for name, p in module.control.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0.0, 0.1)
+    module.train()
+    runs = []
+    mlp = module.lm.get_decoder().layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: (runs.append(1), forward(*args, **kwargs))[1]
+    loss = module.compute_loss(batch)["loss"]
+    loss.backward()
+    del mlp.forward
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, len(runs)
+
+
+@pytest.mark.parametrize("control_name", CONTROLS)
+@pytest.mark.parametrize("stage", MODULES)
+def test_gradient_checkpointing_keeps_the_loss_and_every_gradient(stage, control_name, batch):
+    schema, data = batch
+    loss, grads, runs = loss_and_grads(MODULES[stage], control_name, schema, data)
+    ckpt_loss, ckpt_grads, ckpt_runs = loss_and_grads(MODULES[stage], control_name, schema, data, gradient_checkpointing=True)
+    assert (runs, ckpt_runs) == (1, 2)  # the layer was recomputed in backward: checkpointing was on
+    torch.testing.assert_close(ckpt_loss, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == ckpt_grads.keys() and any(n.startswith("control.") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_foreach", "adamw_fused"])
+def test_every_adamw_implementation_makes_the_same_update(optimizer, batch):
+    schema, data = batch
+
+    def trained(name: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = JointFinetuneModule("tiny-debug", CONTROLS["prefix"](), schema, lr=1e-3, optimizer=name)
+        module.configure_model()
+        module.trainer = type("Trainer", (), {"estimated_stepping_batches": 10})()
+        opt = module.configure_optimizers()["optimizer"]
+        module.train()
+        for _ in range(2):
+            opt.zero_grad()
+            module.compute_loss(data)["loss"].backward()
+            opt.step()
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    reference, other = trained("adamw"), trained(optimizer)
+    for name, value in reference.items():
+        torch.testing.assert_close(other[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bad_memory_options_are_refused_with_the_fix(batch):
+    schema, _ = batch
+    with pytest.raises(ConfigError, match="optimizer 'sgd' is not one of adamw, adamw_foreach, adamw_fused, adamw_8bit"):
+        JointFinetuneModule("tiny-debug", None, schema, optimizer="sgd")
+    with pytest.raises(ConfigError, match="quantize 'int3' is not nf4 or null"):
+        ControlTokenModule("tiny-debug", CONTROLS["prefix"](), schema, quantize="int3")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_the_8bit_optimizer_without_bitsandbytes_names_the_package(batch):
+    schema, _ = batch
+    module = JointFinetuneModule("tiny-debug", CONTROLS["prefix"](), schema, optimizer="adamw_8bit")
+    module.configure_model()
+    module.trainer = type("Trainer", (), {"estimated_stepping_batches": 10})()
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        module.configure_optimizers()
+
+
+def test_a_4bit_base_on_a_cpu_is_refused_naming_the_requirement(batch):
+    schema, _ = batch
+    module = ControlTokenModule("tiny-debug", CONTROLS["prefix"](), schema, quantize="nf4")
+    with pytest.raises(ConfigError, match="quantize: nf4 needs a CUDA GPU .*runs on cpu"):
+        module.configure_model()
+
+
+def test_fit_with_a_4bit_base_on_a_cpu_is_one_line_exit_2(tmp_path, shared_data, capsys):
+    from meet_lightning.cli import main
+
+    args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(tmp_path / "run")]
+    args += ["--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), "--stage1.model.init_args.quantize", "nf4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quantize: nf4 needs a CUDA GPU" in err
+    assert not (tmp_path / "run" / "recipe.yaml").exists() and not list((tmp_path / "run").rglob("*.ckpt"))
