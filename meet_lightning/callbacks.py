@@ -1,4 +1,4 @@
-"""Training callbacks: throughput accounting, and sample generations (and rewards) per control."""
+"""Training callbacks: throughput and memory accounting, and sample generations (and rewards) per control."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from meet_lightning.evaluate import NO_CONTROL, EvalModel, RewardModel, generate_under
+from meet_lightning.rss import PeakRSSByPhase
 
 
 class ThroughputMeter(Callback):
@@ -53,6 +54,43 @@ class ThroughputMeter(Callback):
         """``train_tokens``, ``train_seconds`` and ``train_tokens_per_s`` of the stage."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
         return {"train_tokens": self.tokens, "train_seconds": round(self.seconds, 2), "train_tokens_per_s": round(rate, 1)}
+
+
+class MemoryPhases(Callback):
+    """Attributes this process's peak RSS to the phases of a fit: ``sanity_check``, ``train_step`` (forward,
+    backward, optimizer step), ``validation``, and ``between_steps`` (loading batches, logging, saving
+    checkpoints — Lightning runs checkpoint callbacks after this one). The caller enters the phases before and
+    after ``fit`` (loading, the final validation) on the same tracker.
+    """
+
+    def __init__(self, tracker: PeakRSSByPhase) -> None:
+        self.tracker = tracker
+
+    @override
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self.tracker.enter("sanity_check")
+
+    @override
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self.tracker.enter("between_steps")
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.tracker.enter("train_step")
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tracker.enter("between_steps")
+
+    @override
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.tracker.enter("validation")
+
+    @override
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.tracker.enter("between_steps")
 
 
 DEFAULT_SAMPLE_PROMPTS = (

@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from meet_lightning.callbacks import ThroughputMeter
+from meet_lightning.callbacks import MemoryPhases, ThroughputMeter
 from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
@@ -49,6 +49,7 @@ from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/Injected
     RNGState,
     write_text_atomic,
 )
+from meet_lightning.rss import PeakRSSByPhase
 
 STAGES = ("stage1", "stage2")
 BUDGET_KEYS = {"max_steps", "max_epochs"}
@@ -479,6 +480,8 @@ def run_stage(
     )
     if init_controls:
         read_controls_metadata(Path(init_controls))  # missing/foreign file: one line now, not after the model loads
+    memory = PeakRSSByPhase()
+    memory.enter("load")  # building the stage, loading model and data (until the first step or sanity check)
     cli = build_stage(recipe, stage, extra, data_extra)
     precision = stage_precision(recipe, stage)
     log(f"{stage}: precision {precision.precision} ({precision.reason})")
@@ -490,7 +493,9 @@ def run_stage(
         step = check_checkpoint_file(Path(resume)).get("global_step", 0)
         log(f"{stage}: restoring from {resume} at step {step}")
     cli.trainer.callbacks.append(RecordRecipe(recipe))
+    cli.trainer.callbacks.insert(0, MemoryPhases(memory))  # first: checkpoint saving falls in between_steps
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume, weights_only=True)
+    memory.enter("after_fit")  # the last checkpoint, validating the selected one, stage 1's controls file
     cli.trainer.save_checkpoint(last, weights_only=False)
     # read before validating a checkpoint: restoring one also restores the callbacks' states
     progress = {
@@ -508,7 +513,10 @@ def run_stage(
     selected_step = check_checkpoint_file(selected)["global_step"] if reloaded else progress["global_step"]
     metrics.update(global_step=progress.pop("global_step"), selected_step=selected_step, **progress)
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason}
+    memory.enter(None)
+    record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason, **memory.summary()}
+    if memory.peaks:
+        log(f"{stage}: peak RSS by phase (GB): " + ", ".join(f"{k} {v}" for k, v in memory.summary()["peak_rss_gb"].items()))
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(record, indent=2))
     cli.trainer.strategy.barrier()

@@ -105,6 +105,9 @@ def test_two_stage_run_writes_stage_files_and_a_loadable_export(finished_run):
     assert "hh_rlhf_harmless" in card and "harmless/good" in card
     schema = json.loads((finished_run / "export" / "meet_schema.json").read_text())
     assert schema["preferences"] == {"harmless": ["good", "bad"]} and schema["placement"] == "prefix"
+    done = json.loads((finished_run / "stage2" / "done.json").read_text())  # where the stage's memory went
+    assert {"load", "train_step", "between_steps", "after_fit"} <= set(done["peak_rss_gb"])
+    assert done["peak_rss_over_train_step"] >= 1 and all(v > 0 for v in done["peak_rss_gb"].values())
 
 
 def test_stage2_checkpoint_has_its_own_hyperparameters_and_reloads(finished_run):

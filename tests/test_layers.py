@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "meet_lightning"
 CORE = {
     "errors", "examples", "formats", "precision", "stats", "heads", "losses", "tokenization", "models", "control",
     "control_vocab", "controls_io", "generation", "export", "evaluate", "report", "plots", "peft_export", "model_card",
-    "publish",
+    "publish", "rss",
 }  # fmt: skip
 TRAINING = {"data", "modules", "modules.base", "modules.stage1", "modules.stage2", "modules.baselines", "callbacks",
             "reliability", "pipeline"}  # fmt: skip

@@ -1,0 +1,28 @@
+"""Peak RSS per phase: each phase gets its own high-water mark (Linux VmHWM, reset between phases)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from meet_lightning.rss import PeakRSSByPhase, peak_rss_bytes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+def test_each_phase_has_its_own_peak():
+    tracker = PeakRSSByPhase()
+    assert tracker.supported
+    tracker.enter("small")
+    tracker.enter("large")
+    block = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
+    del block
+    tracker.enter("after")
+    tracker.enter(None)
+    peaks = tracker.peaks
+    assert peaks["large"] - peaks["small"] > 250 * 2**20  # the big block counts in its own phase only
+    assert peaks["after"] < peaks["large"] - 250 * 2**20  # the reset forgot it (freed memory left the RSS)
+    summary = tracker.summary(steps_phase="small")
+    assert summary["peak_rss_over_train_step"] > 1 and set(summary["peak_rss_gb"]) == {"small", "large", "after"}
+    assert peak_rss_bytes() > 0
