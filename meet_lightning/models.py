@@ -612,9 +612,16 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase | None = None, seed: int
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        # initialised in float32 whatever the default dtype (Lightning's bf16-true sets it while building the
+        # module): a bf16 initialisation draws other values, and the stage-2 model would not be stage 1's
+        torch.set_default_dtype(torch.float32)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
     return model.to(torch.float32).eval()
 
 

@@ -127,3 +127,19 @@ def test_fit_with_a_4bit_base_on_a_cpu_is_one_line_exit_2(tmp_path, shared_data,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "quantize: nf4 needs a CUDA GPU" in err
     assert not (tmp_path / "run" / "recipe.yaml").exists() and not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_stage2_in_bf16_true_starts_from_stage1_and_exports(tmp_path, shared_data):
+    """bf16 weights (and optimizer state) in stage 2: Lightning builds the module under a bf16 default dtype,
+    which made the tiny model initialise differently and stage 2 refuse stage 1's controls."""
+    import json
+
+    from meet_lightning.cli import main
+    from meet_lightning.export import AlignedModel
+
+    out = tmp_path / "run"
+    args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(out)]
+    args += ["--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), "--stage2.trainer.precision", "bf16-true"]
+    assert main(args) == 0
+    assert json.loads((out / "stage2" / "done.json").read_text())["precision"] == "bf16-true"
+    assert AlignedModel.from_pretrained(out / "export", dtype="float32").generate(["Hi"], control="good", max_new_tokens=4)
