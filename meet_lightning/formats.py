@@ -1424,9 +1424,8 @@ class _Reading:
             self.result.skipped[reason] += 1
             self.result.skipped_rows.setdefault(reason, []).append(row)
 
-    def merge(self, out: _Out, row: int | None) -> None:
-        self.result.pairs.extend(out.pairs)
-        self.result.examples.extend(out.examples)
+    def count_out(self, out: _Out, row: int | None) -> None:
+        """Count what a record (``row``) or the end of the file (``None``) skipped and warned about."""
         self.result.warnings.update(out.warnings)
         if row is not None:
             self.count(row, out.skipped)
@@ -1461,7 +1460,21 @@ def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedS
     Returns:
         The same as :func:`read_source`.
     """
-    reading = _Reading(cfg, ParsedSource(path=cfg.path, format=cfg.format))
+    result = ParsedSource(path=cfg.path, format=cfg.format)
+    for out in iter_parsed(cfg, rows, result):
+        result.pairs.extend(out.pairs)
+        result.examples.extend(out.examples)
+    _check_usable(result)
+    return result
+
+
+def iter_parsed(cfg: SourceConfig, rows: Iterable[tuple[int, Any]], result: ParsedSource | None = None) -> Iterator[_Out]:
+    """What each record gives, record by record (streaming); counts go into ``result``.
+
+    The last item is the parser's ``finish`` (pointwise rows come only there: their labels need every score).
+    Bad records raise or are counted exactly as in :func:`read_source`.
+    """
+    reading = _Reading(cfg, result if result is not None else ParsedSource(path=cfg.path, format=cfg.format))
     for row, value in rows:
         reading.result.rows_read += 1
         rec: Any = None
@@ -1476,11 +1489,12 @@ def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedS
         except _BadRow as bad:
             reading.record(row, reading.explain(bad, rec, value))
             continue
-        reading.merge(out, row)
+        reading.count_out(out, row)
+        yield out
     if reading.parser is not None:
-        reading.merge(reading.parser.finish(), None)
-    _check_usable(reading.result)
-    return reading.result
+        out = reading.parser.finish()
+        reading.count_out(out, None)
+        yield out
 
 
 def _check_usable(result: ParsedSource) -> None:
