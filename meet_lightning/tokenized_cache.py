@@ -420,10 +420,13 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
                 summary[f"{name}: dropped, a response longer than max_length"] += dropped
             summary[f"{name}: {kind}"] += len(splits[name])
         final = work / "data"
-        datasets.DatasetDict(splits).save_to_disk(str(final))
+        # datasets cannot load back a saved split of zero rows: an empty split is recorded, not saved
+        datasets.DatasetDict({k: v for k, v in splits.items() if len(v)}).save_to_disk(str(final))
         meta = {
             "cache_version": CACHE_VERSION,
             "kinds": {"train": train_kind, "val": val_kind},
+            "empty": [name for name, split in splits.items() if not len(split)],
+            "full_lengths": spec.full_lengths,
             "schema": schema,
             "summary": dict(summary),
             "source_lines": lines,
@@ -440,8 +443,11 @@ def load(folder: Path, built: bool, seconds_so_far: float = 0.0) -> TokenizedDat
 
     start = time.perf_counter()
     meta = json.loads((folder / "meet_data.json").read_text())
-    splits = datasets.load_from_disk(str(folder))
     kinds = meta["kinds"]
+    splits = dict(datasets.load_from_disk(str(folder))) if len(meta["empty"]) < len(kinds) else {}
+    for name in meta["empty"]:
+        feats = features(kinds[name], name == "val", meta["full_lengths"])
+        splits[name] = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
     return TokenizedData(
         path=folder,
         train=TokenizedItems(splits["train"], kinds["train"]),
