@@ -428,6 +428,9 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         dataset = self.stream.for_rank(rank, world)
         dataset.skip(self.skip_batches)
+        trainer = self.trainer
+        if trainer is not None:  # checkpoints are written at optimizer-step boundaries: steps × accumulation = batches
+            dataset.consumed = lambda: trainer.global_step * trainer.accumulate_grad_batches
         pad_id = self.tokenizer.pad_token_id
         paired = self.stream.paired
         collate = (lambda b: collate_pairs(b, pad_id)) if paired else (lambda b: collate_rows(b, pad_id))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import IterableDataset
@@ -199,17 +199,20 @@ class StreamedBatches:
 class StreamedDataset(IterableDataset):
     """An endless, resumable stream of one rank's batches (each item is a list of units; the loader collates it).
 
-    ``state_dict`` is the number of batches handed out; Lightning saves it in the checkpoint and a resumed run
-    continues after them (see the module docstring for how exact that is).
+    ``state_dict`` is the number of batches trained on; Lightning saves it in the checkpoint and a resumed run
+    continues after them (see the module docstring for how exact that is). Lightning fetches one batch ahead
+    of training from a loader without a length, so the batches handed out overcount by one: ``consumed``, when
+    set (the data module sets it from the trainer), says how many batches training has used.
     """
 
-    def __init__(self, batches: StreamedBatches, rank: int, world_size: int) -> None:
-        self.source, self.rank, self.world_size = batches, rank, world_size
+    def __init__(self, batches: StreamedBatches, rank: int, world_size: int, consumed: Callable[[], int] | None = None) -> None:
+        self.source, self.rank, self.world_size, self.consumed = batches, rank, world_size, consumed
+        self.start = 0  # batches skipped before this loader's first (a previous stage's share of the stream)
         self.position = 0  # batches handed out on this rank, over all epochs
 
     def skip(self, batches: int) -> None:
         """Starts ``batches`` batches (all ranks together) into the stream, as if they had been trained on."""
-        self.position = batches // self.world_size
+        self.start = self.position = batches // self.world_size
 
     def __iter__(self) -> Iterator[list]:
         epoch, handed = 0, 0
@@ -229,8 +232,9 @@ class StreamedDataset(IterableDataset):
             epoch += 1
 
     def state_dict(self) -> dict[str, int]:
-        """Batches handed out on this rank, and the number of ranks."""
-        return {"position": self.position, "world_size": self.world_size}
+        """Batches of the stream behind this rank (skipped and trained on), and the number of ranks."""
+        position = self.start + self.consumed() if self.consumed is not None else self.position
+        return {"position": position, "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continues after a saved :meth:`state_dict` (rescaled when the number of ranks changed)."""

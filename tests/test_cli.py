@@ -474,3 +474,38 @@ def test_helpsteer2_recipe_turns_attribute_scores_into_controls(tmp_path, hh_hub
         assert example.controls == {"helpfulness": "good" if by_response[example.response]["helpfulness"] >= 3 else "bad"}
     assert len(verbosity.examples) == len(helpfulness.examples) == len(HELPSTEER_ROWS)
     assert {e.controls["verbosity"] for e in verbosity.examples} == {"concise", "verbose"}
+
+
+def test_streamed_run_interrupted_and_resumed_trains_on_the_same_batches(tmp_path, hh, monkeypatch):
+    """``data.streaming``: a run stopped after step 3 (before its checkpoint) and resumed from step 2 sees the
+    batches of an uninterrupted run, in order (exact: the stream is regenerated and the trained part skipped)."""
+    from meet_lightning.modules.base import MeetModule
+    from meet_lightning.reliability import InjectedFault
+
+    seen: list[str] = []
+    original = MeetModule.training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append(json.dumps(batch["input_ids"].tolist()))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(MeetModule, "training_step", recording)
+    flags = ("--data.streaming", "true", "--data.shuffle_buffer", "16", "--stage2.model", "null", "--stage1.trainer.max_steps", "6")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "whole", hh, *flags)) == 0
+    uninterrupted, seen[:] = list(seen), []
+    assert len(uninterrupted) == 6 and len(set(uninterrupted)) == 6
+    monkeypatch.setenv("MEET_FAULT", "stage1:step=3")
+    with pytest.raises(InjectedFault):
+        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags))
+    monkeypatch.delenv("MEET_FAULT")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags)) == 0
+    assert seen[:3] == uninterrupted[:3] and seen[3:] == uninterrupted[2:]  # step 3 replayed from the step-2 checkpoint
+    done = json.loads((tmp_path / "cut" / "stage1" / "done.json").read_text())
+    assert done["global_step"] == 6 and done["batch_stream_position"] == 6
+
+
+def test_streaming_without_max_steps_is_one_line(tmp_path, hh, capsys):
+    flags = ("--data.streaming", "true", "--stage2.model", "null", "--stage1.trainer.max_steps", "-1", "--stage1.trainer.max_epochs", "1")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "run", hh, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data.streaming true") and "max_steps" in err and "\n" not in err
