@@ -76,7 +76,8 @@ class DataSpec:
         train_units: ``rows``, ``pairs`` or ``chosen`` (see :data:`UNITS`).
         max_examples: Keep only this many training units (before tokenizing).
         max_val_examples: Keep only this many validation units.
-        full_lengths: Also store every row's untruncated length (``inspect-data``).
+        full_lengths: Also store every row's untruncated length, and keep too-long rows as empty rows (length
+            0) so that their length counts too (``inspect-data``; never for training).
     """
 
     sources: tuple[SourceConfig, ...]
@@ -332,8 +333,10 @@ class BatchEncoder:
             prompt = tuple(json.loads(batch["prompt"][i]))
             examples = self._examples(batch, i, prompt)
             rows = encoder.tokenize_same_prompt(examples, schema)
-            if rows is None:
+            if rows is None and not self.full:
                 continue
+            if rows is None:  # inspect-data: an empty row that still reports its untruncated length
+                rows = [TokenizedRow((), (), 0, 0, ()) for _ in examples]
             prefixes = ("chosen_", "rejected_") if self.kind == "pairs" else ("",)
             for prefix, row in zip(prefixes, rows, strict=True):
                 for name, value in _row_columns(row).items():

@@ -398,6 +398,19 @@ def test_inspect_data_reports_counts_drops_and_lengths(hh, capsys):
     assert "length in tokens (tiny-debug, chat template): p50" in out
 
 
+def test_inspect_data_reports_the_cache_it_used(hh, tmp_path, capsys):
+    args = ["inspect-data", "--data.path", str(hh), "--model", "tiny-debug", "--max_length", "256", "--cache_dir", str(tmp_path)]
+    assert run(*args) == 0
+    first = capsys.readouterr().out
+    assert run(*args) == 0
+    second = capsys.readouterr().out
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert f"cache:     {folder} (built in" in first and f"cache:     {folder} (reused, loaded in" in second
+    assert first.split("cache:")[0] == second.split("cache:")[0]  # the same report from the cached rows
+    assert run("inspect-data", "--data.path", str(hh)) == 0
+    assert "cache:     none" in capsys.readouterr().out
+
+
 def test_an_internal_bug_exits_1_with_its_traceback(tmp_path, monkeypatch):
     import subprocess
     import sys
