@@ -899,6 +899,7 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     cut = breaks[-1]
     return prompt, chosen[cut:].strip(), rejected[cut:].strip()
 
+
 class ShareGPT(_Format):
     """sharegpt-style (LLaMA-Factory): ``conversations`` [{from, value}] + ``chosen`` / ``rejected``.
 
@@ -1176,7 +1177,9 @@ class Unpaired(_Format):
         found = self._LABELS.get(str(key)) if key is not None else None
         if found is None:
             label = _field_label("label", self.cfg.columns)
-            raise _BadRow(f"field {label} is {_short(value)}, expected true or false", "write true (desirable) or false (undesirable)")
+            raise _BadRow(
+                f"field {label} is {_short(value)}, expected true or false", "write true (desirable) or false (undesirable)"
+            )
         return found
 
 
@@ -1281,8 +1284,7 @@ class Ranked(_Format):
 
 
 FORMATS: dict[str, type[_Format]] = {
-    parser.name: parser
-    for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked, Unpaired)
+    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked, Unpaired)
 }
 """Format name → parser class; :func:`read_source` builds a fresh parser per source."""
 

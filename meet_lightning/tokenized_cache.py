@@ -290,7 +290,11 @@ def unit_record(unit: ControlledExample | PreferencePair) -> dict[str, str]:
             "chosen_control": unit.chosen_control,
             "rejected_control": unit.rejected_control,
         }
-    return {"prompt": json.dumps([dict(m) for m in unit.prompt]), "response": unit.response, "controls": json.dumps(dict(unit.controls))}
+    return {
+        "prompt": json.dumps([dict(m) for m in unit.prompt]),
+        "response": unit.response,
+        "controls": json.dumps(dict(unit.controls)),
+    }
 
 
 def features(kind: str, with_prompt: bool, full_lengths: bool) -> Any:
@@ -464,7 +468,9 @@ def load(folder: Path, built: bool, seconds_so_far: float = 0.0) -> TokenizedDat
     )
 
 
-def prepare_tokenized(spec: DataSpec, tokenizer: Any, cache_dir: str | Path | None = None, num_proc: int | None = None) -> TokenizedData:
+def prepare_tokenized(
+    spec: DataSpec, tokenizer: Any, cache_dir: str | Path | None = None, num_proc: int | None = None
+) -> TokenizedData:
     """The tokenized data of ``spec``: reused from ``cache_dir`` when its fingerprint is there, else built.
 
     Args:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import HELPSTEER_ROWS
 from transformers import AutoModelForCausalLM
 
-from conftest import HELPSTEER_ROWS
 from meet_lightning.cli import main
 from meet_lightning.export import AlignedModel
 from meet_lightning.modules import JointFinetuneModule

@@ -10,8 +10,8 @@ import pytest
 
 from meet_lightning.data import PreferenceDataModule, ResumableBatchSampler
 from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.formats import SourceConfig
 from meet_lightning.examples import ControlledExample, ControlSchema, ParsedSource, PreferencePair
+from meet_lightning.formats import SourceConfig
 from meet_lightning.models import build_tiny_tokenizer, end_of_turn_id, prepare_tokenizer
 from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows, split_by_prompt
 
@@ -261,7 +261,7 @@ def test_a_changed_input_builds_a_new_cache(shared_data, tmp_path, change):
     before.setup("fit")
     options: dict = {}
     if change == "file":
-        source.write_bytes(gzip.compress(gzip.decompress(source.read_bytes())[: -1000].rsplit(b"\n", 1)[0] + b"\n"))
+        source.write_bytes(gzip.compress(gzip.decompress(source.read_bytes())[:-1000].rsplit(b"\n", 1)[0] + b"\n"))
     elif change == "max_length":
         options = {"max_length": 120}
     elif change == "tokenizer":
