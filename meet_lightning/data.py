@@ -295,7 +295,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def prepared(self) -> TokenizedData:
         """The run's tokenized data, memory-mapped from the cache (built there first if it is not yet)."""
         if self._prepared is None:
-            self._prepared = prepare_tokenized(self.spec, self.tokenizer, self.cache_dir, self.num_proc)
+            self._prepared = prepare_tokenized(self.spec, self.tokenizer, self.cache_dir, self.num_proc, log=rank_zero_info)
             rank_zero_info(self._prepared.describe_cache())
         return self._prepared
 

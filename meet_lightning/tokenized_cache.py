@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -444,6 +444,19 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
         shutil.rmtree(work, ignore_errors=True)
 
 
+def build_quietly(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) -> None:
+    """:func:`build` without ``datasets``' progress bars (restored afterwards)."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        build(spec, tokenizer, target, num_proc)
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
 def load(folder: Path, built: bool, seconds_so_far: float = 0.0) -> TokenizedData:
     """Memory-maps a finished cache folder."""
     import datasets
@@ -469,7 +482,11 @@ def load(folder: Path, built: bool, seconds_so_far: float = 0.0) -> TokenizedDat
 
 
 def prepare_tokenized(
-    spec: DataSpec, tokenizer: Any, cache_dir: str | Path | None = None, num_proc: int | None = None
+    spec: DataSpec,
+    tokenizer: Any,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TokenizedData:
     """The tokenized data of ``spec``: reused from ``cache_dir`` when its fingerprint is there, else built.
 
@@ -478,6 +495,8 @@ def prepare_tokenized(
         tokenizer: The run's tokenizer (prepared by ``models.load_tokenizer``).
         cache_dir: Parent folder of the cache folders (default :func:`default_cache_dir`).
         num_proc: ``datasets.map`` worker processes for tokenizing (``None``/1: in this process).
+        log: Told, before a build starts, where it goes (``datasets``' progress bars stay off: an error
+            that stops the build must remain one line).
 
     Raises:
         DataError: A source cannot be read (``FILE:ROW: …``); nothing is left behind.
@@ -496,7 +515,9 @@ def prepare_tokenized(
     with FileLock(str(target) + ".lock"):
         built = not (target / "meet_data.json").is_file()  # another process may have built it while we waited
         if built:
-            build(spec, tokenizer, target, num_proc)
+            if log is not None:
+                log(f"data: tokenizing into {target} (first use of this data; later runs reuse it)")
+            build_quietly(spec, tokenizer, target, num_proc)
         return load(target, built=built, seconds_so_far=time.perf_counter() - start)
 
 
