@@ -287,8 +287,11 @@ def run_inspect_data(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--max_length", type=int, default=512, help="count rows too long to train at this many tokens (with --model)"
     )
+    parser.add_argument(
+        "--cache_dir", type=str | None, default=None, help="tokenized-data cache (default $HF_DATASETS_CACHE/meet_lightning)"
+    )
     args = parser.parse_args(list(argv))
-    print(inspect_data(SourceConfig(**vars(args.data)), args.model, args.max_length))
+    print(inspect_data(SourceConfig(**vars(args.data)), args.model, args.max_length, args.cache_dir))
     return 0
 
 

@@ -1,12 +1,13 @@
 """The one :class:`PreferenceDataModule` every stage and baseline uses, and its resumable batch sampler.
 
-Tokenization, collation and the train/validation split are core (:mod:`meet_lightning.tokenization`); this
-module adds what training needs: Lightning's data hooks, mid-epoch resume and distributed sharding.
+Tokenization, collation and the train/validation split are core (:mod:`meet_lightning.tokenization`), and so
+is the tokenized cache they are stored in (:mod:`meet_lightning.tokenized_cache`) and the streamed dataset
+(:mod:`meet_lightning.streaming`); this module adds what training needs: Lightning's data hooks, mid-epoch
+resume and distributed sharding.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,10 +20,12 @@ from torch.utils.data import DataLoader, Sampler
 from typing_extensions import override
 
 from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.examples import ControlSchema, Message, ParsedSource, PreferencePair
+from meet_lightning.examples import Message, ParsedSource
 from meet_lightning.formats import SourceConfig, read_source
 from meet_lightning.models import load_tokenizer
-from meet_lightning.tokenization import PromptTokenizer, Split, collate_pairs, collate_rows, split_by_prompt
+from meet_lightning.streaming import StreamedBatches
+from meet_lightning.tokenization import Split, collate_pairs, collate_rows, split_by_prompt
+from meet_lightning.tokenized_cache import DataSpec, TokenizedData, iter_val_prompts, prepare_tokenized
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -128,28 +131,33 @@ class ResumableDataLoader(DataLoader):
     """
 
     def state_dict(self) -> dict[str, int]:
-        """The batch sampler's state (Lightning stores it in the checkpoint)."""
-        return self.batch_sampler.state_dict()
+        """The batch sampler's state, or a streamed dataset's (Lightning stores it in the checkpoint)."""
+        return (self.batch_sampler or self.dataset).state_dict()
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Restores the batch sampler's state."""
-        self.batch_sampler.load_state_dict(state)
+        """Restores the batch sampler's (or streamed dataset's) state."""
+        (self.batch_sampler or self.dataset).load_state_dict(state)
 
 
 class PreferenceDataModule(L.LightningDataModule):
     """Reads preference data, tokenizes it, and serves row or pair batches to every stage and baseline.
 
     Args:
-        path: One data file or hub dataset id (shorthand for a single entry of ``sources``).
+        path: One data file, dataset folder or hub dataset id (shorthand for a single entry of ``sources``).
         format: Format of ``path`` (``auto`` detects it).
         preference: Preference name for ``path`` (default: the format's own).
+        subset: Hub datasets and folders: the configuration name of ``path`` (and ``val_path``).
+        data_dir: Hub datasets and folders: the folder of the repository to read, e.g. ``harmless-base``.
+        split: Hub datasets and folders: the split of ``path`` to read.
+        revision: Hub datasets: branch, tag or commit, so that a rerun reads the same data.
         sources: Several sources, each feeding its own preference; not together with ``path``.
         model_name_or_path: Tokenizer to use (linked from the recipe's top-level key).
         max_length: Longest row in text tokens; prompts are truncated from the left to fit.
         batch_size: Training rows per batch (pairs per batch when ``pair_batches``).
         eval_batch_size: Validation pairs/rows per batch (default ``batch_size``).
         val_fraction: Share of prompts held out for validation.
-        val_path: A separate validation file (same format options as ``path``); overrides ``val_fraction``.
+        val_path: A separate validation file (same format and hub options as ``path``; the ``test`` split when it
+            is the same hub dataset as ``path``); overrides ``val_fraction``.
         pair_batches: Train on paired batches ``[chosen; rejected]`` (DPO); needs pairwise data.
         chosen_only: Train on the chosen response of each pair only (the SFT baseline); rejected responses
             and stand-alone rows are left out of training. Validation keeps its pairs. Not with
@@ -165,6 +173,16 @@ class PreferenceDataModule(L.LightningDataModule):
         max_examples: Keep only this many training pairs/rows (after the split), for quick runs.
         max_val_examples: Keep only this many validation pairs/rows.
         trust_remote_code: Allow the tokenizer's own code from the hub.
+        cache_dir: Where the tokenized data is kept and found again (default
+            ``$HF_DATASETS_CACHE/meet_lightning``, i.e. ``~/.cache/huggingface/datasets/meet_lightning``):
+            one folder per fingerprint of the sources' contents, the options and the tokenizer, shared by
+            both stages, ``validate``, the export and every DDP rank. Printed when a stage starts.
+        num_proc: Worker processes ``datasets.map`` tokenizes with when the cache is built (null: this process).
+        streaming: Read the training data as a stream (hub datasets, large local JSON Lines): nothing is
+            cached, batches are length-grouped inside a shuffle buffer, and the trainer needs ``max_steps``.
+            Validation is ``val_path`` (cached as usual), or else the first ``max_val_examples`` units of the
+            prompts the seeded split holds out.
+        shuffle_buffer: Streaming: units shuffled (and length-grouped) together.
     """
 
     def __init__(
@@ -172,6 +190,10 @@ class PreferenceDataModule(L.LightningDataModule):
         path: str | None = None,
         format: str = "auto",
         preference: str | None = None,
+        subset: str | None = None,
+        data_dir: str | None = None,
+        split: str = "train",
+        revision: str | None = None,
         sources: list[SourceConfig] | None = None,
         model_name_or_path: str = "",
         max_length: int = 512,
@@ -190,9 +212,14 @@ class PreferenceDataModule(L.LightningDataModule):
         max_examples: int | None = None,
         max_val_examples: int | None = None,
         trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
     ) -> None:
         super().__init__()
         problems = _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val_fraction, num_workers)
+        problems += _check_scale_args(num_proc, streaming, shuffle_buffer, num_workers)
         problems += [
             f"--data.{name} {value} must be ≥ 1 (or null for all)"
             for name, value in (("max_examples", max_examples), ("max_val_examples", max_val_examples))
@@ -205,14 +232,19 @@ class PreferenceDataModule(L.LightningDataModule):
         if problems:
             raise ConfigError("; ".join(problems))
         self.chosen_only = chosen_only
+        hub = {"subset": subset, "data_dir": data_dir, "split": split, "revision": revision}
         self.sources = (
-            [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows)]
+            [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows, **hub)]
             if path
             else [_with_on_bad_rows(s, on_bad_rows) for s in (sources or [])]
         )
+        val_hub = {**hub, "split": "test" if val_path == path else "train"}  # the same hub dataset: its test split
         self.val_source = (
-            SourceConfig(path=val_path, format=format, preference=preference, on_bad_rows=on_bad_rows) if val_path else None
+            SourceConfig(path=val_path, format=format, preference=preference, on_bad_rows=on_bad_rows, **val_hub)
+            if val_path
+            else None
         )
+        self.cache_dir, self.num_proc, self.streaming, self.shuffle_buffer = cache_dir, num_proc, streaming, shuffle_buffer
         self.model_name_or_path, self.max_length = model_name_or_path, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_fraction, self.pair_batches, self.group_by_length = val_fraction, pair_batches, group_by_length
@@ -221,14 +253,16 @@ class PreferenceDataModule(L.LightningDataModule):
         self.trust_remote_code = trust_remote_code
         self._parsed: list[ParsedSource] | None = None
         self._tokenizer: Any = None
-        self.train_items: list = []
-        self.val_items: list = []
+        self._prepared: TokenizedData | None = None
+        self._stream: StreamedBatches | None = None
+        self.train_items: Sequence = []
+        self.val_items: Sequence = []
         self.summary: Counter = Counter()
 
     # ----------------------------------------------------------------- reading
     @property
     def parsed(self) -> list[ParsedSource]:
-        """Every source read (once) into canonical rows."""
+        """Every source read (once) into canonical rows, in Python lists (training reads the cache instead)."""
         if self._parsed is None:
             self._parsed = [read_source(s) for s in self.sources]
             if self.val_source is not None:
@@ -237,13 +271,51 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @property
     def control_schema(self) -> dict[str, list[str]]:
-        """``{preference: [controls]}`` found in the data, in first-seen order."""
-        schema: dict[str, list[str]] = {}
-        for source in self.parsed:
-            for pref, labels in source.preferences().items():
-                known = schema.setdefault(pref, [])
-                known.extend(label for label in labels if label not in known)
-        return schema
+        """``{preference: [controls]}`` found in the data, in first-seen order (stored with the cached data)."""
+        if self.streaming:
+            return self.stream.schema
+        return self.prepared.schema
+
+    @property
+    def spec(self) -> DataSpec:
+        """What decides the tokenized data (with the tokenizer, the cache key)."""
+        units = "pairs" if self.pair_batches else "chosen" if self.chosen_only else "rows"
+        return DataSpec(
+            tuple(self.sources),
+            self.val_source,
+            self.max_length,
+            self.val_fraction,
+            self.seed,
+            units,
+            self.max_examples,
+            self.max_val_examples,
+        )
+
+    @property
+    def prepared(self) -> TokenizedData:
+        """The run's tokenized data, memory-mapped from the cache (built there first if it is not yet)."""
+        if self._prepared is None:
+            self._prepared = prepare_tokenized(self.spec, self.tokenizer, self.cache_dir, self.num_proc, log=rank_zero_info)
+            rank_zero_info(self._prepared.describe_cache())
+        return self._prepared
+
+    @property
+    def stream(self) -> StreamedBatches:
+        """``streaming: true``: the training stream and its validation units."""
+        if self._stream is None:
+            self._stream = StreamedBatches(
+                self.sources,
+                self.tokenizer,
+                self.max_length,
+                self.batch_size,
+                units=self.spec.train_units,
+                seed=self.seed,
+                val_fraction=0.0 if self.val_source else self.val_fraction,
+                max_val_examples=self.max_val_examples,
+                shuffle_buffer=self.shuffle_buffer,
+                group_by_length=self.group_by_length,
+            )
+        return self._stream
 
     @property
     def tokenizer(self) -> Any:
@@ -264,34 +336,25 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def validation_prompts(self, count: int) -> list[list[Message]]:
         """The first ``count`` distinct prompts of the validation split (for sample generations and rewards)."""
-        _, val = self.train_val_split()
-        seen: dict[str, list[Message]] = {}
-        for unit in val.pairs or val.examples:
-            seen.setdefault(json.dumps(unit.prompt, sort_keys=True), [dict(m) for m in unit.prompt])
-            if len(seen) >= count:
-                break
-        return list(seen.values())
+        if self.streaming and self.val_source is None:
+            return self.stream.validation_prompts(count)
+        return list(iter_val_prompts(self.prepared.val, count))
 
     # ------------------------------------------------------------ tokenization
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Splits and tokenizes the data (once; every Lightning stage reuses it).
+        """Finds (or builds) the tokenized data in the cache and memory-maps it (every Lightning stage reuses it).
 
         Training uses the sources' rows (or their pairs with ``pair_batches``); validation uses pairs when
         there are any, so the control classifier can score them, else rows.
         """
         if self.train_items or self.val_items:
             return
-        schema = ControlSchema.from_dict(self.control_schema)
-        train, val = self.train_val_split()
-        encoder = PromptTokenizer(self.tokenizer, self.max_length)
-        self.summary = Counter()
-        train_units = train.pairs if self.pair_batches else train.examples
-        if self.chosen_only:  # SFT: the chosen side of each pair, nothing else
-            train_units = [pair.examples()[0] for pair in train.pairs]
-        val_units = val.pairs or val.examples
-        self.train_items = self._tokenize(train_units[: self.max_examples], encoder, schema, "train")
-        self.val_items = self._tokenize(val_units[: self.max_val_examples], encoder, schema, "val")
+        if self.streaming:
+            self._setup_streaming()
+            return
+        prepared = self.prepared
+        self.train_items, self.val_items, self.summary = prepared.train, prepared.val, Counter(prepared.summary)
         rank_zero_info(self.describe())
         if not self.train_items:
             raise DataError(
@@ -299,35 +362,33 @@ class PreferenceDataModule(L.LightningDataModule):
                 " — check --data.path, --data.max_length (and that pair_batches gets pairwise data)"
             )
 
+    def _setup_streaming(self) -> None:
+        if self.val_source is not None:
+            self.val_items = prepare_tokenized(
+                DataSpec((self.val_source,), None, self.max_length, 0.0, self.seed, "rows", None, self.max_val_examples),
+                self.tokenizer,
+                self.cache_dir,
+                self.num_proc,
+            ).train
+        else:
+            self.val_items = self.stream.validation_units()
+        self.train_items = self.stream  # the stream stands in for the items: setup ran
+        self.summary = Counter({"val: units": len(self.val_items)})
+        rank_zero_info(f"data: streaming {', '.join(s.path for s in self.sources)}; {len(self.val_items)} validation units")
+
     def describe(self) -> str:
         """One line per source (rows read, pairs, skipped with reasons) and the tokenization summary."""
-        lines = []
-        for source in self.parsed:
-            skipped = "; ".join(f"{n} {reason}" for reason, n in source.skipped.most_common()) or "none"
-            warned = "; ".join(f"{n} {reason}" for reason, n in source.warnings.most_common())
-            lines.append(
-                f"data: {source.path} ({source.format}): {source.rows_read} rows read → {len(source.examples)} rows,"
-                f" {len(source.pairs)} pairs; skipped: {skipped}" + (f"; warnings: {warned}" if warned else "")
-            )
+        lines = list(self.prepared.source_lines) if not self.streaming else []
         lines.append("data: " + ", ".join(f"{key} {n}" for key, n in sorted(self.summary.items())))
         return "\n".join(lines)
 
-    def _tokenize(self, units: Sequence, encoder: PromptTokenizer, schema: ControlSchema, split: str) -> list:
-        """Rows as :class:`TokenizedRow`, pairs as ``(chosen, rejected)`` tuples; too-long ones counted."""
-        items: list = []
-        for unit in units:
-            rows = encoder.tokenize_pair(unit, schema) if isinstance(unit, PreferencePair) else encoder.tokenize(unit, schema)
-            if rows is None:
-                self.summary[f"{split}: dropped, a response longer than max_length"] += 1
-            else:
-                items.append(rows)
-        self.summary[f"{split}: {'pairs' if units and isinstance(units[0], PreferencePair) else 'rows'}"] += len(items)
-        return items
-
     # ------------------------------------------------------------- dataloaders
-    def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
-        paired = bool(items) and isinstance(items[0], tuple)
-        lengths = [len(i[0].input_ids) + len(i[1].input_ids) if paired else len(i.input_ids) for i in items]
+    def _loader(self, items: Sequence, batch_size: int, shuffle: bool) -> DataLoader:
+        paired = items.paired if hasattr(items, "paired") else bool(items) and isinstance(items[0], tuple)
+        if hasattr(items, "lengths"):  # memory-mapped: one Arrow column, not a pass over the rows
+            lengths = items.lengths()
+        else:
+            lengths = [len(i[0].input_ids) + len(i[1].input_ids) if paired else len(i.input_ids) for i in items]
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         sampler = ResumableBatchSampler(
@@ -351,9 +412,29 @@ class PreferenceDataModule(L.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled, length-grouped training batches (rows, or pairs with ``pair_batches``)."""
+        if self.streaming:
+            return self._stream_loader()
         loader = self._loader(self.train_items, self.batch_size, shuffle=True)
         loader.batch_sampler.skip(self.skip_batches)
         return loader
+
+    def _stream_loader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        if self.trainer is not None and self.trainer.max_steps in (None, -1):
+            raise ConfigError(
+                "--data.streaming true has no length to count epochs by — set --stage1.trainer.max_steps"
+                " (and --stage2.trainer.max_steps)"
+            )
+        dataset = self.stream.for_rank(rank, world)
+        dataset.skip(self.skip_batches)
+        trainer = self.trainer
+        if trainer is not None:  # checkpoints are written at optimizer-step boundaries: steps × accumulation = batches
+            dataset.consumed = lambda: trainer.global_step * trainer.accumulate_grad_batches
+        pad_id = self.tokenizer.pad_token_id
+        paired = self.stream.paired
+        collate = (lambda b: collate_pairs(b, pad_id)) if paired else (lambda b: collate_rows(b, pad_id))
+        return ResumableDataLoader(dataset, batch_size=None, collate_fn=collate, num_workers=0)
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -370,6 +451,19 @@ def _with_on_bad_rows(source: SourceConfig, on_bad_rows: str) -> SourceConfig:
     if source.on_bad_rows != "error" or on_bad_rows == "error":
         return source
     return SourceConfig(**{**source.__dict__, "on_bad_rows": on_bad_rows})
+
+
+def _check_scale_args(num_proc, streaming, shuffle_buffer, num_workers) -> list[str]:
+    checks = [
+        (num_proc is not None and num_proc < 1, f"--data.num_proc {num_proc} must be ≥ 1 (or null for this process)"),
+        (shuffle_buffer < 1, f"--data.shuffle_buffer {shuffle_buffer} must be ≥ 1"),
+        (
+            streaming and num_workers > 0,
+            f"--data.streaming true tokenizes in the training process, so that a resumed stream is exact — set"
+            f" --data.num_workers 0 (got {num_workers})",
+        ),
+    ]
+    return [message for failed, message in checks if failed]
 
 
 def _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val_fraction, num_workers) -> list[str]:

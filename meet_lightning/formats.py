@@ -75,6 +75,29 @@ def default_score_labels(bins: int) -> list[str]:
 # --------------------------------------------------------------------------------------------------- config
 
 
+@dataclass(frozen=True)
+class HubOptions:
+    """What selects the records of a hub dataset or a dataset folder (ignored for a single local file).
+
+    Attributes:
+        subset: Configuration name (``load_dataset(path, name)``).
+        data_dir: Folder of the repository to read (``Anthropic/hh-rlhf`` keeps ``harmless-base`` and
+            ``helpful-base`` apart this way).
+        split: Split to read.
+        revision: Branch, tag or commit of a hub repository.
+    """
+
+    subset: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``datasets.load_dataset`` (unset options left out)."""
+        named = {"name": self.subset, "data_dir": self.data_dir, "revision": self.revision}
+        return {"split": self.split, **{key: value for key, value in named.items() if value is not None}}
+
+
 @dataclass
 class SourceConfig:
     """One data source and how to turn its records into training rows.
@@ -83,7 +106,7 @@ class SourceConfig:
         path: A local ``.json`` / ``.jsonl`` / ``.csv`` file (optionally ``.gz``), a ``.parquet`` file, or a
             hub dataset id ``owner/name``.
         format: ``auto`` (detected from the first record's keys) or one of ``hh_rlhf``, ``pairwise``,
-            ``sharegpt``, ``multi_response``, ``pointwise``, ``pairwise_votes``, ``ranked``.
+            ``sharegpt``, ``multi_response``, ``pointwise``, ``pairwise_votes``, ``ranked``, ``unpaired``.
         preference: Preference the labels belong to; ``None`` means ``preference``. For pointwise
             ``scores`` dicts each attribute is its own preference, named after the attribute
             (``overall``), or ``<preference>_<attribute>`` when this is set (``usr_overall``).
@@ -105,8 +128,11 @@ class SourceConfig:
         pairing: ``ranked``: ``all_pairs`` (every two ranked siblings) or ``best_vs_rest`` (the best-ranked
             reply against each other ranked sibling).
         ties: ``pairwise_votes``: ``skip`` (counted) or ``tie`` (both responses train under control ``tie``).
-        subset: Hub datasets only: the configuration name.
-        split: Hub datasets only: the split to read.
+        subset: Hub datasets and dataset folders only: the configuration name (``load_dataset``'s ``name``).
+        data_dir: Hub datasets and dataset folders only: the folder of the repository to read, e.g.
+            ``harmless-base`` of ``Anthropic/hh-rlhf``.
+        split: Hub datasets and dataset folders only: the split to read.
+        revision: Hub datasets only: a branch, tag or commit, so a run reads the same data again.
         on_bad_rows: ``error`` stops at the first bad record; ``skip`` skips it and counts it by reason.
     """
 
@@ -126,8 +152,15 @@ class SourceConfig:
     pairing: str = "all_pairs"
     ties: str = "skip"
     subset: str | None = None
+    data_dir: str | None = None
     split: str = "train"
+    revision: str | None = None
     on_bad_rows: str = "error"
+
+    @property
+    def hub(self) -> HubOptions:
+        """The options ``datasets.load_dataset`` takes for a hub id or a dataset folder."""
+        return HubOptions(self.subset, self.data_dir, self.split, self.revision)
 
     def __post_init__(self) -> None:
         problems = [problem for check in _CONFIG_CHECKS for problem in check(self)]
@@ -285,18 +318,23 @@ _NOT_OBJECT_FIX = 'write each record as a JSON object with named fields, e.g. {"
 Row = tuple[int, Any]
 
 
-def iter_records(path: str, subset: str | None = None, split: str = "train") -> Iterator[tuple[int, dict]]:
-    """Yield ``(row, record)`` for every record of a local file, parquet file or hub dataset.
+def iter_records(
+    path: str, subset: str | None = None, split: str = "train", data_dir: str | None = None, revision: str | None = None
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row, record)`` for every record of a local file, parquet file, dataset folder or hub dataset.
 
     Args:
-        path: Local ``.json`` / ``.jsonl`` / ``.csv`` (optionally ``.gz``) or ``.parquet`` file, or a hub id.
-        subset: Hub datasets only: the configuration name.
-        split: Hub datasets only: the split.
+        path: Local ``.json`` / ``.jsonl`` / ``.csv`` (optionally ``.gz``) or ``.parquet`` file, a folder laid
+            out like a hub dataset repository, or a hub id.
+        subset: Hub datasets and folders only: the configuration name.
+        split: Hub datasets and folders only: the split.
+        data_dir: Hub datasets and folders only: the folder of the repository to read.
+        revision: Hub datasets only: branch, tag or commit.
 
     Raises:
         DataError: ``FILE:ROW: …`` for the first unreadable record or an unreadable file.
     """
-    for row, value in _iter_rows(path, subset, split):
+    for row, value in iter_rows(path, HubOptions(subset, data_dir, split, revision)):
         if isinstance(value, _BadRow):
             raise DataError(_one_line(f"{path}:{row}: {value}"))
         if not isinstance(value, Mapping):
@@ -304,18 +342,28 @@ def iter_records(path: str, subset: str | None = None, split: str = "train") -> 
         yield row, dict(value)
 
 
-def _iter_rows(path: str, subset: str | None, split: str) -> Iterator[Row]:
-    """``(row, value)`` pairs; a value is a :class:`_BadRow` where the record itself cannot be read."""
+def is_local_file(path: str) -> bool:
+    """Whether ``path`` names one local file read by the line-by-line readers (or parquet), not a dataset."""
+    return Path(path).is_file()
+
+
+def iter_rows(path: str, hub: HubOptions = HubOptions(), streaming: bool = False) -> Iterator[Row]:
+    """``(row, value)`` pairs; a value is a :class:`_BadRow` where the record itself cannot be read.
+
+    Local JSON/JSONL/CSV files are read line by line (lazily: a file is never held in memory whole, except
+    a ``.json`` array); parquet files, dataset folders and hub ids go through ``datasets``, with
+    ``streaming`` as an ``IterableDataset`` that downloads as it goes.
+    """
     local = Path(path)
     if local.is_dir():
-        raise DataError(f"{path}: is a directory — pass a data file (.json, .jsonl, .csv, .parquet)")
+        return _iter_datasets(path, hub, local=False, streaming=streaming, folder=True)
     if not local.exists():
         if _HUB_ID.fullmatch(path) and not path.lower().endswith(_TEXT_SUFFIXES + (".gz", ".parquet")):
-            return _iter_datasets(path, subset, split, local=False)
+            return _iter_datasets(path, hub, local=False, streaming=streaming)
         raise DataError(f"{path}: no such file — check --data.path (relative paths start at {Path.cwd()})")
     name = local.name.lower().removesuffix(".gz")
     if local.name.lower().endswith(".parquet"):
-        return _iter_datasets(path, None, "train", local=True)
+        return _iter_datasets(path, HubOptions(), local=True, streaming=streaming)
     reader = _READERS.get(Path(name).suffix)
     if reader is None:
         raise DataError(
@@ -477,29 +525,42 @@ def _csv_record(header: list[str], fields: list[str]) -> Any:
     return _BadRow(*_UNDECODABLE) if _has_surrogates(record) else record
 
 
-def _iter_datasets(path: str, subset: str | None, split: str, local: bool) -> Iterator[Row]:
-    """Parquet files and hub ids through ``datasets`` (imported only here: it is slow to import)."""
+def _iter_datasets(path: str, hub: HubOptions, local: bool, streaming: bool = False, folder: bool = False) -> Iterator[Row]:
+    """Parquet files, dataset folders and hub ids through ``datasets`` (imported only here: it is slow to import)."""
     import datasets
-    from datasets.exceptions import DatasetNotFoundError
 
     try:
         if local:
-            dataset = datasets.load_dataset("parquet", data_files=path, split="train")
+            dataset = datasets.load_dataset("parquet", data_files=path, split="train", streaming=streaming)
         else:
-            dataset = datasets.load_dataset(path, subset, split=split)
-    except ConnectionError as err:
-        raise DataError(
-            f"{path}: the hub dataset is not reachable offline ({_one_line(err)}) — pass a local file with --data.path FILE"
-        ) from None
-    except DatasetNotFoundError as err:
-        raise DataError(f"{path}: no such dataset ({_one_line(err)}) — check --data.path") from None
-    except ValueError as err:  # pyarrow's ArrowInvalid for a corrupt parquet, or an unknown subset/split
-        raise DataError(
-            f"{path}: cannot load ({_one_line(err)[:200]}) — check the file or --data.subset / --data.split"
-        ) from None
-    if len(dataset) == 0:
+            dataset = datasets.load_dataset(path, streaming=streaming, **hub.load_kwargs())
+    except Exception as err:  # noqa: BLE001 - sorted into one user error each by _load_error; a bug re-raises
+        raise _load_error(path, err, folder) from None
+    if not streaming and len(dataset) == 0:
         raise DataError(f"{path}: the dataset is empty (no records) — pass a file with at least one record")
-    return enumerate(dataset, 1)
+    return enumerate(dataset, 1) if not streaming else _nonempty(path, enumerate(dataset, 1))
+
+
+def _load_error(path: str, err: Exception, folder: bool) -> Exception:
+    """The one-line DataError for what ``datasets.load_dataset`` raised; anything unexpected is returned as is."""
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DatasetNotFoundError
+
+    options = "--data.subset / --data.data_dir / --data.split / --data.revision"
+    if folder and isinstance(err, (EmptyDatasetError, FileNotFoundError)):
+        return DataError(
+            f"{path}: is a directory with no data files that datasets reads ({_one_line(err)[:160]}) — pass a data file"
+            f" (.json, .jsonl, .csv, .parquet), or a dataset folder and {options}"
+        )
+    if isinstance(err, ConnectionError):
+        return DataError(
+            f"{path}: the hub dataset is not reachable offline ({_one_line(err)[:200]}) — pass a local file with --data.path FILE"
+        )
+    if isinstance(err, DatasetNotFoundError):
+        return DataError(f"{path}: no such dataset ({_one_line(err)[:200]}) — check --data.path")
+    if isinstance(err, (ValueError, FileNotFoundError, EmptyDatasetError)):  # ArrowInvalid, unknown subset/split
+        return DataError(f"{path}: cannot load ({_one_line(err)[:200]}) — check the file or {options}")
+    return err
 
 
 _READERS: dict[str, Callable[[Path, str], Iterator[Row]]] = {
@@ -699,6 +760,28 @@ class _Format(abc.ABC):
             turns.insert(0, {"role": "system", "content": self.cfg.system_prompt})
         return tuple(turns)
 
+    def _reply_turns(self, rec: Mapping[str, Any], name: str, out: _Out) -> tuple[list[dict[str, str]], str]:
+        """``(turns before the response, response text)`` of a response column (``chosen``, ``completion``…).
+
+        A string is the response; a message list ends with it, and its earlier turns continue the prompt.
+        """
+        value = rec[name]
+        text = _text(value, name, out)
+        if text is not None:
+            return [], text
+        if isinstance(value, Mapping):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise self._wrong_type(name, value, "a string or a non-empty list of messages")
+        turns = _messages(value, f"field {name!r}")
+        if turns[-1]["role"] != "assistant":
+            raise _BadRow(
+                f"the last message of {name} is a {turns[-1]['role']} turn",
+                f"end {name} with the assistant response",
+                "type",
+            )
+        return turns[:-1], turns[-1]["content"]
+
     def _pair(self, prompt: tuple, chosen: str, rejected: str, source: str) -> PreferencePair:
         cfg = self.cfg
         return PreferencePair(prompt, chosen, rejected, self.preference, cfg.chosen_control, cfg.rejected_control, source)
@@ -738,7 +821,8 @@ class HHRLHF(_Format):
         if cut < 0:
             raise _BadRow(
                 f"{name} has no '\\n\\nAssistant:' turn",
-                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data set --data.format pairwise",
+                "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data, or pairs without"
+                " Human:/Assistant: markers (TRL implicit prompt), set --data.format pairwise",
             )
         return transcript[:cut], transcript[cut + len("\n\nAssistant:") :].strip()
 
@@ -755,12 +839,15 @@ class HHRLHF(_Format):
 
 
 class Pairwise(_Format):
-    """``prompt`` / ``chosen`` / ``rejected`` (TRL "standard" and "conversational").
+    """``prompt`` / ``chosen`` / ``rejected`` (TRL "standard" and "conversational"), prompt explicit or implicit.
 
     Each field is a string or a list of ``{role, content}`` messages. A message-list ``chosen`` /
     ``rejected`` ends with the assistant response; the turns before it continue the prompt (TRL's implicit
     prompt, where ``prompt`` may then be absent) and must be the same on both sides, else the pair is
-    skipped and counted.
+    skipped and counted. Without a ``prompt`` column, plain-string ``chosen`` / ``rejected`` (TRL's
+    standard implicit prompt, ``"The sky is blue."`` / ``"The sky is green."``) share their prompt as
+    leading text: it ends at the last whitespace of the common prefix, so both responses start on a word
+    (``"blue."`` / ``"green."``); strings that share no such text are a bad row.
     """
 
     name = "pairwise"
@@ -770,34 +857,47 @@ class Pairwise(_Format):
     def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
         self._require(rec, "chosen", "rejected")
         out = _Out()
-        chosen_head, chosen = self._side(rec, "chosen", out)
-        rejected_head, rejected = self._side(rec, "rejected", out)
+        chosen_head, chosen = self._reply_turns(rec, "chosen", out)
+        rejected_head, rejected = self._reply_turns(rec, "rejected", out)
         if chosen_head != rejected_head:
             out.skipped.append("chosen and rejected differ before the last assistant turn")
             return out
-        implicit = bool(chosen_head) and "prompt" not in rec and self.cfg.prompt_template is None
-        turns = ([] if implicit else self._prompt(rec, raw)) + chosen_head
+        no_prompt = "prompt" not in rec and self.cfg.prompt_template is None
+        if no_prompt and not chosen_head:  # TRL standard, implicit prompt: the shared leading text
+            head, chosen, rejected = split_shared_prefix(chosen, rejected)
+            turns = [{"role": "user", "content": head}]
+        else:
+            turns = ([] if no_prompt else self._prompt(rec, raw)) + chosen_head
         out.add_pair(self._pair(self._finish_prompt(turns), chosen, rejected, source))
         return out
 
-    def _side(self, rec: Mapping[str, Any], name: str, out: _Out) -> tuple[list[dict[str, str]], str]:
-        """``(turns before the response, response text)`` of ``chosen`` or ``rejected``."""
-        value = rec[name]
-        text = _text(value, name, out)
-        if text is not None:
-            return [], text
-        if isinstance(value, Mapping):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            raise self._wrong_type(name, value, "a string or a non-empty list of messages")
-        turns = _messages(value, f"field {name!r}")
-        if turns[-1]["role"] != "assistant":
-            raise _BadRow(
-                f"the last message of {name} is a {turns[-1]['role']} turn",
-                f"end {name} with the assistant response",
-                "type",
-            )
-        return turns[:-1], turns[-1]["content"]
+
+_WORD_BREAK = re.compile(r"\s")
+
+
+def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen response, rejected response)`` of two texts that start with the same prompt.
+
+    The prompt is the common leading text up to its last whitespace, so a response never starts inside a
+    word (``"Answer: yes"`` / ``"Answer: yesterday"`` → ``"Answer:"``, ``"yes"``, ``"yesterday"``); the
+    three parts are stripped. A bad row when no whitespace-ended prompt is shared.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        shared += 1
+    breaks = [m.start() for m in _WORD_BREAK.finditer(chosen, 0, shared)]
+    prompt = chosen[: breaks[-1]].strip() if breaks else ""
+    if not prompt:
+        raise _BadRow(
+            "chosen and rejected share no leading prompt text (no 'prompt' column, no Human:/Assistant: markers)",
+            "add the prompt as its own column (--data.columns '{prompt: COLUMN}'), or for HH-RLHF transcripts set"
+            " --data.format hh_rlhf",
+            "missing",  # a prompt is what is missing: a row of another format is named as such
+        )
+    cut = breaks[-1]
+    return prompt, chosen[cut:].strip(), rejected[cut:].strip()
 
 
 class ShareGPT(_Format):
@@ -1045,6 +1145,44 @@ class PairwiseVotes(_Format):
         return value if value != 0 and 2 * count > len(votes) else None
 
 
+class Unpaired(_Format):
+    """Unpaired labelled responses (TRL's unpaired preference, as KTO trains on): ``prompt`` / ``completion`` / ``label``.
+
+    ``label`` true marks a desirable completion (control ``chosen_control``, ``good``), false an undesirable
+    one (``rejected_control``, ``bad``): a JSON boolean, or in CSV cells ``true`` / ``false`` / ``1`` / ``0``.
+    ``prompt`` is a string or a message list; ``completion`` a string or a message list ending with the
+    assistant turn (its earlier turns continue the prompt). Rows only, no pairs: validation scores their loss,
+    not the control classifier.
+    """
+
+    name = "unpaired"
+    summary = "prompt, completion, label (true/false)"
+    uses_template = True
+    _LABELS = {"true": True, "1": True, "false": False, "0": False}
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+        self._require(rec, *([] if self.cfg.prompt_template else ["prompt"]), "completion", "label")
+        out = _Out()
+        head, completion = self._reply_turns(rec, "completion", out)
+        prompt = self._finish_prompt(self._prompt(rec, raw) + head)
+        completion = _response(completion, "completion")
+        control = self.cfg.chosen_control if self._label(rec["label"]) else self.cfg.rejected_control
+        out.examples.append(ControlledExample(prompt, completion, {self.preference: control}, source))
+        return out
+
+    def _label(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        key = value.strip().lower() if isinstance(value, str) else value if isinstance(value, int) else None
+        found = self._LABELS.get(str(key)) if key is not None else None
+        if found is None:
+            label = _field_label("label", self.cfg.columns)
+            raise _BadRow(
+                f"field {label} is {_short(value)}, expected true or false", "write true (desirable) or false (undesirable)"
+            )
+        return found
+
+
 class Ranked(_Format):
     """OpenAssistant message trees: ``prompt`` is the root message ``{text, role, replies[...]}``.
 
@@ -1146,7 +1284,7 @@ class Ranked(_Format):
 
 
 FORMATS: dict[str, type[_Format]] = {
-    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked)
+    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked, Unpaired)
 }
 """Format name → parser class; :func:`read_source` builds a fresh parser per source."""
 
@@ -1160,11 +1298,16 @@ def _is_ranked(rec: Mapping[str, Any]) -> bool:
 
 def _is_pairwise(rec: Mapping[str, Any]) -> bool:
     both = "chosen" in rec and "rejected" in rec
-    return both and ("prompt" in rec or isinstance(rec["chosen"], list))
+    return both and ("prompt" in rec or isinstance(rec["chosen"], list) or (isinstance(rec["chosen"], str) and not _is_hh(rec)))
+
+
+_HH_MARKERS = re.compile(r"(?:^|\n)(?:Human|Assistant):")
 
 
 def _is_hh(rec: Mapping[str, Any]) -> bool:
-    return "chosen" in rec and "rejected" in rec and isinstance(rec["chosen"], str)
+    """Transcripts with ``Human:`` / ``Assistant:`` turns; plain strings without them are TRL implicit-prompt pairs."""
+    chosen = rec.get("chosen")
+    return "rejected" in rec and isinstance(chosen, str) and _HH_MARKERS.search(chosen) is not None
 
 
 def _is_multi_response(rec: Mapping[str, Any]) -> bool:
@@ -1176,6 +1319,7 @@ def _is_multi_response(rec: Mapping[str, Any]) -> bool:
 _DETECTORS: tuple[tuple[str, Callable[[Mapping[str, Any]], bool]], ...] = (
     ("ranked", _is_ranked),
     ("sharegpt", lambda rec: "conversations" in rec),
+    ("unpaired", lambda rec: "completion" in rec and "label" in rec),
     ("pairwise_votes", lambda rec: "response1" in rec and "response2" in rec),
     ("pointwise", lambda rec: "score" in rec or "scores" in rec),
     ("pairwise", _is_pairwise),
@@ -1282,9 +1426,8 @@ class _Reading:
             self.result.skipped[reason] += 1
             self.result.skipped_rows.setdefault(reason, []).append(row)
 
-    def merge(self, out: _Out, row: int | None) -> None:
-        self.result.pairs.extend(out.pairs)
-        self.result.examples.extend(out.examples)
+    def count_out(self, out: _Out, row: int | None) -> None:
+        """Count what a record (``row``) or the end of the file (``None``) skipped and warned about."""
         self.result.warnings.update(out.warnings)
         if row is not None:
             self.count(row, out.skipped)
@@ -1306,7 +1449,7 @@ def read_source(cfg: SourceConfig) -> ParsedSource:
             ``FILE:ROW: what is wrong — how to fix it``; also when nothing usable is left.
         ConfigError: An option that does not fit the format (e.g. ``prompt_template`` for ``hh_rlhf``).
     """
-    return parse_records(cfg, _iter_rows(cfg.path, cfg.subset, cfg.split))
+    return parse_records(cfg, iter_rows(cfg.path, cfg.hub))
 
 
 def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedSource:
@@ -1319,7 +1462,21 @@ def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedS
     Returns:
         The same as :func:`read_source`.
     """
-    reading = _Reading(cfg, ParsedSource(path=cfg.path, format=cfg.format))
+    result = ParsedSource(path=cfg.path, format=cfg.format)
+    for out in iter_parsed(cfg, rows, result):
+        result.pairs.extend(out.pairs)
+        result.examples.extend(out.examples)
+    _check_usable(result)
+    return result
+
+
+def iter_parsed(cfg: SourceConfig, rows: Iterable[tuple[int, Any]], result: ParsedSource | None = None) -> Iterator[_Out]:
+    """What each record gives, record by record (streaming); counts go into ``result``.
+
+    The last item is the parser's ``finish`` (pointwise rows come only there: their labels need every score).
+    Bad records raise or are counted exactly as in :func:`read_source`.
+    """
+    reading = _Reading(cfg, result if result is not None else ParsedSource(path=cfg.path, format=cfg.format))
     for row, value in rows:
         reading.result.rows_read += 1
         rec: Any = None
@@ -1334,11 +1491,12 @@ def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedS
         except _BadRow as bad:
             reading.record(row, reading.explain(bad, rec, value))
             continue
-        reading.merge(out, row)
+        reading.count_out(out, row)
+        yield out
     if reading.parser is not None:
-        reading.merge(reading.parser.finish(), None)
-    _check_usable(reading.result)
-    return reading.result
+        out = reading.parser.finish()
+        reading.count_out(out, None)
+        yield out
 
 
 def _check_usable(result: ParsedSource) -> None:

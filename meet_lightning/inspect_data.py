@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from statistics import quantiles
 
-from meet_lightning.examples import ControlSchema, ParsedSource
+from meet_lightning.examples import ParsedSource
 from meet_lightning.formats import SourceConfig, read_source
 from meet_lightning.models import load_tokenizer
 from meet_lightning.stats import words
-from meet_lightning.tokenization import PromptTokenizer
+from meet_lightning.tokenized_cache import DataSpec, TokenizedData, prepare_tokenized
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -22,30 +22,33 @@ def length_percentiles(lengths: list[int]) -> dict[str, int]:
     return {**{f"p{p}": round(cuts[p - 1]) for p in PERCENTILES}, "max": max(lengths)}
 
 
-def example_lengths(parsed: ParsedSource, model: str | None, max_length: int) -> tuple[list[int], Counter]:
-    """Length of every example (tokens with ``model``, else whitespace words) and rows too long to fit."""
+def example_lengths(
+    parsed: ParsedSource, source: SourceConfig, model: str | None, max_length: int, cache_dir: str | None = None
+) -> tuple[list[int], Counter, TokenizedData | None]:
+    """Length of every example (tokens with ``model``, else whitespace words), rows too long to fit, and the cache.
+
+    With ``model`` the rows are tokenized once into the tokenized-data cache (``cache_dir``), like a run's,
+    and a second inspection of the same file reads them back.
+    """
     dropped: Counter = Counter()
     if model is None:
         counts = [sum(words(m["content"]) for m in e.prompt) + words(e.response) for e in parsed.examples]
-        return counts, dropped
+        return counts, dropped, None
     tokenizer = load_tokenizer(model)
     tokenizer.model_max_length = 1 << 30
-    untruncated = PromptTokenizer(tokenizer, 1 << 30)
-    fitted = PromptTokenizer(tokenizer, max_length)
-    schema = ControlSchema.from_dict(parsed.preferences())
-    lengths = []
-    for example in parsed.examples:
-        lengths.append(len(untruncated.tokenize(example, schema).input_ids))
-        if fitted.tokenize(example, schema) is None:
-            dropped[f"response longer than max_length {max_length}"] += 1
-    return lengths, dropped
+    spec = DataSpec((source,), None, max_length, val_fraction=0.0, train_units="rows", full_lengths=True)
+    prepared = prepare_tokenized(spec, tokenizer, cache_dir)
+    too_long = prepared.train.lengths().count(0)
+    if too_long:
+        dropped[f"response longer than max_length {max_length}"] += too_long
+    return prepared.train.column("full_length"), dropped, prepared
 
 
-def inspect_data(source: SourceConfig, model: str | None = None, max_length: int = 512) -> str:
-    """A plain-text report: format, rows, examples per control, drops with reasons, length percentiles."""
+def inspect_data(source: SourceConfig, model: str | None = None, max_length: int = 512, cache_dir: str | None = None) -> str:
+    """A plain-text report: format, rows, examples per control, drops with reasons, length percentiles, the cache."""
     parsed = read_source(source)
     path, format = source.path, source.format
-    lengths, too_long = example_lengths(parsed, model, max_length)
+    lengths, too_long, prepared = example_lengths(parsed, source, model, max_length, cache_dir)
     per_control = Counter(f"{p}/{c}" for e in parsed.examples for p, c in e.controls.items())
     unit = f"tokens ({model}, chat template)" if model else "whitespace words"
     lines = [
@@ -63,4 +66,9 @@ def inspect_data(source: SourceConfig, model: str | None = None, max_length: int
     if model:
         lines += [f"too long to train at max_length {max_length}: {sum(too_long.values())}"]
     lines += [f"length in {unit}: " + ", ".join(f"{k} {v}" for k, v in length_percentiles(lengths).items())]
+    if prepared is None:
+        lines += ["cache:     none (lengths in words; --model tokenizes through the tokenized-data cache)"]
+    else:
+        how = f"built in {prepared.seconds:.1f} s" if prepared.built else f"reused, loaded in {prepared.seconds:.2f} s"
+        lines += [f"cache:     {prepared.path} ({how})"]
     return "\n".join(lines)

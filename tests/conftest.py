@@ -42,3 +42,40 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared data folder {SHARED} is missing — set MEET_SHARED_DATA to the folder of the files")
     return SHARED
+
+
+HH_FILE = "hh_rlhf_harmless.train.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def hh_hub_folder(shared_data, tmp_path_factory) -> Path:
+    """A local folder laid out like the ``Anthropic/hh-rlhf`` repository, which ``datasets.load_dataset`` reads as
+    it reads the hub: ``harmless-base/`` (rows 1-300 of the shared HH file) and ``helpful-base/`` (rows 301-500),
+    each with ``train.jsonl.gz`` and a 40-row ``test.jsonl.gz``."""
+    import gzip
+
+    root = tmp_path_factory.mktemp("hub") / "hh-rlhf"
+    lines = gzip.decompress((shared_data / HH_FILE).read_bytes()).splitlines(keepends=True)
+    for name, part in (("harmless-base", lines[:300]), ("helpful-base", lines[300:500])):
+        (root / name).mkdir(parents=True)
+        (root / name / "train.jsonl.gz").write_bytes(gzip.compress(b"".join(part)))
+        (root / name / "test.jsonl.gz").write_bytes(gzip.compress(b"".join(part[:40])))
+    return root
+
+
+HELPSTEER_ROWS = [
+    {"prompt": f"Question {i}: how do I {task}?", "response": response, "helpfulness": help_, "correctness": 3,
+     "coherence": 4, "complexity": 1, "verbosity": verb}
+    for i, (task, response, help_, verb) in enumerate(
+        [
+            ("boil an egg", "Simmer it for nine minutes.", 4, 0),
+            ("boil an egg", "Put the egg in cold water, bring it to a boil, then simmer for nine minutes and cool it.", 3, 3),
+            ("sort a list in Python", "Use sorted(xs).", 4, 1),
+            ("sort a list in Python", "Call sorted(xs) for a new list or xs.sort() in place; both take key= and reverse=.", 2, 4),
+            ("tie a tie", "I cannot help with that.", 0, 0),
+            ("tie a tie", "Cross the wide end over, loop it up through the neck and down through the knot.", 4, 2),
+        ]
+        * 8
+    )
+]  # fmt: skip
+"""HelpSteer2-shaped rows (its columns, 0-4 ratings) written by the tests that need them."""

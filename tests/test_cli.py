@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import HELPSTEER_ROWS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -65,10 +66,26 @@ def test_help_lists_every_command(capsys):
         assert command in text
 
 
+def local_sources(recipe: Path, tmp_path: Path, hub_folder: Path) -> list[dict] | None:
+    """The recipe's ``data.sources`` with each hub id replaced by local data of its shape (``None``: no sources)."""
+    sources = (yaml.safe_load(recipe.read_text()).get("data") or {}).get("sources")
+    if not sources:
+        return None
+    helpsteer = tmp_path / "helpsteer2.jsonl"
+    helpsteer.write_text("".join(json.dumps(row) + "\n" for row in HELPSTEER_ROWS))
+    local = {"Anthropic/hh-rlhf": str(hub_folder), "nvidia/HelpSteer2": str(helpsteer)}
+    assert {s["path"] for s in sources} <= set(local), "a new hub id in a recipe: give it local data here"
+    return [{**s, "path": local[s["path"]]} for s in sources]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_recipe_runs_through_the_cli(recipe, tmp_path, hh):
+def test_every_recipe_runs_through_the_cli(recipe, tmp_path, hh, hh_hub_folder):
     out = tmp_path / "run"
+    sources = local_sources(recipe, tmp_path, hh_hub_folder)
     args = fit_args(recipe, out, hh)
+    if sources is not None:  # several sources: each path replaced, not --data.path
+        at = args.index("--data.path")
+        args[at : at + 2] = ["--data.sources", json.dumps(sources)]
     assert run(*args) == 0
     assert (out / "export" / "config.json").is_file() and (out / "export" / "controls.safetensors").is_file()
     for stage in ("stage1", "stage2"):
@@ -410,6 +427,19 @@ def test_inspect_data_reports_counts_drops_and_lengths(hh, capsys):
     assert "length in tokens (tiny-debug, chat template): p50" in out
 
 
+def test_inspect_data_reports_the_cache_it_used(hh, tmp_path, capsys):
+    args = ["inspect-data", "--data.path", str(hh), "--model", "tiny-debug", "--max_length", "256", "--cache_dir", str(tmp_path)]
+    assert run(*args) == 0
+    first = capsys.readouterr().out
+    assert run(*args) == 0
+    second = capsys.readouterr().out
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert f"cache:     {folder} (built in" in first and f"cache:     {folder} (reused, loaded in" in second
+    assert first.split("cache:")[0] == second.split("cache:")[0]  # the same report from the cached rows
+    assert run("inspect-data", "--data.path", str(hh)) == 0
+    assert "cache:     none" in capsys.readouterr().out
+
+
 def test_an_internal_bug_exits_1_with_its_traceback(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -448,3 +478,76 @@ def test_an_option_added_by_an_upgrade_at_its_off_value_is_not_a_recipe_change()
     old = {"data": {"path": "x", "batch_size": 4}}
     assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": False}}) == ""
     assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": True}}) == "data.chosen_only: None → True"
+
+
+def test_two_preferences_of_hh_rlhf_from_its_folders(tmp_path, hh, hh_hub_folder):
+    """The helpful + harmless recipe: each folder of the (hub-shaped) repository feeds its own preference."""
+    out = tmp_path / "run"
+    recipe = CONFIGS / "meet_hh_helpful_harmless.yaml"
+    args = fit_args(recipe, out, hh, "--stage2.model", "null")
+    at = args.index("--data.path")
+    args[at : at + 2] = ["--data.sources", json.dumps(local_sources(recipe, tmp_path, hh_hub_folder))]
+    assert run(*args) == 0
+    schema = json.loads((out / "export" / "meet_schema.json").read_text())
+    assert list(schema["preferences"]) == ["helpful", "harmless"]
+
+
+def test_top_level_hub_options_on_the_command_line(tmp_path, hh, hh_hub_folder, caplog):
+    """--data.subset / --data.data_dir / --data.split / --data.revision are flags (--data.subset used to be rejected)."""
+    out = tmp_path / "run"
+    args = fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh, "--stage2.model", "null", "--data.data_dir", "helpful-base")
+    args[args.index("--data.path") + 1] = str(hh_hub_folder)
+    assert run(*args, "--data.subset", "default", "--data.split", "train", "--data.revision", "main") == 0
+    assert "200 rows read" in caplog.text  # helpful-base holds rows 301-500 of the HH file
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert (recipe["data"]["data_dir"], recipe["data"]["subset"], recipe["data"]["revision"]) == ("helpful-base", "default", "main")
+
+
+def test_helpsteer2_recipe_turns_attribute_scores_into_controls(tmp_path, hh_hub_folder):
+    from meet_lightning.formats import SourceConfig, read_source
+
+    recipe = CONFIGS / "meet_helpsteer2.yaml"
+    sources = local_sources(recipe, tmp_path, hh_hub_folder)
+    verbosity, helpfulness = (read_source(SourceConfig(**s)) for s in sources)
+    by_response = {row["response"]: row for row in HELPSTEER_ROWS}
+    for example in verbosity.examples:
+        assert example.controls == {"verbosity": "verbose" if by_response[example.response]["verbosity"] >= 2 else "concise"}
+    for example in helpfulness.examples:
+        assert example.controls == {"helpfulness": "good" if by_response[example.response]["helpfulness"] >= 3 else "bad"}
+    assert len(verbosity.examples) == len(helpfulness.examples) == len(HELPSTEER_ROWS)
+    assert {e.controls["verbosity"] for e in verbosity.examples} == {"concise", "verbose"}
+
+
+def test_streamed_run_interrupted_and_resumed_trains_on_the_same_batches(tmp_path, hh, monkeypatch):
+    """``data.streaming``: a run stopped after step 3 (before its checkpoint) and resumed from step 2 sees the
+    batches of an uninterrupted run, in order (exact: the stream is regenerated and the trained part skipped)."""
+    from meet_lightning.modules.base import MeetModule
+    from meet_lightning.reliability import InjectedFault
+
+    seen: list[str] = []
+    original = MeetModule.training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append(json.dumps(batch["input_ids"].tolist()))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(MeetModule, "training_step", recording)
+    flags = ("--data.streaming", "true", "--data.shuffle_buffer", "16", "--stage2.model", "null", "--stage1.trainer.max_steps", "6")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "whole", hh, *flags)) == 0
+    uninterrupted, seen[:] = list(seen), []
+    assert len(uninterrupted) == 6 and len(set(uninterrupted)) == 6
+    monkeypatch.setenv("MEET_FAULT", "stage1:step=3")
+    with pytest.raises(InjectedFault):
+        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags))
+    monkeypatch.delenv("MEET_FAULT")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags)) == 0
+    assert seen[:3] == uninterrupted[:3] and seen[3:] == uninterrupted[2:]  # step 3 replayed from the step-2 checkpoint
+    done = json.loads((tmp_path / "cut" / "stage1" / "done.json").read_text())
+    assert done["global_step"] == 6 and done["batch_stream_position"] == 6
+
+
+def test_streaming_without_max_steps_is_one_line(tmp_path, hh, capsys):
+    flags = ("--data.streaming", "true", "--stage2.model", "null", "--stage1.trainer.max_steps", "-1", "--stage1.trainer.max_epochs", "1")
+    assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "run", hh, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data.streaming true") and "max_steps" in err and "\n" not in err

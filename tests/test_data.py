@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 
 from meet_lightning.data import PreferenceDataModule, ResumableBatchSampler
-from meet_lightning.errors import ConfigError
+from meet_lightning.errors import ConfigError, DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, ParsedSource, PreferencePair
+from meet_lightning.formats import SourceConfig
 from meet_lightning.models import build_tiny_tokenizer, end_of_turn_id, prepare_tokenizer
 from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows, split_by_prompt
 
@@ -209,3 +212,142 @@ def test_datamodule_arguments_are_checked_at_construction(kwargs, fragment):
     with pytest.raises(ConfigError) as error:
         PreferenceDataModule(**kwargs)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------ tokenized cache
+
+HH_FILE = "hh_rlhf_harmless.train.jsonl.gz"
+
+
+def hh_module(path, cache, **options) -> PreferenceDataModule:
+    defaults = dict(preference="harmless", model_name_or_path="tiny-debug", max_length=128, batch_size=4, max_examples=64)
+    return PreferenceDataModule(path=str(path), cache_dir=str(cache), **{**defaults, **options})
+
+
+def as_lists(items) -> list:
+    return [items[i] for i in range(len(items))]
+
+
+def test_tokenized_once_and_reused_by_the_next_data_module(shared_data, tmp_path):
+    first = hh_module(shared_data / HH_FILE, tmp_path)
+    first.setup("fit")
+    second = hh_module(shared_data / HH_FILE, tmp_path)
+    assert second.control_schema == {"harmless": ["good", "bad"]}
+    second.setup("fit")
+    assert first.prepared.built and not second.prepared.built and first.prepared.path == second.prepared.path
+    assert as_lists(second.train_items) == as_lists(first.train_items) and second.summary == first.summary
+    # memory-mapped from the cache folder, not a Python list of rows
+    assert {Path(f["filename"]).parent.parent for f in second.train_items.dataset.cache_files} == {second.prepared.path}
+    assert "data: cache" in second.prepared.describe_cache() and "reused" in second.prepared.describe_cache()
+    assert second.validation_prompts(2) and second.validation_prompts(2) == first.validation_prompts(2)
+
+
+def test_cached_rows_are_the_rows_the_tokenizer_writes(shared_data, tmp_path):
+    """The cache stores ids and the response start; the labels rebuilt from them equal PromptTokenizer's."""
+    data = hh_module(shared_data / HH_FILE, tmp_path, max_examples=20)
+    data.setup("fit")
+    train, _ = data.train_val_split()
+    encoder = PromptTokenizer(data.tokenizer, data.max_length)
+    schema = ControlSchema.from_dict(data.control_schema)
+    expected = [row for row in (encoder.tokenize(e, schema) for e in train.examples[:20]) if row is not None]
+    assert as_lists(data.train_items) == expected
+
+
+@pytest.mark.parametrize("change", ["file", "max_length", "tokenizer", "format option", "split"])
+def test_a_changed_input_builds_a_new_cache(shared_data, tmp_path, change):
+    source = tmp_path / "hh.jsonl.gz"
+    source.write_bytes((shared_data / HH_FILE).read_bytes())
+    before = hh_module(source, tmp_path / "cache")
+    before.setup("fit")
+    options: dict = {}
+    if change == "file":
+        source.write_bytes(gzip.compress(gzip.decompress(source.read_bytes())[:-1000].rsplit(b"\n", 1)[0] + b"\n"))
+    elif change == "max_length":
+        options = {"max_length": 120}
+    elif change == "tokenizer":
+        options = {"model_name_or_path": "tiny-debug-other-template"}
+    elif change == "format option":
+        options = {"preference": "other"}
+    else:
+        options = {"val_fraction": 0.2}
+    if change == "tokenizer":
+        after = hh_module(source, tmp_path / "cache")
+        after._tokenizer = build_tiny_tokenizer()
+        after._tokenizer.chat_template = after._tokenizer.chat_template.replace("assistant", "bot")
+    else:
+        after = hh_module(source, tmp_path / "cache", **options)
+    after.setup("fit")
+    assert after.prepared.built and after.prepared.path != before.prepared.path
+    again = hh_module(source, tmp_path / "cache", **({} if change == "tokenizer" else options))
+    if change == "tokenizer":
+        again._tokenizer = after._tokenizer
+    assert again.prepared.path == after.prepared.path and not again.prepared.built
+
+
+def test_num_proc_workers_tokenize_the_same_rows(shared_data, tmp_path):
+    alone = hh_module(shared_data / HH_FILE, tmp_path / "a", max_examples=200)
+    alone.setup("fit")
+    workers = hh_module(shared_data / HH_FILE, tmp_path / "b", max_examples=200, num_proc=2)
+    workers.setup("fit")
+    assert as_lists(workers.train_items) == as_lists(alone.train_items) and workers.summary == alone.summary
+
+
+def test_a_bad_row_still_names_file_and_row_and_leaves_no_cache(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(5)]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"prompt": "p", "chosen": 3, "rejected": "r"}\n')
+    data = PreferenceDataModule(path=str(path), model_name_or_path="tiny-debug", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:6: field 'chosen' is a number"):
+        data.setup("fit")
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_hub_options_select_a_folder_and_split_of_a_hub_shaped_dataset(hh_hub_folder, tmp_path):
+    repo = hh_hub_folder
+    harmless = hh_module(repo, tmp_path / "cache", data_dir="harmless-base", max_examples=None)
+    harmless.setup("fit")
+    assert "300 rows read" in harmless.describe()
+    test_split = hh_module(repo, tmp_path / "cache", data_dir="helpful-base", split="test", max_examples=None)
+    test_split.setup("fit")
+    assert "40 rows read" in test_split.describe()
+    both = hh_module(repo, tmp_path / "cache", max_examples=None)  # no data_dir: every folder, as on the hub
+    both.setup("fit")
+    assert "500 rows read" in both.describe()
+    with pytest.raises(DataError, match="--data.data_dir"):
+        hh_module(repo, tmp_path / "cache", data_dir="nope").setup("fit")
+
+
+# -------------------------------------------------------------------------------------------- streaming
+
+
+def test_streaming_batches_are_length_grouped_and_resume_exactly(shared_data, tmp_path):
+    from meet_lightning.streaming import StreamedBatches
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = 1 << 30
+    sources = [SourceConfig(path=str(shared_data / HH_FILE), preference="harmless")]
+    stream = StreamedBatches(sources, tokenizer, 128, 4, seed=1, val_fraction=0.1, max_val_examples=8, shuffle_buffer=64)
+    assert stream.schema == {"harmless": ["good", "bad"]} and len(stream.validation_units()) == 8
+    whole = stream.for_rank(0, 1)
+    iterator = iter(whole)
+    uninterrupted = [next(iterator) for _ in range(30)]
+    spans = [max(len(r.input_ids) for r in b) - min(len(r.input_ids) for r in b) for b in uninterrupted[:15]]
+    assert sum(spans) / len(spans) < 20  # grouped inside the buffer (random batches of HH rows span ~60 tokens)
+    interrupted = stream.for_rank(0, 1)
+    first = iter(interrupted)
+    head = [next(first) for _ in range(11)]
+    resumed = stream.for_rank(0, 1)
+    resumed.load_state_dict(interrupted.state_dict())
+    tail = iter(resumed)
+    assert head + [next(tail) for _ in range(19)] == uninterrupted
+    val_prompts = {json.dumps(list(p), sort_keys=True) for p in stream.validation_prompts(100)}
+    trained = {json.dumps(list(r.input_ids[: r.response_start])) for b in uninterrupted for r in b}
+    assert val_prompts and trained  # held-out prompts never reach training:
+    encoder = PromptTokenizer(tokenizer, 128)
+    held = {json.dumps(list(encoder.render_prompt(json.loads(p)))) for p in val_prompts}
+    assert not held & trained
+
+
+def test_streaming_needs_max_steps_and_no_workers(shared_data):
+    with pytest.raises(ConfigError, match="--data.num_workers 0"):
+        PreferenceDataModule(path=str(shared_data / HH_FILE), streaming=True, num_workers=2)

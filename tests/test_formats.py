@@ -226,6 +226,7 @@ def test_formats_table_names_every_format():
         "pointwise",
         "pairwise_votes",
         "ranked",
+        "unpaired",
     ]
     assert all(SourceConfig(path="x.jsonl", format=name).format == name for name in FORMATS)
 
@@ -262,6 +263,76 @@ def test_auto_on_unieval_says_how_to_map(shared_data):
         assert fragment in message
     assert "\n" not in message
     assert read(shared_data / UNIEVAL, **UNIEVAL_OPTIONS).format == "pointwise"
+
+
+def _hh_as_text(pair) -> str:
+    """An HH pair's prompt as plain text with no Human:/Assistant: markers (TRL standard, implicit prompt)."""
+    return " ".join(turn["content"].replace("\n", " ") for turn in pair.prompt) + " "
+
+
+def test_trl_implicit_prompt_golden(shared, tmp_path):
+    """The shared HH pairs written as TRL implicit-prompt strings: auto-detected as pairwise (it used to be
+    misrouted to hh_rlhf and fail on row 1), one pair per HH pair, the prompt recovered as the shared text."""
+    pairs = shared(HH).pairs
+    rows = [{"chosen": _hh_as_text(p) + p.chosen, "rejected": _hh_as_text(p) + p.rejected} for p in pairs]
+    parsed = read(write(tmp_path, "implicit.jsonl", rows), on_bad_rows="skip")
+    assert parsed.format == "pairwise"
+    assert (parsed.rows_read, len(parsed.pairs), sum(parsed.skipped.values())) == (1796, 1796, 0)
+    # A pair whose two responses start with the same words moves those words into the prompt: the prompt
+    # is recovered exactly for every other pair.
+    exact = sum(
+        p.prompt[0]["content"] == _hh_as_text(h).strip() and (p.chosen, p.rejected) == (h.chosen.strip(), h.rejected.strip())
+        for p, h in zip(parsed.pairs, pairs, strict=True)
+    )
+    assert exact == 1669
+    assert parsed.warnings == {"empty response kept (one side of a comparison)": 3}
+
+
+def test_unpaired_golden(shared, tmp_path):
+    """Both sides of the shared HH pairs as KTO-style rows: true → good, false → bad, one row each."""
+    pairs = shared(HH).pairs
+    rows = [
+        {"prompt": list(p.prompt), "completion": text, "label": label}
+        for p in pairs
+        for text, label in ((p.chosen, True), (p.rejected, False))
+        if text.strip()
+    ]
+    parsed = read(write(tmp_path, "kto.jsonl", rows), preference="harmless")
+    assert (parsed.format, parsed.rows_read, len(parsed.examples), len(parsed.pairs)) == ("unpaired", len(rows), len(rows), 0)
+    assert parsed.preferences() == {"harmless": ["good", "bad"]}
+    labels = [e.controls["harmless"] for e in parsed.examples]
+    assert labels.count("good") == sum(r["label"] for r in rows) and len(rows) == 3589  # 3 empty responses left out
+
+
+def test_unpaired_forms(tmp_path):
+    user = {"role": "user", "content": "Q"}
+    rows = [
+        {"prompt": "Q", "completion": "A", "label": True},
+        {"prompt": [user], "completion": [{"role": "assistant", "content": "B"}], "label": False},
+        {"prompt": "Q", "completion": "C", "label": 1},
+    ]
+    parsed = read(write(tmp_path, "u.jsonl", rows), chosen_control="desirable", rejected_control="undesirable")
+    assert [(e.response, e.controls["preference"]) for e in parsed.examples] == [
+        ("A", "desirable"),
+        ("B", "undesirable"),
+        ("C", "desirable"),
+    ]
+    csv_rows = read(write(tmp_path, "u.csv", "prompt,completion,label\nQ,A,TRUE\nQ,B,false\n"))
+    assert csv_rows.format == "unpaired" and [e.controls["preference"] for e in csv_rows.examples] == ["good", "bad"]
+
+
+def test_trl_implicit_prompt_rules(tmp_path):
+    rows = [
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {"chosen": "Answer: yes", "rejected": "Answer: yesterday"},
+    ]
+    parsed = read(write(tmp_path, "i.jsonl", rows))
+    assert [(p.prompt[-1]["content"], p.chosen, p.rejected) for p in parsed.pairs] == [
+        ("The sky is", "blue.", "green."),
+        ("Answer:", "yes", "yesterday"),
+    ]
+    hh = read(write(tmp_path, "h.jsonl", [{"chosen": "Human: hi\n\nAssistant: a", "rejected": "Human: hi\n\nAssistant: b"}]))
+    assert hh.format == "hh_rlhf"  # markers still mean HH-RLHF
 
 
 # ------------------------------------------------------------------------------------------- small files
@@ -637,6 +708,48 @@ BAD_INPUTS = [
         b"PAR1 not really parquet",
         {},
         ["p.parquet: cannot load", "check the file"],
+    ),
+    (
+        "implicit_prompt_none_shared",
+        "i.jsonl",
+        [{"chosen": "Blue.", "rejected": "Green."}],
+        {},
+        ["i.jsonl:1:", "share no leading prompt text", "--data.columns", "hh_rlhf"],
+    ),
+    (
+        "implicit_prompt_forced_hh",
+        "i.jsonl",
+        [{"chosen": "The sky is blue.", "rejected": "The sky is green."}],
+        {"format": "hh_rlhf"},
+        ["i.jsonl:1:", "no '\\n\\nAssistant:' turn", "TRL implicit prompt", "--data.format pairwise"],
+    ),
+    (
+        "unpaired_bad_label",
+        "k.jsonl",
+        [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "c", "label": "maybe"}],
+        {},
+        ["k.jsonl:2:", "field 'label' is 'maybe', expected true or false", "write true"],
+    ),
+    (
+        "unpaired_missing_completion",
+        "k.jsonl",
+        [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "label": False}],
+        {},
+        ["k.jsonl:2:", "missing field 'completion'", "unpaired (detected from row 1)", "--data.columns"],
+    ),
+    (
+        "unpaired_empty_completion",
+        "k.jsonl",
+        [{"prompt": "p", "completion": " ", "label": True}],
+        {},
+        ["k.jsonl:1:", "empty completion"],
+    ),
+    (
+        "unpaired_completion_user_turn",
+        "k.jsonl",
+        [{"prompt": "p", "completion": [{"role": "user", "content": "x"}], "label": True}],
+        {},
+        ["k.jsonl:1:", "the last message of completion is a user turn"],
     ),
     (
         "hub_offline",

@@ -17,9 +17,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "meet_lightning"
 
 CORE = {
-    "errors", "examples", "formats", "precision", "stats", "heads", "losses", "tokenization", "models", "control",
-    "control_vocab", "controls_io", "generation", "export", "evaluate", "report", "plots", "peft_export", "model_card",
-    "publish", "rss",
+    "errors", "examples", "formats", "precision", "stats", "heads", "losses", "tokenization", "tokenized_cache",
+    "streaming", "models", "control", "control_vocab", "controls_io", "generation", "export", "evaluate", "report",
+    "plots", "peft_export", "model_card", "publish", "rss",
 }  # fmt: skip
 TRAINING = {"data", "modules", "modules.base", "modules.stage1", "modules.stage2", "modules.baselines", "callbacks",
             "reliability", "pipeline"}  # fmt: skip

@@ -1,0 +1,532 @@
+"""Tokenize once, reuse everywhere: a run's parsed and tokenized data as an Arrow dataset on disk.
+
+:func:`prepare_tokenized` reads the sources (the stdlib line readers of :mod:`meet_lightning.formats`, so a
+bad record still names ``FILE:ROW``), splits them by prompt, tokenizes the units with ``datasets.map``
+(``num_proc`` workers) and saves the result under a folder named by a fingerprint of everything that changes
+it. The next stage, ``validate``, the export and every other DDP rank find the folder and memory-map it: no
+re-reading, no re-tokenizing, no Python list of the data in the training process.
+
+The fingerprint covers: the library version and this module's :data:`CACHE_VERSION`; every source's options
+and contents (size, modification time and a BLAKE2 hash of a local file or of every file of a dataset
+folder; for a hub id its ``datasets`` fingerprint, which follows the downloaded files and the revision);
+the tokenizer (class, vocabulary and merges, special tokens, chat template); ``max_length`` and the
+truncation rule (:data:`TRUNCATION_RULE`); the split (``val_fraction``, ``seed``, ``val_path``); which units
+are tokenized (rows, pairs, chosen rows) and ``max_examples`` / ``max_val_examples``. The control schema is
+derived from the data, so it is covered by the sources; it is stored in the folder beside the data.
+
+Where the folders live: ``cache_dir``, by default :func:`default_cache_dir`
+(``$HF_DATASETS_CACHE/meet_lightning``, i.e. ``~/.cache/huggingface/datasets/meet_lightning``, beside the
+cache ``datasets`` itself keeps). Building happens in a temporary folder renamed into place when complete
+(nothing half-written), under a file lock: the first process builds, the others (DDP ranks, a second run)
+wait and then load. A lock rather than a ``torch.distributed`` barrier because a stage's data is prepared
+while the stage is being built, before Lightning has started its process group.
+
+Core: ``datasets`` and ``transformers``, no Lightning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meet_lightning.errors import ConfigError
+from meet_lightning.examples import ControlledExample, ControlSchema, Message, ParsedSource, PreferencePair
+from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.losses import IGNORE_INDEX
+from meet_lightning.tokenization import PromptTokenizer, Split, TokenizedRow, split_by_prompt
+
+CACHE_VERSION = 1
+"""Bumped whenever the stored columns or their meaning change: older folders are then never read."""
+
+TRUNCATION_RULE = "prompt cut from the left (oldest turns, then oldest tokens of the first turn), once per pair"
+"""The rule :class:`~meet_lightning.tokenization.PromptTokenizer` applies; part of the fingerprint."""
+
+UNITS = ("rows", "pairs", "chosen")
+"""What a split is tokenized as: single rows, ``(chosen, rejected)`` pairs, or the chosen rows of pairs (SFT)."""
+
+_HASH_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$HF_DATASETS_CACHE/meet_lightning``: where a Hugging Face user finds every other processed dataset."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "meet_lightning"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that decides a run's tokenized data (the cache key, with the tokenizer).
+
+    Attributes:
+        sources: The training sources.
+        val_source: A separate validation source, or ``None`` to hold out ``val_fraction`` of the prompts.
+        max_length: Longest row in text tokens.
+        val_fraction: Share of prompts held out for validation (without ``val_source``).
+        seed: Seed of the split.
+        train_units: ``rows``, ``pairs`` or ``chosen`` (see :data:`UNITS`).
+        max_examples: Keep only this many training units (before tokenizing).
+        max_val_examples: Keep only this many validation units.
+        full_lengths: Also store every row's untruncated length, and keep too-long rows as empty rows (length
+            0) so that their length counts too (``inspect-data``; never for training).
+    """
+
+    sources: tuple[SourceConfig, ...]
+    val_source: SourceConfig | None = None
+    max_length: int = 512
+    val_fraction: float = 0.1
+    seed: int = 1234
+    train_units: str = "rows"
+    max_examples: int | None = None
+    max_val_examples: int | None = None
+    full_lengths: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_units not in UNITS:
+            raise ConfigError(f"train_units {self.train_units!r} is unknown — use one of {', '.join(UNITS)}")
+
+
+@dataclass
+class TokenizedData:
+    """A prepared (built or reused) cache folder, memory-mapped.
+
+    Attributes:
+        path: The folder.
+        train: Training units.
+        val: Validation units (pairs when there are any, else rows).
+        schema: ``{preference: [controls]}`` found in the data, in first-seen order.
+        summary: ``{what: count}`` of tokenized and dropped units.
+        source_lines: One line per source: rows read, pairs, skipped with reasons.
+        built: Whether this call built the folder (else it was reused).
+        seconds: How long building or loading took.
+    """
+
+    path: Path
+    train: TokenizedItems
+    val: TokenizedItems
+    schema: dict[str, list[str]]
+    summary: Counter
+    source_lines: list[str]
+    built: bool
+    seconds: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def describe_cache(self) -> str:
+        """``data: cache PATH (built in 1.2 s | reused, loaded in 0.1 s)``."""
+        how = f"built in {self.seconds:.1f} s" if self.built else f"reused, loaded in {self.seconds:.2f} s"
+        return f"data: cache {self.path} ({how}; {len(self.train)} train / {len(self.val)} validation units)"
+
+
+class TokenizedItems(Sequence):
+    """A memory-mapped split served as :class:`TokenizedRow` (rows) or ``(chosen, rejected)`` tuples (pairs).
+
+    ``__getitems__`` reads a whole batch with one Arrow slice per column (the DataLoader calls it with the
+    batch sampler's indices); nothing is held in Python lists but the per-item ``lengths`` for the sampler.
+    """
+
+    def __init__(self, dataset: Any, kind: str) -> None:
+        self.dataset, self.kind = dataset, kind
+
+    @property
+    def paired(self) -> bool:
+        """Whether items are ``(chosen, rejected)`` pairs."""
+        return self.kind == "pairs"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        if isinstance(index, slice):
+            return self.__getitems__(list(range(len(self)))[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        columns = self.dataset[list(indices)]  # one dict of columns for the whole batch
+        if not self.paired:
+            return [_row(columns, "", i) for i in range(len(indices))]
+        return [(_row(columns, "chosen_", i), _row(columns, "rejected_", i)) for i in range(len(indices))]
+
+    def lengths(self) -> list[int]:
+        """Tokens per item (both sides for pairs): the length-grouping key."""
+        return self.dataset.data.column("length").to_pylist()
+
+    def column(self, name: str) -> list:
+        """One stored column as a list (``prompt`` on validation splits, ``full_length`` for inspect-data)."""
+        return self.dataset.data.column(name).to_pylist() if name in self.dataset.column_names else []
+
+
+def _row(columns: Mapping[str, list], prefix: str, i: int) -> TokenizedRow:
+    ids = tuple(columns[f"{prefix}input_ids"][i])
+    start = int(columns[f"{prefix}response_start"][i])
+    return TokenizedRow(
+        input_ids=ids,
+        labels=(IGNORE_INDEX,) * start + ids[start:],  # exactly what PromptTokenizer writes: response tokens only
+        prefix_pos=int(columns[f"{prefix}prefix_pos"][i]),
+        response_start=start,
+        control_ids=tuple(columns[f"{prefix}control_ids"][i]),
+    )
+
+
+# ------------------------------------------------------------------------------------------- fingerprint
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """Size, modification time and BLAKE2 digest of a file (the digest keeps a copied file a hit)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": digest.hexdigest()}
+
+
+def source_fingerprint(source: SourceConfig) -> dict[str, Any]:
+    """A source's options and the identity of its contents."""
+    options = dataclasses.asdict(source)
+    local = Path(source.path)
+    if local.is_file():
+        return {"options": options, "file": file_fingerprint(local)}
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
+        return {"options": options, "files": {str(p.relative_to(local)): file_fingerprint(p) for p in files}}
+    return {"options": options, "hub": hub_fingerprint(source)}
+
+
+def hub_fingerprint(source: SourceConfig) -> str:
+    """The ``datasets`` fingerprint of a hub dataset as loaded (follows its downloaded files and revision)."""
+    import datasets
+
+    from meet_lightning.formats import iter_rows
+
+    try:
+        return datasets.load_dataset(source.path, **source.hub.load_kwargs())._fingerprint
+    except Exception:  # noqa: BLE001 - the reader turns the same failure into its one-line DataError
+        iter_rows(source.path, source.hub)
+        raise
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of what decides token ids: class, vocabulary and merges, special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [
+        type(tokenizer).__name__,
+        vocabulary,
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        str(getattr(tokenizer, "chat_template", None)),
+        str(getattr(tokenizer, "add_bos_token", None)),
+    ]
+    return hashlib.blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def fingerprint(spec: DataSpec, tokenizer: Any) -> str:
+    """The cache key of ``spec`` tokenized with ``tokenizer`` (hex)."""
+    from meet_lightning import __version__
+
+    key = {
+        "library": __version__,
+        "cache_version": CACHE_VERSION,
+        "truncation": TRUNCATION_RULE,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "sources": [source_fingerprint(s) for s in spec.sources],
+        "val_source": source_fingerprint(spec.val_source) if spec.val_source else None,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("sources", "val_source")},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------- build
+
+
+def data_schema(parsed: Sequence[ParsedSource]) -> dict[str, list[str]]:
+    """``{preference: [controls]}`` over every source, in first-seen order."""
+    schema: dict[str, list[str]] = {}
+    for source in parsed:
+        for pref, labels in source.preferences().items():
+            known = schema.setdefault(pref, [])
+            known.extend(label for label in labels if label not in known)
+    return schema
+
+
+def source_line(source: ParsedSource) -> str:
+    """``data: FILE (format): N rows read → rows, pairs; skipped: …`` for one source."""
+    skipped = "; ".join(f"{n} {reason}" for reason, n in source.skipped.most_common()) or "none"
+    warned = "; ".join(f"{n} {reason}" for reason, n in source.warnings.most_common())
+    return (
+        f"data: {source.path} ({source.format}): {source.rows_read} rows read → {len(source.examples)} rows,"
+        f" {len(source.pairs)} pairs; skipped: {skipped}" + (f"; warnings: {warned}" if warned else "")
+    )
+
+
+def select_units(spec: DataSpec, train: Split, val: Split) -> tuple[tuple[str, list], tuple[str, list]]:
+    """``((kind, training units), (kind, validation units))`` as the spec asks, cut to the ``max_*`` counts."""
+    if spec.train_units == "pairs":
+        train_kind, train_units = "pairs", train.pairs
+    elif spec.train_units == "chosen":  # SFT: the chosen side of each pair, nothing else
+        train_kind, train_units = "rows", [pair.examples()[0] for pair in train.pairs]
+    else:
+        train_kind, train_units = "rows", train.examples
+    val_kind, val_units = ("pairs", val.pairs) if val.pairs else ("rows", val.examples)
+    return (train_kind, train_units[: spec.max_examples]), (val_kind, val_units[: spec.max_val_examples])
+
+
+def unit_record(unit: ControlledExample | PreferencePair) -> dict[str, str]:
+    """One unit as plain strings for Arrow (prompt and controls as JSON)."""
+    if isinstance(unit, PreferencePair):
+        return {
+            "prompt": json.dumps([dict(m) for m in unit.prompt]),
+            "chosen": unit.chosen,
+            "rejected": unit.rejected,
+            "preference": unit.preference,
+            "chosen_control": unit.chosen_control,
+            "rejected_control": unit.rejected_control,
+        }
+    return {
+        "prompt": json.dumps([dict(m) for m in unit.prompt]),
+        "response": unit.response,
+        "controls": json.dumps(dict(unit.controls)),
+    }
+
+
+def features(kind: str, with_prompt: bool, full_lengths: bool) -> Any:
+    """The Arrow columns of a tokenized split: int32 ids (labels are derived from ``response_start``)."""
+    from datasets import Features, Sequence, Value
+
+    def side(prefix: str) -> dict[str, Any]:
+        return {
+            f"{prefix}input_ids": Sequence(Value("int32")),
+            f"{prefix}response_start": Value("int32"),
+            f"{prefix}prefix_pos": Value("int32"),
+            f"{prefix}control_ids": Sequence(Value("int32")),
+        }
+
+    columns = {**side("chosen_"), **side("rejected_")} if kind == "pairs" else side("")
+    columns["length"] = Value("int32")
+    if full_lengths:
+        columns["full_length"] = Value("int32")
+    if with_prompt:
+        columns["prompt"] = Value("string")
+    return Features(columns)
+
+
+class BatchEncoder:
+    """The ``datasets.map`` function: a batch of unit records → tokenized columns, too-long units left out.
+
+    A class, not a closure, so ``num_proc`` workers receive it pickled and ``datasets`` need not hash it.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, schema: dict[str, list[str]], kind: str, with_prompt: bool, full: bool):
+        self.tokenizer, self.max_length, self.schema = tokenizer, max_length, schema
+        self.kind, self.with_prompt, self.full = kind, with_prompt, full
+
+    def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
+        encoder = PromptTokenizer(self.tokenizer, self.max_length)
+        untruncated = PromptTokenizer(self.tokenizer, 1 << 30) if self.full else None
+        schema = ControlSchema.from_dict(self.schema)
+        out: dict[str, list] = {}
+        for i in range(len(batch["prompt"])):
+            prompt = tuple(json.loads(batch["prompt"][i]))
+            examples = self._examples(batch, i, prompt)
+            rows = encoder.tokenize_same_prompt(examples, schema)
+            if rows is None and not self.full:
+                continue
+            if rows is None:  # inspect-data: an empty row that still reports its untruncated length
+                rows = [TokenizedRow((), (), 0, 0, ()) for _ in examples]
+            prefixes = ("chosen_", "rejected_") if self.kind == "pairs" else ("",)
+            for prefix, row in zip(prefixes, rows, strict=True):
+                for name, value in _row_columns(row).items():
+                    out.setdefault(prefix + name, []).append(value)
+            out.setdefault("length", []).append(sum(len(r.input_ids) for r in rows))
+            if untruncated is not None:
+                out.setdefault("full_length", []).append(len(untruncated.tokenize_same_prompt(examples, schema)[0].input_ids))
+            if self.with_prompt:
+                out.setdefault("prompt", []).append(batch["prompt"][i])
+        return out
+
+    def _examples(self, batch: Mapping[str, list], i: int, prompt: tuple[Message, ...]) -> list[ControlledExample]:
+        if self.kind == "pairs":
+            pair = PreferencePair(
+                prompt,
+                batch["chosen"][i],
+                batch["rejected"][i],
+                batch["preference"][i],
+                batch["chosen_control"][i],
+                batch["rejected_control"][i],
+            )
+            return list(pair.examples())
+        return [ControlledExample(prompt, batch["response"][i], json.loads(batch["controls"][i]))]
+
+
+def _row_columns(row: TokenizedRow) -> dict[str, Any]:
+    return {
+        "input_ids": list(row.input_ids),
+        "response_start": row.response_start,
+        "prefix_pos": row.prefix_pos,
+        "control_ids": list(row.control_ids),
+    }
+
+
+def _tokenize_split(
+    units: list, kind: str, encoder: BatchEncoder, work: Path, name: str, num_proc: int | None
+) -> tuple[Any, int]:
+    """``(tokenized dataset, units dropped as too long)`` of one split."""
+    import datasets
+
+    feats = features(kind, encoder.with_prompt, encoder.full)
+    if not units:
+        return datasets.Dataset.from_dict({k: [] for k in feats}, features=feats), 0
+    raw = datasets.Dataset.from_list([unit_record(u) for u in units])
+    tokenized = raw.map(
+        encoder,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= 2 * num_proc else None,
+        remove_columns=raw.column_names,
+        features=feats,
+        cache_file_name=str(work / f"{name}.arrow"),
+        new_fingerprint=f"meet-{name}-{time.time_ns()}",  # the folder's own key decides reuse, not datasets'
+        load_from_cache_file=False,
+        desc=f"tokenizing {name}",
+    )
+    return tokenized, len(raw) - len(tokenized)
+
+
+def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) -> None:
+    """Reads, splits and tokenizes ``spec`` into the folder ``target`` (written elsewhere, renamed into place)."""
+    import datasets
+
+    parsed = [read_source(s) for s in spec.sources]
+    train, val = split_by_prompt(parsed, 0.0 if spec.val_source else spec.val_fraction, spec.seed)
+    lines = [source_line(p) for p in parsed]
+    if spec.val_source is not None:
+        held_out = read_source(spec.val_source)
+        val = Split(list(held_out.examples), list(held_out.pairs))
+        lines.append(source_line(held_out).replace("data: ", "data: validation ", 1))
+    schema = data_schema(parsed)
+    (train_kind, train_units), (val_kind, val_units) = select_units(spec, train, val)
+    del parsed, train, val  # the units hold what is still needed
+    work = target.parent / f"{target.name}.building-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        summary: Counter = Counter()
+        splits = {}
+        for name, kind, units in (("train", train_kind, train_units), ("val", val_kind, val_units)):
+            encoder = BatchEncoder(tokenizer, spec.max_length, schema, kind, with_prompt=name == "val", full=spec.full_lengths)
+            splits[name], dropped = _tokenize_split(units, kind, encoder, work, name, num_proc)
+            if dropped:
+                summary[f"{name}: dropped, a response longer than max_length"] += dropped
+            summary[f"{name}: {kind}"] += len(splits[name])
+        final = work / "data"
+        # datasets cannot load back a saved split of zero rows: an empty split is recorded, not saved
+        datasets.DatasetDict({k: v for k, v in splits.items() if len(v)}).save_to_disk(str(final))
+        meta = {
+            "cache_version": CACHE_VERSION,
+            "kinds": {"train": train_kind, "val": val_kind},
+            "empty": [name for name, split in splits.items() if not len(split)],
+            "full_lengths": spec.full_lengths,
+            "schema": schema,
+            "summary": dict(summary),
+            "source_lines": lines,
+        }
+        (final / "meet_data.json").write_text(json.dumps(meta, indent=2))
+        os.replace(final, target)  # complete or absent: a killed build leaves only its .building folder
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_quietly(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) -> None:
+    """:func:`build` without ``datasets``' progress bars (restored afterwards)."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        build(spec, tokenizer, target, num_proc)
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def load(folder: Path, built: bool, seconds_so_far: float = 0.0) -> TokenizedData:
+    """Memory-maps a finished cache folder."""
+    import datasets
+
+    start = time.perf_counter()
+    meta = json.loads((folder / "meet_data.json").read_text())
+    kinds = meta["kinds"]
+    splits = dict(datasets.load_from_disk(str(folder))) if len(meta["empty"]) < len(kinds) else {}
+    for name in meta["empty"]:
+        feats = features(kinds[name], name == "val", meta["full_lengths"])
+        splits[name] = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+    return TokenizedData(
+        path=folder,
+        train=TokenizedItems(splits["train"], kinds["train"]),
+        val=TokenizedItems(splits["val"], kinds["val"]),
+        schema=meta["schema"],
+        summary=Counter(meta["summary"]),
+        source_lines=list(meta["source_lines"]),
+        built=built,
+        seconds=seconds_so_far + time.perf_counter() - start,
+        meta=meta,
+    )
+
+
+def prepare_tokenized(
+    spec: DataSpec,
+    tokenizer: Any,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TokenizedData:
+    """The tokenized data of ``spec``: reused from ``cache_dir`` when its fingerprint is there, else built.
+
+    Args:
+        spec: Sources and options.
+        tokenizer: The run's tokenizer (prepared by ``models.load_tokenizer``).
+        cache_dir: Parent folder of the cache folders (default :func:`default_cache_dir`).
+        num_proc: ``datasets.map`` worker processes for tokenizing (``None``/1: in this process).
+        log: Told, before a build starts, where it goes (``datasets``' progress bars stay off: an error
+            that stops the build must remain one line).
+
+    Raises:
+        DataError: A source cannot be read (``FILE:ROW: …``); nothing is left behind.
+    """
+    from filelock import FileLock
+
+    start = time.perf_counter()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--data.cache_dir {root}: cannot create it ({err.strerror}) — pass a writable folder") from None
+    target = root / fingerprint(spec, tokenizer)
+    if (target / "meet_data.json").is_file():
+        return load(target, built=False, seconds_so_far=time.perf_counter() - start)
+    with FileLock(str(target) + ".lock"):
+        built = not (target / "meet_data.json").is_file()  # another process may have built it while we waited
+        if built:
+            if log is not None:
+                log(f"data: tokenizing into {target} (first use of this data; later runs reuse it)")
+            build_quietly(spec, tokenizer, target, num_proc)
+        return load(target, built=built, seconds_so_far=time.perf_counter() - start)
+
+
+def iter_val_prompts(items: TokenizedItems, count: int) -> Iterator[list[dict[str, str]]]:
+    """The first ``count`` distinct prompts of a validation split, as chat messages."""
+    seen: set[str] = set()
+    for text in items.column("prompt"):
+        if text not in seen:
+            seen.add(text)
+            yield json.loads(text)
+            if len(seen) >= count:
+                return
