@@ -2,7 +2,7 @@
 
 Each arm is a shipped recipe run through ``python -m meet_lightning fit`` in its own subprocess for a few steps
 (no validation, no sanity check); the numbers are the stage's own per-phase peaks from ``done.json``
-(``peak_rss_gb``: Linux VmHWM reset at each phase boundary), so the training steps' peak and the whole stage's
+(``peak_rss_gb``, GiB: Linux VmHWM reset at each phase boundary, ``MEET_RSS_PER_PHASE=1``), so the training steps' peak and the whole stage's
 peak come from one run. RSS is the process's resident memory (CPU training); on a GPU read the CUDA allocator's
 numbers instead.
 
@@ -69,7 +69,7 @@ def run_arm(name: str, args: list[str], out: Path, model: str, precision: str, c
         "--stage1.trainer.num_sanity_val_steps", "0", "--stage1.trainer.precision", precision,
         "--stage1.model.init_args.gradient_checkpointing", str(checkpointing).lower(),
     ]  # fmt: skip
-    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "MEET_RSS_PER_PHASE": "1"}, capture_output=True)
     done = json.loads((folder / "stage1" / "done.json").read_text())
     return {"arm": name, "precision": precision, "checkpointing": checkpointing, "max_length": max_length, **done}
 

@@ -1,13 +1,16 @@
-"""Peak resident memory of this process, per phase of a run (Linux: ``VmHWM``, reset through ``clear_refs``).
+"""Peak resident memory of this process, per phase of a run (Linux: ``VmHWM`` in ``/proc/self/status``).
 
-Linux keeps a high-water mark of the resident set (``VmHWM`` in ``/proc/self/status``) and resets it to the
-current size when ``5`` is written to ``/proc/self/clear_refs``. Reading the mark and resetting it at each phase
-boundary gives every phase its own peak. Where that is not available the tracker reports nothing rather than a
-number that means something else.
+Linux keeps a high-water mark of the resident set. By default the tracker only reads it at each phase boundary:
+each phase records the mark reached by its end (cumulative), so the first phase whose value equals the stage's
+peak is where the peak happened, and nothing outside changes. ``MEET_RSS_PER_PHASE=1`` also resets the mark at
+each boundary (``5`` written to ``/proc/self/clear_refs``) for every phase's own peak — but then the process's
+``ru_maxrss`` (``/usr/bin/time -v``, a parent's ``getrusage``) covers only the last phase, so it is opt-in.
+Where ``VmHWM`` is not available the tracker reports nothing rather than a number that means something else.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
@@ -35,15 +38,20 @@ def reset_peak_rss() -> bool:
 
 
 class PeakRSSByPhase:
-    """Peak RSS of each named phase: :meth:`enter` closes the current phase (its peak) and opens the next.
+    """Peak RSS by named phase: :meth:`enter` closes the current phase (its peak) and opens the next.
 
-    A phase entered more than once (every training step) keeps its largest peak.
+    A phase entered more than once (every training step) keeps its largest value.
+
+    Args:
+        reset: Reset the high-water mark at each boundary (every phase's own peak; see the module docstring).
+            Default: ``MEET_RSS_PER_PHASE=1`` in the environment.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reset: bool | None = None) -> None:
         self.peaks: dict[str, int] = {}
         self.phase: str | None = None
-        self.supported = peak_rss_bytes() is not None and reset_peak_rss()
+        self.reset = os.environ.get("MEET_RSS_PER_PHASE") == "1" if reset is None else reset
+        self.supported = peak_rss_bytes() is not None and (not self.reset or reset_peak_rss())
 
     def enter(self, phase: str | None) -> None:
         """Ends the current phase and starts ``phase`` (``None``: stop measuring)."""
@@ -52,13 +60,20 @@ class PeakRSSByPhase:
         if self.phase is not None:
             peak = peak_rss_bytes() or 0
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), peak)
-        reset_peak_rss()
+        if self.reset:
+            reset_peak_rss()
         self.phase = phase
 
     def summary(self, steps_phase: str = "train_step") -> dict[str, object]:
-        """``peak_rss_gb`` per phase and ``peak_rss_over_train_step`` (the whole stage's peak / the steps' peak)."""
+        """``peak_rss_gb`` (GiB) per phase, ``peak_rss_per_phase`` (own peaks, or cumulative marks), and
+        ``peak_rss_over_train_step``: the whole stage's peak over the training steps' peak (cumulative marks: over
+        the mark at the end of the steps — 1.0 means no phase after them went higher)."""
         if not self.peaks:
             return {}
         gb = {phase: round(b / 2**30, 3) for phase, b in self.peaks.items()}
         ratio = max(self.peaks.values()) / self.peaks[steps_phase] if self.peaks.get(steps_phase) else None
-        return {"peak_rss_gb": gb, "peak_rss_over_train_step": round(ratio, 3) if ratio else None}
+        return {
+            "peak_rss_gb": gb,
+            "peak_rss_per_phase": "own" if self.reset else "cumulative",
+            "peak_rss_over_train_step": round(ratio, 3) if ratio else None,
+        }

@@ -11,8 +11,8 @@ from meet_lightning.rss import PeakRSSByPhase, peak_rss_bytes
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
-def test_each_phase_has_its_own_peak():
-    tracker = PeakRSSByPhase()
+def test_each_phase_has_its_own_peak_when_asked():
+    tracker = PeakRSSByPhase(reset=True)
     assert tracker.supported
     tracker.enter("small")
     tracker.enter("large")
@@ -26,3 +26,20 @@ def test_each_phase_has_its_own_peak():
     summary = tracker.summary(steps_phase="small")
     assert summary["peak_rss_over_train_step"] > 1 and set(summary["peak_rss_gb"]) == {"small", "large", "after"}
     assert peak_rss_bytes() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_by_default_the_marks_are_cumulative_and_the_process_peak_is_kept():
+    import resource
+
+    tracker = PeakRSSByPhase()
+    tracker.enter("before")
+    tracker.enter("large")
+    block = torch.ones(300 * 2**20 // 4)
+    del block
+    tracker.enter("after")
+    tracker.enter(None)
+    assert tracker.peaks["large"] - tracker.peaks["before"] > 250 * 2**20
+    assert tracker.peaks["after"] == tracker.peaks["large"]  # cumulative: the peak happened in "large"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 >= tracker.peaks["large"]  # nothing was reset
+    assert tracker.summary(steps_phase="large")["peak_rss_per_phase"] == "cumulative"
