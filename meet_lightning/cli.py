@@ -158,7 +158,7 @@ def resolve_config_names(argv: Sequence[str]) -> list[str]:
         name = value.removeprefix("configs/").removesuffix(".yaml")
         if name not in shipped_recipes():
             raise ConfigError(
-                f"--config {value}: no such file and no shipped recipe of that name — pass a path, or one of: {', '.join(shipped_recipes())}"
+                f"--config {value}: file not found, and no shipped recipe has that name — pass a path, or one of: {', '.join(shipped_recipes())}"
             )
         resolved[i + 1] = str(recipes_dir() / f"{name}.yaml")
     return resolved

@@ -33,7 +33,7 @@ def test_an_unknown_config_name_lists_the_shipped_recipes(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", "dmeo"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--config dmeo: no such file" in err and "baselines/dpo" in err
+    assert err.count("\n") == 1 and "--config dmeo: file not found" in err and "baselines/dpo" in err
 
 
 @pytest.fixture(scope="module")
