@@ -18,6 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from meet_lightning.control import ControlTokens, build_control, controlled_response_logps
+from meet_lightning.distributed import unwrapped_name
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
@@ -240,7 +241,10 @@ class MeetModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keeps only trainable tensors, and records the base model and control schema."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        # Every name of a trainable tensor, tied ones too (a tied LM head): FSDP loads checkpoints strictly,
+        # before on_load_checkpoint can fill gaps. Under FSDP the names carry wrapper segments; state-dict keys do not.
+        named = self.named_parameters(remove_duplicate=False)
+        trainable = {unwrapped_name(n) for n, p in named if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["meet"] = {
             "module": f"{type(self).__module__}.{type(self).__name__}",
@@ -263,6 +267,8 @@ class MeetModule(L.LightningModule):
             raise CheckpointError(
                 f"checkpoint control schema {meta['schema']} ≠ this run's {self.schema.to_dict()} — use the same data preferences"
             )
+        if "state_dict" not in checkpoint:  # FSDP loaded (and removed) it before this hook, strictly
+            return
         own = self.state_dict()
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
 
