@@ -95,6 +95,7 @@ class MeetModule(L.LightningModule):
         self.hparams["control"] = self.control.config()  # YAML types only: weights_only loading rebuilds it
         self.schema = ControlSchema.from_dict(control_schema or {})
         self.lm: nn.Module | None = None
+        self._matrices: set[int] = set()  # ids of the ≥ 2-D parameters, recorded before any wrapping
         self.tokenizer: Any = None
         self.base_fingerprint = ""
 
@@ -120,6 +121,9 @@ class MeetModule(L.LightningModule):
         self.configure_trainable()
         if quantization is not None and self.lm_parameters():
             raise ConfigError(f"quantize: nf4 keeps the LM frozen, but {type(self).__name__} trains it — use it in stage 1 only")
+        # FSDP turns every parameter into a flat 1-D shard before configure_optimizers: which are matrices
+        # (decayed) is decided here, on the shapes the model has. The Parameter objects survive the wrap.
+        self._matrices = {id(p) for p in self.parameters() if p.ndim >= 2}
 
     def device_type(self) -> str:
         """``cpu``/``cuda``/…: where the trainer runs this module (``cpu`` outside a trainer)."""
@@ -219,8 +223,8 @@ class MeetModule(L.LightningModule):
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with LM and control parameter groups, linear warm-up then cosine decay per step."""
-        decay = [p for p in self.lm_parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.lm_parameters() if p.ndim < 2]
+        decay = [p for p in self.lm_parameters() if id(p) in self._matrices or p.ndim >= 2]
+        no_decay = [p for p in self.lm_parameters() if not (id(p) in self._matrices or p.ndim >= 2)]
         control_lr = self.hparams.control_lr or self.hparams.lr
         groups = [
             {"params": decay, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay},
