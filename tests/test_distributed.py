@@ -139,9 +139,11 @@ def max_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
     return max(float((ours[k].double() - theirs[k].double()).abs().max()) for k in ours)
 
 
-TOLERANCE = 1e-5
-"""Largest |Δ| allowed between the 2-rank run and one process accumulating the same 2 batches per step (float32:
-the ranks' gradients are summed in another order). Measured: see the test's printed line."""
+TOLERANCE = 1e-6
+"""Largest |Δ| allowed between the 2-rank run and one process accumulating the same 2 batches per step. Measured
+(2026-12, torch 2.13 CPU): exactly 0 for the stage-1 controls, the stage-2 checkpoint and the export — with 2
+ranks FSDP pre-divides each gradient by 2 and sums two terms, which is what accumulation computes. The margin is
+for reduction orders that differ elsewhere (more ranks, another gloo build)."""
 
 
 @pytest.fixture(scope="module")
