@@ -225,3 +225,32 @@ def test_fsdp_overlay_on_two_cpu_ranks_matches_one_process_and_resumes_on_one(tm
     assert json.loads((resumed / "stage2" / "done.json").read_text())["global_step"] == STEPS + 2
     after = torch.load(resumed / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert after.keys() == before.keys() and max_difference(after, before, "resumed") > 0  # it trained on
+
+
+# ------------------------------------------------------------------------------------------ NaN on one rank
+class OtherRankSawNaN:
+    """The strategy seen by a rank whose own gradient shard is finite while another rank's is not."""
+
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        self.asked.append(decision)
+        return False  # `all` over the ranks: the other rank said False
+
+
+def test_gradient_check_stops_every_rank_when_one_shard_holds_a_nan():
+    from types import SimpleNamespace
+
+    from meet_lightning.errors import NumericalError
+    from meet_lightning.reliability import GradientCheck
+
+    layer = nn.Linear(2, 2)
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)  # finite on this rank
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    strategy = OtherRankSawNaN()
+    trainer = SimpleNamespace(strategy=strategy, precision_plugin=None, global_step=4)
+    with pytest.raises(NumericalError, match=r"stage2: NaN/inf gradient at step 5 in another rank's shard"):
+        GradientCheck("stage2").on_before_optimizer_step(trainer, layer, optimizer)
+    assert strategy.asked == [True]  # this rank's own verdict went into the reduction
