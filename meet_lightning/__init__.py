@@ -26,6 +26,7 @@ _EXPORTS = {
     "HybridDPOModule": "meet_lightning.modules.baselines",
     "SampleGenerations": "meet_lightning.callbacks",
     "AlignedModel": "meet_lightning.export",
+    "NoSplitModulesPolicy": "meet_lightning.distributed",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

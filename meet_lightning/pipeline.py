@@ -33,6 +33,7 @@ from meet_lightning.callbacks import MemoryPhases, ThroughputMeter
 from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
+from meet_lightning.distributed import is_sharded
 from meet_lightning.errors import CheckpointError, ConfigError, MeetError
 from meet_lightning.export import SCHEMA_FILE, export_model
 from meet_lightning.formats import SourceConfig
@@ -506,7 +507,14 @@ def run_stage(
     selected = selected_checkpoint(recipe, stage)
     # validating the selected checkpoint loads its weights: the controls written next are the ones reported
     reloaded = str(selected) if selected != last else None
-    validated = cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=reloaded, weights_only=True, verbose=False)
+    if is_sharded(cli.model):
+        # FSDP wrapped the LM's blocks in place, and a second trainer call wraps only a model with no FSDP unit
+        # inside: the root's parameters (embeddings, controls) would stay flat shards. A fresh stage validates.
+        cli = build_stage(recipe, stage, extra, data_extra)
+        reloaded_now = str(selected)
+    else:
+        reloaded_now = reloaded
+    validated = cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=reloaded_now, weights_only=True, verbose=False)
     metrics = {k: float(v) for k, v in (validated or [{}])[0].items()}
     if stage == "stage1":
         write_stage1_controls(cli, out)

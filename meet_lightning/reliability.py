@@ -32,6 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from meet_lightning.distributed import unwrapped_name
 from meet_lightning.errors import ConfigError, NumericalError
 
 FAULT_ENV = "MEET_FAULT"
@@ -356,11 +357,13 @@ class GradientCheck(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
-        named = {id(p): n for n, p in pl_module.named_parameters()}
+        named = {id(p): unwrapped_name(n) for n, p in pl_module.named_parameters()}
         grads = [(p, p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all_finite([g for _, g in grads]):
+        # Under FSDP each rank holds only its shard's gradients: a rank stopping alone would leave the others
+        # waiting in their next collective. Every rank stops when any sees a bad value (a no-op on one device).
+        if trainer.strategy.reduce_boolean_decision(all_finite([g for _, g in grads]), all=True):
             return
-        bad = [named.get(id(p), "?") for p, g in grads if not bool(g.isfinite().all())]
+        bad = [named.get(id(p), "?") for p, g in grads if not bool(g.isfinite().all())] or ["another rank's shard"]
         raise NumericalError(
             f"{self.stage}: NaN/inf gradient at step {trainer.global_step + 1} in {', '.join(bad[:3])}"
             f"{' …' if len(bad) > 3 else ''} — training stopped before the update, the last checkpoint is intact;"

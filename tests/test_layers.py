@@ -22,7 +22,7 @@ CORE = {
     "plots", "peft_export", "model_card", "publish", "rss",
 }  # fmt: skip
 TRAINING = {"data", "modules", "modules.base", "modules.stage1", "modules.stage2", "modules.baselines", "callbacks",
-            "reliability", "pipeline"}  # fmt: skip
+            "reliability", "pipeline", "distributed"}  # fmt: skip
 COMMANDS = {"cli", "inference_cli", "demo", "inspect_data", "__main__"}
 LAYERS = {**dict.fromkeys(CORE, "core"), **dict.fromkeys(TRAINING, "training"), **dict.fromkeys(COMMANDS, "commands")}
 PARSERS = {"ArgumentParser", "OneLineParser"}

@@ -18,6 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from meet_lightning.control import ControlTokens, build_control, controlled_response_logps
+from meet_lightning.distributed import unwrapped_name
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
@@ -94,6 +95,7 @@ class MeetModule(L.LightningModule):
         self.hparams["control"] = self.control.config()  # YAML types only: weights_only loading rebuilds it
         self.schema = ControlSchema.from_dict(control_schema or {})
         self.lm: nn.Module | None = None
+        self._matrices: set[int] = set()  # ids of the ≥ 2-D parameters, recorded before any wrapping
         self.tokenizer: Any = None
         self.base_fingerprint = ""
 
@@ -119,6 +121,9 @@ class MeetModule(L.LightningModule):
         self.configure_trainable()
         if quantization is not None and self.lm_parameters():
             raise ConfigError(f"quantize: nf4 keeps the LM frozen, but {type(self).__name__} trains it — use it in stage 1 only")
+        # FSDP turns every parameter into a flat 1-D shard before configure_optimizers: which are matrices
+        # (decayed) is decided here, on the shapes the model has. The Parameter objects survive the wrap.
+        self._matrices = {id(p) for p in self.parameters() if p.ndim >= 2}
 
     def device_type(self) -> str:
         """``cpu``/``cuda``/…: where the trainer runs this module (``cpu`` outside a trainer)."""
@@ -218,8 +223,8 @@ class MeetModule(L.LightningModule):
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with LM and control parameter groups, linear warm-up then cosine decay per step."""
-        decay = [p for p in self.lm_parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.lm_parameters() if p.ndim < 2]
+        decay = [p for p in self.lm_parameters() if id(p) in self._matrices or p.ndim >= 2]
+        no_decay = [p for p in self.lm_parameters() if not (id(p) in self._matrices or p.ndim >= 2)]
         control_lr = self.hparams.control_lr or self.hparams.lr
         groups = [
             {"params": decay, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay},
@@ -240,7 +245,10 @@ class MeetModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keeps only trainable tensors, and records the base model and control schema."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        # Every name of a trainable tensor, tied ones too (a tied LM head): FSDP loads checkpoints strictly,
+        # before on_load_checkpoint can fill gaps. Under FSDP the names carry wrapper segments; state-dict keys do not.
+        named = self.named_parameters(remove_duplicate=False)
+        trainable = {unwrapped_name(n) for n, p in named if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["meet"] = {
             "module": f"{type(self).__module__}.{type(self).__name__}",
@@ -263,6 +271,8 @@ class MeetModule(L.LightningModule):
             raise CheckpointError(
                 f"checkpoint control schema {meta['schema']} ≠ this run's {self.schema.to_dict()} — use the same data preferences"
             )
+        if "state_dict" not in checkpoint:  # FSDP loaded (and removed) it before this hook, strictly
+            return
         own = self.state_dict()
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
 
