@@ -524,7 +524,7 @@ def run_stage(
     memory.enter(None)
     record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason, **memory.summary()}
     if memory.peaks:
-        log(f"{stage}: peak RSS by phase (GB): " + ", ".join(f"{k} {v}" for k, v in memory.summary()["peak_rss_gb"].items()))
+        log(f"{stage}: peak RSS by phase (GiB): " + ", ".join(f"{k} {v}" for k, v in memory.summary()["peak_rss_gb"].items()))
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(record, indent=2))
     cli.trainer.strategy.barrier()
