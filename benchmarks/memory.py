@@ -8,12 +8,17 @@ numbers instead.
 
     python benchmarks/memory.py --out runs/memory                          # SmolLM2-135M, fp32, ±checkpointing
     python benchmarks/memory.py --out runs/memory_1b --model llama-1b      # a ~1B llama with random weights
-    python benchmarks/memory.py --out runs/memory --precisions 32-true bf16-mixed --max_length 1024
+    python benchmarks/memory.py --out runs/memory_long --long --max_length 1024  # rows that fill max_length
+
+HH's rows are short (most under 400 tokens) and batches are padded to their longest row, so ``--max_length 1024``
+alone measures the same tensors as 384; ``--long`` writes a pairwise file whose rows fill ``max_length`` (HH
+responses joined until long enough), where activation memory, and what checkpointing saves, shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -54,34 +59,70 @@ def llama_1b(folder: Path) -> Path:
     return folder
 
 
+def long_pairs(folder: Path, max_length: int, model: str, pairs: int = 64) -> Path:
+    """A pairwise jsonl whose rows fill ``max_length`` of ``model``'s tokens (joined HH responses; memory only)."""
+    from meet_lightning.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    texts = [json.loads(line)["chosen"].split("Assistant:")[-1].strip() for line in gzip.open(HH, "rt")]
+    path = folder / f"long_{max_length}.jsonl"
+    with path.open("w") as f:
+        for i in range(pairs):
+            # ~0.9 * max_length response tokens: the row fills max_length once the prompt and template are added,
+            # and no response is longer than max_length (those rows are dropped, not cut).
+            ids = []
+            for j in range(i, len(texts), pairs):
+                ids += tokenizer(" " + texts[j], add_special_tokens=False)["input_ids"]
+                if len(ids) >= 0.9 * max_length:
+                    break
+            ids = ids[: int(0.9 * max_length)]
+            chosen, rejected = tokenizer.decode(ids), tokenizer.decode(ids[len(ids) // 2 :] + ids[: len(ids) // 2])
+            f.write(json.dumps({"prompt": f"Question {i}: tell me more.", "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
 def parameter_count(model: str) -> int:
     from meet_lightning.models import load_model
 
     return sum(p.numel() for p in load_model(model).parameters())
 
 
-def run_arm(name: str, args: list[str], out: Path, model: str, precision: str, checkpointing: bool, steps: int, max_length: int) -> dict:
+def run_arm(
+    name: str, args: list[str], out: Path, model: str, data: Path, precision: str, checkpointing: bool, steps: int,
+    max_length: int, batch_size: int | None,
+) -> dict:  # fmt: skip
+    """One arm in its own ``fit`` process; a failed run is a row that says why (the table shows it)."""
     folder = out / f"run_{len(list(out.glob('run_*')))}"
     command = [
-        sys.executable, "-m", "meet_lightning", "fit", *args, "--data.path", str(HH), "--output_dir", str(folder),
+        sys.executable, "-m", "meet_lightning", "fit", *args, "--data.path", str(data), "--output_dir", str(folder),
         "--model_name_or_path", model, "--data.max_length", str(max_length), "--data.max_val_examples", "2",
         "--stage1.trainer.max_steps", str(steps), "--stage1.trainer.val_check_interval", "null",
         "--stage1.trainer.num_sanity_val_steps", "0", "--stage1.trainer.precision", precision,
         "--stage1.model.init_args.gradient_checkpointing", str(checkpointing).lower(),
+        *(["--data.format", "pairwise"] if data != HH else []),
+        *(["--data.batch_size", str(batch_size)] if batch_size else []),
     ]  # fmt: skip
-    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "MEET_RSS_PER_PHASE": "1"}, capture_output=True)
-    done = json.loads((folder / "stage1" / "done.json").read_text())
-    return {"arm": name, "precision": precision, "checkpointing": checkpointing, "max_length": max_length, **done}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEET_RSS_PER_PHASE": "1"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    row = {"arm": name, "precision": precision, "checkpointing": checkpointing, "max_length": max_length, "batch_size": batch_size}
+    if run.returncode != 0:
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        return {**row, "failed": lines[-1] if lines else f"exit {run.returncode}"}
+    return {**row, **json.loads((folder / "stage1" / "done.json").read_text())}
 
 
-def table(rows: list[dict], params: int) -> str:
+def table(rows: list[dict], params: int, data: Path) -> str:
+    batch = rows[0]["batch_size"] or "each recipe's own (8 rows; DPO 4 pairs)"
     lines = [
-        f"parameters: {params:,}",
+        f"parameters: {params:,}; data {data.name}; max_length {rows[0]['max_length']}; batch {batch}",
         "",
         "| arm | precision | checkpointing | train step peak GB | bytes / parameter | whole stage peak GB | stage / step |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['arm']} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | failed: {r['failed'][:120]} | | | |")
+            continue
         step = r["peak_rss_gb"]["train_step"]
         whole = max(r["peak_rss_gb"].values())
         lines.append(
@@ -98,18 +139,24 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["32-true"])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--max_length", type=int, default=384)
+    p.add_argument("--batch_size", type=int, default=None, help="default: each recipe's own (8, DPO 4 pairs)")
+    p.add_argument("--long", action="store_true", help="rows that fill max_length (see above) instead of HH's own")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(llama_1b(args.out / "llama-1b")) if args.model == "llama-1b" else args.model
     params = parameter_count(model)
+    data = long_pairs(args.out, args.max_length, model) if args.long else HH
     rows = []
     for arm in args.arms:
         for precision in args.precisions:
             for checkpointing in (False, True):
-                rows.append(run_arm(arm, ARMS[arm], args.out, model, precision, checkpointing, args.steps, args.max_length))
-                print(json.dumps({k: rows[-1][k] for k in ("arm", "precision", "checkpointing", "peak_rss_gb")}), flush=True)
-    text = table(rows, params)
+                rows.append(run_arm(
+                    arm, ARMS[arm], args.out, model, data, precision, checkpointing, args.steps, args.max_length,
+                    args.batch_size,
+                ))  # fmt: skip
+                print(json.dumps({k: rows[-1].get(k) for k in ("arm", "precision", "checkpointing", "peak_rss_gb", "failed")}), flush=True)
+    text = table(rows, params, data)
     (args.out / "memory.md").write_text(text + "\n")
     (args.out / "memory.json").write_text(json.dumps({"model": model, "parameters": params, "rows": rows}, indent=2))
     print(text)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, 
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import resolve_dtype
 from meet_lightning.stats import mean_interval, words
-from meet_lightning.tokenization import PromptTokenizer, collate_pairs, collate_rows
+from meet_lightning.tokenization import PromptTokenizer, TokenizedRow, collate_pairs, collate_rows
+from meet_lightning.tokenized_cache import DataSpec, TokenizedData, prepare_tokenized
 
 Attribute = Callable[[Sequence[Message], str], float]
 """An attribute function: ``(prompt messages, response) → value`` (word count, a reward, …)."""
@@ -168,34 +169,70 @@ def schema_model_name(model: EvalModel, key: str, flag: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- pairwise metrics
-def pair_controls(model: EvalModel, pair: PreferencePair, good: str | None, bad: str | None) -> tuple[str, str]:
-    """The controls a pair is scored under: ``good`` (preferred mode) for chosen, ``bad`` for rejected."""
-    labels = model.schema.preferences.get(pair.preference)
+def model_preference(model: EvalModel, preference: str) -> str:
+    """``preference``, or the model's only preference when the data has the default name.
+
+    Files without a preference column name theirs ``preference``: a model trained on such a file with
+    ``--data.preference harmless`` should score that file without the flag again.
+    """
+    names = model.schema.preferences if model.has_controls else {}
+    if preference == DEFAULT_PREFERENCE and len(names) == 1 and DEFAULT_PREFERENCE not in names:
+        return next(iter(names))
+    return preference
+
+
+def pair_controls(
+    model: EvalModel, preference: str, chosen: str, rejected: str, good: str | None, bad: str | None
+) -> tuple[str, str]:
+    """The controls a pair is scored under: ``good`` (preferred mode) for chosen, ``bad`` for rejected.
+
+    ``chosen``/``rejected`` are the pair's own labels (the defaults when ``good``/``bad`` are not given).
+    """
+    labels = model.schema.preferences.get(preference)
     if labels is None:
         raise ConfigError(
-            f"the model has no preference {pair.preference!r} (it has {', '.join(model.schema.preferences)}) — pass --data.preference with one of them"
+            f"the model has no preference {preference!r} (it has {', '.join(model.schema.preferences)}) — pass --data.preference with one of them"
         )
-    good = good or pair.chosen_control
+    good = good or chosen
     if bad is None:
         others = [label for label in labels if label != good]
-        bad = others[0] if len(labels) == 2 and len(others) == 1 else pair.rejected_control
+        bad = others[0] if len(labels) == 2 and len(others) == 1 else rejected
     for flag, label in (("--good_control", good), ("--bad_control", bad)):
         if label not in labels:
             raise ConfigError(
-                f"control {label!r} is not one of {pair.preference}'s ({', '.join(labels)}) — pass {flag} with one of them"
+                f"control {label!r} is not one of {preference}'s ({', '.join(labels)}) — pass {flag} with one of them"
             )
     return good, bad
 
 
+RowPair = tuple[TokenizedRow, TokenizedRow]
+
+
+def under_model_controls(
+    model: EvalModel, rows: RowPair, data_schema: ControlSchema, good: str | None, bad: str | None
+) -> RowPair:
+    """A tokenized pair (its ids in ``data_schema``) with the ids of the controls ``model`` scores it under.
+
+    Rows are tokenized without their controls (the model splices them in), so only ``control_ids`` change.
+    """
+    chosen, rejected = rows
+    if not model.has_controls:
+        return replace(chosen, control_ids=()), replace(rejected, control_ids=())
+    ((preference, chosen_label),) = data_schema.decode(chosen.control_ids).items()  # a pair has one preference
+    rejected_label = data_schema.decode(rejected.control_ids)[preference]
+    preference = model_preference(model, preference)
+    good, bad = pair_controls(model, preference, chosen_label, rejected_label, good, bad)
+    return (
+        replace(chosen, control_ids=tuple(model.schema.encode({preference: good}))),
+        replace(rejected, control_ids=tuple(model.schema.encode({preference: bad}))),
+    )
+
+
 def _pair_rows(model: EvalModel, encoder: PromptTokenizer, pair: PreferencePair, good: str | None, bad: str | None):
     """Chosen (under ``good``) and rejected (under ``bad``) rows with one prompt; ``None`` when they do not fit."""
-    if model.has_controls:
-        good, bad = pair_controls(model, pair, good, bad)
-        controls, schema = ({pair.preference: good}, {pair.preference: bad}), model.schema
-    else:
-        controls, schema = ({}, {}), ControlSchema({})
-    sides = [ControlledExample(pair.prompt, r, c) for r, c in zip((pair.chosen, pair.rejected), controls, strict=True)]
-    return encoder.tokenize_same_prompt(sides, schema)
+    schema = ControlSchema.from_dict({pair.preference: [pair.chosen_control, pair.rejected_control]})
+    rows = encoder.tokenize_pair(pair, schema)
+    return None if rows is None else under_model_controls(model, rows, schema, good, bad)
 
 
 @torch.no_grad()
@@ -213,24 +250,57 @@ def score_pairs(
 
     Returns ``chosen_nll`` and ``logp_accuracy`` (preferred mode) for every model, ``control_accuracy`` and
     ``control_margin`` for models with controls, ``dpo_reward_accuracy`` and ``dpo_reward_margin`` when a
-    ``reference`` is given (DPO exports).
+    ``reference`` is given (DPO exports). :func:`score_tokenized` is the same over cached, tokenized pairs.
     """
     encoder = PromptTokenizer(model.tokenizer, max_length)
+    batches = (
+        [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
+        for start in range(0, len(pairs), batch_size)
+    )
+    return _score_batches(model, batches, len(pairs), reference, progress)
+
+
+@torch.no_grad()
+def score_tokenized(
+    model: EvalModel,
+    data: TokenizedData,
+    batch_size: int = 8,
+    good_control: str | None = None,
+    bad_control: str | None = None,
+    reference: nn.Module | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, list[float]], int]:
+    """:func:`score_pairs` over the validation pairs of a :func:`tokenized_pairs` cache (read a batch at a time)."""
+    items, schema = data.val, ControlSchema.from_dict(data.schema)
+    batches = (
+        [
+            under_model_controls(model, rows, schema, good_control, bad_control)
+            for rows in items.__getitems__(range(start, min(start + batch_size, len(items))))
+        ]
+        for start in range(0, len(items), batch_size)
+    )
+    scores, _ = _score_batches(model, batches, len(items), reference, progress)
+    return scores, data.summary.get("val: dropped, a response longer than max_length", 0)
+
+
+def _score_batches(
+    model: EvalModel, batches: Iterable[list[RowPair | None]], total: int, reference: nn.Module | None, progress: bool
+) -> tuple[dict[str, list[float]], int]:
+    """Scores every batch of row pairs (``None``: a pair too long to score, counted)."""
     out: dict[str, list[float]] = {}
     too_long = 0
     bar = None  # drawn once the first batch is built: a bad control choice stays a one-line error
     try:
-        for start in range(0, len(pairs), batch_size):
-            rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
+        for rows in batches:
             if bar is None:
-                bar = tqdm(total=len(pairs), desc="score", unit="pair", disable=not progress, file=sys.stderr)
+                bar = tqdm(total=total, desc="score", unit="pair", disable=not progress, file=sys.stderr)
             bar.update(len(rows))
             too_long += sum(r is None for r in rows)
-            rows = [r for r in rows if r is not None]
-            if not rows:
+            kept = [r for r in rows if r is not None]
+            if not kept:
                 continue
-            batch = {k: v.to(model.device) for k, v in collate_pairs(rows, model.tokenizer.pad_token_id).items()}
-            for name, values in _score_batch(model, batch, len(rows), reference).items():
+            batch = {k: v.to(model.device) for k, v in collate_pairs(kept, model.tokenizer.pad_token_id).items()}
+            for name, values in _score_batch(model, batch, len(kept), reference).items():
                 out.setdefault(name, []).extend(values)
     finally:
         if bar is not None:
@@ -276,17 +346,20 @@ def read_pairs(source: SourceConfig, max_pairs: int | None) -> list[PreferencePa
     return pairs
 
 
-def as_model_preference(model: EvalModel, pairs: list[PreferencePair]) -> list[PreferencePair]:
-    """Pairs under the default preference name, renamed to the model's preference when it has only one.
+def tokenized_pairs(
+    model: EvalModel, source: SourceConfig, max_length: int, max_pairs: int | None, cache_dir: str | None = None
+) -> TokenizedData:
+    """The first ``max_pairs`` pairs of ``source`` tokenized for ``model``, through the tokenized-data cache.
 
-    Files without a preference column name theirs ``preference``: a model trained on such a file with
-    ``--data.preference harmless`` should score that file without the flag again.
+    The same folder serves every model with this tokenizer (controls are spliced in by the model, not written
+    into the rows), so scoring several arms on one file, or the file a run trained on, reads and tokenizes it
+    once. DataError when the source holds no pairs.
     """
-    names = model.schema.preferences if model.has_controls else {}
-    if len(names) != 1 or DEFAULT_PREFERENCE in names:
-        return pairs
-    only = next(iter(names))
-    return [replace(p, preference=only) if p.preference == DEFAULT_PREFERENCE else p for p in pairs]
+    spec = DataSpec(sources=(source,), max_length=max_length, max_val_examples=max_pairs, held_out_only=True)
+    data = prepare_tokenized(spec, model.tokenizer, cache_dir)
+    if not data.val.paired:
+        raise DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")
+    return data
 
 
 def evaluate_pairs(
@@ -299,13 +372,15 @@ def evaluate_pairs(
     bad_control: str | None = None,
     reference_model: str | None = None,
     progress: bool = False,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Pairwise metrics of ``model`` on ``source``, each with its interval and pair count."""
-    pairs = as_model_preference(model, read_pairs(source, max_pairs))
+    data = tokenized_pairs(model, source, max_length, max_pairs, cache_dir)
     reference = load_reference(model, reference_model) if model.is_dpo else None
-    scores, too_long = score_pairs(model, pairs, max_length, batch_size, good_control, bad_control, reference, progress)
+    scores, too_long = score_tokenized(model, data, batch_size, good_control, bad_control, reference, progress)
     metrics: dict[str, Any] = {
         "data": source.path,
+        "data_cache": str(data.path),
         "pairs": len(scores.get("chosen_nll", [])),
         "pairs_skipped_too_long": too_long,
     }

@@ -8,7 +8,7 @@ training rows and is what validation scores with the control classifier.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 Message = Mapping[str, str]
@@ -148,3 +148,8 @@ class ControlSchema:
         if unknown:
             raise ValueError(f"unknown preference {sorted(unknown)[0]!r}; known: {', '.join(self.preferences)}")
         return [self.control_id(p, controls[p]) if p in controls else -1 for p in self.preferences]
+
+    def decode(self, ids: Sequence[int]) -> dict[str, str]:
+        """``{preference: control}`` of :meth:`encode`'s ids (``-1`` entries are left out)."""
+        names = [(pref, label) for pref, labels in self.preferences.items() for label in labels]
+        return dict(names[i] for i in ids if i >= 0)

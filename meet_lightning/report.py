@@ -74,6 +74,8 @@ class EvalData:
     """its preference label (default: the format's)"""
     max_length: int = 512
     """longest row in tokens"""
+    cache_dir: str | None = None
+    """where its tokenized pairs are cached (default $HF_DATASETS_CACHE/meet_lightning)"""
 
 
 @dataclass
@@ -187,6 +189,7 @@ def run_evaluation(options: EvaluateOptions) -> dict[str, Any]:
                 options.bad_control,
                 options.reference_model,
                 options.progress,
+                data.cache_dir,
             )
         )
         if options.reward_model or options.judge:

@@ -78,6 +78,8 @@ class DataSpec:
         max_val_examples: Keep only this many validation units.
         full_lengths: Also store every row's untruncated length, and keep too-long rows as empty rows (length
             0) so that their length counts too (``inspect-data``; never for training).
+        held_out_only: No split and no training units: every unit of ``sources`` is validation data, in source
+            order (``evaluate``: its first ``max_val_examples`` pairs are the file's first pairs).
     """
 
     sources: tuple[SourceConfig, ...]
@@ -89,6 +91,7 @@ class DataSpec:
     max_examples: int | None = None
     max_val_examples: int | None = None
     full_lengths: bool = False
+    held_out_only: bool = False
 
     def __post_init__(self) -> None:
         if self.train_units not in UNITS:
@@ -405,7 +408,11 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
     import datasets
 
     parsed = [read_source(s) for s in spec.sources]
-    train, val = split_by_prompt(parsed, 0.0 if spec.val_source else spec.val_fraction, spec.seed)
+    if spec.held_out_only:  # no shuffle: the order of the sources is kept
+        train = Split()
+        val = Split([e for p in parsed for e in p.examples], [pair for p in parsed for pair in p.pairs])
+    else:
+        train, val = split_by_prompt(parsed, 0.0 if spec.val_source else spec.val_fraction, spec.seed)
     lines = [source_line(p) for p in parsed]
     if spec.val_source is not None:
         held_out = read_source(spec.val_source)

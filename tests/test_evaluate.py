@@ -303,3 +303,25 @@ def test_text_controls_of_different_lengths_score_each_pass_with_its_own_positio
         assert scores["control_margin"][i] == pytest.approx((cg - cb) - (rg - rb), abs=1e-4)
         assert scores["chosen_nll"][i] == pytest.approx(-cg / n_c, abs=1e-5)
         assert scores["logp_accuracy"][i] == float(cg / n_c > rg / n_r)
+
+
+def test_evaluate_scores_through_the_tokenized_cache_like_the_in_memory_path(meet_export, hh, tmp_path):
+    from meet_lightning.evaluate import evaluate_pairs, read_pairs, score_pairs, tokenized_pairs
+    from meet_lightning.formats import SourceConfig
+
+    model = load_for_evaluation(str(meet_export))
+    source = SourceConfig(path=str(hh), preference="harmless")
+    cache = tmp_path / "cache"
+    # batch 1: no padding, so the two paths' numbers are equal, not merely close (4 of the 10 pairs are too long)
+    first = evaluate_pairs(model, source, max_pairs=10, max_length=256, batch_size=1, cache_dir=str(cache))
+    data = tokenized_pairs(model, source, 256, 10, str(cache))
+    assert not data.built and first["data_cache"] == str(data.path)  # the second call memory-maps the first's folder
+    assert data.path.parent == cache
+    # The file's first 10 pairs (no shuffle), scored exactly as the pairs read and tokenized in memory.
+    scores, too_long = score_pairs(model, read_pairs(source, 10), max_length=256, batch_size=1)
+    assert first["pairs"] == len(scores["chosen_nll"]) and first["pairs_skipped_too_long"] == too_long
+    for name in ("control_accuracy", "control_margin", "chosen_nll", "logp_accuracy"):
+        assert first[name] == pytest.approx(sum(scores[name]) / len(scores[name]), abs=1e-6)
+    other = evaluate_pairs(model, source, 10, 256, batch_size=1, good_control="bad", cache_dir=str(cache))
+    assert other["data_cache"] == first["data_cache"]  # other controls, same tokenized rows
+    assert other["control_accuracy"] == pytest.approx(1 - first["control_accuracy"])
