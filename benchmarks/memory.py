@@ -2,13 +2,16 @@
 
 Each arm is a shipped recipe run through ``python -m meet_lightning fit`` in its own subprocess for a few steps
 (no validation, no sanity check); the numbers are the stage's own per-phase peaks from ``done.json``
-(``peak_rss_gb``, GiB: Linux VmHWM reset at each phase boundary, ``MEET_RSS_PER_PHASE=1``), so the training steps' peak and the whole stage's
-peak come from one run. RSS is the process's resident memory (CPU training); on a GPU read the CUDA allocator's
-numbers instead.
+(``peak_rss_gb``, GiB: Linux VmHWM reset at each phase boundary, ``MEET_RSS_PER_PHASE=1``), so the training
+steps' peak and the whole stage's peak come from one run. RSS is the process's resident memory (CPU training); on
+a GPU read the CUDA allocator's numbers instead. ``s / step`` is the stage's ``train_seconds`` over its steps (the
+first step's warm-up included): a number only when nothing else runs on the machine.
 
     python benchmarks/memory.py --out runs/memory                          # SmolLM2-135M, fp32, ±checkpointing
     python benchmarks/memory.py --out runs/memory_1b --model llama-1b      # a ~1B llama with random weights
     python benchmarks/memory.py --out runs/memory_long --long --max_length 1024  # rows that fill max_length
+    python benchmarks/memory.py --out runs/memory_opt --arms "stage 2 (full fine-tuning + controls)" \
+        --checkpointing off --steps 6 --optimizers adamw adamw_foreach adamw_fused
 
 HH's rows are short (most under 400 tokens) and batches are padded to their longest row, so ``--max_length 1024``
 alone measures the same tensors as 384; ``--long`` writes a pairwise file whose rows fill ``max_length`` (HH
@@ -21,8 +24,11 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,28 +93,41 @@ def parameter_count(model: str) -> int:
     return sum(p.numel() for p in load_model(model).parameters())
 
 
-def run_arm(
-    name: str, args: list[str], out: Path, model: str, data: Path, precision: str, checkpointing: bool, steps: int,
-    max_length: int, batch_size: int | None,
-) -> dict:  # fmt: skip
+@dataclass(frozen=True)
+class Arm:
+    """One measured run: a recipe and the settings that change its memory."""
+
+    name: str
+    precision: str
+    checkpointing: bool
+    optimizer: str
+
+
+def run_arm(arm: Arm, out: Path, model: str, data: Path, args: argparse.Namespace) -> dict:
     """One arm in its own ``fit`` process; a failed run is a row that says why (the table shows it)."""
-    folder = out / f"run_{len(list(out.glob('run_*')))}"
+    folder = out / f"run_{list(ARMS).index(arm.name)}_{arm.precision}_{'ckpt' if arm.checkpointing else 'nockpt'}_{arm.optimizer}"
     command = [
-        sys.executable, "-m", "meet_lightning", "fit", *args, "--data.path", str(data), "--output_dir", str(folder),
-        "--model_name_or_path", model, "--data.max_length", str(max_length), "--data.max_val_examples", "2",
-        "--stage1.trainer.max_steps", str(steps), "--stage1.trainer.val_check_interval", "null",
-        "--stage1.trainer.num_sanity_val_steps", "0", "--stage1.trainer.precision", precision,
-        "--stage1.model.init_args.gradient_checkpointing", str(checkpointing).lower(),
+        sys.executable, "-m", "meet_lightning", "fit", *ARMS[arm.name], "--data.path", str(data),
+        "--output_dir", str(folder), "--model_name_or_path", model, "--data.max_length", str(args.max_length),
+        "--data.max_val_examples", "2", "--stage1.trainer.max_steps", str(args.steps),
+        "--stage1.trainer.val_check_interval", "null", "--stage1.trainer.num_sanity_val_steps", "0",
+        "--stage1.trainer.precision", arm.precision,
+        "--stage1.model.init_args.gradient_checkpointing", str(arm.checkpointing).lower(),
+        "--stage1.model.init_args.optimizer", arm.optimizer,
         *(["--data.format", "pairwise"] if data != HH else []),
-        *(["--data.batch_size", str(batch_size)] if batch_size else []),
+        *(["--data.batch_size", str(args.batch_size)] if args.batch_size else []),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEET_RSS_PER_PHASE": "1"}
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    row = {"arm": name, "precision": precision, "checkpointing": checkpointing, "max_length": max_length, "batch_size": batch_size}
+    row = {**asdict(arm), "arm": arm.name, "max_length": args.max_length, "batch_size": args.batch_size}
     if run.returncode != 0:
         lines = [line for line in run.stderr.splitlines() if line.strip()]
-        return {**row, "failed": lines[-1] if lines else f"exit {run.returncode}"}
-    return {**row, **json.loads((folder / "stage1" / "done.json").read_text())}
+        row["failed"] = lines[-1] if lines else f"exit {run.returncode}"
+    else:
+        row.update(json.loads((folder / "stage1" / "done.json").read_text()))
+    if not args.keep:  # a 1B stage-2 run leaves ~17 GB of checkpoint and export behind
+        shutil.rmtree(folder, ignore_errors=True)
+    return row
 
 
 def table(rows: list[dict], params: int, data: Path) -> str:
@@ -116,18 +135,20 @@ def table(rows: list[dict], params: int, data: Path) -> str:
     lines = [
         f"parameters: {params:,}; data {data.name}; max_length {rows[0]['max_length']}; batch {batch}",
         "",
-        "| arm | precision | checkpointing | train step peak GB | bytes / parameter | whole stage peak GB | stage / step |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | precision | checkpointing | optimizer | train step peak GB | bytes / parameter | whole stage peak GB"
+        " | stage / step | s / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        head = f"| {r['arm']} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {r['optimizer']} |"
         if "failed" in r:
-            lines.append(f"| {r['arm']} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | failed: {r['failed'][:120]} | | | |")
+            lines.append(f"{head} failed: {r['failed'][:120]} | | | | |")
             continue
         step = r["peak_rss_gb"]["train_step"]
         whole = max(r["peak_rss_gb"].values())
         lines.append(
-            f"| {r['arm']} | {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {step:.2f} |"
-            f" {step * 2**30 / params:.1f} | {whole:.2f} | {r['peak_rss_over_train_step']:.2f} |"
+            f"{head} {step:.2f} | {step * 2**30 / params:.1f} | {whole:.2f} | {r['peak_rss_over_train_step']:.2f} |"
+            f" {r['train_seconds'] / max(r['global_step'], 1):.1f} |"
         )
     return "\n".join(lines)
 
@@ -142,20 +163,19 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=None, help="default: each recipe's own (8, DPO 4 pairs)")
     p.add_argument("--long", action="store_true", help="rows that fill max_length (see above) instead of HH's own")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--keep", action="store_true", help="keep each run's folder (checkpoints, export)")
+    p.add_argument("--optimizers", nargs="+", default=["adamw"], help="model.init_args.optimizer values to compare")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(llama_1b(args.out / "llama-1b")) if args.model == "llama-1b" else args.model
     params = parameter_count(model)
     data = long_pairs(args.out, args.max_length, model) if args.long else HH
     rows = []
-    for arm in args.arms:
-        for precision in args.precisions:
-            for checkpointing in (False, True):
-                rows.append(run_arm(
-                    arm, ARMS[arm], args.out, model, data, precision, checkpointing, args.steps, args.max_length,
-                    args.batch_size,
-                ))  # fmt: skip
-                print(json.dumps({k: rows[-1].get(k) for k in ("arm", "precision", "checkpointing", "peak_rss_gb", "failed")}), flush=True)
+    for name, precision, checkpointing, optimizer in product(args.arms, args.precisions, args.checkpointing, args.optimizers):
+        rows.append(run_arm(Arm(name, precision, checkpointing == "on", optimizer), args.out, model, data, args))
+        keys = ("arm", "precision", "checkpointing", "optimizer", "peak_rss_gb", "train_seconds", "failed")
+        print(json.dumps({k: rows[-1].get(k) for k in keys}), flush=True)
     text = table(rows, params, data)
     (args.out / "memory.md").write_text(text + "\n")
     (args.out / "memory.json").write_text(json.dumps({"model": model, "parameters": params, "rows": rows}, indent=2))
