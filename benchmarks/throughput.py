@@ -28,7 +28,7 @@ pair in the same batch, so pairs/s = rows/s ÷ 2. MFU = model FLOPs ÷ the matmu
 measured here (median of 5 timings of a 4096² matmul at the run's thread count, in bf16 or fp32 as the arms run).
 Model FLOPs per processed token (data + control tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
 full fine-tuning, 2 for a frozen LM that back-propagates to its inputs, 1 for a reference forward; plus
-``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``,
+``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``, ``--forward-chunks``,
 ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best setting.
 """
 
@@ -243,14 +243,22 @@ def step_flops(dims: Mapping[str, int], k: int, reference: bool, lengths: Sequen
     return (k + (1 if reference else 0)) * (forward + head)
 
 
-def batch_stats(mask: Any, inserted: Sequence[int], logit_positions: int) -> dict[str, Any]:
-    """Real tokens, rows, padded slots and processed row lengths of a right-padded batch (mask (B, L))."""
+def batch_stats(mask: Any, inserted: Sequence[int], logit_positions: int, chunks: int = 1) -> dict[str, Any]:
+    """Real tokens, rows, padded slots and processed row lengths of a right-padded batch (mask (B, L)).
+
+    ``slots`` are the data positions the forward passes compute: with ``chunks`` > 1 the library runs the rows
+    in length chunks (``forward_chunks``), each padded to its own longest row; control positions are not slots.
+    """
+    from meet_lightning.control import length_chunks
+
     real = mask.sum(1).tolist()
+    lengths = [int(r) + int(c) for r, c in zip(real, inserted, strict=True)]
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in length_chunks(lengths, chunks))
     return {
         "tokens": int(sum(real)),
         "rows": int(mask.shape[0]),
-        "slots": int(mask.numel()),
-        "lengths": [int(r) + int(c) for r, c in zip(real, inserted, strict=True)],
+        "slots": int(padded - sum(inserted)),
+        "lengths": lengths,
         "logit_positions": int(logit_positions),
     }
 
@@ -341,23 +349,20 @@ def library_levers(all_logits: bool) -> Iterator[None]:
         control_module.response_token_logps = original
 
 
-def build_library_module(arm: str, model: str, schema: dict, dpo_precompute: bool):
+def build_library_module(arm: str, model: str, schema: dict, levers: Mapping[str, Any]):
     """The LightningModule and control of a library arm, with the recipes' settings (warm-up off)."""
     from meet_lightning import ControlTokenModule, DPOModule, JointFinetuneModule, LoRAControl, PromptTuningControl
 
     prompt = partial(PromptTuningControl, num_tokens=PROMPT_TOKENS, init="vocab")
+    common = {"lr": LEARNING_RATES[arm], "forward_chunks": levers["forward_chunks"]}
     builders: dict[str, Callable[[], Any]] = {
-        "stage1_prompt": lambda: ControlTokenModule(model, prompt(placement="prefix"), schema, lr=LEARNING_RATES[arm]),
+        "stage1_prompt": lambda: ControlTokenModule(model, prompt(placement="prefix"), schema, **common),
         "stage1_lora": lambda: ControlTokenModule(
-            model, LoRAControl(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]), schema, lr=LEARNING_RATES[arm]
+            model, LoRAControl(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]), schema, **common
         ),
-        "stage2_prefix": lambda: JointFinetuneModule(
-            model, prompt(placement="prefix"), schema, lr=LEARNING_RATES[arm], control_lr=CONTROL_LR
-        ),
-        "stage2_infix": lambda: JointFinetuneModule(
-            model, prompt(placement="infix"), schema, lr=LEARNING_RATES[arm], control_lr=CONTROL_LR
-        ),
-        "meet_dpo": lambda: DPOModule(model, None, schema, lr=LEARNING_RATES[arm], beta=0.1, precompute_reference=dpo_precompute),
+        "stage2_prefix": lambda: JointFinetuneModule(model, prompt(placement="prefix"), schema, control_lr=CONTROL_LR, **common),
+        "stage2_infix": lambda: JointFinetuneModule(model, prompt(placement="infix"), schema, control_lr=CONTROL_LR, **common),
+        "meet_dpo": lambda: DPOModule(model, None, schema, beta=0.1, precompute_reference=levers["dpo_precompute"], **common),
     }
     return builders[arm]()
 
@@ -388,7 +393,8 @@ def lightning_recorder(all_logits: bool):
             mask = batch["attention_mask"]
             labelled = int((batch["labels"] != -100).sum())
             positions = int(mask.sum()) + sum(inserted) - mask.shape[0] if all_logits else labelled
-            self.steps.append({"end": end, "loss": loss, **batch_stats(mask, inserted, positions)})
+            chunks = pl_module.hparams.forward_chunks
+            self.steps.append({"end": end, "loss": loss, **batch_stats(mask, inserted, positions, chunks)})
 
     return StepRecorder()
 
@@ -447,6 +453,7 @@ def library_settings(module: Any, data: Any, trainer: Any, levers: Mapping[str, 
         group_by_length=data.group_by_length,
         all_logits=levers["all_logits"],
         compiled=levers["compile"],
+        forward_chunks=module.hparams.forward_chunks,
         precompute_reference=getattr(module.hparams, "precompute_reference", None),
         reference_cache_hits=getattr(module, "reference_cache_hits", None),  # pairs scored from the cache
     )
@@ -461,7 +468,7 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     heldout = spec["heldout_file"] if accuracy else None
     data = make_datamodule(settings, spec["train_file"], heldout, levers["group_by_length"], spec["accuracy_pairs"])
     L.seed_everything(SEED, verbose=False)  # right before the module is built, like the pipeline
-    module = build_library_module(arm, settings["model"], data.control_schema, levers["dpo_precompute"])
+    module = build_library_module(arm, settings["model"], data.control_schema, levers)
     module.configure_model()  # Lightning's own call is then a no-op; the compile lever needs the LM now
     if levers["compile"]:
         module.lm.get_decoder().compile(dynamic=True)
@@ -1118,6 +1125,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--all-logits", action="store_true", help="lever off: library arms compute logits on every position")
     parser.add_argument("--no-group-by-length", action="store_true", help="lever off: random batches instead of length-grouped")
     parser.add_argument("--compile", action="store_true", help="lever on: torch.compile the library arms' decoder")
+    parser.add_argument(
+        "--forward-chunks", type=int, default=4, help="library arms' forward_chunks (1: lever off, one padded pass per batch)"
+    )
     parser.add_argument("--dpo-precompute", action="store_true", help="both DPO arms cache reference log-probs before training")
     parser.add_argument("--in-process", action="store_true", help="run arms in this process (tests; peak RSS is then shared)")
     parser.add_argument("--peak-size", type=int, default=4096, help=argparse.SUPPRESS)
@@ -1179,6 +1189,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "group_by_length": not args.no_group_by_length,
         "compile": args.compile,
         "dpo_precompute": args.dpo_precompute,
+        "forward_chunks": args.forward_chunks,
     }
     workdir = Path(tempfile.mkdtemp(prefix="meet-throughput-"))
     start = time.perf_counter()

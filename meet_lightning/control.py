@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import importlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -402,22 +402,75 @@ class LoRAControl(ControlTokens):
             self._active = None
 
 
+def length_chunks(lengths: Sequence[int], max_chunks: int) -> list[list[int]]:
+    """Row indices in at most ``max_chunks`` groups, cut where the fewest padding tokens remain.
+
+    Rows sorted by length are split into contiguous groups minimising ``Σ rows(group) × longest(group)``, the
+    tokens a forward pass of each group computes (an exact dynamic programme; a batch is at most a few hundred
+    rows). Every group is non-empty; ``max_chunks`` 1 gives one group of every row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, k = len(order), max(1, min(max_chunks, len(order)))
+    sorted_lengths = [lengths[i] for i in order]
+    # cost[c][j]: fewest computed tokens for the j shortest rows in c groups; cut[c][j]: where its last group starts
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for c in range(1, k + 1):
+        for j in range(1, n + 1):
+            for i in range(c - 1, j):
+                value = cost[c - 1][i] + (j - i) * sorted_lengths[j - 1]
+                if value < cost[c][j]:
+                    cost[c][j], cut[c][j] = value, i
+    best = min(range(1, k + 1), key=lambda c: (cost[c][n], c))  # fewest groups among the cheapest
+    groups, j = [], n
+    for c in range(best, 0, -1):
+        groups.append(order[cut[c][j] : j])
+        j = cut[c][j]
+    return groups[::-1]
+
+
 def controlled_response_logps(
     lm: nn.Module,
     control: ControlTokens,
     batch: Mapping[str, torch.Tensor],
     control_ids: torch.Tensor | None = None,
     fp32_head: bool = False,
+    chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
 
     ``fp32_head`` computes the LM head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
+    ``chunks`` > 1 runs the rows in up to that many forward passes of similar length (:func:`length_chunks`),
+    each padded only to its own longest row: less padding computed, the same values (rows never attend to each
+    other; right padding is cut, not moved).
 
     Returns:
         ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
     """
     controls = batch["control_ids"] if control_ids is None else control_ids
     ids, mask, labels = control.insert({**batch, "control_ids": controls})  # (B, T)
+    if chunks <= 1 or ids.shape[0] < 2:
+        return _response_logps(lm, control, ids, mask, labels, controls, fp32_head)
+    width = ids.shape[1] - 1
+    positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    ends = (mask.bool() * positions).amax(-1)  # (B,) one past each row's last real token
+    picked = torch.zeros(ids.shape[0], width, dtype=torch.bool, device=ids.device)  # (B, T-1)
+    parts, order = [], []
+    for rows in length_chunks(ends.tolist(), chunks):
+        index, t = torch.tensor(rows, device=ids.device), max(int(ends[rows].max()), 2)
+        part, part_mask = _response_logps(
+            lm, control, ids[index, :t], mask[index, :t], labels[index, :t], controls[index], fp32_head
+        )  # (b, t-1) each
+        parts.append(torch.nn.functional.pad(part, (0, width - (t - 1))))
+        picked[index, : t - 1] = part_mask
+        order += rows
+    logps = torch.cat(parts)[torch.argsort(torch.tensor(order, device=ids.device))]  # back to the batch's row order
+    return logps, picked
+
+
+def _response_logps(lm, control, ids, mask, labels, controls, fp32_head) -> tuple[torch.Tensor, torch.Tensor]:
     embeds = control.embed(lm.get_input_embeddings(), ids)  # (B, T, H)
     with control.route(controls):
         hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
@@ -425,14 +478,15 @@ def controlled_response_logps(
 
 
 def plain_logps(
-    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False
+    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False, chunks: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
 
-    ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
+    ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`);
+    ``chunks``: as in :func:`controlled_response_logps`.
     """
     no_controls = torch.full_like(batch["control_ids"], -1)
-    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head)
+    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head, chunks)
 
 
 def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlTokens:

@@ -379,7 +379,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def describe(self) -> str:
         """One line per source (rows read, pairs, skipped with reasons) and the tokenization summary."""
         lines = list(self.prepared.source_lines) if not self.streaming else []
-        lines.append("data: " + ", ".join(f"{key} {n}" for key, n in sorted(self.summary.items())))
+        # keys are "split: what" ("train: pairs", "val: dropped, a response longer than max_length")
+        counts = (f"{key.replace(': ', f': {n} ', 1)}" for key, n in sorted(self.summary.items()))
+        lines.append("data: " + "; ".join(counts))
         return "\n".join(lines)
 
     # ------------------------------------------------------------- dataloaders

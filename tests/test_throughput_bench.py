@@ -94,6 +94,15 @@ def test_all_logits_lever_changes_cost_not_loss(tmp_path, shared_data):
     assert sum(s["logit_positions"] for s in full["windows"][0]["steps_raw"]) > base_positions
 
 
+def test_forward_chunks_lever_changes_padding_not_loss(tmp_path, shared_data):
+    one = run_benchmark(tmp_path, shared_data, ["stage2_prefix"], "--forward-chunks", "1")["arms"]["stage2_prefix"]
+    four = run_benchmark(tmp_path, shared_data, ["stage2_prefix"])["arms"]["stage2_prefix"]
+    assert (one["settings"]["forward_chunks"], four["settings"]["forward_chunks"]) == (1, 4)
+    assert four["losses"][0][0] == pytest.approx(one["losses"][0][0], abs=1e-5)
+    assert one["windows"][0]["tokens"] == four["windows"][0]["tokens"]  # the same batches
+    assert 0 <= four["padding_fraction"] < one["padding_fraction"]
+
+
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install -e .[bench])")
 def test_trl_arms_and_ratios(tmp_path, shared_data):
     arms = [*bench.TRL_ARMS, "stage1_prompt", "stage2_prefix", "stage2_infix"]

@@ -51,6 +51,10 @@ class MeetModule(L.LightningModule):
             ``adamw_8bit`` (bitsandbytes, where it supports the device).
         quantize: ``nf4`` loads the frozen LM in 4 bits through bitsandbytes (stage 1 only: the LM must not
             train; needs a CUDA GPU); ``None`` keeps ``dtype``.
+        forward_chunks: Up to this many forward passes per batch: the rows sorted by length and cut where the
+            fewest padding tokens remain, each pass padded only to its own longest row. Same loss and gradients
+            with less padding computed (pairs are padded to their batch's longest row otherwise); 1 = one pass
+            (on an accelerator, where a pass of few rows may underuse it, measure before raising it further).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class MeetModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         optimizer: str = "adamw",
         quantize: str | None = None,
+        forward_chunks: int = 4,
     ) -> None:
         super().__init__()
         problems = [
@@ -86,6 +91,7 @@ class MeetModule(L.LightningModule):
                 f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)} — set model.init_args.optimizer",
             ),
             (quantize not in (None, "nf4"), f"quantize {quantize!r} is not nf4 or null — set model.init_args.quantize"),
+            (forward_chunks < 1, f"forward_chunks {forward_chunks} must be ≥ 1 — set model.init_args.forward_chunks"),
         ]
         messages = [m for failed, m in problems if failed]
         if messages:
@@ -154,7 +160,9 @@ class MeetModule(L.LightningModule):
             ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
         """
         # scoring (validation, test) takes the head in fp32: close pairs must not be decided by bf16 rounding
-        return controlled_response_logps(self.lm, self.control, batch, control_ids, fp32_head=not self.training)
+        return controlled_response_logps(
+            self.lm, self.control, batch, control_ids, fp32_head=not self.training, chunks=self.hparams.forward_chunks
+        )
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The training objective: response-only NLL under each row's controls. Override for new objectives.

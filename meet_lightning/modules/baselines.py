@@ -98,7 +98,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights are loaded in.
         trust_remote_code: Allow the model's own code from the hub.
-        gradient_checkpointing, optimizer, quantize: As in :class:`~meet_lightning.modules.base.MeetModule`.
+        gradient_checkpointing, optimizer, quantize, forward_chunks: As in :class:`~meet_lightning.modules.base.MeetModule`.
     """
 
     def __init__(
@@ -116,6 +116,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         gradient_checkpointing: bool = False,
         optimizer: str = "adamw",
         quantize: str | None = None,
+        forward_chunks: int = 4,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -131,6 +132,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
             gradient_checkpointing=gradient_checkpointing,
             optimizer=optimizer,
             quantize=quantize,
+            forward_chunks=forward_chunks,
         )
         check_plain(self)
 
@@ -145,14 +147,14 @@ class SFTModule(_PlainPairMetrics, MeetModule):
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """NLL of the chosen responses (the whole batch, or the chosen half of a paired batch)."""
-        token_logps, mask = plain_logps(self.lm, batch)  # (B, T-1)
+        token_logps, mask = plain_logps(self.lm, batch, chunks=self.hparams.forward_chunks)  # (B, T-1)
         if "num_pairs" in batch:
             pairs = int(batch["num_pairs"])
             token_logps, mask = token_logps[:pairs], mask[:pairs]
         return {"loss": nll(token_logps, mask)}
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
-        token_logps, mask = plain_logps(self.lm, batch, fp32_head=True)
+        token_logps, mask = plain_logps(self.lm, batch, fp32_head=True, chunks=self.hparams.forward_chunks)
         if "num_pairs" not in batch:
             self.log(f"{split}/loss", nll(token_logps, mask), batch_size=mask.shape[0], sync_dist=True, prog_bar=True)
             return
@@ -190,7 +192,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights (and the reference) are loaded in.
         trust_remote_code: Allow the model's own code from the hub.
-        gradient_checkpointing, optimizer, quantize: As in :class:`~meet_lightning.modules.base.MeetModule`.
+        gradient_checkpointing, optimizer, quantize, forward_chunks: As in :class:`~meet_lightning.modules.base.MeetModule`.
         beta: DPO temperature: strength of the implicit KL penalty to the reference.
         precompute_reference: Cache reference log-probs per pair instead of keeping a second model.
     """
@@ -212,6 +214,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         gradient_checkpointing: bool = False,
         optimizer: str = "adamw",
         quantize: str | None = None,
+        forward_chunks: int = 4,
     ) -> None:
         if not beta > 0:
             raise ConfigError(f"beta {beta} must be > 0 — set model.init_args.beta (e.g. 0.1)")
@@ -229,6 +232,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             gradient_checkpointing=gradient_checkpointing,
             optimizer=optimizer,
             quantize=quantize,
+            forward_chunks=forward_chunks,
         )
         check_plain(self)
         self.reference_cache: dict[str, tuple[float, float]] = {}
@@ -277,7 +281,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         was_training = lm.training
         lm.eval()
         try:
-            return sequence_logps(*plain_logps(lm, batch, fp32_head))
+            return sequence_logps(*plain_logps(lm, batch, fp32_head, self.hparams.forward_chunks))
         finally:
             lm.train(was_training)
 
@@ -343,7 +347,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
     def dpo_terms(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """DPO loss, implicit rewards and the plain per-token log-probs of a paired batch."""
         pairs = require_pairs(batch, type(self).__name__)
-        token_logps, mask = plain_logps(self.lm, batch, fp32_head=not self.training)  # (2B, T-1)
+        token_logps, mask = plain_logps(self.lm, batch, fp32_head=not self.training, chunks=self.hparams.forward_chunks)  # (2B, T-1)
         policy = sequence_logps(token_logps, mask)  # (2B,) [chosen; rejected]
         reference_chosen, reference_rejected = self.reference_logps(batch)
         loss, chosen_reward, rejected_reward = dpo_loss(
@@ -362,7 +366,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         if "num_pairs" not in batch:  # pointwise validation data: NLL only
-            token_logps, mask = plain_logps(self.lm, batch, fp32_head=True)
+            token_logps, mask = plain_logps(self.lm, batch, fp32_head=True, chunks=self.hparams.forward_chunks)
             self.log(f"{split}/chosen_nll", response_nll(token_logps, mask).mean(), batch_size=mask.shape[0], sync_dist=True)
             return
         terms = self.dpo_terms(batch)
@@ -441,6 +445,7 @@ class HybridDPOModule(JointFinetuneModule):
         gradient_checkpointing: bool = False,
         optimizer: str = "adamw",
         quantize: str | None = None,
+        forward_chunks: int = 4,
     ) -> None:
         problems = [
             m
@@ -470,6 +475,7 @@ class HybridDPOModule(JointFinetuneModule):
             gradient_checkpointing=gradient_checkpointing,
             optimizer=optimizer,
             quantize=quantize,
+            forward_chunks=forward_chunks,
         )
 
     @override

@@ -45,6 +45,7 @@ class JointFinetuneModule(MeetModule):
         gradient_checkpointing: bool = False,
         optimizer: str = "adamw",
         quantize: str | None = None,
+        forward_chunks: int = 4,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -60,6 +61,7 @@ class JointFinetuneModule(MeetModule):
             gradient_checkpointing=gradient_checkpointing,
             optimizer=optimizer,
             quantize=quantize,
+            forward_chunks=forward_chunks,
         )
 
     @override

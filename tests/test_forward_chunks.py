@@ -1,0 +1,109 @@
+"""Forward passes in length chunks (``forward_chunks``): less padding computed, the same loss and gradients."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from meet_lightning.control import LoRAControl, PromptTuningControl, length_chunks
+from meet_lightning.data import PreferenceDataModule
+from meet_lightning.modules import DPOModule, JointFinetuneModule
+
+CONTROLS = {
+    "prefix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="prefix"),
+    "infix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="infix"),
+    "lora": lambda: LoRAControl(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+}
+
+
+def computed(lengths, groups):
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def brute_force(lengths, k):
+    """Fewest computed tokens over every split of the sorted rows into at most k contiguous groups."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = computed(lengths, [order])
+    for c in range(1, min(k, len(order))):
+        for cuts in itertools.combinations(range(1, len(order)), c):
+            bounds = (0, *cuts, len(order))
+            best = min(best, computed(lengths, [order[a:b] for a, b in itertools.pairwise(bounds)]))
+    return best
+
+
+def test_length_chunks_is_the_cheapest_split_and_covers_every_row_once():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+        k = rng.randint(1, 4)
+        groups = length_chunks(lengths, k)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert 1 <= len(groups) <= k and all(groups)
+        assert computed(lengths, groups) == brute_force(lengths, k)
+    assert length_chunks([5, 3, 9], 1) == [[1, 0, 2]]
+
+
+@pytest.fixture(scope="module")
+def paired(shared_data):
+    data = PreferenceDataModule(
+        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
+        preference="harmless",
+        model_name_or_path="tiny-debug",
+        max_length=128,
+        batch_size=4,
+        pair_batches=True,
+        max_examples=16,
+        max_val_examples=2,
+    )
+    data.setup("fit")
+    return data.control_schema, next(iter(data.train_dataloader()))
+
+
+def step(module, batch):
+    """Loss, every gradient, and the tokens the decoder computed (rows × padded length, summed over passes)."""
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.control.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0.0, 0.1)
+    module.train()
+    shapes = []
+    hook = module.lm.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+    loss = module.compute_loss(batch)["loss"]
+    loss.backward()
+    hook.remove()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(b * t for b, t in shapes)
+
+
+def build(kind, control_name, schema, chunks):
+    torch.manual_seed(0)
+    if kind == "dpo":
+        return DPOModule("tiny-debug", None, schema, precompute_reference=False, forward_chunks=chunks)
+    return JointFinetuneModule("tiny-debug", CONTROLS[control_name](), schema, forward_chunks=chunks)
+
+
+@pytest.mark.parametrize(("kind", "control_name"), [("stage2", "prefix"), ("stage2", "infix"), ("stage2", "lora"), ("dpo", None)])
+def test_chunked_forward_keeps_loss_and_gradients_and_computes_less_padding(kind, control_name, paired):
+    schema, batch = paired
+    loss, grads, tokens = step(build(kind, control_name, schema, 1), batch)
+    chunked_loss, chunked_grads, chunked_tokens = step(build(kind, control_name, schema, 4), batch)
+    real = int(batch["attention_mask"].sum())
+    assert real < chunked_tokens < tokens  # the batch had padding, and chunking computed less of it
+    torch.testing.assert_close(chunked_loss, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == chunked_grads.keys() and grads
+    for name, grad in grads.items():
+        # fp32 sums in another order (other shapes): equal to ~1e-6 of the largest entry
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_forward_chunks_below_one_is_refused_naming_the_flag():
+    from meet_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="forward_chunks 0 must be ≥ 1 — set model.init_args.forward_chunks"):
+        JointFinetuneModule("tiny-debug", None, {"harmless": ["good", "bad"]}, forward_chunks=0)
