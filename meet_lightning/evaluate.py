@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,9 @@ Attribute = Callable[[Sequence[Message], str], float]
 Judge = Callable[[Sequence[Message], str, str], float]
 """A judge: ``(prompt, response, reference) → 1.0`` if the response wins, ``0.5`` on a tie, ``0.0`` if it loses
 (any value in between is read as the probability that it wins)."""
+
+CHUNKS = 4
+"""Forward passes per scored batch, cut by length (:func:`~meet_lightning.control.length_chunks`): less padding."""
 
 NO_CONTROL = "none"
 """Name of the mode without any control (plain generation)."""
@@ -253,11 +256,9 @@ def score_pairs(
     ``reference`` is given (DPO exports). :func:`score_tokenized` is the same over cached, tokenized pairs.
     """
     encoder = PromptTokenizer(model.tokenizer, max_length)
-    batches = (
-        [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs[start : start + batch_size]]
-        for start in range(0, len(pairs), batch_size)
-    )
-    return _score_batches(model, batches, len(pairs), reference, progress)
+    rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs]
+    lengths = [len(r[0].input_ids) + len(r[1].input_ids) if r else 0 for r in rows]
+    return _score_sorted(model, lambda index: [rows[i] for i in index], lengths, batch_size, reference, progress)
 
 
 @torch.no_grad()
@@ -272,49 +273,61 @@ def score_tokenized(
 ) -> tuple[dict[str, list[float]], int]:
     """:func:`score_pairs` over the validation pairs of a :func:`tokenized_pairs` cache (read a batch at a time)."""
     items, schema = data.val, ControlSchema.from_dict(data.schema)
-    batches = (
-        [
-            under_model_controls(model, rows, schema, good_control, bad_control)
-            for rows in items.__getitems__(range(start, min(start + batch_size, len(items))))
-        ]
-        for start in range(0, len(items), batch_size)
-    )
-    scores, _ = _score_batches(model, batches, len(items), reference, progress)
+
+    def fetch(index: list[int]) -> list[RowPair]:
+        return [under_model_controls(model, rows, schema, good_control, bad_control) for rows in items.__getitems__(index)]
+
+    scores, _ = _score_sorted(model, fetch, items.lengths(), batch_size, reference, progress)
     return scores, data.summary.get("val: dropped, a response longer than max_length", 0)
 
 
-def _score_batches(
-    model: EvalModel, batches: Iterable[list[RowPair | None]], total: int, reference: nn.Module | None, progress: bool
+def _score_sorted(
+    model: EvalModel,
+    fetch: Callable[[list[int]], list[RowPair | None]],
+    lengths: Sequence[int],
+    batch_size: int,
+    reference: nn.Module | None,
+    progress: bool,
 ) -> tuple[dict[str, list[float]], int]:
-    """Scores every batch of row pairs (``None``: a pair too long to score, counted)."""
+    """Scores pairs in batches of similar length, returned in the pairs' own order (``None``: too long, counted).
+
+    Sorting by length leaves little padding in a batch; the per-pair values keep the input order, so two models
+    scored on one file stay paired item by item.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: dict[str, list[float]] = {}
+    scored: list[int] = []  # the input position of each value, in the order computed
     too_long = 0
     bar = None  # drawn once the first batch is built: a bad control choice stays a one-line error
     try:
-        for rows in batches:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            rows = fetch(index)
             if bar is None:
-                bar = tqdm(total=total, desc="score", unit="pair", disable=not progress, file=sys.stderr)
+                bar = tqdm(total=len(order), desc="score", unit="pair", disable=not progress, file=sys.stderr)
             bar.update(len(rows))
             too_long += sum(r is None for r in rows)
-            kept = [r for r in rows if r is not None]
+            kept = [(i, r) for i, r in zip(index, rows, strict=True) if r is not None]
             if not kept:
                 continue
-            batch = {k: v.to(model.device) for k, v in collate_pairs(kept, model.tokenizer.pad_token_id).items()}
-            for name, values in _score_batch(model, batch, len(kept), reference).items():
+            scored += [i for i, _ in kept]
+            batch = collate_pairs([r for _, r in kept], model.tokenizer.pad_token_id)
+            for name, values in _score_batch(model, {k: v.to(model.device) for k, v in batch.items()}, len(kept), reference).items():
                 out.setdefault(name, []).extend(values)
     finally:
         if bar is not None:
             bar.close()
-    return out, too_long
+    back = sorted(range(len(scored)), key=scored.__getitem__)
+    return {name: [values[j] for j in back] for name, values in out.items()}, too_long
 
 
 def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True)  # chosen|good, rejected|bad
+        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True, chunks=CHUNKS)  # chosen|good, rejected|bad
         ids = batch["control_ids"]
         swapped = torch.cat([ids[n:], ids[:n]])
-        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, swapped, fp32_head=True)
+        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, swapped, fp32_head=True, chunks=CHUNKS)
         # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
         own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])
@@ -324,14 +337,14 @@ def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, re
         policy = torch.cat([own[:n], other[n:]])  # both responses under the good control
         counts = torch.cat([own_mask[:n].sum(-1), other_mask[n:].sum(-1)])
     else:
-        tokens, mask = plain_logps(model.lm, batch, fp32_head=True)
+        tokens, mask = plain_logps(model.lm, batch, fp32_head=True, chunks=CHUNKS)
         policy, counts = sequence_logps(tokens, mask), mask.sum(-1)
     per_token = policy / counts.clamp(min=1)  # (2B,) [chosen; rejected] mean log-prob per token
     scores["chosen_nll"] = (-per_token[:n]).tolist()  # response_nll of the chosen side
     scores["logp_accuracy"] = pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
     if reference is not None:
         beta = float(model.info.get("dpo_beta", 1.0))
-        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True))
+        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True, chunks=CHUNKS))
         chosen_reward, rejected_reward = beta * (policy[:n] - base[:n]), beta * (policy[n:] - base[n:])
         scores["dpo_reward_accuracy"] = pairwise_accuracy(chosen_reward, rejected_reward).tolist()
         scores["dpo_reward_margin"] = (chosen_reward - rejected_reward).tolist()

@@ -325,3 +325,19 @@ def test_evaluate_scores_through_the_tokenized_cache_like_the_in_memory_path(mee
     other = evaluate_pairs(model, source, 10, 256, batch_size=1, good_control="bad", cache_dir=str(cache))
     assert other["data_cache"] == first["data_cache"]  # other controls, same tokenized rows
     assert other["control_accuracy"] == pytest.approx(1 - first["control_accuracy"])
+
+
+def test_scores_come_back_in_the_pairs_order_although_batches_are_length_sorted(meet_export, hh):
+    from meet_lightning.evaluate import read_pairs, score_pairs
+    from meet_lightning.formats import SourceConfig
+
+    model = load_for_evaluation(str(meet_export))
+    pairs = read_pairs(SourceConfig(path=str(hh), preference="harmless"), 12)
+    one_by_one, _ = score_pairs(model, pairs, max_length=384, batch_size=1)
+    sorted_batches, _ = score_pairs(model, pairs, max_length=384, batch_size=4)
+    margins = one_by_one["control_margin"]
+    ordered = sorted(margins)
+    assert len(margins) >= 8 and min(b - a for a, b in zip(ordered, ordered[1:])) > 1e-2  # a permutation would show
+    # other batch shapes sum response log-probs (~-500) in another order: fp32 noise of ~1e-4, far below the
+    # gaps between pairs (≥ 0.01 here) that a wrong order would show
+    torch.testing.assert_close(torch.tensor(sorted_batches["control_margin"]), torch.tensor(margins), rtol=0, atol=1e-3)
