@@ -248,8 +248,14 @@ def score_pairs(
     bad_control: str | None = None,
     reference: nn.Module | None = None,
     progress: bool = False,
+    sort_by_length: bool = True,
+    chunks: int = CHUNKS,
 ) -> tuple[dict[str, list[float]], int]:
     """Per-pair scores, and the number of pairs too long to score (``progress``: pairs scored and pairs/s on stderr).
+
+    ``sort_by_length`` batches pairs of similar length (values still come back in the pairs' order) and
+    ``chunks`` cuts each forward by length (:data:`CHUNKS`); both only save padding (``False``/``1``: the plain
+    batches, the benchmark's baseline).
 
     Returns ``chosen_nll`` and ``logp_accuracy`` (preferred mode) for every model, ``control_accuracy`` and
     ``control_margin`` for models with controls, ``dpo_reward_accuracy`` and ``dpo_reward_margin`` when a
@@ -258,7 +264,8 @@ def score_pairs(
     encoder = PromptTokenizer(model.tokenizer, max_length)
     rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs]
     lengths = [len(r[0].input_ids) + len(r[1].input_ids) if r else 0 for r in rows]
-    return _score_sorted(model, lambda index: [rows[i] for i in index], lengths, batch_size, reference, progress)
+    lengths = lengths if sort_by_length else [0] * len(rows)  # a stable sort of equal keys keeps the input order
+    return _score_sorted(model, lambda index: [rows[i] for i in index], lengths, batch_size, reference, progress, chunks)
 
 
 @torch.no_grad()
@@ -288,6 +295,7 @@ def _score_sorted(
     batch_size: int,
     reference: nn.Module | None,
     progress: bool,
+    chunks: int = CHUNKS,
 ) -> tuple[dict[str, list[float]], int]:
     """Scores pairs in batches of similar length, returned in the pairs' own order (``None``: too long, counted).
 
@@ -312,7 +320,8 @@ def _score_sorted(
                 continue
             scored += [i for i, _ in kept]
             batch = collate_pairs([r for _, r in kept], model.tokenizer.pad_token_id)
-            for name, values in _score_batch(model, {k: v.to(model.device) for k, v in batch.items()}, len(kept), reference).items():
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            for name, values in _score_batch(model, batch, len(kept), reference, chunks).items():
                 out.setdefault(name, []).extend(values)
     finally:
         if bar is not None:
@@ -321,13 +330,15 @@ def _score_sorted(
     return {name: [values[j] for j in back] for name, values in out.items()}, too_long
 
 
-def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None) -> dict[str, list]:
+def _score_batch(
+    model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None, chunks: int
+) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True, chunks=CHUNKS)  # chosen|good, rejected|bad
+        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True, chunks=chunks)  # chosen|good, rejected|bad
         ids = batch["control_ids"]
         swapped = torch.cat([ids[n:], ids[:n]])
-        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, swapped, fp32_head=True, chunks=CHUNKS)
+        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, swapped, fp32_head=True, chunks=chunks)
         # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
         own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])
@@ -337,14 +348,14 @@ def _score_batch(model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, re
         policy = torch.cat([own[:n], other[n:]])  # both responses under the good control
         counts = torch.cat([own_mask[:n].sum(-1), other_mask[n:].sum(-1)])
     else:
-        tokens, mask = plain_logps(model.lm, batch, fp32_head=True, chunks=CHUNKS)
+        tokens, mask = plain_logps(model.lm, batch, fp32_head=True, chunks=chunks)
         policy, counts = sequence_logps(tokens, mask), mask.sum(-1)
     per_token = policy / counts.clamp(min=1)  # (2B,) [chosen; rejected] mean log-prob per token
     scores["chosen_nll"] = (-per_token[:n]).tolist()  # response_nll of the chosen side
     scores["logp_accuracy"] = pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
     if reference is not None:
         beta = float(model.info.get("dpo_beta", 1.0))
-        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True, chunks=CHUNKS))
+        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True, chunks=chunks))
         chosen_reward, rejected_reward = beta * (policy[:n] - base[:n]), beta * (policy[n:] - base[n:])
         scores["dpo_reward_accuracy"] = pairwise_accuracy(chosen_reward, rejected_reward).tolist()
         scores["dpo_reward_margin"] = (chosen_reward - rejected_reward).tolist()

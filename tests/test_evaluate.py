@@ -337,7 +337,7 @@ def test_scores_come_back_in_the_pairs_order_although_batches_are_length_sorted(
     sorted_batches, _ = score_pairs(model, pairs, max_length=384, batch_size=4)
     margins = one_by_one["control_margin"]
     ordered = sorted(margins)
-    assert len(margins) >= 8 and min(b - a for a, b in zip(ordered, ordered[1:])) > 1e-2  # a permutation would show
+    assert len(margins) >= 8 and min(b - a for a, b in zip(ordered, ordered[1:], strict=False)) > 1e-2  # a permutation would show
     # other batch shapes sum response log-probs (~-500) in another order: fp32 noise of ~1e-4, far below the
     # gaps between pairs (≥ 0.01 here) that a wrong order would show
     torch.testing.assert_close(torch.tensor(sorted_batches["control_margin"]), torch.tensor(margins), rtol=0, atol=1e-3)

@@ -28,7 +28,7 @@ HAS_TRL = importlib.util.find_spec("trl") is not None
 QUICK = [
     "--model", "tiny-debug", "--steps", "2", "--warmup-steps", "1", "--windows", "1", "--threads", "1",
     "--in-process", "--peak-size", "256", "--pool-pairs", "16", "--accuracy-pairs", "4", "--max-length", "512",
-    "--gen-tokens", "8",
+    "--gen-tokens", "8", "--scoring-pairs", "8",
 ]  # fmt: skip
 KEYS = (
     "stage2_vs_trl_dpo_pairs_per_s",
@@ -42,6 +42,10 @@ KEYS = (
     "stage2_prefix_control_accuracy",
     "stage2_infix_control_accuracy",
     "generation_vs_transformers_tokens_per_s",
+    "generation_vs_transformers_tokens_per_s_batch1",
+    "generation_vs_transformers_tokens_per_s_batch8",
+    "scoring_speedup_vs_fp32",
+    "scoring_vs_transformers_pairs_per_s",
 )
 
 
@@ -69,8 +73,8 @@ def check_arm(arm: dict, steps: int = 3) -> None:
     assert arm["loss_fell"], arm["losses"]
 
 
-def test_library_arms_and_generation(tmp_path, shared_data):
-    arms = [*bench.LIBRARY_ARMS, "generation"]
+def test_library_arms_generation_and_scoring(tmp_path, shared_data):
+    arms = [*bench.LIBRARY_ARMS, "generation", "scoring"]
     summary = run_benchmark(tmp_path, shared_data, arms)
     assert set(KEYS) <= set(summary)
     for name in bench.LIBRARY_ARMS:
@@ -81,6 +85,12 @@ def test_library_arms_and_generation(tmp_path, shared_data):
     assert summary["arms"]["generation"]["settings"]["dtype"] == "float32"
     assert 0 <= summary["stage2_prefix_control_accuracy"] <= 1 and 0 <= summary["stage2_infix_control_accuracy"] <= 1
     assert summary["generation_vs_transformers_tokens_per_s"] > 0
+    assert summary["generation_vs_transformers_tokens_per_s_batch1"] > 0
+    scoring = summary["arms"]["scoring"]
+    assert summary["scoring_speedup_vs_fp32"] > 0 and summary["scoring_vs_transformers_pairs_per_s"] > 0
+    assert scoring["settings"]["pairs"] == 8 and set(scoring["pairs_per_s"]) == {"meet", "fp32_unsorted", "transformers"}
+    # all three compute the same control margins (fp32 here): the plain transformers rewrite is a fair comparison
+    assert max(scoring["max_margin_gap_vs_fp32"].values()) < 1e-3
     assert summary["arms"]["generation"]["identical_outputs"] == 1.0  # same model, same greedy settings
     assert summary["stage2_vs_trl_dpo_pairs_per_s"] is None  # TRL arms not asked for
 
