@@ -407,7 +407,8 @@ def length_chunks(lengths: Sequence[int], max_chunks: int) -> list[list[int]]:
 
     Rows sorted by length are split into contiguous groups minimising ``Σ rows(group) × longest(group)``, the
     tokens a forward pass of each group computes (an exact dynamic programme; a batch is at most a few hundred
-    rows). Every group is non-empty; ``max_chunks`` 1 gives one group of every row.
+    rows). Always ``min(max_chunks, rows)`` non-empty groups, so ranks with equal batch sizes run equally many
+    passes; ``max_chunks`` 1 gives one group of every row.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n, k = len(order), max(1, min(max_chunks, len(order)))
@@ -423,9 +424,10 @@ def length_chunks(lengths: Sequence[int], max_chunks: int) -> list[list[int]]:
                 value = cost[c - 1][i] + (j - i) * sorted_lengths[j - 1]
                 if value < cost[c][j]:
                     cost[c][j], cut[c][j] = value, i
-    best = min(range(1, k + 1), key=lambda c: (cost[c][n], c))  # fewest groups among the cheapest
+    # Exactly k groups, never fewer (splitting a group never computes more): under FSDP every rank must run
+    # the same number of forward passes, or the ranks' all-gathers pair up wrongly and hang.
     groups, j = [], n
-    for c in range(best, 0, -1):
+    for c in range(k, 0, -1):
         groups.append(order[cut[c][j] : j])
         j = cut[c][j]
     return groups[::-1]

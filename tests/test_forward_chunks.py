@@ -41,7 +41,7 @@ def test_length_chunks_is_the_cheapest_split_and_covers_every_row_once():
         k = rng.randint(1, 4)
         groups = length_chunks(lengths, k)
         assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        assert 1 <= len(groups) <= k and all(groups)
+        assert len(groups) == min(k, len(lengths)) and all(groups)  # as many passes on every rank (FSDP)
         assert computed(lengths, groups) == brute_force(lengths, k)
     assert length_chunks([5, 3, 9], 1) == [[1, 0, 2]]
 
