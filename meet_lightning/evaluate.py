@@ -362,11 +362,16 @@ def _score_batch(
     return scores
 
 
+def no_pairs(source: SourceConfig) -> DataError:
+    """The error of a source that holds no pairs to score."""
+    return DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")
+
+
 def read_pairs(source: SourceConfig, max_pairs: int | None) -> list[PreferencePair]:
     """The first ``max_pairs`` pairs of ``source``; DataError when it holds none."""
     pairs = read_source(source).pairs[:max_pairs]
     if not pairs:
-        raise DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")
+        raise no_pairs(source)
     return pairs
 
 
@@ -382,7 +387,7 @@ def tokenized_pairs(
     spec = DataSpec(sources=(source,), max_length=max_length, max_val_examples=max_pairs, held_out_only=True)
     data = prepare_tokenized(spec, model.tokenizer, cache_dir)
     if not data.val.paired:
-        raise DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")
+        raise no_pairs(source)
     return data
 
 
