@@ -64,7 +64,8 @@ def test_gradient_checkpointing_keeps_the_loss_and_every_gradient(stage, control
     schema, data = batch
     loss, grads, runs = loss_and_grads(MODULES[stage], control_name, schema, data)
     ckpt_loss, ckpt_grads, ckpt_runs = loss_and_grads(MODULES[stage], control_name, schema, data, gradient_checkpointing=True)
-    assert (runs, ckpt_runs) == (1, 2)  # the layer was recomputed in backward: checkpointing was on
+    # the layer ran once per forward chunk, and again for each in backward: checkpointing was on
+    assert runs >= 1 and ckpt_runs == 2 * runs
     torch.testing.assert_close(ckpt_loss, loss, rtol=0, atol=1e-6)
     assert grads.keys() == ckpt_grads.keys() and any(n.startswith("control.") for n in grads)
     for name, grad in grads.items():
