@@ -40,8 +40,9 @@ ARMS = {
 }
 
 
-def llama_1b(folder: Path) -> Path:
-    """A ~1.1B-parameter llama (TinyLlama's shape) with random weights and SmolLM2's tokenizer, saved once."""
+def llama_1b(folder: Path, tokenizer_from: str = "smollm2-135m-instruct") -> Path:
+    """A ~1.1B-parameter llama (TinyLlama's shape) with random weights and ``tokenizer_from``'s tokenizer (SmolLM2's
+    by default; a folder holding only its tokenizer files does too), saved once."""
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -49,7 +50,7 @@ def llama_1b(folder: Path) -> Path:
 
     from meet_lightning.models import load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(tokenizer_from)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=True,

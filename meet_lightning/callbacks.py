@@ -20,14 +20,21 @@ class ThroughputMeter(Callback):
     The totals travel in the checkpoint, so a stage resumed after a crash reports its whole run, not only the
     last process (time between the crash and the restart is not counted).
 
+    The stage's first batch pays one-off costs (kernel selection, CUDA context, compilation), so the rate after
+    it is reported too: on a GPU that is the number to compare, on a short run the first step can dominate.
+
     Attributes:
         tokens: Non-pad tokens of every training batch seen (control tokens not counted).
         seconds: Wall time from the first to the last training batch of each process, summed.
+        first_tokens: Tokens of the stage's first batch.
+        first_seconds: Wall time of the stage's first batch.
     """
 
     def __init__(self) -> None:
         self.tokens = 0
         self.seconds = 0.0
+        self.first_tokens = 0
+        self.first_seconds = 0.0
         self._earlier = 0.0  # seconds of the processes before this one (from the checkpoint)
         self._start: float | None = None
 
@@ -38,22 +45,35 @@ class ThroughputMeter(Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        first = self.tokens == 0
         self.tokens += int(batch["attention_mask"].sum())
         self.seconds = self._earlier + time.perf_counter() - self._start
+        if first:
+            self.first_tokens, self.first_seconds = self.tokens, self.seconds
 
     @override
     def state_dict(self) -> dict[str, float]:
-        return {"tokens": self.tokens, "seconds": self.seconds}
+        return {"tokens": self.tokens, "seconds": self.seconds, "first_tokens": self.first_tokens, "first_seconds": self.first_seconds}
 
     @override
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.tokens = int(state_dict["tokens"])
         self.seconds = self._earlier = float(state_dict["seconds"])
+        self.first_tokens = int(state_dict.get("first_tokens", 0))  # checkpoints written before it was recorded
+        self.first_seconds = float(state_dict.get("first_seconds", 0.0))
 
     def summary(self) -> dict[str, float]:
-        """``train_tokens``, ``train_seconds`` and ``train_tokens_per_s`` of the stage."""
+        """``train_tokens``, ``train_seconds``, ``train_tokens_per_s`` of the stage, and
+        ``train_tokens_per_s_after_first_step`` (0 when the stage ran a single step)."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
-        return {"train_tokens": self.tokens, "train_seconds": round(self.seconds, 2), "train_tokens_per_s": round(rate, 1)}
+        later = self.seconds - self.first_seconds
+        steady = (self.tokens - self.first_tokens) / later if later > 0 else 0.0
+        return {
+            "train_tokens": self.tokens,
+            "train_seconds": round(self.seconds, 2),
+            "train_tokens_per_s": round(rate, 1),
+            "train_tokens_per_s_after_first_step": round(steady, 1),
+        }
 
 
 class MemoryPhases(Callback):

@@ -440,10 +440,11 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
 def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print) -> Path:
     """Exports the last stage of a finished run (its selected checkpoint) to ``output_dir/export``.
 
-    The module class comes from the recipe (which the user wrote), never from the checkpoint file.
+    The module class comes from the recipe (which the user wrote), never from the checkpoint file. A stage that
+    trained on a 4-bit base (``quantize: nf4``) exports its full-precision base with the trained controls.
     """
     stage = active_stages(recipe)[-1]
-    module: MeetModule = build_stage(recipe, stage).model
+    module: MeetModule = build_stage(recipe, stage, {"quantize": None}).model
     restore_module(module, selected_checkpoint(recipe, stage))
     folder = Path(recipe["output_dir"]) / "export"
     export_model(
@@ -523,8 +524,9 @@ def run_stage(
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     memory.enter(None)
     record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason, **memory.summary()}
-    if memory.peaks:
-        log(f"{stage}: peak RSS by phase (GiB): " + ", ".join(f"{k} {v}" for k, v in memory.summary()["peak_rss_gb"].items()))
+    for key, what in (("peak_rss_gb", "peak RSS"), ("peak_cuda_gb", "peak CUDA memory")):
+        if key in record:
+            log(f"{stage}: {what} by phase (GiB): " + ", ".join(f"{k} {v}" for k, v in record[key].items()))
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(record, indent=2))
     cli.trainer.strategy.barrier()

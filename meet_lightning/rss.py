@@ -6,12 +6,18 @@ peak is where the peak happened, and nothing outside changes. ``MEET_RSS_PER_PHA
 each boundary (``5`` written to ``/proc/self/clear_refs``) for every phase's own peak — but then the process's
 ``ru_maxrss`` (``/usr/bin/time -v``, a parent's ``getrusage``) covers only the last phase, so it is opt-in.
 Where ``VmHWM`` is not available the tracker reports nothing rather than a number that means something else.
+
+On a CUDA device the resident set says little about the training step: the tracker also records the CUDA
+caching allocator's peak of allocated bytes per phase (``torch.cuda.max_memory_allocated``, reset at every
+boundary, so each phase has its own peak).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -37,6 +43,11 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def cuda_in_use() -> bool:
+    """Whether this process has initialised CUDA (its allocator's statistics mean something)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 class PeakRSSByPhase:
     """Peak RSS by named phase: :meth:`enter` closes the current phase (its peak) and opens the next.
 
@@ -49,13 +60,19 @@ class PeakRSSByPhase:
 
     def __init__(self, reset: bool | None = None) -> None:
         self.peaks: dict[str, int] = {}
+        self.cuda_peaks: dict[str, int] = {}
         self.phase: str | None = None
         self.reset = os.environ.get("MEET_RSS_PER_PHASE") == "1" if reset is None else reset
         self.supported = peak_rss_bytes() is not None and (not self.reset or reset_peak_rss())
 
     def enter(self, phase: str | None) -> None:
         """Ends the current phase and starts ``phase`` (``None``: stop measuring)."""
+        if cuda_in_use():
+            if self.phase is not None:
+                self.cuda_peaks[self.phase] = max(self.cuda_peaks.get(self.phase, 0), torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         if not self.supported:
+            self.phase = phase
             return
         if self.phase is not None:
             peak = peak_rss_bytes() or 0
@@ -67,13 +84,22 @@ class PeakRSSByPhase:
     def summary(self, steps_phase: str = "train_step") -> dict[str, object]:
         """``peak_rss_gb`` (GiB) per phase, ``peak_rss_per_phase`` (own peaks, or cumulative marks), and
         ``peak_rss_over_train_step``: the whole stage's peak over the training steps' peak (cumulative marks: over
-        the mark at the end of the steps — 1.0 means no phase after them went higher)."""
-        if not self.peaks:
-            return {}
-        gb = {phase: round(b / 2**30, 3) for phase, b in self.peaks.items()}
-        ratio = max(self.peaks.values()) / self.peaks[steps_phase] if self.peaks.get(steps_phase) else None
-        return {
-            "peak_rss_gb": gb,
-            "peak_rss_per_phase": "own" if self.reset else "cumulative",
-            "peak_rss_over_train_step": round(ratio, 3) if ratio else None,
-        }
+        the mark at the end of the steps — 1.0 means no phase after them went higher). On CUDA also
+        ``peak_cuda_gb`` (each phase's own allocator peak) and ``peak_cuda_over_train_step``."""
+        summary: dict[str, object] = {}
+        if self.peaks:
+            summary.update(peak_rss_gb=gib(self.peaks), peak_rss_per_phase="own" if self.reset else "cumulative")
+            summary["peak_rss_over_train_step"] = peak_ratio(self.peaks, steps_phase)
+        if self.cuda_peaks:
+            summary.update(peak_cuda_gb=gib(self.cuda_peaks), peak_cuda_over_train_step=peak_ratio(self.cuda_peaks, steps_phase))
+        return summary
+
+
+def gib(peaks: dict[str, int]) -> dict[str, float]:
+    """Bytes per phase in GiB, rounded for a report."""
+    return {phase: round(b / 2**30, 3) for phase, b in peaks.items()}
+
+
+def peak_ratio(peaks: dict[str, int], steps_phase: str) -> float | None:
+    """The largest phase's peak over ``steps_phase``'s (None when that phase never ran)."""
+    return round(max(peaks.values()) / peaks[steps_phase], 3) if peaks.get(steps_phase) else None

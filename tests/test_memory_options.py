@@ -144,3 +144,36 @@ def test_stage2_in_bf16_true_starts_from_stage1_and_exports(tmp_path, shared_dat
     assert main(args) == 0
     assert json.loads((out / "stage2" / "done.json").read_text())["precision"] == "bf16-true"
     assert AlignedModel.from_pretrained(out / "export", dtype="float32").generate(["Hi"], control="good", max_new_tokens=4)
+
+
+def test_a_4bit_stage_fingerprints_the_full_precision_base(batch):
+    """A quantized LM's packed weights fingerprint as another model: stage 2 would refuse stage 1's controls."""
+    from meet_lightning.models import load_model, model_fingerprint
+
+    schema, _ = batch
+    full = model_fingerprint(load_model("tiny-debug"))
+    module = ControlTokenModule("tiny-debug", CONTROLS["prefix"](), schema, quantize="nf4")
+    packed = load_model("tiny-debug")
+    with torch.no_grad():  # stands in for the quantized copy: same names, other values
+        for p in packed.parameters():
+            p.mul_(0.5)
+    assert model_fingerprint(packed) != full
+    assert module.fingerprint_base(packed) == full
+    assert ControlTokenModule("tiny-debug", CONTROLS["prefix"](), schema).fingerprint_base(packed) != full
+
+
+def test_the_export_of_a_4bit_stage_holds_the_full_precision_base(tmp_path, shared_data):
+    """The export is built without quantization (on a CPU, building a 4-bit stage again would stop the export)."""
+    import yaml
+
+    from meet_lightning.cli import main
+    from meet_lightning.export import AlignedModel
+    from meet_lightning.pipeline import export_run
+
+    out = tmp_path / "run"
+    args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(out), "--stage2.model", "null"]
+    assert main([*args, "--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz")]) == 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    recipe["stage1"]["model"]["init_args"]["quantize"] = "nf4"  # as a CUDA run that trained on a 4-bit base wrote it
+    export_run(recipe, {}, log=lambda line: None)
+    assert AlignedModel.from_pretrained(out / "export", dtype="float32").generate(["Hi"], control="good", max_new_tokens=4)

@@ -43,3 +43,25 @@ def test_by_default_the_marks_are_cumulative_and_the_process_peak_is_kept():
     assert tracker.peaks["after"] == tracker.peaks["large"]  # cumulative: the peak happened in "large"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 >= tracker.peaks["large"]  # nothing was reset
     assert tracker.summary(steps_phase="large")["peak_rss_per_phase"] == "cumulative"
+
+
+def test_on_cuda_each_phase_records_its_own_allocator_peak(monkeypatch):
+    """The allocator's peak is read and reset at every boundary (faked here: this machine has no GPU)."""
+    import meet_lightning.rss as rss
+
+    allocated = {"peak": 0}
+    monkeypatch.setattr(rss, "cuda_in_use", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=0))
+    tracker = PeakRSSByPhase()
+    tracker.enter("load")
+    allocated["peak"] = 3 * 2**30
+    tracker.enter("train_step")
+    allocated["peak"] = 6 * 2**30
+    tracker.enter("between_steps")
+    tracker.enter("train_step")
+    allocated["peak"] = 5 * 2**30  # a later, smaller step keeps the phase's largest
+    tracker.enter(None)
+    summary = tracker.summary()
+    assert summary["peak_cuda_gb"] == {"load": 3.0, "train_step": 6.0, "between_steps": 0.0}
+    assert summary["peak_cuda_over_train_step"] == 1.0

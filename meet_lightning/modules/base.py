@@ -18,7 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from meet_lightning.control import ControlTokens, build_control, controlled_response_logps
-from meet_lightning.distributed import unwrapped_name
+from meet_lightning.distributed import is_sharded, unwrapped_name
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
@@ -119,7 +119,7 @@ class MeetModule(L.LightningModule):
             trust_remote_code=self.hparams.trust_remote_code,
             quantization_config=quantization,
         )
-        self.base_fingerprint = model_fingerprint(lm)
+        self.base_fingerprint = self.fingerprint_base(lm)
         self.control.setup(lm, self.tokenizer, self.schema)
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(lm, self.control)
@@ -130,6 +130,26 @@ class MeetModule(L.LightningModule):
         # FSDP turns every parameter into a flat 1-D shard before configure_optimizers: which are matrices
         # (decayed) is decided here, on the shapes the model has. The Parameter objects survive the wrap.
         self._matrices = {id(p) for p in self.parameters() if p.ndim >= 2}
+
+    def fingerprint_base(self, lm: nn.Module) -> str:
+        """The base model's fingerprint, the one stage 2, the export and ``evaluate`` compute on its full weights.
+
+        A 4-bit model's weights are packed and rounded, so its fingerprint would match nothing: with ``quantize``
+        the full-precision base is loaded once more on the CPU (in ``dtype``), fingerprinted and dropped.
+        """
+        if not self.hparams.quantize:
+            return model_fingerprint(lm)
+        full = load_model(self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        return model_fingerprint(full)
+
+    def forward_passes(self) -> int:
+        """Forward passes per batch: ``forward_chunks``, or one where FSDP sharded the LM.
+
+        FSDP frees each block's gathered weights after its forward and gathers them again for backward; several
+        forwards of the same blocks before one backward left the ranks waiting in different collectives (2 CPU
+        ranks hung in ``reduce_scatter``: tests/test_distributed.py).
+        """
+        return 1 if is_sharded(self.lm) else self.hparams.forward_chunks
 
     def device_type(self) -> str:
         """``cpu``/``cuda``/…: where the trainer runs this module (``cpu`` outside a trainer)."""
@@ -161,7 +181,7 @@ class MeetModule(L.LightningModule):
         """
         # scoring (validation, test) takes the head in fp32: close pairs must not be decided by bf16 rounding
         return controlled_response_logps(
-            self.lm, self.control, batch, control_ids, fp32_head=not self.training, chunks=self.hparams.forward_chunks
+            self.lm, self.control, batch, control_ids, fp32_head=not self.training, chunks=self.forward_passes()
         )
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
