@@ -69,6 +69,17 @@ def fsdp_in_stage1_slot(out: Path) -> Path:
     return path
 
 
+def tiny_folder(out: Path) -> Path:
+    """The tiny model saved as a folder: a 4-bit load needs one (the built-in alias loads as floats)."""
+    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
+
+    folder = out / "tiny"
+    if not (folder / "config.json").is_file():
+        build_tiny_model().save_pretrained(folder)
+        build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def arms(args: argparse.Namespace) -> list[Arm]:
     """The arms in priority order (see the module docstring)."""
     one = stage_args("stage1", args.steps, args.precision, args.accelerator)
@@ -83,7 +94,7 @@ def arms(args: argparse.Namespace) -> list[Arm]:
         Arm("stage2 full fine-tuning + controls", stage2, k=3),
         Arm("stage1 prompt tuning, NF4 base", [*prompt, "--stage1.model.init_args.quantize", "nf4"]),
         Arm("NF4 stage 1 → stage 2 → export, tiny model", ["--config", "configs/meet_hh_prompt.yaml", "--config",
-            "configs/debug.yaml", "--stage1.model.init_args.quantize", "nf4", "--stage1.trainer.accelerator",
+            "configs/debug.yaml", "--model_name_or_path", str(tiny_folder(args.out)), "--stage1.model.init_args.quantize", "nf4", "--stage1.trainer.accelerator",
             args.accelerator, "--stage2.trainer.accelerator", args.accelerator], stage="stage2", k=3, own_model=True),
         Arm("FSDP overlay, tiny model, resume 3 → 5 (the overlay's own command)", tiny_fsdp, stage="stage2", k=3,
             resume_steps=5, own_model=True, expect=["stage1: finished earlier", "restoring from", "global_step 5"]),
@@ -134,6 +145,59 @@ def measure_arm(arm: Arm, args: argparse.Namespace, model: str, flops_per_token:
         row["mfu"] = round(rate * arm.k * flops_per_token / peak, 4) if peak and arm.k else None
     shutil.rmtree(folder, ignore_errors=True)  # a 1B stage-2 run leaves ~20 GB of checkpoint and export
     return row
+
+
+def profile_module_steps(model: str, data: Path, out: Path, device: str, steps: int = 6) -> dict:
+    """Stage 1's module stepped by hand (no Lightning loop, no callbacks): seconds per step with 4 forward chunks
+    and with 1, the data loader's seconds per batch, and a profiler table of three steps (``profile.txt``)."""
+    import torch
+
+    from meet_lightning.control import PromptTuningControl
+    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.modules import ControlTokenModule
+
+    loader = PreferenceDataModule(path=str(data), preference="harmless", model_name_or_path=model, max_length=512,
+                                  batch_size=8, max_examples=256, max_val_examples=2, cache_dir=str(out / "data_cache"))  # fmt: skip
+    loader.setup("fit")
+    started = time.perf_counter()
+    batches = [b for _, b in zip(range(steps), loader.train_dataloader(), strict=False)]
+    load_s = (time.perf_counter() - started) / len(batches)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+    module = ControlTokenModule(model, PromptTuningControl(num_tokens=20, init="vocab"), loader.control_schema, lr=3e-2)
+    module.configure_model()
+    module.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(batch: dict) -> None:
+        with autocast:
+            loss = module.compute_loss(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    result = {"data_loader_s_per_batch": round(load_s, 4), "tokens_per_batch": [int(b["attention_mask"].sum()) for b in batches]}
+    for chunks in (4, 1):
+        module.hparams.forward_chunks = chunks
+        step(batches[0])  # warm-up
+        sync()
+        started = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        sync()
+        result[f"s_per_step_chunks_{chunks}"] = round((time.perf_counter() - started) / len(batches), 4)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for batch in batches[:3]:
+            step(batch)
+        sync()
+    averages = profiler.key_averages()
+    tables = [averages.table(sort_by=key, row_limit=25) for key in ("cpu_time_total", "self_cpu_time_total")]
+    if device == "cuda":
+        tables.append(averages.table(sort_by="cuda_time_total", row_limit=15))
+    (out / "profile.txt").write_text("\n\n".join(tables))
+    return result
 
 
 def bf16_peak_flops(device: str, size: int = 8192, trials: int = 5) -> tuple[float, list[float]]:
@@ -226,6 +290,7 @@ def main() -> None:
     p.add_argument("--budget_s", type=float, default=420.0, help="start no arm after this many seconds")
     p.add_argument("--arm_timeout", type=float, default=150.0)
     p.add_argument("--only", nargs="+", type=int, help="indices of the arms to run (default: all, in order)")
+    p.add_argument("--profile", action="store_true", help="first profile stage 1's module stepped by hand")
     args = p.parse_args()
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +301,9 @@ def main() -> None:
               "max_length": args.max_length, "precision": args.precision, "peak_tflops": round(peak / 1e12, 1),
               "peak_trials": trials, "rows": []}  # fmt: skip
     print(json.dumps(report["environment"]), flush=True)
+    if args.profile:
+        report["profile"] = profile_module_steps(model, args.data, args.out, "cuda" if args.accelerator == "gpu" else "cpu")
+        print(json.dumps(report["profile"]), flush=True)
     for index, arm in enumerate(arms(args)):
         if args.only and index not in args.only:
             continue

@@ -613,7 +613,10 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase | None = None, seed: int
         pad_token_id=tokenizer.pad_token_id,
     )
     default = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
+    # On the CPU whatever the default device: Lightning builds modules under `torch.device("cuda")` for DDP and
+    # on the CPU for FSDP, and the CUDA generator draws other values (on a GPU, FSDP's stage 2 refused stage 1's
+    # controls as trained on another model).
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         # initialised in float32 whatever the default dtype (Lightning's bf16-true sets it while building the
         # module): a bf16 initialisation draws other values, and the stage-2 model would not be stage 1's

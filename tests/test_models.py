@@ -181,6 +181,15 @@ def test_tiny_model_is_deterministic_and_leaves_the_global_rng_alone():
     assert model_fingerprint(first) == model_fingerprint(second)
 
 
+def test_tiny_model_is_the_same_whatever_the_default_device():
+    """Lightning builds a module under ``torch.device("cuda")`` (DDP) or not (FSDP): the tiny model must not follow
+    (the meta device stands in for CUDA here: both would draw other values or none)."""
+    with torch.device("meta"):
+        model = build_tiny_model(seed=7)
+    assert model.device.type == "cpu"
+    assert model_fingerprint(model) == model_fingerprint(build_tiny_model(seed=7))
+
+
 def test_tiny_model_save_load_round_trip(tiny_folder: Path):
     original = build_tiny_model(seed=3)
     tokenizer = load_tokenizer(str(tiny_folder))
