@@ -7,7 +7,8 @@ Every arm is a recipe under ``configs/`` run through the real CLI (``python -m m
 subprocess per run) on the same data, model, seed, batch, length and total optimizer steps. Each arm trains
 once on both preferences together (HH-RLHF ``harmless``: good/bad, and AlpacaEval ``length``: concise/verbose),
 with a held-out part of each file split off by prompt with a fixed seed. Scoring (in this process, every arm
-alike: bf16 autocast with an fp32 head where the CPU computes bf16 natively, else fp32 — ``meet_lightning.precision``):
+alike, in fp32 whatever the CPU: bf16 flipped 8 % of control-classifier decisions, README; generation for the
+word counts uses bf16 autocast where the CPU computes bf16 natively — ``meet_lightning.precision``):
 
 - HH held-out pairs: ``chosen_nll`` and ``logp_accuracy`` in each model's preferred mode (every arm),
   ``control_accuracy`` (arms with controls), ``dpo_reward_accuracy`` (DPO);
@@ -291,11 +292,11 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
         return read_back(cache, "settings", settings)
     print(f"  score {name}", flush=True)
     torch.set_num_threads(s.threads)
-    model = load_for_evaluation(export, dtype="float32")  # fp32 weights, autocast where bf16 is native
+    model = load_for_evaluation(export, dtype="float32")  # fp32 scores; generation autocasts where bf16 is native
     pairs = heldout_pairs(data["hh_eval"], model.tokenizer, s)
     reference = load_reference(model) if model.is_dpo else None
+    values, too_long = score_pairs(model, pairs, s.max_length, s.batch_size, reference=reference)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype("auto")[0] == torch.bfloat16):
-        values, too_long = score_pairs(model, pairs, s.max_length, s.batch_size, reference=reference)
         lengths = verbosity(model, data["alpaca_eval"], s) if model.has_controls else None
     assert too_long == 0, f"{name}: {too_long} held-out pairs did not fit although they were filtered to fit"
     result = {"kind": model.kind, "pairs": values, "length": lengths, "settings": settings}

@@ -75,3 +75,29 @@ def test_a_stage_prints_and_records_its_resolved_precision(tmp_path, shared_data
     assert "stage1: precision bf16-mixed (auto: probe says native bf16)" in capsys.readouterr().out
     config = yaml.safe_load((out / "stage1" / "logs" / "version_0" / "config.yaml").read_text())
     assert config["trainer"]["precision"] == "bf16-mixed"  # what Lightning ran with
+
+
+def test_validation_metrics_do_not_depend_on_mixed_precision(shared_data):
+    """Validation and test run in the weights' precision: under bf16-mixed the control classifier's margins used to
+    carry bf16 rounding, so the same weights reported other metrics on a machine that chose bf16."""
+    import lightning as L
+
+    from meet_lightning.control import PromptTuningControl
+    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.modules import ControlTokenModule
+
+    data = PreferenceDataModule(path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), preference="harmless",
+                                model_name_or_path="tiny-debug", max_length=128, batch_size=4, max_examples=16,
+                                max_val_examples=8)  # fmt: skip
+    data.setup("fit")
+    torch.manual_seed(0)
+    module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=3, init="random"), data.control_schema)
+    module.configure_model()
+    metrics = {}
+    for name in ("32-true", "bf16-mixed"):
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=name, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        metrics[name] = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert metrics["32-true"].keys() == metrics["bf16-mixed"].keys() and "val/control_margin" in metrics["32-true"]
+    for key, value in metrics["32-true"].items():
+        assert metrics["bf16-mixed"][key] == pytest.approx(value, abs=1e-6), key

@@ -1,0 +1,26 @@
+"""benchmarks/gpu_check.py rehearsed on a CPU with the tiny model: every arm asked for is a row, a finished arm
+carries its stage's done.json, and an arm the CPU cannot run is a row with the one-line reason (not a crash)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_rehearsal_on_a_cpu_reports_every_arm(tmp_path, shared_data):
+    command = [sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path), "--model", "tiny-debug",
+               "--accelerator", "cpu", "--precision", "32-true", "--steps", "2", "--only", "0", "2",
+               "--data", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz")]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    trained, refused = report["rows"]
+    assert trained["exit"] == 0 and trained["done"]["global_step"] == 2
+    assert trained["done"]["train_tokens_per_s_after_first_step"] > 0 and "peak_cuda_gb" not in trained["done"]
+    assert refused["exit"] == 2 and refused["failed"].startswith("error: quantize: nf4 needs a CUDA GPU")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # run folders removed
+    assert "| stage1 prompt tuning (frozen LM) | 0 |" in (tmp_path / "gpu_check.md").read_text()
