@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,7 @@ from meet_lightning.examples import ControlSchema
 from meet_lightning.export import AlignedModel
 from meet_lightning.models import load_model, load_tokenizer
 from meet_lightning.precision import resolve_dtype
-from meet_lightning.stats import bootstrap_interval, words
+from meet_lightning.stats import bootstrap_median_ratio, median_ratio, repeated_4gram_share, words
 
 DECODING = {"max_new_tokens": 160, "temperature": 0.0, "repetition_penalty": 1.2, "batch_size": 40}
 """Greedy with a mild repetition penalty, 160 new tokens: the same for every arm (asserted in
@@ -39,35 +38,6 @@ def heldout_prompts() -> list[str]:
     """The 20 held-out demo prompts (package data, no answers)."""
     text = (resources.files("meet_lightning") / "demo_data" / "length_heldout.jsonl").read_text()
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-
-
-def word_ratios(verbose: Sequence[str], concise: Sequence[str]) -> list[float]:
-    """Per prompt ``words(verbose) / max(words(concise), 1)``."""
-    return [words(v) / max(words(c), 1) for v, c in zip(verbose, concise, strict=True)]
-
-
-def median_ratio(verbose: Sequence[str], concise: Sequence[str]) -> float:
-    """Median over prompts of :func:`word_ratios`."""
-    return statistics.median(word_ratios(verbose, concise))
-
-
-def bootstrap_median_ratio(
-    verbose: Sequence[str], concise: Sequence[str], samples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of :func:`median_ratio`, resampling prompts."""
-    ratios = word_ratios(verbose, concise)
-    return bootstrap_interval(lambda idx: statistics.median(ratios[i] for i in idx), len(ratios), samples, seed)
-
-
-def repeated_4gram_share(texts: Sequence[str]) -> float:
-    """Share of 4-grams that repeat an earlier 4-gram of the same text (degenerate loops score high)."""
-    repeated = total = 0
-    for text in texts:
-        tokens = text.lower().split()
-        grams = Counter(tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3))
-        total += sum(grams.values())
-        repeated += sum(n - 1 for n in grams.values())
-    return repeated / total if total else 0.0
 
 
 def generate_arm(model: Any, prompts: Sequence[Any], first: Any, second: Any, **decoding: Any) -> tuple[list[str], list[str]]:

@@ -1,9 +1,11 @@
-"""Shared statistics: the one word count and the one bootstrap interval every report uses."""
+"""Shared statistics: the one word count, the one bootstrap interval and the length measures every report uses."""
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 
@@ -36,3 +38,32 @@ def bootstrap_interval(
 def mean_interval(values: Sequence[float], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95 % bootstrap interval of the mean of ``values``."""
     return bootstrap_interval(lambda idx: sum(values[i] for i in idx) / len(idx), len(values), samples, seed)
+
+
+def word_ratios(verbose: Sequence[str], concise: Sequence[str]) -> list[float]:
+    """Per prompt ``words(verbose) / max(words(concise), 1)``."""
+    return [words(v) / max(words(c), 1) for v, c in zip(verbose, concise, strict=True)]
+
+
+def median_ratio(verbose: Sequence[str], concise: Sequence[str]) -> float:
+    """Median over prompts of :func:`word_ratios`."""
+    return statistics.median(word_ratios(verbose, concise))
+
+
+def bootstrap_median_ratio(
+    verbose: Sequence[str], concise: Sequence[str], samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of :func:`median_ratio`, resampling prompts."""
+    ratios = word_ratios(verbose, concise)
+    return bootstrap_interval(lambda idx: statistics.median(ratios[i] for i in idx), len(ratios), samples, seed)
+
+
+def repeated_4gram_share(texts: Sequence[str]) -> float:
+    """Share of 4-grams that repeat an earlier 4-gram of the same text (degenerate loops score high)."""
+    repeated = total = 0
+    for text in texts:
+        tokens = text.lower().split()
+        grams = Counter(tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3))
+        total += sum(grams.values())
+        repeated += sum(n - 1 for n in grams.values())
+    return repeated / total if total else 0.0

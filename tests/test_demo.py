@@ -6,25 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from meet_lightning import demo
+from meet_lightning import demo, stats
 from meet_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_median_ratio_uses_at_least_one_word_for_empty_answers():
-    assert demo.median_ratio(["a b c d", "a b", "x"], ["a", "", "a b"]) == 2.0
+    assert stats.median_ratio(["a b c d", "a b", "x"], ["a", "", "a b"]) == 2.0
 
 
 def test_repeated_4gram_share_flags_loops():
-    assert demo.repeated_4gram_share(["one two three four five six"]) == 0.0
-    assert demo.repeated_4gram_share(["a b c d a b c d a b c d"]) == pytest.approx(5 / 9)
+    assert stats.repeated_4gram_share(["one two three four five six"]) == 0.0
+    assert stats.repeated_4gram_share(["a b c d a b c d a b c d"]) == pytest.approx(5 / 9)
 
 
 def test_bootstrap_interval_brackets_the_median():
     verbose, concise = ["w " * n for n in range(10, 30)], ["w " * 4] * 20
-    low, high = demo.bootstrap_median_ratio(verbose, concise)
-    assert low <= demo.median_ratio(verbose, concise) <= high
+    low, high = stats.bootstrap_median_ratio(verbose, concise)
+    assert low <= stats.median_ratio(verbose, concise) <= high
 
 
 def test_every_arm_must_use_the_same_decoding():
