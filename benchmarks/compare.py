@@ -1,7 +1,14 @@
 """The paper's comparison table from one command: every arm trained and scored side by side, with honest statistics.
 
-    python benchmarks/compare.py --out runs/compare            # default: --budget small, all arms
+    python benchmarks/compare.py --out runs/compare            # default: --task mixed, --budget small, all arms
     python benchmarks/compare.py --out runs/compare --budget full --arms meet_prompt,coh,dpo
+    python benchmarks/compare.py --out runs/length --task length  # AlpacaEval concise/verbose only (see below)
+
+``--task length`` (:data:`TASKS`): AlpacaEval's concise/verbose answers only, 100 prompts held out by prompt; per
+arm the verbose/concise median word ratio on them (greedy, 160 new tokens) with its interval, the share of
+repeated 4-grams in the verbose answers (a ratio counts only at ≤ 10 %: loops are not length control), control
+accuracy on the held-out concise/verbose pairs; the untrained base asked by system prompt is the arm every
+learned control must beat; DPO trains toward verbose and is reported as its answers' length against the base's.
 
 Every arm is a recipe under ``configs/`` run through the real CLI (``python -m meet_lightning fit``, one
 subprocess per run) on the same data, model, seed, batch, length and total optimizer steps. Each arm trains
@@ -110,7 +117,25 @@ class Settings:
     threads: int = 2
     overlay: str | None = None
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    task: str = "mixed"
 
+
+
+TASKS: dict[str, dict[str, Any]] = {
+    # both preferences in one run (HH harmless + AlpacaEval length), every arm, HH and length metrics
+    "mixed": {},
+    # AlpacaEval concise/verbose only: does each arm learn to answer shortly or at length on request?
+    "length": {
+        "arms": ["meet_prompt", "meet_lora", "coh", "special_token", "stage2_only_text_init", "stage1_only", "dpo"],
+        "length_prompts": 100,
+        "max_length": 512,
+        "max_new_tokens": 160,
+        "steps": 60,
+    },
+}
+"""Presets of ``--task``: the settings a task changes (explicit flags win)."""
+LOOP_SHARE = 0.10
+"""A length ratio counts only where at most this share of the verbose answers' 4-grams repeats an earlier one."""
 
 
 # ------------------------------------------------------------------------------------- held-out split
@@ -158,23 +183,35 @@ def split_file(
 
 # ------------------------------------------------------------------------------------------------- data
 def prepare_data(s: Settings) -> dict[str, Path]:
-    """Held-out splits of both files (by prompt, fixed seed): training files and evaluation files."""
+    """Held-out splits (by prompt, fixed seed): training files and evaluation files of the task's data."""
     for source in (HH, ALPACA):
         if not source.is_file():
             sys.exit(f"{source}: not found — compare.py reads ../shared/data beside the repository")
-    hh_train, hh_eval = split_file(HH, s.out / "data/hh", s.eval_pairs, s.seed)
     alpaca_train, alpaca_eval = split_file(ALPACA, s.out / "data/alpaca", s.length_prompts, s.seed)
-    return {"hh_train": hh_train, "hh_eval": hh_eval, "alpaca_train": alpaca_train, "alpaca_eval": alpaca_eval}
+    data = {"alpaca_train": alpaca_train, "alpaca_eval": alpaca_eval}
+    if s.task == "length":  # DPO learns one direction: verbose preferred over concise
+        data["alpaca_dpo_train"] = verbose_pairs(alpaca_train, s.out / "data/alpaca/dpo_train.jsonl")
+        data["alpaca_dpo_eval"] = verbose_pairs(alpaca_eval, s.out / "data/alpaca/dpo_heldout.jsonl")
+        return data
+    data["hh_train"], data["hh_eval"] = split_file(HH, s.out / "data/hh", s.eval_pairs, s.seed)
+    return data
 
 
-def sources(data: dict[str, Path]) -> str:
-    """The ``--data.sources`` value: both preferences in one run."""
-    return json.dumps(
-        [
-            {"path": str(data["hh_train"]), "format": "hh_rlhf", "preference": "harmless"},
-            {"path": str(data["alpaca_train"]), "format": "multi_response", "preference": "length"},
-        ]
-    )
+def verbose_pairs(source: Path, dest: Path) -> Path:
+    """``prompt``/``chosen``/``rejected`` rows with the verbose answer chosen (what DPO toward verbose trains on)."""
+    with source.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    dest.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["verbose"], "rejected": r["concise"]}) + "\n" for r in rows))
+    return dest
+
+
+def sources(data: dict[str, Path], task: str = "mixed", arm: str = "") -> str:
+    """The ``--data.sources`` value: both preferences in one run, or the length task's file (DPO: its pairs)."""
+    length = {"path": str(data["alpaca_train"]), "format": "multi_response", "preference": "length"}
+    if task == "length":
+        dpo = {"path": str(data.get("alpaca_dpo_train")), "format": "pairwise", "preference": "length"}
+        return json.dumps([dpo if arm == "dpo" else length])
+    return json.dumps([{"path": str(data["hh_train"]), "format": "hh_rlhf", "preference": "harmless"}, length])
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -198,14 +235,15 @@ def lr_overrides(arm: Arm, recipe: dict[str, Any], multiplier: float) -> list[st
     return args
 
 
-def fit_command(arm: Arm, s: Settings, data: dict[str, Path], multiplier: float, out: Path) -> list[str]:
-    """The ``fit`` command line of one run."""
+def fit_command(name: str, s: Settings, data: dict[str, Path], multiplier: float, out: Path) -> list[str]:
+    """The ``fit`` command line of one run of arm ``name``."""
+    arm = ARMS[name]
     recipe = yaml.safe_load((ROOT / arm.recipe).read_text())
     rows_per_batch = s.batch_size // 2 if recipe["data"].get("pair_batches") else s.batch_size  # DPO counts pairs
     args = [sys.executable, "-m", "meet_lightning", "fit", "--config", str(ROOT / arm.recipe)]
     args += ["--config", s.overlay, *arm.overrides] if s.overlay else list(arm.overrides)
     args += ["--model_name_or_path", s.model, "--output_dir", str(out), "--seed_everything", str(s.seed)]
-    args += ["--data.path", "null", "--data.sources", sources(data), "--data.max_length", str(s.max_length)]
+    args += ["--data.path", "null", "--data.sources", sources(data, s.task, name), "--data.max_length", str(s.max_length)]
     args += ["--data.batch_size", str(rows_per_batch), "--data.max_val_examples", str(s.max_val_examples)]
     for stage, steps in stage_steps(arm, s.steps).items():
         trainer = f"--{stage}.trainer"
@@ -221,7 +259,7 @@ def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float) ->
     arm = ARMS[name]
     out = s.out / "runs" / f"{name}-lr{multiplier:.3g}"
     record = out / "compare_run.json"
-    command = fit_command(arm, s, data, multiplier, out)
+    command = fit_command(name, s, data, multiplier, out)
     if record.is_file():
         return read_back(record, "command", command[1:])
     out.mkdir(parents=True, exist_ok=True)
@@ -447,6 +485,156 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------ length task
+def answers(model: Any, prompts: Sequence[Any], controls: Sequence[str | None], s: Settings) -> list[list[str]]:
+    """Greedy answers to every prompt under each control (``None``: no control), one list per control."""
+    import torch
+
+    from meet_lightning.export import AlignedModel
+    from meet_lightning.precision import resolve_dtype
+
+    aligned = AlignedModel(model.lm, model.tokenizer, model.control, model.schema)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype("auto")[0] == torch.bfloat16):
+        texts = aligned.generate(
+            [p for _ in controls for p in prompts],
+            controls=[c for c in controls for _ in prompts],
+            max_new_tokens=s.max_new_tokens,
+            batch_size=40,
+            **DECODING,
+        )
+    return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(controls))]
+
+
+def heldout_length_pairs(path: Path, fmt: str) -> list:
+    from meet_lightning.evaluate import read_pairs
+    from meet_lightning.formats import SourceConfig
+
+    return read_pairs(SourceConfig(path=str(path), format=fmt, preference="length"), None)
+
+
+def score_length_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+    """Held-out answers and pair scores of one model (cached in ``out/scores``): under ``concise``/``verbose``
+    for models with controls, their own answers for DPO and the base, which is also asked by system prompt."""
+    from meet_lightning.demo import SYSTEM_PROMPTS
+    from meet_lightning.evaluate import load_for_evaluation, load_reference, score_pairs
+
+    cache = s.out / "scores" / f"{name}.json"
+    settings = [export, s.task, s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
+    if cache.is_file():
+        return read_back(cache, "settings", settings)
+    print(f"  score {name}", flush=True)
+    model = load_for_evaluation(export, dtype="float32")  # fp32 scores; answers autocast where bf16 is native
+    prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
+    result: dict[str, Any] = {"kind": model.kind, "settings": settings}
+    if model.has_controls:
+        pairs = heldout_length_pairs(data["alpaca_eval"], "multi_response")
+        result["pairs"], result["pairs_too_long"] = score_pairs(model, pairs, s.max_length, s.batch_size)
+        result["concise"], result["verbose"] = answers(model, prompts, ["concise", "verbose"], s)
+    else:
+        if model.is_dpo:
+            pairs = heldout_length_pairs(data["alpaca_dpo_eval"], "pairwise")  # verbose chosen
+            result["pairs"], result["pairs_too_long"] = score_pairs(
+                model, pairs, s.max_length, s.batch_size, reference=load_reference(model)
+            )
+        (result["default"],) = answers(model, prompts, [None], s)
+        if name == BASE:
+            asked = {side: [[{"role": "system", "content": SYSTEM_PROMPTS[side]}, {"role": "user", "content": p}] for p in prompts]
+                     for side in ("concise", "verbose")}  # fmt: skip
+            result["concise"], result["verbose"] = (answers(model, asked[side], [None], s)[0] for side in ("concise", "verbose"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def length_metrics(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Ratio (median over prompts of verbose ÷ concise words) with its interval, the verbose answers' repeated
+    4-gram share and whether the ratio counts; DPO: its answers' words ÷ the base's; pair accuracies."""
+    from meet_lightning.stats import bootstrap_median_ratio, mean_interval, median_ratio, repeated_4gram_share, words
+
+    out: dict[str, Any] = {}
+    if "verbose" in scores:
+        verbose, concise = scores["verbose"], scores["concise"]
+        out["ratio"] = [median_ratio(verbose, concise), *bootstrap_median_ratio(verbose, concise)]
+        out["repeated_4grams"] = repeated_4gram_share(verbose)
+        out["counted"] = out["repeated_4grams"] <= LOOP_SHARE
+        out["median_words"] = [float(np.median([words(t) for t in concise])), float(np.median([words(t) for t in verbose]))]
+    if "default" in scores and scores is not base:  # DPO: how much longer than the base it answers
+        out["length_vs_base"] = [median_ratio(scores["default"], base["default"]), *bootstrap_median_ratio(scores["default"], base["default"])]
+        out["repeated_4grams"] = repeated_4gram_share(scores["default"])
+    for metric in ("control_accuracy", "dpo_reward_accuracy"):
+        values = (scores.get("pairs") or {}).get(metric)
+        if values:
+            out[metric] = [float(np.mean(values)), *mean_interval(values)]
+    return out
+
+
+def length_paired(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """MEET (prompt) minus ``other`` on the same prompts (median ratio) and pairs (control accuracy)."""
+    from meet_lightning.stats import word_ratios
+
+    out = {}
+    if "verbose" in other and "verbose" in reference:
+        a = np.array(word_ratios(reference["verbose"], reference["concise"]))
+        b = np.array(word_ratios(other["verbose"], other["concise"]))
+        out["ratio"] = verdict(bootstrap(lambda idx: np.median(a[idx], -1) - np.median(b[idx], -1), len(a)), True)
+    if "pairs" in other and "control_accuracy" in other["pairs"]:
+        a, b = np.array(reference["pairs"]["control_accuracy"]), np.array(other["pairs"]["control_accuracy"])
+        out["control_accuracy"] = verdict(bootstrap(lambda idx: a[idx].mean(-1) - b[idx].mean(-1), len(a)), True)
+    return out
+
+
+def verdict(stat: tuple[float, float, float], higher_is_better: bool) -> dict[str, Any]:
+    """A paired difference with its interval and what it says about MEET (prompt)."""
+    diff, lo, hi = stat
+    word = "tie" if lo <= 0 <= hi else "wins" if (lo > 0) == higher_is_better else "loses"
+    return {"difference": diff, "ci95": [lo, hi], "verdict": word}
+
+
+def length_table(results: dict[str, dict[str, Any]]) -> str:
+    """The length task's markdown: one row per arm, then the paired differences against MEET (prompt)."""
+    head = ("| arm | steps | train s | verbose/concise median words [95 % CI] | median words concise / verbose "
+            "| repeated 4-grams (verbose) | counted | control_accuracy | DPO: words ÷ base | dpo_reward_accuracy |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results.values():
+        run, m = r.get("run") or {}, r["metrics"]
+        words_cell = " / ".join(f"{w:.0f}" for w in m["median_words"]) if "median_words" in m else "–"
+        share = f"{100 * m['repeated_4grams']:.1f} %" if "repeated_4grams" in m else "–"
+        counted = ("yes" if m["counted"] else "no (loops)") if "counted" in m else "–"
+        lines.append(
+            f"| {r['label']} | {run.get('steps', '–')} | {run.get('train_seconds', 0):.0f} | {fmt(m.get('ratio'), 2)} | {words_cell} "
+            f"| {share} | {counted} | {fmt(m.get('control_accuracy'))} | {fmt(m.get('length_vs_base'), 2)} "
+            f"| {fmt(m.get('dpo_reward_accuracy'))} |"
+        )
+    lines += ["", f"Paired differences, {ARMS[REFERENCE].label} minus each arm (95 % bootstrap interval):", ""]
+    lines += ["| arm | median ratio | control_accuracy |", "|---|---|---|"]
+    for name, r in results.items():
+        if name == REFERENCE or not r["vs_reference"]:
+            continue
+        cells = [
+            f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] MEET {d['verdict']}" if d else "n/a"
+            for d in (r["vs_reference"].get("ratio"), r["vs_reference"].get("control_accuracy"))
+        ]
+        lines.append(f"| {r['label']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
+    """Scores and reports the ``length`` task (the arms are trained)."""
+    results[BASE]["label"] = "untrained base, asked by system prompt"
+    for name, r in results.items():
+        r["scores"] = score_length_arm(name, r["export"], s, data)
+    for r in results.values():
+        r["metrics"] = length_metrics(r["scores"], results[BASE]["scores"])
+        r["vs_reference"] = length_paired(results[REFERENCE]["scores"], r["scores"])
+    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+              "seconds": time.perf_counter() - start, "results": results}  # fmt: skip
+    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
+    markdown = f"{header(s)}; scored: {s.length_prompts} held-out AlpacaEval prompts and their pairs\n\n{length_table(results)}"
+    (s.out / "compare.md").write_text(markdown + "\n")
+    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}")
+    return report
+
+
 # -------------------------------------------------------------------------------------------------- main
 def run(s: Settings) -> dict[str, Any]:
     """Trains, scores and reports every arm; returns the JSON written to ``out/compare.json``."""
@@ -462,6 +650,8 @@ def run(s: Settings) -> dict[str, Any]:
     for name in s.arms:
         run_ = train_arm(name, s, data)
         results[name] = {"label": ARMS[name].label, "export": run_["export"], "run": run_}
+    if s.task == "length":
+        return run_length(s, data, results, start)
     for name, r in results.items():
         r["scores"] = score_arm(name, r["export"], s, data)
         r["metrics"] = summarize(r["scores"])
@@ -489,10 +679,11 @@ def header(s: Settings) -> str:
         if s.budget == "small"
         else "3 learning rates per method (×1/3, ×1, ×3), picked by validation loss"
     )
+    what = "AlpacaEval concise/verbose only" if s.task == "length" else "both preferences in one run (HH harmless + AlpacaEval length)"
     return (
-        f"model {s.model}; both preferences in one run (HH harmless + AlpacaEval length); {s.steps} optimizer steps per arm "
+        f"task {s.task}: model {s.model}; {what}; {s.steps} optimizer steps per arm "
         f"(MEET: {s.steps // 2} + {s.steps - s.steps // 2}), batch {s.batch_size} rows, max length {s.max_length}, seed {s.seed}; "
-        f"budget {s.budget}: {lrs}; held out: {s.eval_pairs} HH prompts, {s.length_prompts} AlpacaEval prompts; "
+        f"budget {s.budget}: {lrs}; held out: {'' if s.task == 'length' else f'{s.eval_pairs} HH prompts, '}{s.length_prompts} AlpacaEval prompts; "
         f"length: greedy, {s.max_new_tokens} new tokens, repetition penalty {DECODING['repetition_penalty']}"
     )
 
@@ -501,8 +692,9 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
     defaults = Settings(out=Path("runs/compare"))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=defaults.out)
+    p.add_argument("--task", choices=list(TASKS), default=defaults.task, help="a preset of data, arms, budget and metrics")
     p.add_argument("--budget", choices=list(LR_GRID), default=defaults.budget)
-    p.add_argument("--arms", default=",".join(defaults.arms), help="comma-separated: " + ", ".join(ARMS))
+    p.add_argument("--arms", default=None, help="comma-separated (default: the task's): " + ", ".join(ARMS))
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--overlay", help="a YAML applied over every recipe, e.g. configs/debug.yaml for a seconds-long check")
     for name in (
@@ -516,9 +708,13 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         "max_val_examples",
         "threads",
     ):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name))
-    args = p.parse_args(argv)
-    return Settings(**{**vars(args), "arms": [a for a in args.arms.split(",") if a]})
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
+    args = vars(p.parse_args(argv))
+    preset = {**vars(defaults), **TASKS[args["task"]]}  # the task's settings, then the flags given
+    chosen = {k: v for k, v in args.items() if v is not None}
+    if "arms" in chosen:
+        chosen["arms"] = [a for a in chosen["arms"].split(",") if a]
+    return Settings(**{**preset, **chosen})
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ ARMS = ["meet_prompt", "coh", "dpo"]
 
 def settings(out: Path, **changes) -> compare.Settings:
     tiny = dict(model="tiny-debug", overlay=str(ROOT / "configs/debug.yaml"), steps=2, eval_pairs=6, length_prompts=3)
-    tiny.update(max_new_tokens=4, max_length=1024, threads=1)
-    return compare.Settings(out=out, arms=list(ARMS), **{**tiny, **changes})
+    tiny.update(max_new_tokens=4, max_length=1024, threads=1, arms=list(ARMS))
+    return compare.Settings(out=out, **{**tiny, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,26 @@ def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
     assert compare.paired(meet, meet, "logp_accuracy")["verdict"] == "tie"
     assert compare.paired(meet, noisy, "chosen_nll")["verdict"] == "tie"
     assert compare.paired(meet, worse, "control_accuracy") is None  # neither has it: n/a, not a tie
+
+
+def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shared_data):
+    """``--task length``: AlpacaEval only, the base asked by system prompt, DPO toward verbose as a length change."""
+    s = settings(tmp_path, task="length", arms=["meet_prompt", "dpo"], max_length=2048, length_prompts=4)
+    results = compare.run(s)["results"]
+    assert list(results) == ["base", "meet_prompt", "dpo"]
+    meet, dpo, base = (results[n]["metrics"] for n in ("meet_prompt", "dpo", "base"))
+    assert {"ratio", "repeated_4grams", "counted", "control_accuracy", "median_words"} <= set(meet)
+    assert len(results["meet_prompt"]["scores"]["verbose"]) == 4 and "ratio" in base  # the system-prompt arm
+    assert {"length_vs_base", "dpo_reward_accuracy"} <= set(dpo) and "ratio" not in dpo
+    assert meet["ratio"][1] <= meet["ratio"][0] <= meet["ratio"][2]
+    assert results["dpo"]["vs_reference"] == {} and "ratio" in results["base"]["vs_reference"]
+    table = (tmp_path / "compare.md").read_text()
+    assert table.startswith("task length:") and "| DPO |" in table and "MEET" in table.split("Paired differences")[1]
+    assert "harmless" not in (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text().split("sources:")[1][:400]
+
+
+def test_task_presets_fill_what_the_flags_leave():
+    s = compare.parse(["--task", "length", "--steps", "8"])
+    assert (s.task, s.steps, s.length_prompts, s.max_length) == ("length", 8, 100, 512)
+    assert s.arms == compare.TASKS["length"]["arms"]
+    assert compare.parse([]).arms == list(compare.ARMS) and compare.parse([]).length_prompts == 24
