@@ -721,7 +721,8 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
     ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
     args = vars(p.parse_args(argv))
-    preset = {**vars(defaults), **TASKS[args["task"]]}  # the task's settings, then the flags given
+    fields = vars(defaults)
+    preset = {**fields, **{k: v for k, v in TASKS[args["task"]].items() if k in fields}}  # the task's, then the flags
     chosen = {k: v for k, v in args.items() if v is not None}
     if "arms" in chosen:
         chosen["arms"] = [a for a in chosen["arms"].split(",") if a]
