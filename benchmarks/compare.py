@@ -629,6 +629,31 @@ def length_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def length_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per arm: the verbose/concise ratio with its interval (grey where loops disqualify it), and the loop share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r["label"], r["metrics"]) for r in results.values() if "ratio" in r["metrics"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.5), sharey=True)
+    y = np.arange(len(rows))
+    ratio = np.array([m["ratio"] for _, m in rows])
+    colors = ["tab:blue" if m["counted"] else "tab:grey" for _, m in rows]
+    left.barh(y, ratio[:, 0], xerr=[ratio[:, 0] - ratio[:, 1], ratio[:, 2] - ratio[:, 0]], color=colors)
+    left.axvline(1.0, color="black", lw=0.8, ls="--")
+    left.set_title("verbose / concise median words (95 % CI)")
+    right.barh(y, [100 * m["repeated_4grams"] for _, m in rows], color=colors)
+    right.axvline(100 * LOOP_SHARE, color="red", lw=0.8, ls="--")
+    right.set_title("repeated 4-grams in verbose answers, %")
+    left.set_yticks(y, [label for label, _ in rows])
+    left.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
     """Scores and reports the ``length`` task (the arms are trained)."""
     results[BASE]["label"] = "untrained base, asked by system prompt"
@@ -642,7 +667,8 @@ def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, 
     (s.out / "compare.json").write_text(json.dumps(report, indent=1))
     markdown = f"{header(s)}; scored: {s.length_prompts} held-out AlpacaEval prompts and their pairs\n\n{length_table(results)}"
     (s.out / "compare.md").write_text(markdown + "\n")
-    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}")
+    length_plot(results, s.out / "compare.png")
+    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
     return report
 
 

@@ -84,6 +84,7 @@ def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shar
     assert results["dpo"]["vs_reference"] == {} and "ratio" in results["base"]["vs_reference"]
     table = (tmp_path / "compare.md").read_text()
     assert table.startswith("task length:") and "| DPO |" in table and "MEET" in table.split("Paired differences")[1]
+    assert (tmp_path / "compare.png").stat().st_size > 0
     assert "harmless" not in (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text().split("sources:")[1][:400]
 
 
