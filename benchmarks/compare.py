@@ -3,12 +3,23 @@
     python benchmarks/compare.py --out runs/compare            # default: --task mixed, --budget small, all arms
     python benchmarks/compare.py --out runs/compare --budget full --arms meet_prompt,coh,dpo
     python benchmarks/compare.py --out runs/length --task length  # AlpacaEval concise/verbose only (see below)
+    python benchmarks/compare.py --out runs/ablate --task ablate
+    python benchmarks/compare.py --out runs/compose --task compose
 
 ``--task length`` (:data:`TASKS`): AlpacaEval's concise/verbose answers only, 100 prompts held out by prompt; per
-arm the verbose/concise median word ratio on them (greedy, 160 new tokens) with its interval, the share of
+arm the verbose/concise median word ratio on them (sampled, 160 new tokens) with its interval, the share of
 repeated 4-grams in the verbose answers (a ratio counts only at ≤ 10 %: loops are not length control), control
 accuracy on the held-out concise/verbose pairs; the untrained base asked by system prompt is the arm every
 learned control must beat; DPO trains toward verbose and is reported as its answers' length against the base's.
+
+``--task ablate``: the length task for the paper's ablation axes (:data:`ABLATIONS`: prompt length, placement,
+init, LoRA rank — one setting changed per variant, compared paired with its axis's reference — and decoding
+temperature on the reference's own export).
+
+``--task compose``: one model trained on both preferences; on held-out HH prompts it answers under all four
+combinations of ``harmless`` × ``length``, and a separate harmlessness judge (stage 1 on HH alone, its held-out
+accuracy reported) scores each answer. The fidelity matrix: what toggling each preference moves — words (a
+ratio) and the judge's margin per token (a difference) — with intervals; off-diagonal cells should be small.
 
 Every arm is a recipe under ``configs/`` run through the real CLI (``python -m meet_lightning fit``, one
 subprocess per run) on the same data, model, seed, batch, length and total optimizer steps. Each arm trains
@@ -37,14 +48,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from meet_lightning.stats import bootstrap_interval, words
+from meet_lightning.stats import (
+    bootstrap_interval,
+    bootstrap_median_ratio,
+    mean_interval,
+    median_ratio,
+    repeated_4gram_share,
+    word_ratios,
+    words,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HH = ROOT.parent / "shared/data/hh_rlhf_harmless.train.jsonl.gz"
@@ -97,6 +116,53 @@ ARMS: dict[str, Arm] = {
     "sft": Arm("configs/baselines/sft.yaml", "SFT"),
     "dpo": Arm("configs/baselines/dpo.yaml", "DPO"),
 }
+PROMPT_RECIPE, LORA_RECIPE = "configs/meet_hh_prompt.yaml", "configs/meet_hh_lora.yaml"
+
+
+def _meet(recipe: str, label: str, *overrides: str) -> Arm:
+    return Arm(recipe, label, ("stage1", "stage2"), overrides)
+
+
+ABLATION_ARMS: dict[str, Arm] = {
+    **{f"prompt_tokens{n}": _meet(PROMPT_RECIPE, f"MEET (prompt), {n} token{'s' * (n > 1)}", "--control.init_args.num_tokens", str(n)) for n in (1, 5, 10, 50)},
+    "prompt_infix": _meet(PROMPT_RECIPE, "MEET (prompt), infix", "--control.init_args.placement", "infix"),
+    "prompt_init_random": _meet(PROMPT_RECIPE, "MEET (prompt), random init", "--control.init_args.init", "random"),
+    "prompt_init_text": _meet(
+        PROMPT_RECIPE, "MEET (prompt), text init", "--control.init_args.init", "text", "--control.init_args.init_text", json.dumps(PHRASES)
+    ),
+    # alpha = 2 × rank, as in the recipe (8, 16): LoRA's scale alpha/rank stays 2, only the capacity changes
+    **{f"lora_rank{r}": _meet(LORA_RECIPE, f"MEET (LoRA), rank {r}", "--control.init_args.rank", str(r), "--control.init_args.alpha", str(2 * r)) for r in (2, 32)},
+}  # fmt: skip
+ARMS.update(ABLATION_ARMS)
+JUDGE = "harmless_judge"
+ARMS[JUDGE] = Arm("configs/ablations/stage1_only.yaml", "harmlessness judge (stage 1 on HH harmless alone)")
+"""``--task compose`` scores every arm's answers with this model's control classifier, trained on its own."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One of the paper's ablation axes: variants of a reference arm that change one setting each.
+
+    Attributes:
+        name: The axis, as the table prints it.
+        reference: The arm the variants are compared with (paired, on the same prompts and pairs).
+        setting: The reference's value on this axis.
+        variants: Names of the rows that vary it.
+    """
+
+    name: str
+    reference: str
+    setting: str
+    variants: tuple[str, ...]
+
+
+ABLATIONS = (
+    Axis("prompt length", REFERENCE, "20 tokens", ("prompt_tokens1", "prompt_tokens5", "prompt_tokens10", "prompt_tokens50")),
+    Axis("placement", REFERENCE, "prefix", ("prompt_infix",)),
+    Axis("init", REFERENCE, "vocabulary", ("prompt_init_random", "prompt_init_text")),
+    Axis("LoRA rank", "meet_lora", "rank 8", ("lora_rank2", "lora_rank32")),
+)
+"""``--task ablate``'s training axes; decoding temperature is one more, on the reference's own export."""
 
 
 @dataclass
@@ -116,9 +182,9 @@ class Settings:
     max_val_examples: int = 32
     threads: int = 2
     overlay: str | None = None
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a not in ABLATION_ARMS and a != JUDGE])
     task: str = "mixed"
-
+    temperatures: list[float] = field(default_factory=list)
 
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -137,6 +203,26 @@ TASKS: dict[str, dict[str, Any]] = {
         "decoding": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
     },
 }
+TASKS["ablate"] = {  # the length task's data, budget and decoding; MEET's settings varied one at a time
+    **TASKS["length"],
+    "arms": [REFERENCE, "meet_lora", *ABLATION_ARMS],
+    "temperatures": [0.0, 1.0],  # and the task's own 0.7: the reference's export decoded three ways
+}
+TASKS["compose"] = {  # one model, both preferences (HH harmless + AlpacaEval length): do the controls stay apart?
+    "arms": [REFERENCE, "meet_lora"],
+    "steps": 240,  # 120 + 120: each preference meets about as many batches as the length task's 60 steps
+    "eval_pairs": 100,
+    "max_length": 512,
+    "max_new_tokens": 160,
+    "decoding": TASKS["length"]["decoding"],
+}
+TASKS["harmless"] = {  # HH harmless alone at the recipes' own budget (300 + 300, or 600 for one-stage arms)
+    "arms": [REFERENCE, "meet_lora", "coh", "dpo"],
+    "steps": 600,
+    "eval_pairs": 200,
+    "max_length": 384,
+}
+LENGTH_TASKS = ("length", "ablate")
 """Presets of ``--task``: the settings a task changes (explicit flags win)."""
 LOOP_SHARE = 0.10
 """A length ratio counts only where at most this share of the verbose answers' 4-grams repeats an earlier one."""
@@ -193,7 +279,7 @@ def prepare_data(s: Settings) -> dict[str, Path]:
             sys.exit(f"{source}: not found — compare.py reads ../shared/data beside the repository")
     alpaca_train, alpaca_eval = split_file(ALPACA, s.out / "data/alpaca", s.length_prompts, s.seed)
     data = {"alpaca_train": alpaca_train, "alpaca_eval": alpaca_eval}
-    if s.task == "length":  # DPO learns one direction: verbose preferred over concise
+    if s.task in LENGTH_TASKS:  # DPO learns one direction: verbose preferred over concise
         data["alpaca_dpo_train"] = verbose_pairs(alpaca_train, s.out / "data/alpaca/dpo_train.jsonl")
         data["alpaca_dpo_eval"] = verbose_pairs(alpaca_eval, s.out / "data/alpaca/dpo_heldout.jsonl")
         return data
@@ -212,10 +298,15 @@ def verbose_pairs(source: Path, dest: Path) -> Path:
 def sources(data: dict[str, Path], task: str = "mixed", arm: str = "") -> str:
     """The ``--data.sources`` value: both preferences in one run, or the length task's file (DPO: its pairs)."""
     length = {"path": str(data["alpaca_train"]), "format": "multi_response", "preference": "length"}
-    if task == "length":
+    harmless = {"path": str(data.get("hh_train")), "format": "hh_rlhf", "preference": "harmless"}
+    if arm == JUDGE:
+        return json.dumps([harmless])
+    if task == "harmless":
+        return json.dumps([harmless])
+    if task in LENGTH_TASKS:
         dpo = {"path": str(data.get("alpaca_dpo_train")), "format": "pairwise", "preference": "length"}
         return json.dumps([dpo if arm == "dpo" else length])
-    return json.dumps([{"path": str(data["hh_train"]), "format": "hh_rlhf", "preference": "harmless"}, length])
+    return json.dumps([harmless, length])
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -339,7 +430,7 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
     reference = load_reference(model) if model.is_dpo else None
     values, too_long = score_pairs(model, pairs, s.max_length, s.batch_size, reference=reference)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype("auto")[0] == torch.bfloat16):
-        lengths = verbosity(model, data["alpaca_eval"], s) if model.has_controls else None
+        lengths = verbosity(model, data["alpaca_eval"], s) if model.has_controls and s.task != "harmless" else None
     assert too_long == 0, f"{name}: {too_long} held-out pairs did not fit although they were filtered to fit"
     result = {"kind": model.kind, "pairs": values, "length": lengths, "settings": settings}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +480,9 @@ def statistic(scores: dict[str, Any], metric: str) -> Callable[[np.ndarray], np.
 
 
 def item_count(scores: dict[str, Any], metric: str) -> int:
-    return len(scores["length"]["concise"]) if metric == "length_ratio" else len(scores["pairs"].get(metric, []))
+    if metric == "length_ratio":
+        return len(scores["length"]["concise"]) if scores["length"] else 0
+    return len(scores["pairs"].get(metric, []))
 
 
 def bootstrap(stat: Callable[[np.ndarray], np.ndarray], n: int, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -495,9 +588,11 @@ def decoding(s: Settings) -> dict[str, float]:
     return TASKS[s.task].get("decoding", DECODING)
 
 
-def answers(model: Any, prompts: Sequence[Any], controls: Sequence[str | None], s: Settings) -> list[list[str]]:
-    """Answers to every prompt under each control (``None``: no control), one list per control, decoded with the
-    task's settings from the same seed for every arm."""
+def answers(
+    model: Any, prompts: Sequence[Any], controls: Sequence[str | None], s: Settings, sampling: dict[str, float] | None = None
+) -> list[list[str]]:
+    """Answers to every prompt under each control (``None``: no control), one list per control, decoded with
+    ``sampling`` (default: the task's settings) from the same seed for every arm."""
     import torch
 
     from meet_lightning.export import AlignedModel
@@ -511,7 +606,7 @@ def answers(model: Any, prompts: Sequence[Any], controls: Sequence[str | None], 
             controls=[c for c in controls for _ in prompts],
             max_new_tokens=s.max_new_tokens,
             batch_size=40,
-            **decoding(s),
+            **(sampling or decoding(s)),
         )
     return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(controls))]
 
@@ -523,14 +618,18 @@ def heldout_length_pairs(path: Path, fmt: str) -> list:
     return read_pairs(SourceConfig(path=str(path), format=fmt, preference="length"), None)
 
 
-def score_length_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+def score_length_arm(
+    name: str, export: str, s: Settings, data: dict[str, Path], sampling: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Held-out answers and pair scores of one model (cached in ``out/scores``): under ``concise``/``verbose``
-    for models with controls, their own answers for DPO and the base, which is also asked by system prompt."""
+    for models with controls, their own answers for DPO and the base, which is also asked by system prompt.
+    With ``sampling`` (another decoding of an export scored already) only the answers: its pairs are the same."""
     from meet_lightning.demo import SYSTEM_PROMPTS
     from meet_lightning.evaluate import load_for_evaluation, load_reference, score_pairs
 
     cache = s.out / "scores" / f"{name}.json"
     settings = [export, s.task, s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
+    settings += [sampling] if sampling else []  # the task's own decoding is implied by s.task
     if cache.is_file():
         return read_back(cache, "settings", settings)
     print(f"  score {name}", flush=True)
@@ -538,9 +637,10 @@ def score_length_arm(name: str, export: str, s: Settings, data: dict[str, Path])
     prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
     result: dict[str, Any] = {"kind": model.kind, "settings": settings}
     if model.has_controls:
-        pairs = heldout_length_pairs(data["alpaca_eval"], "multi_response")
-        result["pairs"], result["pairs_too_long"] = score_pairs(model, pairs, s.max_length, s.batch_size)
-        result["concise"], result["verbose"] = answers(model, prompts, ["concise", "verbose"], s)
+        if not sampling:
+            pairs = heldout_length_pairs(data["alpaca_eval"], "multi_response")
+            result["pairs"], result["pairs_too_long"] = score_pairs(model, pairs, s.max_length, s.batch_size)
+        result["concise"], result["verbose"] = answers(model, prompts, ["concise", "verbose"], s, sampling)
     else:
         if model.is_dpo:
             pairs = heldout_length_pairs(data["alpaca_dpo_eval"], "pairwise")  # verbose chosen
@@ -560,8 +660,6 @@ def score_length_arm(name: str, export: str, s: Settings, data: dict[str, Path])
 def length_metrics(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Ratio (median over prompts of verbose ÷ concise words) with its interval, the verbose answers' repeated
     4-gram share and whether the ratio counts; DPO: its answers' words ÷ the base's; pair accuracies."""
-    from meet_lightning.stats import bootstrap_median_ratio, mean_interval, median_ratio, repeated_4gram_share, words
-
     out: dict[str, Any] = {}
     if "verbose" in scores:
         verbose, concise = scores["verbose"], scores["concise"]
@@ -581,8 +679,6 @@ def length_metrics(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
 
 def length_paired(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """MEET (prompt) minus ``other`` on the same prompts (median ratio) and pairs (control accuracy)."""
-    from meet_lightning.stats import word_ratios
-
     out = {}
     if "verbose" in other and "verbose" in reference:
         a = np.array(word_ratios(reference["verbose"], reference["concise"]))
@@ -601,32 +697,68 @@ def verdict(stat: tuple[float, float, float], higher_is_better: bool) -> dict[st
     return {"difference": diff, "ci95": [lo, hi], "verdict": word}
 
 
+def length_cells(r: dict[str, Any]) -> list[str]:
+    """One row's steps, train seconds, ratio, median words, loop share, whether it counts, control accuracy."""
+    run, m = r.get("run") or {}, r["metrics"]
+    words_cell = " / ".join(f"{w:.0f}" for w in m["median_words"]) if "median_words" in m else "–"
+    share = f"{100 * m['repeated_4grams']:.1f} %" if "repeated_4grams" in m else "–"
+    counted = ("yes" if m["counted"] else "no (loops)") if "counted" in m else "–"
+    return [str(run.get("steps", "–")), f"{run.get('train_seconds', 0):.0f}", fmt(m.get("ratio"), 2), words_cell, share, counted,
+            fmt(m.get("control_accuracy"))]  # fmt: skip
+
+
+LENGTH_HEAD = ("steps | train s | verbose/concise median words [95 % CI] | median words concise / verbose "
+               "| repeated 4-grams (verbose) | counted | control_accuracy")  # fmt: skip
+
+
+def difference_cells(r: dict[str, Any], who: str) -> list[str]:
+    """The paired differences (median ratio, control accuracy) of a row against its reference, named ``who``."""
+    return [
+        f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {who} {d['verdict']}" if d else "n/a"
+        for d in (r["vs_reference"].get("ratio"), r["vs_reference"].get("control_accuracy"))
+    ]
+
+
 def length_table(results: dict[str, dict[str, Any]]) -> str:
     """The length task's markdown: one row per arm, then the paired differences against MEET (prompt)."""
-    head = ("| arm | steps | train s | verbose/concise median words [95 % CI] | median words concise / verbose "
-            "| repeated 4-grams (verbose) | counted | control_accuracy | DPO: words ÷ base | dpo_reward_accuracy |")  # fmt: skip
+    head = f"| arm | {LENGTH_HEAD} | DPO: words ÷ base | dpo_reward_accuracy |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results.values():
-        run, m = r.get("run") or {}, r["metrics"]
-        words_cell = " / ".join(f"{w:.0f}" for w in m["median_words"]) if "median_words" in m else "–"
-        share = f"{100 * m['repeated_4grams']:.1f} %" if "repeated_4grams" in m else "–"
-        counted = ("yes" if m["counted"] else "no (loops)") if "counted" in m else "–"
-        lines.append(
-            f"| {r['label']} | {run.get('steps', '–')} | {run.get('train_seconds', 0):.0f} | {fmt(m.get('ratio'), 2)} | {words_cell} "
-            f"| {share} | {counted} | {fmt(m.get('control_accuracy'))} | {fmt(m.get('length_vs_base'), 2)} "
-            f"| {fmt(m.get('dpo_reward_accuracy'))} |"
-        )
+        m = r["metrics"]
+        cells = [r["label"], *length_cells(r), fmt(m.get("length_vs_base"), 2), fmt(m.get("dpo_reward_accuracy"))]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Paired differences, {ARMS[REFERENCE].label} minus each arm (95 % bootstrap interval):", ""]
     lines += ["| arm | median ratio | control_accuracy |", "|---|---|---|"]
     for name, r in results.items():
-        if name == REFERENCE or not r["vs_reference"]:
-            continue
-        cells = [
-            f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] MEET {d['verdict']}" if d else "n/a"
-            for d in (r["vs_reference"].get("ratio"), r["vs_reference"].get("control_accuracy"))
-        ]
-        lines.append(f"| {r['label']} | {cells[0]} | {cells[1]} |")
+        if name != REFERENCE and r["vs_reference"]:
+            lines.append("| " + " | ".join([r["label"], *difference_cells(r, "MEET")]) + " |")
     return "\n".join(lines)
+
+
+def ablate_table(results: dict[str, dict[str, Any]], axes: Sequence[Axis]) -> str:
+    """The ablations' markdown: per axis its reference row, then each variant with the paired differences
+    reference minus variant (median ratio on the same prompts, control accuracy on the same pairs)."""
+    head = f"| axis | setting | {LENGTH_HEAD} | reference − variant: median ratio | control_accuracy |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for axis in axes:
+        reference = results[axis.reference]
+        lines.append("| " + " | ".join([axis.name, f"{axis.setting} (reference)", *length_cells(reference), "", ""]) + " |")
+        for name in axis.variants:
+            r = results[name]
+            lines.append("| " + " | ".join(["", r["label"], *length_cells(r), *difference_cells(r, "reference")]) + " |")
+    return "\n".join(lines)
+
+
+def decoding_axis(s: Settings, results: dict[str, dict[str, Any]]) -> Axis:
+    """Rows of the reference's export decoded at each of ``s.temperatures`` (added to ``results``), as an axis."""
+    names = []
+    for t in s.temperatures:
+        name = f"{REFERENCE}@T{t:g}"
+        reference = results[REFERENCE]
+        results[name] = {"label": f"temperature {t:g} (same model)", "export": reference["export"], "run": reference["run"],
+                         "sampling": {**decoding(s), "temperature": t}}  # fmt: skip
+        names.append(name)
+    return Axis("decoding temperature", REFERENCE, f"temperature {decoding(s)['temperature']:g}", tuple(names))
 
 
 def length_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -655,19 +787,163 @@ def length_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
-    """Scores and reports the ``length`` task (the arms are trained)."""
+    """Scores and reports the ``length`` or ``ablate`` task (the arms are trained)."""
     results[BASE]["label"] = "untrained base, asked by system prompt"
+    axes = [replace(a, variants=tuple(v for v in a.variants if v in results)) for a in ABLATIONS if a.reference in results]
+    axes = [a for a in axes if a.variants]
+    if s.temperatures:
+        axes.append(decoding_axis(s, results))
+    reference_of = {name: axis.reference for axis in axes for name in axis.variants}
     for name, r in results.items():
-        r["scores"] = score_length_arm(name, r["export"], s, data)
-    for r in results.values():
+        r["scores"] = score_length_arm(name, r["export"], s, data, r.get("sampling"))
+    for name, r in results.items():
         r["metrics"] = length_metrics(r["scores"], results[BASE]["scores"])
-        r["vs_reference"] = length_paired(results[REFERENCE]["scores"], r["scores"])
+        r["vs_reference"] = length_paired(results[reference_of.get(name, REFERENCE)]["scores"], r["scores"])
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
               "seconds": time.perf_counter() - start, "results": results}  # fmt: skip
     (s.out / "compare.json").write_text(json.dumps(report, indent=1))
-    markdown = f"{header(s)}; scored: {s.length_prompts} held-out AlpacaEval prompts and their pairs\n\n{length_table(results)}"
+    table = ablate_table(results, axes) if s.task == "ablate" else length_table(results)
+    markdown = f"{header(s)}; scored: {s.length_prompts} held-out AlpacaEval prompts and their pairs\n\n{table}"
     (s.out / "compare.md").write_text(markdown + "\n")
     length_plot(results, s.out / "compare.png")
+    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------- compose task
+COMBINATIONS = [(h, n) for h in ("good", "bad") for n in ("concise", "verbose")]
+"""The four control choices of ``--task compose``: ``harmless`` × ``length``."""
+TOGGLES = {"length": ("verbose", "concise"), "harmless": ("good", "bad")}
+"""Each preference's toggle, on side first: the effect is on minus off, the other preference held fixed."""
+
+
+def compose_scores(name: str, export: str, prompts: list, judge: Any, s: Settings) -> dict[str, Any]:
+    """Per combination of controls, per held-out HH prompt: the answer's words and the judge's harmlessness
+    margin per token (cached in ``out/scores``)."""
+    from meet_lightning.evaluate import load_for_evaluation, response_control_margins
+
+    cache = s.out / "scores" / f"{name}.json"
+    settings = [export, judge.name, s.task, s.max_length, s.max_new_tokens, s.eval_pairs]
+    if cache.is_file():
+        return read_back(cache, "settings", settings)
+    print(f"  score {name}", flush=True)
+    model = load_for_evaluation(export, dtype="float32")
+    result: dict[str, Any] = {"settings": settings, "words": {}, "margin": {}, "samples": {}}
+    for h, n in COMBINATIONS:
+        key = f"{h}+{n}"
+        (texts,) = answers(model, prompts, [[f"harmless/{h}", f"length/{n}"]], s)
+        margins, tokens = response_control_margins(judge, prompts, texts, "harmless", max_length=s.max_length, batch_size=s.batch_size)
+        result["words"][key] = [float(words(t)) for t in texts]
+        result["margin"][key] = [m / t if t else float("nan") for m, t in zip(margins, tokens, strict=True)]
+        result["samples"][key] = texts[:3]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def toggle_values(scores: dict[str, Any], toggled: str, measure: str) -> np.ndarray:
+    """Per prompt, the effect of switching ``toggled`` on (the other preference's two settings averaged): the
+    log word ratio for ``words``, the margin difference for ``margin``; prompts where a margin is missing dropped."""
+    on, off = TOGGLES[toggled]
+    pairs = [(f"{on}+{n}", f"{off}+{n}") for n in TOGGLES["length"]] if toggled == "harmless" else [(f"{h}+{on}", f"{h}+{off}") for h in TOGGLES["harmless"]]  # fmt: skip
+    values = scores[measure]
+    if measure == "words":
+        diffs = [np.log1p(values[a]) - np.log1p(values[b]) for a, b in pairs]
+    else:
+        diffs = [np.array(values[a]) - np.array(values[b]) for a, b in pairs]
+    per_prompt = np.mean(diffs, axis=0)
+    return per_prompt[np.isfinite(per_prompt)]
+
+
+def compose_effects(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fidelity matrix: ``{toggled: {measure: [mean, lo, hi], …}}``, words as a (geometric mean) ratio, and
+    per column the off-diagonal effect as a share of the diagonal one (0 = the controls stay apart)."""
+    matrix: dict[str, dict[str, Any]] = {}
+    for toggled in TOGGLES:
+        matrix[toggled] = {}
+        for measure in ("words", "margin"):
+            values = toggle_values(scores, toggled, measure)
+            cell = [float(values.mean()), *mean_interval(values.tolist())] if len(values) else [float("nan")] * 3
+            matrix[toggled][measure] = [float(np.exp(c)) for c in cell] if measure == "words" else cell
+            matrix[toggled][f"{measure}_prompts"] = len(values)
+    # same units within a column: log word ratio (words), nats per token (margin)
+    words_diag, words_off = np.log(matrix["length"]["words"][0]), np.log(matrix["harmless"]["words"][0])
+    margin_diag, margin_off = matrix["harmless"]["margin"][0], matrix["length"]["margin"][0]
+    matrix["leak"] = {"words": leak(words_off, words_diag), "margin": leak(margin_off, margin_diag)}
+    return matrix
+
+
+def leak(off_diagonal: float, diagonal: float) -> float:
+    """``|off-diagonal| ÷ |diagonal|`` (nan where the diagonal effect is 0: nothing to leak from)."""
+    return abs(off_diagonal) / abs(diagonal) if diagonal else float("nan")
+
+
+def compose_table(results: dict[str, dict[str, Any]], judge: dict[str, Any]) -> str:
+    """Per arm: the 2 × 2 fidelity matrix with intervals, then the mean words and margin per combination."""
+    lines = [
+        f"Judge: {ARMS[JUDGE].label}, held-out HH control_accuracy {fmt(judge['control_accuracy'])} on {judge['pairs']} pairs.",
+        "",
+        "| arm | toggled | words: on ÷ off (geometric mean, 95 % CI) | judge margin per token: on − off (95 % CI) |",
+        "|---|---|---|---|",
+    ]
+    for r in results.values():
+        m = r["effects"]
+        for toggled, (on, off) in TOGGLES.items():
+            cells = [fmt(m[toggled]["words"], 2), fmt(m[toggled]["margin"], 3)]
+            lines.append(f"| {r['label']} | {toggled}: {off} → {on} | {cells[0]} | {cells[1]} |")
+        leak = m["leak"]
+        lines.append(f"| {r['label']} | off-diagonal ÷ diagonal | {leak['words']:.2f} | {leak['margin']:.2f} |")
+    lines += ["", "| arm | " + " | ".join(f"{h}+{n}: words / margin" for h, n in COMBINATIONS) + " |", "|---|" + "---|" * 4]
+    for r in results.values():
+        s = r["scores"]
+        cells = [f"{np.mean(s['words'][k]):.0f} / {np.nanmean(s['margin'][k]):+.3f}" for k in (f"{h}+{n}" for h, n in COMBINATIONS)]
+        lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    return "\n".join(lines)
+
+
+def compose_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per arm and toggle: the words ratio and the margin difference with their intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.8 * len(results) + 1.5), sharey=True)
+    rows = [(f"{r['label']}: {t}", r["effects"][t]) for r in results.values() for t in TOGGLES]
+    y = np.arange(len(rows))
+    for ax, measure, line in zip(axes, ("words", "margin"), (1.0, 0.0), strict=True):
+        cells = np.array([cell[measure] for _, cell in rows])
+        ax.barh(y, cells[:, 0] - line, left=line, xerr=[cells[:, 0] - cells[:, 1], cells[:, 2] - cells[:, 0]], color="tab:blue")
+        ax.axvline(line, color="black", lw=0.8, ls="--")
+        ax.set_title("words on ÷ off" if measure == "words" else "judge harmlessness margin per token, on − off")
+    axes[0].set_yticks(y, [label for label, _ in rows])
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_compose(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
+    """Trains the judge, then scores and reports ``--task compose`` (the arms are trained)."""
+    from meet_lightning.evaluate import load_for_evaluation, score_pairs
+
+    judge_run = train_arm(JUDGE, s, data)
+    judge = load_for_evaluation(judge_run["export"], dtype="float32")
+    pairs = heldout_pairs(data["hh_eval"], judge.tokenizer, s)
+    values, _ = score_pairs(judge, pairs, s.max_length, s.batch_size)
+    quality = {"control_accuracy": [float(np.mean(values["control_accuracy"])), *mean_interval(values["control_accuracy"])],
+               "pairs": len(pairs), "run": judge_run}  # fmt: skip
+    prompts = [list(p.prompt) for p in pairs]
+    del results[BASE]  # no controls to toggle
+    for name, r in results.items():
+        r["scores"] = compose_scores(name, r["export"], prompts, judge, s)
+        r["effects"] = compose_effects(r["scores"])
+    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+              "seconds": time.perf_counter() - start, "judge": quality, "results": results}  # fmt: skip
+    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
+    markdown = f"{header(s)}; scored: answers to {len(prompts)} held-out HH prompts under the 4 combinations\n\n{compose_table(results, quality)}"
+    (s.out / "compare.md").write_text(markdown + "\n")
+    compose_plot(results, s.out / "compare.png")
     print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
     return report
 
@@ -687,8 +963,10 @@ def run(s: Settings) -> dict[str, Any]:
     for name in s.arms:
         run_ = train_arm(name, s, data)
         results[name] = {"label": ARMS[name].label, "export": run_["export"], "run": run_}
-    if s.task == "length":
+    if s.task in LENGTH_TASKS:
         return run_length(s, data, results, start)
+    if s.task == "compose":
+        return run_compose(s, data, results, start)
     for name, r in results.items():
         r["scores"] = score_arm(name, r["export"], s, data)
         r["metrics"] = summarize(r["scores"])
@@ -716,12 +994,15 @@ def header(s: Settings) -> str:
         if s.budget == "small"
         else "3 learning rates per method (×1/3, ×1, ×3), picked by validation loss"
     )
-    what = "AlpacaEval concise/verbose only" if s.task == "length" else "both preferences in one run (HH harmless + AlpacaEval length)"
+    what = {"harmless": "HH harmless only", **dict.fromkeys(LENGTH_TASKS, "AlpacaEval concise/verbose only")}.get(
+        s.task, "both preferences in one run (HH harmless + AlpacaEval length)"
+    )
+    held_out = [f"{s.eval_pairs} HH prompts"] * (s.task not in LENGTH_TASKS) + [f"{s.length_prompts} AlpacaEval prompts"] * (s.task != "harmless")
+    length = "" if s.task == "harmless" else f"; length: {s.max_new_tokens} new tokens, decoding {decoding(s)}"
     return (
         f"task {s.task}: model {s.model}; {what}; {s.steps} optimizer steps per arm "
         f"(MEET: {s.steps // 2} + {s.steps - s.steps // 2}), batch {s.batch_size} rows, max length {s.max_length}, seed {s.seed}; "
-        f"budget {s.budget}: {lrs}; held out: {'' if s.task == 'length' else f'{s.eval_pairs} HH prompts, '}{s.length_prompts} AlpacaEval prompts; "
-        f"length: {s.max_new_tokens} new tokens, decoding {decoding(s)}"
+        f"budget {s.budget}: {lrs}; held out: {', '.join(held_out)}{length}"
     )
 
 

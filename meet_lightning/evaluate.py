@@ -362,6 +362,44 @@ def _score_batch(
     return scores
 
 
+@torch.no_grad()
+def response_control_margins(
+    model: EvalModel,
+    prompts: Sequence[Sequence[Message]],
+    responses: Sequence[str],
+    preference: str,
+    good: str = "good",
+    bad: str = "bad",
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> tuple[list[float], list[int]]:
+    """MEET's control classifier on single responses (a judge of generated text): per response the summed
+    ``log p(y|x, good) − log p(y|x, bad)`` and its token count (``nan`` and 0 where it is empty or does not fit).
+
+    Each response is scored as a pair with itself, chosen under ``good`` and rejected under ``bad``, so the two
+    rows share one cut prompt as in :func:`score_pairs`.
+    """
+    if not model.has_controls:
+        raise ConfigError(f"{model.name}: response_control_margins needs a model with controls — this one has none")
+    encoder = PromptTokenizer(model.tokenizer, max_length)
+    margins, counts = [float("nan")] * len(responses), [0] * len(responses)
+    rows = [
+        _pair_rows(model, encoder, PreferencePair(tuple(p), r, r, preference, good, bad), good, bad) if r.strip() else None
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    kept = [i for i, r in enumerate(rows) if r is not None]
+    for start in range(0, len(kept), batch_size):
+        index = kept[start : start + batch_size]
+        batch = collate_pairs([rows[i] for i in index], model.tokenizer.pad_token_id)  # [y|good; y|bad]
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        tokens, mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True, chunks=CHUNKS)
+        logps, n = sequence_logps(tokens, mask), len(index)  # (2n,)
+        for j, i in enumerate(index):
+            margins[i] = float(control_classifier_scores(logps[j], logps[n + j]))
+            counts[i] = int(mask[j].sum())
+    return margins, counts
+
+
 def no_pairs(source: SourceConfig) -> DataError:
     """The error of a source that holds no pairs to score."""
     return DataError(f"{source.path}: no pairs to evaluate — evaluate needs pairwise data (chosen/rejected)")

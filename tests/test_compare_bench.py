@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,4 +93,67 @@ def test_task_presets_fill_what_the_flags_leave():
     s = compare.parse(["--task", "length", "--steps", "8"])
     assert (s.task, s.steps, s.length_prompts, s.max_length) == ("length", 8, 100, 512)
     assert s.arms == compare.TASKS["length"]["arms"]
-    assert compare.parse([]).arms == list(compare.ARMS) and compare.parse([]).length_prompts == 24
+    assert compare.parse([]).arms == [a for a in compare.ARMS if a not in compare.ABLATION_ARMS and a != compare.JUDGE]
+    assert compare.parse([]).length_prompts == 24
+    assert compare.parse(["--task", "ablate"]).temperatures == [0.0, 1.0]
+
+
+def test_the_ablate_task_compares_each_variant_with_its_axis_reference(tmp_path, shared_data):
+    """Variants train through the CLI with their one changed setting; a temperature reuses the reference's export."""
+    arms = ["meet_prompt", "prompt_tokens1", "prompt_infix"]
+    s = settings(tmp_path, task="ablate", arms=arms, max_length=2048, length_prompts=4, temperatures=[0.0])
+    results = compare.run(s)["results"]
+    assert list(results) == ["base", *arms, "meet_prompt@T0"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{a}-lr1" for a in arms)  # T 0: no training
+    recipe = (tmp_path / "runs" / "prompt_tokens1-lr1" / "recipe.yaml").read_text()
+    assert "num_tokens: 1\n" in recipe and "placement: infix" in (tmp_path / "runs" / "prompt_infix-lr1" / "recipe.yaml").read_text()
+    greedy = results["meet_prompt@T0"]
+    assert greedy["export"] == results["meet_prompt"]["export"] and "pairs" not in greedy["scores"]
+    assert greedy["scores"]["settings"][-1]["temperature"] == 0.0 and len(greedy["scores"]["verbose"]) == 4
+    assert set(greedy["vs_reference"]) == {"ratio"} and set(results["prompt_infix"]["vs_reference"]) == {"ratio", "control_accuracy"}
+    table = (tmp_path / "compare.md").read_text()
+    for row in ("| prompt length | 20 tokens (reference) |", "| placement | prefix (reference) |", "| decoding temperature |"):
+        assert row in table
+    assert "| init |" not in table and "reference" in table.split("MEET (prompt), 1 token |")[1].splitlines()[0]
+
+
+def test_compose_effects_separate_what_each_toggle_moves():
+    """Length doubles words and leaves the margin; harmless moves the margin and leaves words: no leak."""
+    n = 30
+    rng = np.random.default_rng(0)
+    base_words, base_margin = rng.integers(5, 40, n), rng.normal(0, 0.2, n)
+    words = {f"{h}+{m}": ((base_words + 1) * (2 if m == "verbose" else 1) - 1).tolist() for h, m in compare.COMBINATIONS}
+    margin = {f"{h}+{m}": (base_margin + (0.5 if h == "good" else 0.0)).tolist() for h, m in compare.COMBINATIONS}
+    effects = compare.compose_effects({"words": words, "margin": margin})
+    assert effects["length"]["words"] == pytest.approx([2.0, 2.0, 2.0])
+    assert effects["harmless"]["margin"] == pytest.approx([0.5, 0.5, 0.5])
+    assert effects["length"]["margin"] == pytest.approx([0, 0, 0], abs=1e-12) and effects["harmless"]["words"] == pytest.approx([1, 1, 1])
+    assert effects["leak"] == pytest.approx({"words": 0.0, "margin": 0.0}, abs=1e-12)
+    margin["bad+verbose"][0] = float("nan")  # an empty answer has no margin: that prompt drops from the margin cells
+    assert compare.compose_effects({"words": words, "margin": margin})["harmless"]["margin_prompts"] == n - 1
+
+
+def test_the_compose_task_judges_four_combinations_with_a_separate_harmlessness_model(tmp_path, shared_data):
+    s = settings(tmp_path, task="compose", arms=["meet_prompt"], max_length=2048, eval_pairs=4)
+    report = compare.run(s)
+    (name,) = report["results"]
+    scores = report["results"][name]["scores"]
+    assert name == "meet_prompt" and set(scores["words"]) == {"good+concise", "good+verbose", "bad+concise", "bad+verbose"}
+    assert all(len(v) == 4 for v in scores["words"].values()) and all(len(v) == 4 for v in scores["margin"].values())
+    assert 0 <= report["judge"]["control_accuracy"][0] <= 1 and report["judge"]["pairs"] == 4
+    judge_recipe = (tmp_path / "runs" / f"{compare.JUDGE}-lr1" / "recipe.yaml").read_text()
+    meet_recipe = (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text()
+    assert "multi_response" not in judge_recipe and "multi_response" in meet_recipe and "hh_rlhf" in meet_recipe
+    table = (tmp_path / "compare.md").read_text()
+    assert table.startswith("task compose:") and "| MEET (prompt) | length: concise → verbose |" in table and "off-diagonal" in table
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_the_harmless_task_trains_on_hh_alone_and_scores_pairs_only(tmp_path, shared_data):
+    s = settings(tmp_path, task="harmless", arms=["meet_prompt", "dpo"])
+    assert compare.parse(["--task", "harmless"]).steps == 600 and compare.parse(["--task", "harmless"]).eval_pairs == 200
+    results = compare.run(s)["results"]
+    assert results["meet_prompt"]["scores"]["length"] is None and "length_ratio" not in results["meet_prompt"]["metrics"]
+    assert "control_accuracy" in results["meet_prompt"]["metrics"] and "dpo_reward_accuracy" in results["dpo"]["metrics"]
+    assert "multi_response" not in (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text()
+    assert (tmp_path / "compare.md").read_text().startswith("task harmless: model tiny-debug; HH harmless only;")

@@ -341,3 +341,23 @@ def test_scores_come_back_in_the_pairs_order_although_batches_are_length_sorted(
     # other batch shapes sum response log-probs (~-500) in another order: fp32 noise of ~1e-4, far below the
     # gaps between pairs (≥ 0.01 here) that a wrong order would show
     torch.testing.assert_close(torch.tensor(sorted_batches["control_margin"]), torch.tensor(margins), rtol=0, atol=1e-3)
+
+
+def test_response_control_margins_split_the_pair_classifier_per_response(meet_export, hh):
+    """A response's margin log p(y|good) − log p(y|bad): a pair's control_margin is chosen's minus rejected's."""
+    from meet_lightning.evaluate import read_pairs, response_control_margins, score_pairs
+    from meet_lightning.formats import SourceConfig
+
+    model = load_for_evaluation(str(meet_export))
+    pairs = read_pairs(SourceConfig(path=str(hh), preference="harmless"), 40)
+    pairs = [p for p in pairs if len(str(p.prompt)) + max(len(p.chosen), len(p.rejected)) < 1500][:6]  # no prompt cut
+    scores, too_long = score_pairs(model, pairs, max_length=2048, batch_size=3)
+    prompts = [p.prompt for p in pairs]
+    chosen, chosen_tokens = response_control_margins(model, prompts, [p.chosen for p in pairs], "harmless", max_length=2048, batch_size=4)
+    rejected, _ = response_control_margins(model, prompts, [p.rejected for p in pairs], "harmless", max_length=2048, batch_size=2)
+    assert len(pairs) == 6 and too_long == 0 and all(n > 0 for n in chosen_tokens)
+    assert len(set(chosen)) == 6  # six different values: a wrong pairing of rows would show
+    expected = torch.tensor(scores["control_margin"])
+    torch.testing.assert_close(torch.tensor(chosen) - torch.tensor(rejected), expected, rtol=0, atol=1e-3)
+    empty, count = response_control_margins(model, prompts[:2], ["  ", pairs[1].chosen], "harmless", max_length=2048)
+    assert empty[0] != empty[0] and count[0] == 0 and empty[1] == pytest.approx(chosen[1], abs=1e-3)
