@@ -628,8 +628,9 @@ def score_length_arm(
     from meet_lightning.evaluate import load_for_evaluation, load_reference, score_pairs
 
     cache = s.out / "scores" / f"{name}.json"
-    settings = [export, s.task, s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
-    settings += [sampling] if sampling else []  # the task's own decoding is implied by s.task
+    # "length": ablate scores like the length task, so both can share an --out folder (trained runs and scores)
+    settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
+    settings += [sampling] if sampling else []  # the tasks' own decoding is implied
     if cache.is_file():
         return read_back(cache, "settings", settings)
     print(f"  score {name}", flush=True)
