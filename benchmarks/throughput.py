@@ -363,7 +363,7 @@ def build_library_module(arm: str, model: str, schema: dict, levers: Mapping[str
     from meet_lightning import ControlTokenModule, DPOModule, JointFinetuneModule, LoRAControl, PromptTuningControl
 
     prompt = partial(PromptTuningControl, num_tokens=PROMPT_TOKENS, init="vocab")
-    common = {"lr": LEARNING_RATES[arm], "forward_chunks": levers["forward_chunks"]}
+    common = {"lr": LEARNING_RATES[arm], "forward_chunks": levers["forward_chunks"], "compile": levers["compile"]}
     builders: dict[str, Callable[[], Any]] = {
         "stage1_prompt": lambda: ControlTokenModule(model, prompt(placement="prefix"), schema, **common),
         "stage1_lora": lambda: ControlTokenModule(
@@ -478,9 +478,7 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     data = make_datamodule(settings, spec["train_file"], heldout, levers["group_by_length"], spec["accuracy_pairs"])
     L.seed_everything(SEED, verbose=False)  # right before the module is built, like the pipeline
     module = build_library_module(arm, settings["model"], data.control_schema, levers)
-    module.configure_model()  # Lightning's own call is then a no-op; the compile lever needs the LM now
-    if levers["compile"]:
-        module.lm.get_decoder().compile(dynamic=True)
+    module.configure_model()  # Lightning's own call is then a no-op
     recorder = lightning_recorder(levers["all_logits"])
     trainer = library_trainer(settings, recorder)
     k, reference = FLOP_PROFILES[arm]

@@ -461,6 +461,19 @@ def _load_gguf_model(gguf: Path) -> PreTrainedModel:
 
 
 @torch.no_grad()
+def compile_decoder(lm: torch.nn.Module) -> None:
+    """``torch.compile`` the LM's decoder stack in place (state-dict names unchanged), with dynamic shapes:
+    length-grouped batches and forward chunks change the sequence length from step to step.
+
+    Compiled code is cached per code object, and by default dynamo does not guard on a module's hooks: a second
+    model of the same class in the process — stage 2 after stage 1, another arm of a benchmark, a test — ran
+    the graph traced for the first, without its LoRA controls' hooks (other loss, no gradient for the controls;
+    tests/test_memory_options.py). Guarding on hooks recompiles for each hook set instead.
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    lm.get_decoder().compile(dynamic=True)
+
+
 def round_weights_to_bf16(model: torch.nn.Module) -> None:
     """Round every parameter to the nearest bfloat16 value in place, keeping its dtype.
 

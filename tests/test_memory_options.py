@@ -54,7 +54,7 @@ def loss_and_grads(module_class, control_name, schema, batch, **options):
     loss = module.compute_loss(batch)["loss"]
     loss.backward()
     del mlp.forward
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
     return loss.detach(), grads, len(runs)
 
 
@@ -177,3 +177,17 @@ def test_the_export_of_a_4bit_stage_holds_the_full_precision_base(tmp_path, shar
     recipe["stage1"]["model"]["init_args"]["quantize"] = "nf4"  # as a CUDA run that trained on a 4-bit base wrote it
     export_run(recipe, {}, log=lambda line: None)
     assert AlignedModel.from_pretrained(out / "export", dtype="float32").generate(["Hi"], control="good", max_new_tokens=4)
+
+
+def test_compile_keeps_loss_and_gradients_for_every_control_in_one_process(batch):
+    """A compiled decoder gives the eager loss and gradients, also for a LoRA model built after a prompt-tuning
+    one in the same process (with dynamo's default hook guards it ran the first model's graph: another loss
+    and no gradient for the LoRA controls)."""
+    schema, rows = batch
+    for name in ("prefix", "lora"):
+        eager_loss, eager_grads, _ = loss_and_grads(JointFinetuneModule, name, schema, rows)
+        loss, grads, _ = loss_and_grads(JointFinetuneModule, name, schema, rows, compile=True)
+        torch.testing.assert_close(loss, eager_loss)
+        assert grads.keys() == eager_grads.keys()
+        for key, grad in eager_grads.items():
+            torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

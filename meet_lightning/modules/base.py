@@ -27,7 +27,7 @@ from meet_lightning.losses import (
     pairwise_accuracy,
     sequence_logps,
 )
-from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
+from meet_lightning.models import compile_decoder, load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import DTYPES
 
 
@@ -55,6 +55,9 @@ class MeetModule(L.LightningModule):
             fewest padding tokens remain, each pass padded only to its own longest row. Same loss and gradients
             with less padding computed (pairs are padded to their batch's longest row otherwise); 1 = one pass
             (on an accelerator, where a pass of few rows may underuse it, measure before raising it further).
+        compile: ``torch.compile`` the LM's decoder layers (:func:`~meet_lightning.models.compile_decoder`):
+            the first steps pay the compilation; loss and gradients are unchanged (tested in fp32). Its speed is
+            not measured yet; not tested with FSDP or DeepSpeed.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class MeetModule(L.LightningModule):
         optimizer: str = "adamw",
         quantize: str | None = None,
         forward_chunks: int = 4,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         problems = [
@@ -124,6 +128,8 @@ class MeetModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(lm, self.control)
         self.lm = self.wrap_lm(lm).train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+        if self.hparams.compile:
+            compile_decoder(self.lm)
         self.configure_trainable()
         if quantization is not None and self.lm_parameters():
             raise ConfigError(f"quantize: nf4 keeps the LM frozen, but {type(self).__name__} trains it — use it in stage 1 only")

@@ -98,7 +98,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights are loaded in.
         trust_remote_code: Allow the model's own code from the hub.
-        gradient_checkpointing, optimizer, quantize, forward_chunks: As in :class:`~meet_lightning.modules.base.MeetModule`.
+        gradient_checkpointing, optimizer, quantize, forward_chunks, compile: As in :class:`~meet_lightning.modules.base.MeetModule`.
     """
 
     def __init__(
@@ -117,6 +117,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         optimizer: str = "adamw",
         quantize: str | None = None,
         forward_chunks: int = 4,
+        compile: bool = False,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -133,6 +134,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
             optimizer=optimizer,
             quantize=quantize,
             forward_chunks=forward_chunks,
+            compile=compile,
         )
         check_plain(self)
 
@@ -192,7 +194,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         dtype: Dtype the LM weights (and the reference) are loaded in.
         trust_remote_code: Allow the model's own code from the hub.
-        gradient_checkpointing, optimizer, quantize, forward_chunks: As in :class:`~meet_lightning.modules.base.MeetModule`.
+        gradient_checkpointing, optimizer, quantize, forward_chunks, compile: As in :class:`~meet_lightning.modules.base.MeetModule`.
         beta: DPO temperature: strength of the implicit KL penalty to the reference.
         precompute_reference: Cache reference log-probs per pair instead of keeping a second model.
     """
@@ -215,6 +217,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         optimizer: str = "adamw",
         quantize: str | None = None,
         forward_chunks: int = 4,
+        compile: bool = False,
     ) -> None:
         if not beta > 0:
             raise ConfigError(f"beta {beta} must be > 0 — set model.init_args.beta (e.g. 0.1)")
@@ -233,6 +236,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             optimizer=optimizer,
             quantize=quantize,
             forward_chunks=forward_chunks,
+            compile=compile,
         )
         check_plain(self)
         self.reference_cache: dict[str, tuple[float, float]] = {}
@@ -446,6 +450,7 @@ class HybridDPOModule(JointFinetuneModule):
         optimizer: str = "adamw",
         quantize: str | None = None,
         forward_chunks: int = 4,
+        compile: bool = False,
     ) -> None:
         problems = [
             m
@@ -476,6 +481,7 @@ class HybridDPOModule(JointFinetuneModule):
             optimizer=optimizer,
             quantize=quantize,
             forward_chunks=forward_chunks,
+            compile=compile,
         )
 
     @override

@@ -46,6 +46,7 @@ class JointFinetuneModule(MeetModule):
         optimizer: str = "adamw",
         quantize: str | None = None,
         forward_chunks: int = 4,
+        compile: bool = False,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -62,6 +63,7 @@ class JointFinetuneModule(MeetModule):
             optimizer=optimizer,
             quantize=quantize,
             forward_chunks=forward_chunks,
+            compile=compile,
         )
 
     @override
