@@ -185,6 +185,7 @@ class Settings:
     arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a not in ABLATION_ARMS and a != JUDGE])
     task: str = "mixed"
     temperatures: list[float] = field(default_factory=list)
+    equal_seconds: bool = False
 
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -330,8 +331,8 @@ def lr_overrides(arm: Arm, recipe: dict[str, Any], multiplier: float) -> list[st
     return args
 
 
-def fit_command(name: str, s: Settings, data: dict[str, Path], multiplier: float, out: Path) -> list[str]:
-    """The ``fit`` command line of one run of arm ``name``."""
+def fit_command(name: str, s: Settings, data: dict[str, Path], multiplier: float, out: Path, steps: int | None = None) -> list[str]:
+    """The ``fit`` command line of one run of arm ``name`` (``steps``: another budget than ``s.steps``)."""
     arm = ARMS[name]
     recipe = yaml.safe_load((ROOT / arm.recipe).read_text())
     rows_per_batch = s.batch_size // 2 if recipe["data"].get("pair_batches") else s.batch_size  # DPO counts pairs
@@ -340,21 +341,21 @@ def fit_command(name: str, s: Settings, data: dict[str, Path], multiplier: float
     args += ["--model_name_or_path", s.model, "--output_dir", str(out), "--seed_everything", str(s.seed)]
     args += ["--data.path", "null", "--data.sources", sources(data, s.task, name), "--data.max_length", str(s.max_length)]
     args += ["--data.batch_size", str(rows_per_batch), "--data.max_val_examples", str(s.max_val_examples)]
-    for stage, steps in stage_steps(arm, s.steps).items():
+    for stage, stage_budget in stage_steps(arm, steps or s.steps).items():
         trainer = f"--{stage}.trainer"
         # Validation once, after training (the pipeline's own validate): not also in fit.
-        args += [f"{trainer}.max_steps", str(steps), f"{trainer}.val_check_interval", "null"]
-        args += [f"--{stage}.model.init_args.warmup_steps", str(max(1, steps // 10))]  # one rule for every arm
+        args += [f"{trainer}.max_steps", str(stage_budget), f"{trainer}.val_check_interval", "null"]
+        args += [f"--{stage}.model.init_args.warmup_steps", str(max(1, stage_budget // 10))]  # one rule for every arm
         args += [f"{trainer}.log_every_n_steps", "5", f"{trainer}.enable_progress_bar", "false"]
     return args + lr_overrides(arm, recipe, multiplier)
 
 
-def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float) -> dict[str, Any]:
-    """Trains one (arm, learning rate) run in a subprocess, or reads it back when it finished earlier."""
+def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, steps: int | None = None) -> dict[str, Any]:
+    """Trains one (arm, learning rate[, step budget]) run in a subprocess, or reads it back when it finished earlier."""
     arm = ARMS[name]
-    out = s.out / "runs" / f"{name}-lr{multiplier:.3g}"
+    out = s.out / "runs" / (f"{name}-lr{multiplier:.3g}" + (f"-steps{steps}" if steps else ""))
     record = out / "compare_run.json"
-    command = fit_command(name, s, data, multiplier, out)
+    command = fit_command(name, s, data, multiplier, out, steps)
     if record.is_file():
         return read_back(record, "command", command[1:])
     out.mkdir(parents=True, exist_ok=True)
@@ -392,9 +393,9 @@ def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
     return record
 
 
-def train_arm(name: str, s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+def train_arm(name: str, s: Settings, data: dict[str, Path], steps: int | None = None) -> dict[str, Any]:
     """Every learning rate of the budget; the one with the lowest validation loss is the arm's run."""
-    runs = [run_fit(name, s, data, m) for m in LR_GRID[s.budget]]
+    runs = [run_fit(name, s, data, m, steps) for m in LR_GRID[s.budget]]
     best = min(runs, key=lambda r: r["val_loss"])
     return {**best, "lrs_tried": [r["lr_multiplier"] for r in runs], "tuning": runs}
 
@@ -964,6 +965,8 @@ def run(s: Settings) -> dict[str, Any]:
     for name in s.arms:
         run_ = train_arm(name, s, data)
         results[name] = {"label": ARMS[name].label, "export": run_["export"], "run": run_}
+    if s.equal_seconds:
+        add_equal_seconds_rows(s, data, results)
     if s.task in LENGTH_TASKS:
         return run_length(s, data, results, start)
     if s.task == "compose":
@@ -987,6 +990,23 @@ def run(s: Settings) -> dict[str, Any]:
     (s.out / "compare.md").write_text(markdown + "\n")
     print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
     return report
+
+
+def equal_seconds_steps(budget_seconds: float, run_: dict[str, Any], stages: int) -> int:
+    """The step budget that trains about ``budget_seconds``, at the run's own seconds per step (≥ 1 per stage)."""
+    return max(stages, round(budget_seconds * run_["steps"] / run_["train_seconds"]))
+
+
+def add_equal_seconds_rows(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]]) -> None:
+    """Beside equal steps, equal compute: every other arm trained again for about MEET (prompt)'s training seconds
+    (steps from its own seconds per step in ``done.json``), added as ``NAME@seconds`` rows and scored alike."""
+    budget = results[REFERENCE]["run"]["train_seconds"]
+    for name in [a for a in s.arms if a != REFERENCE and a != JUDGE]:
+        steps = equal_seconds_steps(budget, results[name]["run"], len(ARMS[name].stages))
+        if steps != results[name]["run"]["steps"]:
+            run_ = train_arm(name, s, data, steps)
+            label = f"{ARMS[name].label}, {steps} steps (≈ {ARMS[REFERENCE].label}'s {budget:.0f} s)"
+            results[f"{name}@seconds"] = {"label": label, "export": run_["export"], "run": run_}
 
 
 def header(s: Settings) -> str:
@@ -1016,6 +1036,13 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--arms", default=None, help="comma-separated (default: the task's): " + ", ".join(ARMS))
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--overlay", help="a YAML applied over every recipe, e.g. configs/debug.yaml for a seconds-long check")
+    p.add_argument(
+        "--equal-seconds",
+        dest="equal_seconds",
+        action="store_true",
+        default=None,
+        help="also train every other arm for MEET (prompt)'s training seconds (rows NAME@seconds)",
+    )
     for name in (
         "steps",
         "batch_size",

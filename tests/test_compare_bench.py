@@ -157,3 +157,24 @@ def test_the_harmless_task_trains_on_hh_alone_and_scores_pairs_only(tmp_path, sh
     assert "control_accuracy" in results["meet_prompt"]["metrics"] and "dpo_reward_accuracy" in results["dpo"]["metrics"]
     assert "multi_response" not in (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text()
     assert (tmp_path / "compare.md").read_text().startswith("task harmless: model tiny-debug; HH harmless only;")
+
+
+def test_equal_seconds_retrains_other_arms_for_the_references_training_seconds(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_train(name, s, data, steps=None):
+        calls.append((name, steps))
+        return {"export": f"{name}-{steps}", "steps": steps, "train_seconds": 1.0}
+
+    monkeypatch.setattr(compare, "train_arm", fake_train)
+    results = {
+        "meet_prompt": {"run": {"steps": 60, "train_seconds": 300.0}},
+        "stage1_only": {"run": {"steps": 60, "train_seconds": 150.0}},  # half the seconds per step: 120 steps
+        "coh": {"run": {"steps": 60, "train_seconds": 301.0}},  # the same cost: not trained again
+    }
+    compare.add_equal_seconds_rows(settings(tmp_path, arms=["meet_prompt", "stage1_only", "coh"]), {}, results)
+    assert calls == [("stage1_only", 120)]
+    assert results["stage1_only@seconds"]["label"].startswith("stage 1 only, 120 steps (≈ MEET (prompt)'s 300 s)")
+    data = {"alpaca_train": tmp_path / "a.jsonl", "hh_train": tmp_path / "h.jsonl"}
+    command = compare.fit_command("meet_prompt", settings(tmp_path), data, 1.0, tmp_path / "out", steps=10)
+    assert command[command.index("--stage1.trainer.max_steps") + 1] == "5" and command[command.index("--stage2.trainer.max_steps") + 1] == "5"
