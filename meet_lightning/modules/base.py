@@ -335,7 +335,11 @@ def enable_gradient_checkpointing(lm: nn.Module, control: ControlTokens) -> None
     def contexts() -> tuple[Any, Any]:
         return contextlib.nullcontext(), control.recompute_context()
 
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": contexts})
+    kwargs = {"use_reentrant": False, "context_fn": contexts}
+    if callable(getattr(lm, "activation_checkpointing_enable", None)):  # transformers ≥ 5.x renamed it (old name warns)
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
 
 
