@@ -297,12 +297,10 @@ def verbose_pairs(source: Path, dest: Path) -> Path:
 
 
 def sources(data: dict[str, Path], task: str = "mixed", arm: str = "") -> str:
-    """The ``--data.sources`` value: both preferences in one run, or the length task's file (DPO: its pairs)."""
+    """The ``--data.sources`` value: both preferences in one run, or one task's file (length: DPO its pairs)."""
     length = {"path": str(data["alpaca_train"]), "format": "multi_response", "preference": "length"}
     harmless = {"path": str(data.get("hh_train")), "format": "hh_rlhf", "preference": "harmless"}
-    if arm == JUDGE:
-        return json.dumps([harmless])
-    if task == "harmless":
+    if arm == JUDGE or task == "harmless":
         return json.dumps([harmless])
     if task in LENGTH_TASKS:
         dpo = {"path": str(data.get("alpaca_dpo_train")), "format": "pairwise", "preference": "length"}
