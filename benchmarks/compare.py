@@ -703,7 +703,8 @@ def length_cells(r: dict[str, Any]) -> list[str]:
     words_cell = " / ".join(f"{w:.0f}" for w in m["median_words"]) if "median_words" in m else "–"
     share = f"{100 * m['repeated_4grams']:.1f} %" if "repeated_4grams" in m else "–"
     counted = ("yes" if m["counted"] else "no (loops)") if "counted" in m else "–"
-    return [str(run.get("steps", "–")), f"{run.get('train_seconds', 0):.0f}", fmt(m.get("ratio"), 2), words_cell, share, counted,
+    seconds = f"{run['train_seconds']:.0f}" if run else "–"
+    return [str(run.get("steps", "–")), seconds, fmt(m.get("ratio"), 2), words_cell, share, counted,
             fmt(m.get("control_accuracy"))]  # fmt: skip
 
 
