@@ -800,15 +800,9 @@ def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, 
     for name, r in results.items():
         r["metrics"] = length_metrics(r["scores"], results[BASE]["scores"])
         r["vs_reference"] = length_paired(results[reference_of.get(name, REFERENCE)]["scores"], r["scores"])
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
-              "seconds": time.perf_counter() - start, "results": results}  # fmt: skip
-    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
     table = ablate_table(results, axes) if s.task == "ablate" else length_table(results)
     markdown = f"{header(s)}; scored: {s.length_prompts} held-out AlpacaEval prompts and their pairs\n\n{table}"
-    (s.out / "compare.md").write_text(markdown + "\n")
-    length_plot(results, s.out / "compare.png")
-    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
-    return report
+    return write_report(s, {"results": results}, start, markdown, length_plot)
 
 
 # ----------------------------------------------------------------------------------------- compose task
@@ -939,14 +933,8 @@ def run_compose(s: Settings, data: dict[str, Path], results: dict[str, dict[str,
     for name, r in results.items():
         r["scores"] = compose_scores(name, r["export"], prompts, judge, s)
         r["effects"] = compose_effects(r["scores"])
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
-              "seconds": time.perf_counter() - start, "judge": quality, "results": results}  # fmt: skip
-    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
     markdown = f"{header(s)}; scored: answers to {len(prompts)} held-out HH prompts under the 4 combinations\n\n{compose_table(results, quality)}"
-    (s.out / "compare.md").write_text(markdown + "\n")
-    compose_plot(results, s.out / "compare.png")
-    print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
-    return report
+    return write_report(s, {"judge": quality, "results": results}, start, markdown, compose_plot)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -975,18 +963,21 @@ def run(s: Settings) -> dict[str, Any]:
         r["metrics"] = summarize(r["scores"])
     for r in results.values():
         r["vs_reference"] = {m: paired(results[REFERENCE]["scores"], r["scores"], m) for m in METRICS}
-    report = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
-        "budget_note": f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss",
-        "seconds": time.perf_counter() - start,
-        "results": results,
-    }
-    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
-    plot(results, s.out / "compare.png")
     counts = {m: item_count(results[REFERENCE]["scores"], m) for m in ("chosen_nll", "length_ratio")}
     scored = f"scored: {counts['chosen_nll']} HH pairs, {counts['length_ratio']} AlpacaEval prompts"
-    markdown = f"{header(s)}; {scored}\n\n{table(results)}"
+    budget_note = f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss"
+    return write_report(s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot)
+
+
+def write_report(
+    s: Settings, body: dict[str, Any], start: float, markdown: str, draw: Callable[[dict[str, dict[str, Any]], Path], None]
+) -> dict[str, Any]:
+    """Writes ``compare.json`` (settings, seconds and ``body``), ``compare.md`` and ``compare.png``; returns the JSON."""
+    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+              "seconds": time.perf_counter() - start, **body}  # fmt: skip
+    (s.out / "compare.json").write_text(json.dumps(report, indent=1))
     (s.out / "compare.md").write_text(markdown + "\n")
+    draw(body["results"], s.out / "compare.png")
     print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
     return report
 

@@ -460,7 +460,6 @@ def _load_gguf_model(gguf: Path) -> PreTrainedModel:
     return model
 
 
-@torch.no_grad()
 def compile_decoder(lm: torch.nn.Module) -> None:
     """``torch.compile`` the LM's decoder stack in place (state-dict names unchanged), with dynamic shapes:
     length-grouped batches and forward chunks change the sequence length from step to step.
@@ -474,6 +473,7 @@ def compile_decoder(lm: torch.nn.Module) -> None:
     lm.get_decoder().compile(dynamic=True)
 
 
+@torch.no_grad()
 def round_weights_to_bf16(model: torch.nn.Module) -> None:
     """Round every parameter to the nearest bfloat16 value in place, keeping its dtype.
 
