@@ -48,8 +48,9 @@ def readme_commands() -> list[str]:
 def rewrite(text: str, shared: Path, tmp: Path) -> list[str]:
     """The command's arguments as this test runs them (see the module docstring)."""
     text = re.sub(r"\s\[[^\]]*\]", "", text.split(" #", 1)[0])  # optional parts of a usage line; the comment
+    text = text.replace("/tmp/", f"{tmp}/")  # first: the shared folder itself may live under /tmp
     text = text.replace("FILE", str(shared / "hh_rlhf_harmless.train.jsonl.gz"))
-    text = text.replace("../shared/data/", f"{shared}/").replace("/tmp/", f"{tmp}/")
+    text = text.replace("../shared/data/", f"{shared}/")
     words = shlex.split(text, comments=True)
     if words[0] in RECIPE_COMMANDS and "--print_config" not in words:
         words += ["--config", "debug"]
