@@ -65,7 +65,10 @@ PROMPT_TOKENS = 20
 
 TRL_ARMS = ("trl_dpo", "trl_sft", "trl_sft_prompt")
 LIBRARY_ARMS = ("stage1_prompt", "stage1_lora", "stage2_prefix", "stage2_infix", "meet_dpo")
-ALL_ARMS = (*TRL_ARMS, *LIBRARY_ARMS, "generation", "scoring")
+COMPILED = "_compiled"
+COMPILED_ARMS = tuple(f"{arm}{COMPILED}" for arm in ("stage1_prompt", "stage2_prefix", "meet_dpo"))
+"""The same arms with ``compile: true`` (whatever ``--compile`` says): speed-up, compile seconds, pay-back steps."""
+ALL_ARMS = (*TRL_ARMS, *LIBRARY_ARMS, *COMPILED_ARMS, "generation", "scoring")
 MEASURED_ELSEWISE = ("generation", "scoring")
 """Arms that do not train: summarized by their own functions, not as training arms."""
 
@@ -358,9 +361,16 @@ def library_levers(all_logits: bool) -> Iterator[None]:
         control_module.response_token_logps = original
 
 
+def eager_arm(arm: str) -> str:
+    """The arm a ``*_compiled`` arm compiles (itself for every other arm)."""
+    return arm.removesuffix(COMPILED)
+
+
 def build_library_module(arm: str, model: str, schema: dict, levers: Mapping[str, Any]):
     """The LightningModule and control of a library arm, with the recipes' settings (warm-up off)."""
     from meet_lightning import ControlTokenModule, DPOModule, JointFinetuneModule, LoRAControl, PromptTuningControl
+
+    arm = eager_arm(arm)
 
     prompt = partial(PromptTuningControl, num_tokens=PROMPT_TOKENS, init="vocab")
     common = {"lr": LEARNING_RATES[arm], "forward_chunks": levers["forward_chunks"], "compile": levers["compile"]}
@@ -390,6 +400,10 @@ def lightning_recorder(all_logits: bool):
             self.steps: list[dict[str, Any]] = []
             self.first_loss: float | None = None
             self.loss_after: float | None = None
+            self.start: float | None = None
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.start = time.perf_counter()  # the warm-up steps' seconds count from here (compile happens in them)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             loss = float(outputs["loss"] if isinstance(outputs, Mapping) else outputs)
@@ -472,8 +486,9 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     """One window of a library arm: a real ``lightning.Trainer`` fit on the library's data module and module."""
     import lightning as L
 
-    arm, settings, levers = spec["arm"], spec["settings"], spec["levers"]
-    accuracy = spec["accuracy"] and arm.startswith("stage2")
+    arm, settings = spec["arm"], spec["settings"]
+    levers = {**spec["levers"], "compile": spec["levers"]["compile"] or arm.endswith(COMPILED)}
+    accuracy = spec["accuracy"] and arm in ("stage2_prefix", "stage2_infix")
     heldout = spec["heldout_file"] if accuracy else None
     data = make_datamodule(settings, spec["train_file"], heldout, levers["group_by_length"], spec["accuracy_pairs"])
     L.seed_everything(SEED, verbose=False)  # right before the module is built, like the pipeline
@@ -481,7 +496,7 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     module.configure_model()  # Lightning's own call is then a no-op
     recorder = lightning_recorder(levers["all_logits"])
     trainer = library_trainer(settings, recorder)
-    k, reference = FLOP_PROFILES[arm]
+    k, reference = FLOP_PROFILES[eager_arm(arm)]
     with library_levers(levers["all_logits"]):
         trainer.fit(module, datamodule=data)
         result = {
@@ -489,6 +504,7 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
             "dims": model_dims(module.lm),
             "flop_profile": {"k": k, "reference_forward": reference and not levers["dpo_precompute"]},
             "steps": recorder.steps,
+            "fit_start": recorder.start,
             "loss_first": recorder.first_loss,
             "loss_after": recorder.loss_after,
         }
@@ -777,7 +793,8 @@ def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     Same model (weights in the run's dtype), same prompts, greedy, at batch 8 (every prompt in one call) and batch 1
     (every prompt, one call each: two prompts made a window of ~2 s, whose noise was the size of the gap measured); no control (``control=None``), so both produce the same tokens and do
-    the same work. Warm-up: one short call each. The order alternates from round to round.
+    the same work. ``meet_static`` is the library's path with ``cache="static"`` (a KV cache allocated once at
+    the full length). Warm-up: one short call each. The order alternates from round to round.
     """
     import torch
 
@@ -802,15 +819,15 @@ def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     lm.generate = capture
 
-    def meet(chosen: list, batch: int, n: int) -> list[list[int]]:
+    def meet(chosen: list, batch: int, n: int, cache: str = "dynamic") -> list[list[int]]:
         captured.clear()  # the plain path's calls land here too
-        aligned.generate(chosen, control=None, max_new_tokens=n, batch_size=batch)
+        aligned.generate(chosen, control=None, max_new_tokens=n, batch_size=batch, cache=cache)
         return [row for out in captured for row in count_new_tokens(out, stops)]
 
     def plain(chosen: list, batch: int, n: int) -> list[list[int]]:
         return [row for s in range(0, len(chosen), batch) for row in plain_generate(lm, tokenizer, chosen[s : s + batch], n, stops)]
 
-    paths = {"meet": meet, "transformers": plain}
+    paths = {"meet": meet, "transformers": plain, "meet_static": partial(meet, cache="static")}
     # batch 8: every prompt in one call; batch 1: every prompt, one call each
     batches = {f"batch{gen['batch_size']}": (prompts, gen["batch_size"]), "batch1": (prompts, 1)}
     for run in paths.values():
@@ -823,7 +840,10 @@ def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             outputs[name] = paths[name](chosen, batch, gen["max_new_tokens"])
             timings[key][name] = {"seconds": time.perf_counter() - start, "tokens": sum(len(r) for r in outputs[name])}
-        same[key] = sum(a == b for a, b in zip(outputs["meet"], outputs["transformers"], strict=True)) / len(chosen)
+        same[key] = min(
+            sum(a == b for a, b in zip(outputs[name], outputs["transformers"], strict=True)) / len(chosen)
+            for name in ("meet", "meet_static")
+        )
     return {
         "settings": {
             "batch_sizes": [batch for _, batch in batches.values()],
@@ -873,14 +893,16 @@ def plain_transformers_scores(model: Any, pairs: Sequence, max_length: int, batc
 def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
     """``evaluate``'s pair scoring (control classifier) three ways on the same held-out pairs, same model:
 
-    * ``meet`` — the library's path as shipped: length-sorted batches, forward chunks, the head only on
-      response positions, weights in the run's dtype (bf16 where native) with the head in fp32;
-    * ``fp32_unsorted`` — the same code with sorting and chunks off and fp32 weights (the path before this
-      change; ``scoring_speedup_vs_fp32`` is ``meet`` over it);
+    * ``meet`` — ``evaluate`` as shipped: fp32 weights (its ``--dtype`` default), length-sorted batches, forward
+      chunks, the head only on response positions;
+    * ``meet_bf16`` — the same with ``--dtype auto`` where that resolves to bf16 (body bf16, head fp32; opt-in:
+      it moves margins — the largest gap is reported);
+    * ``fp32_unsorted`` — ``meet`` with sorting and chunks off (the path before them; ``scoring_speedup_vs_fp32``
+      is ``meet`` over it, ``scoring_bf16_speedup_vs_fp32`` is ``meet_bf16`` over it);
     * ``transformers`` — :func:`plain_transformers_scores`.
 
     The model is the run's LM with untrained prompt-tuning controls (speed does not depend on training); the
-    three paths' margins must agree (fp32: 1e-3; bf16 weights: the mean gap is reported).
+    fp32 paths' margins must agree (1e-3).
     """
     import torch
 
@@ -901,10 +923,12 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
         control.setup(lm, tokenizer, schema)
         return EvalModel(settings["model"], lm, tokenizer, control.to(lm.dtype), schema)
 
-    fp32, native = model_in("float32"), model_in(gen["dtype"])
+    fp32 = model_in("float32")
+    native = fp32 if gen["dtype"] == "float32" else model_in(gen["dtype"])
     max_length, batch = settings["max_length"], 8
     paths = {
-        "meet": lambda: score_pairs(native, pairs, max_length, batch)[0]["control_margin"],
+        "meet": lambda: score_pairs(fp32, pairs, max_length, batch)[0]["control_margin"],
+        **({"meet_bf16": lambda: score_pairs(native, pairs, max_length, batch)[0]["control_margin"]} if native is not fp32 else {}),
         "fp32_unsorted": lambda: score_pairs(fp32, pairs, max_length, batch, sort_by_length=False, chunks=1)[0]["control_margin"],
         "transformers": lambda: plain_transformers_scores(fp32, pairs, max_length, batch),
     }
@@ -915,7 +939,8 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
         timings[name] = {"seconds": time.perf_counter() - start, "pairs": len(margins[name])}
     gaps = {
         name: max(abs(a - b) for a, b in zip(margins[name], margins["fp32_unsorted"], strict=True))
-        for name in ("meet", "transformers")
+        for name in margins
+        if name != "fp32_unsorted"
     }
     return {
         "settings": {"pairs": len(pairs), "batch_size": batch, "dtype": gen["dtype"], "threads": torch.get_num_threads()},
@@ -930,7 +955,7 @@ ARM_RUNNERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "trl_dpo": run_trl_dpo,
     "trl_sft": partial(run_trl_sft, prompt_tuning=False),
     "trl_sft_prompt": partial(run_trl_sft, prompt_tuning=True),
-    **dict.fromkeys(LIBRARY_ARMS, run_library_arm),
+    **dict.fromkeys((*LIBRARY_ARMS, *COMPILED_ARMS), run_library_arm),
     "generation": run_generation,
     "scoring": run_scoring,
 }
@@ -953,8 +978,10 @@ def window_totals(result: Mapping[str, Any], warmup: int) -> dict[str, float]:
         raise BenchError(f"{result.get('arm')}: ran {len(steps)} steps, fewer than --warmup-steps + 1 — raise --steps")
     measured = steps[warmup:]
     profile = result["flop_profile"]
+    start = result.get("fit_start")  # library arms only
     return {
         "seconds": steps[-1]["end"] - steps[warmup - 1]["end"],
+        "warmup_seconds": None if start is None else steps[warmup - 1]["end"] - start,
         "steps": len(measured),
         "tokens": sum(s["tokens"] for s in measured),
         "rows": sum(s["rows"] for s in measured),
@@ -1075,6 +1102,7 @@ def arm_summary(runs: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[st
         "tokens_per_s": median_of(rates("tokens")),
         "pairs_per_s": median_of([r / 2 for r in rates("rows")]),
         "seconds_per_step": median_of([w["seconds"] / w["steps"] for w in windows]),
+        "warmup_seconds": median_of([w["warmup_seconds"] for w in windows if w.get("warmup_seconds") is not None]),
         "mfu": median_of([f / peak_flops for f in rates("flops")]),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "padding_fraction": 1 - sum(w["tokens"] for w in windows) / sum(w["slots"] for w in windows),
@@ -1094,10 +1122,11 @@ def generation_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for batch in runs[0]["generation"]:
         rate = {
             name: median_of([r["generation"][batch][name]["tokens"] / r["generation"][batch][name]["seconds"] for r in runs])
-            for name in ("meet", "transformers")
+            for name in runs[0]["generation"][batch]
         }
         out[batch] = {f"{name}_tokens_per_s": value for name, value in rate.items()}
         out[batch]["ratio"] = rate["meet"] / rate["transformers"] if rate["transformers"] else None
+        out[batch]["static_cache_ratio"] = rate["meet_static"] / rate["meet"]
     out["windows"] = [{"round": r["round"], **r["generation"]} for r in runs]
     return out
 
@@ -1111,6 +1140,26 @@ def scoring_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     gaps = {name: max(r["max_margin_gap_vs_fp32"][name] for r in runs) for name in runs[0]["max_margin_gap_vs_fp32"]}
     return {"settings": runs[0]["settings"], "pairs_per_s": rate, "max_margin_gap_vs_fp32": gaps,
             "windows": [{"round": r["round"], **r["scoring"]} for r in runs]}  # fmt: skip
+
+
+def compile_summary(arms: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per compiled arm beside its eager arm: steady speed-up (eager s/step ÷ compiled), compile seconds (the
+    extra seconds of its warm-up steps: tracing and code generation) and the steps that pay them back (``None``:
+    compiling is not faster, it never pays back)."""
+    out = {}
+    for name in COMPILED_ARMS:
+        eager = eager_arm(name)
+        if name not in arms or eager not in arms:
+            continue
+        compiled, plain = arms[name], arms[eager]
+        saved = plain["seconds_per_step"] - compiled["seconds_per_step"]
+        extra = compiled["warmup_seconds"] - plain["warmup_seconds"]
+        out[eager] = {
+            "speedup": plain["seconds_per_step"] / compiled["seconds_per_step"],
+            "compile_seconds": extra,
+            "payback_steps": max(extra, 0.0) / saved if saved > 0 else None,
+        }
+    return out
 
 
 def ratio(arms: Mapping[str, Any], top: str, bottom: str, key: str) -> float | None:
@@ -1143,8 +1192,12 @@ def summarize(results: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[s
         "generation_vs_transformers_tokens_per_s": None,
         "generation_vs_transformers_tokens_per_s_batch1": None,
         "generation_vs_transformers_tokens_per_s_batch8": None,
+        "generation_static_cache_vs_dynamic_batch1": None,
+        "generation_static_cache_vs_dynamic_batch8": None,
         "scoring_speedup_vs_fp32": None,
         "scoring_vs_transformers_pairs_per_s": None,
+        "scoring_bf16_speedup_vs_fp32": None,
+        "compile": compile_summary(arms),
         "peak_flops": peak_flops,
         "arms": arms,
     }
@@ -1152,11 +1205,13 @@ def summarize(results: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[s
         generation = summary["arms"]["generation"] = generation_summary(by_arm["generation"])
         for batch in ("batch1", "batch8"):
             summary[f"generation_vs_transformers_tokens_per_s_{batch}"] = generation.get(batch, {}).get("ratio")
+            summary[f"generation_static_cache_vs_dynamic_{batch}"] = generation.get(batch, {}).get("static_cache_ratio")
         summary["generation_vs_transformers_tokens_per_s"] = summary["generation_vs_transformers_tokens_per_s_batch8"]
     if "scoring" in by_arm:
         scoring = summary["arms"]["scoring"] = scoring_summary(by_arm["scoring"])
         rate = scoring["pairs_per_s"]
         summary["scoring_speedup_vs_fp32"] = rate["meet"] / rate["fp32_unsorted"]
+        summary["scoring_bf16_speedup_vs_fp32"] = rate["meet_bf16"] / rate["fp32_unsorted"] if "meet_bf16" in rate else None
         summary["scoring_vs_transformers_pairs_per_s"] = rate["meet"] / rate["transformers"]
     return summary
 
@@ -1203,10 +1258,19 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"- held-out control accuracy after the same budget: prefix {_fmt(summary['stage2_prefix_control_accuracy'])},"
         f" infix {_fmt(summary['stage2_infix_control_accuracy'])}",
         f"- generation tokens/s, meet ÷ transformers: batch 1 {_fmt(summary['generation_vs_transformers_tokens_per_s_batch1'])},"
-        f" batch 8 {_fmt(summary['generation_vs_transformers_tokens_per_s_batch8'])}",
+        f" batch 8 {_fmt(summary['generation_vs_transformers_tokens_per_s_batch8'])}; static KV cache ÷ dynamic:"
+        f" batch 1 {_fmt(summary['generation_static_cache_vs_dynamic_batch1'])},"
+        f" batch 8 {_fmt(summary['generation_static_cache_vs_dynamic_batch8'])}",
         f"- scoring pairs/s: ÷ the fp32 unsorted path {_fmt(summary['scoring_speedup_vs_fp32'])} (goal ≥ 3.0),"
-        f" ÷ plain transformers {_fmt(summary['scoring_vs_transformers_pairs_per_s'])} (goal ≥ 1.0)",
+        f" ÷ plain transformers {_fmt(summary['scoring_vs_transformers_pairs_per_s'])} (goal ≥ 1.0);"
+        f" opt-in bf16 body ÷ the fp32 unsorted path {_fmt(summary['scoring_bf16_speedup_vs_fp32'])}"
+        f" (largest margin gap {_fmt(summary['arms'].get('scoring', {}).get('max_margin_gap_vs_fp32', {}).get('meet_bf16'), '.3g')} nats)",
         f"- this library's DPO pairs/s ÷ TRL DPO: {_fmt(summary['meet_dpo_vs_trl_dpo_pairs_per_s'])}",
+        *(
+            f"- `compile: true`, {name}: {c['speedup']:.2f}× its eager s/step, compile {c['compile_seconds']:.0f} s,"
+            + (f" paid back after {c['payback_steps']:.0f} steps" if c["payback_steps"] is not None else " never paid back")
+            for name, c in summary["compile"].items()
+        ),
         f"- precision {summary['precision']['precision']} ({summary['precision']['reason']});"
         f" {summary['precision']['peak_dtype']} matmul peak (best of {len(summary['peak_flops_trials'])} trials):"
         f" {summary['peak_flops'] / 1e9:.0f} GFLOP/s, trials {summary['peak_flops_trials'][-1] / 1e9:.0f}–"

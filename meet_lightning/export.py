@@ -22,7 +22,7 @@ from meet_lightning.control_vocab import add_control_vocabulary
 from meet_lightning.controls_io import load_controls, save_controls
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
-from meet_lightning.generation import ControlSpec, as_messages, generate_responses, resolve_controls
+from meet_lightning.generation import ControlSpec, KVCache, as_messages, generate_responses, resolve_controls
 from meet_lightning.model_card import model_card
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.peft_export import write_peft_adapters
@@ -208,6 +208,7 @@ class AlignedModel:
         top_p: float = 1.0,
         top_k: int = 0,
         progress: bool = False,
+        cache: KVCache = "dynamic",
     ) -> list[str]:
         """Responses to ``prompts``.
 
@@ -223,6 +224,7 @@ class AlignedModel:
             top_p: Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
             top_k: Sample among the ``top_k`` most likely tokens (0 = off).
             progress: Draw a progress bar over batches on stderr.
+            cache: ``dynamic`` (default) or ``static`` KV cache (:data:`~meet_lightning.generation.KVCache`).
         """
         if controls is not None and (control is not None or len(controls) != len(prompts)):
             raise ConfigError(f"controls= needs one choice per prompt ({len(prompts)}), without control= — pass one of them")
@@ -242,4 +244,5 @@ class AlignedModel:
             top_p=top_p,
             top_k=top_k,
             progress=progress,
+            cache=cache,
         )

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,9 @@ from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer
 
 ControlSpec = str | Sequence[str] | Mapping[str, str] | None
 """``"good"``, ``"harmless/good"``, ``["harmless/good", "concise"]``, ``{"harmless": "good"}`` or ``None``."""
+KVCache = Literal["dynamic", "static"]
+"""The KV cache ``generate`` keeps: ``dynamic`` grows per token; ``static`` is allocated once at the batch's full
+length (transformers' ``cache_implementation="static"``, what ``torch.compile`` and CUDA graphs need)."""
 
 
 @dataclasses.dataclass
@@ -39,6 +42,8 @@ class DecodingOptions:
     """> 1 discourages repeating earlier tokens (1 = off)."""
     batch_size: int = 8
     """Prompts per generate call."""
+    cache: KVCache = "dynamic"
+    """KV cache: ``dynamic`` or ``static`` (the same tokens; speed: README, Performance)."""
     seed: int | None = None
     """Seed of sampling (reproducible samples)."""
 
@@ -51,6 +56,7 @@ class DecodingOptions:
             (self.top_k < 0, f"{flag}top_k {self.top_k} must be ≥ 0 (0 = off)"),
             (self.repetition_penalty <= 0, f"{flag}repetition_penalty {self.repetition_penalty} must be > 0 (1 = off)"),
             (self.batch_size < 1, f"{flag}batch_size {self.batch_size} must be ≥ 1"),
+            (self.cache not in ("dynamic", "static"), f"{flag}cache {self.cache!r} must be dynamic or static"),
         )
         return [message for failed, message in checks if failed]
 
@@ -126,10 +132,12 @@ def generate_responses(
     top_p: float = 1.0,
     top_k: int = 0,
     progress: bool = False,
+    cache: KVCache = "dynamic",
 ) -> list[str]:
     """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0;
     ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence, as in transformers;
-    ``top_p`` < 1 and ``top_k`` > 0 restrict sampling; ``progress`` draws a bar over batches on stderr)."""
+    ``top_p`` < 1 and ``top_k`` > 0 restrict sampling; ``progress`` draws a bar over batches on stderr;
+    ``cache``: :data:`KVCache`)."""
     encoder = PromptTokenizer(tokenizer, max_prompt_tokens)
     device = next(lm.parameters()).device
     stop = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
@@ -158,6 +166,7 @@ def generate_responses(
                 eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
                 repetition_penalty=repetition_penalty,
+                cache_implementation=None if cache == "dynamic" else cache,
                 **sampling,
             )
         texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]

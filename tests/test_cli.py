@@ -232,6 +232,9 @@ def test_generate_and_aligned_model_agree(finished_run, capsys):
     printed = capsys.readouterr().out.strip()
     model = AlignedModel.from_pretrained(finished_run / "export")
     assert model.generate(["Hello"], control="good", max_new_tokens=6) == [printed]
+    assert model.generate(["Hello"], control="good", max_new_tokens=6, cache="static") == [printed]
+    static = ["generate", "--model", str(finished_run / "export"), "--control", "good", "--prompt", "Hello", "--cache", "static"]
+    assert run(*static, "--max_new_tokens", "6") == 0 and capsys.readouterr().out.strip() == printed
     mixed = model.generate(["Hello", "Hello"], controls=["good", {"harmless": "bad"}], max_new_tokens=6)
     assert mixed == [printed, model.generate(["Hello"], control="harmless/bad", max_new_tokens=6)[0]]
 

@@ -122,6 +122,7 @@ def test_generation_with_cache_equals_without_and_mixed_equals_single(name, toke
     lm.generation_config.use_cache = False
     assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8) == mixed
     lm.generation_config.use_cache = True
+    assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8, cache="static") == mixed
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,8 @@ KEYS = (
     "generation_vs_transformers_tokens_per_s_batch8",
     "scoring_speedup_vs_fp32",
     "scoring_vs_transformers_pairs_per_s",
+    "generation_static_cache_vs_dynamic_batch1",
+    "generation_static_cache_vs_dynamic_batch8",
 )
 
 
@@ -86,6 +88,7 @@ def test_library_arms_generation_and_scoring(tmp_path, shared_data):
     assert 0 <= summary["stage2_prefix_control_accuracy"] <= 1 and 0 <= summary["stage2_infix_control_accuracy"] <= 1
     assert summary["generation_vs_transformers_tokens_per_s"] > 0
     assert summary["generation_vs_transformers_tokens_per_s_batch1"] > 0
+    assert summary["generation_static_cache_vs_dynamic_batch1"] > 0 and summary["generation_static_cache_vs_dynamic_batch8"] > 0
     scoring = summary["arms"]["scoring"]
     assert summary["scoring_speedup_vs_fp32"] > 0 and summary["scoring_vs_transformers_pairs_per_s"] > 0
     assert scoring["settings"]["pairs"] == 8 and set(scoring["pairs_per_s"]) == {"meet", "fp32_unsorted", "transformers"}
@@ -137,3 +140,19 @@ def test_unknown_arm_is_one_line_error(capsys):
     assert bench.main(["--arms", "stage3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown arm(s) stage3") and "\n" not in err
+
+
+@pytest.mark.slow  # ~70 s: inductor compiles the tiny model's forward and backward from an empty cache
+def test_compiled_arm_reports_speedup_compile_seconds_and_payback(tmp_path, shared_data):
+    summary = run_benchmark(tmp_path, shared_data, ["stage1_prompt", "stage1_prompt_compiled"])
+    compiled = summary["arms"]["stage1_prompt_compiled"]
+    check_arm(compiled)
+    assert compiled["settings"]["compiled"] is True and summary["arms"]["stage1_prompt"]["settings"]["compiled"] is False
+    # the same batches and the same numbers: compiling changes the speed, not what is computed
+    eager = summary["arms"]["stage1_prompt"]
+    assert compiled["windows"][0]["tokens"] == eager["windows"][0]["tokens"]
+    assert compiled["losses"][0][0] == pytest.approx(eager["losses"][0][0], abs=1e-4)
+    report = summary["compile"]["stage1_prompt"]
+    assert report["speedup"] > 0 and compiled["warmup_seconds"] > 0
+    assert report["compile_seconds"] == pytest.approx(compiled["warmup_seconds"] - eager["warmup_seconds"])
+    assert report["payback_steps"] is None or report["payback_steps"] >= 0
