@@ -394,6 +394,7 @@ def lightning_recorder(all_logits: bool):
     """
     import torch
     from lightning.pytorch.callbacks import Callback
+    from torch._dynamo.utils import counters
 
     class StepRecorder(Callback):
         def __init__(self) -> None:
@@ -417,7 +418,8 @@ def lightning_recorder(all_logits: bool):
             labelled = int((batch["labels"] != -100).sum())
             positions = int(mask.sum()) + sum(inserted) - mask.shape[0] if all_logits else labelled
             chunks = pl_module.hparams.forward_chunks
-            self.steps.append({"end": end, "loss": loss, **batch_stats(mask, inserted, positions, chunks)})
+            graphs = counters["stats"]["unique_graphs"]  # graphs torch.compile traced so far (0 when eager)
+            self.steps.append({"end": end, "loss": loss, "graphs": graphs, **batch_stats(mask, inserted, positions, chunks)})
 
     return StepRecorder()
 
@@ -1057,10 +1059,11 @@ def round_order(arms: Sequence[str], index: int) -> list[str]:
 
 
 def run_rounds(arms: Sequence[str], base_spec: Mapping[str, Any], windows: int, in_process: bool, workdir: Path) -> list[dict]:
-    """``windows`` rounds over ``arms``; held-out accuracy only in the first round (the rounds are replicas)."""
+    """``windows`` rounds over ``arms``; held-out accuracy only in the first round (the rounds are replicas), and
+    compiled arms only there too (their window is minutes of compiling before a few timed steps)."""
     results = []
     for index in range(windows):
-        for arm in round_order(arms, index):
+        for arm in round_order([a for a in arms if index == 0 or a not in COMPILED_ARMS], index):
             spec = {**base_spec, "arm": arm, "round": index, "accuracy": index == 0}
             if in_process:
                 with torch_threads(spec["settings"]["threads"]):
@@ -1154,10 +1157,14 @@ def compile_summary(arms: Mapping[str, Any]) -> dict[str, dict[str, float | None
         compiled, plain = arms[name], arms[eager]
         saved = plain["seconds_per_step"] - compiled["seconds_per_step"]
         extra = compiled["warmup_seconds"] - plain["warmup_seconds"]
+        steps = compiled["windows"][0]["steps_raw"]
+        warmup = len(steps) - compiled["windows"][0]["steps"]
         out[eager] = {
             "speedup": plain["seconds_per_step"] / compiled["seconds_per_step"],
             "compile_seconds": extra,
             "payback_steps": max(extra, 0.0) / saved if saved > 0 else None,
+            "graphs_traced_in_warmup": steps[warmup - 1]["graphs"],
+            "graphs_traced_in_measured_steps": steps[-1]["graphs"] - steps[warmup - 1]["graphs"],  # recompiles timed
         }
     return out
 
@@ -1267,8 +1274,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f" (largest margin gap {_fmt(summary['arms'].get('scoring', {}).get('max_margin_gap_vs_fp32', {}).get('meet_bf16'), '.3g')} nats)",
         f"- this library's DPO pairs/s ÷ TRL DPO: {_fmt(summary['meet_dpo_vs_trl_dpo_pairs_per_s'])}",
         *(
-            f"- `compile: true`, {name}: {c['speedup']:.2f}× its eager s/step, compile {c['compile_seconds']:.0f} s,"
+            f"- `compile: true`, {name} (one window): {c['speedup']:.2f}× its eager s/step, compile {c['compile_seconds']:.0f} s,"
             + (f" paid back after {c['payback_steps']:.0f} steps" if c["payback_steps"] is not None else " never paid back")
+            + f"; graphs traced in warm-up {c['graphs_traced_in_warmup']}, in the timed steps {c['graphs_traced_in_measured_steps']}"
             for name, c in summary["compile"].items()
         ),
         f"- precision {summary['precision']['precision']} ({summary['precision']['reason']});"

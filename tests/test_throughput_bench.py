@@ -156,3 +156,5 @@ def test_compiled_arm_reports_speedup_compile_seconds_and_payback(tmp_path, shar
     assert report["speedup"] > 0 and compiled["warmup_seconds"] > 0
     assert report["compile_seconds"] == pytest.approx(compiled["warmup_seconds"] - eager["warmup_seconds"])
     assert report["payback_steps"] is None or report["payback_steps"] >= 0
+    assert report["graphs_traced_in_warmup"] > 0 and report["graphs_traced_in_measured_steps"] >= 0
+    assert len({step["graphs"] for step in eager["windows"][0]["steps_raw"]}) == 1  # nothing traced while eager ran
