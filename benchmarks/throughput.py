@@ -21,7 +21,10 @@ Arms (``--arms``, comma-separated; default all):
 * ``stage1_prompt`` / ``stage1_lora`` — MEET stage 1 (``ControlTokenModule``) with prompt-tuning or LoRA controls.
 * ``stage2_prefix`` / ``stage2_infix`` — MEET stage 2 (``JointFinetuneModule``), prompt-tuning controls.
 * ``meet_dpo`` — this library's ``DPOModule``.
-* ``generation`` — ``AlignedModel.generate`` against plain ``transformers`` ``generate`` (greedy, batch 8 and 1).
+* ``stage1_prompt_compiled`` / ``stage2_prefix_compiled`` / ``meet_dpo_compiled`` — the same with ``compile: true``,
+  in the first window only: speed-up over the eager arm, compile seconds and the steps that pay them back.
+* ``generation`` — ``AlignedModel.generate`` against plain ``transformers`` ``generate`` (greedy, batch 8 and 1),
+  and with ``cache="static"``.
 * ``scoring`` — ``evaluate``'s pair scoring against its fp32 unsorted path and plain ``transformers`` forwards.
 
 Definitions: tokens/s counts real (non-pad) data tokens, control tokens excluded; every arm sees both rows of a
