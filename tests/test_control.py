@@ -14,7 +14,7 @@ from meet_lightning.control import (
     splice,
 )
 from meet_lightning.examples import ControlledExample, ControlSchema
-from meet_lightning.generation import generate_responses
+from meet_lightning.generation import DecodingOptions, generate_responses
 from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 from meet_lightning.tokenization import PromptTokenizer, collate_rows
 
@@ -123,6 +123,11 @@ def test_generation_with_cache_equals_without_and_mixed_equals_single(name, toke
     assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8) == mixed
     lm.generation_config.use_cache = True
     assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8, cache="static") == mixed
+
+
+def test_decoding_options_name_a_bad_kv_cache():
+    assert DecodingOptions(cache="paged").problems("--predict.") == ["--predict.cache 'paged' must be dynamic or static"]
+    assert DecodingOptions(cache="static").problems() == []
 
 
 @pytest.mark.parametrize(
