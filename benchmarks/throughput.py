@@ -405,9 +405,11 @@ def lightning_recorder(all_logits: bool):
             self.first_loss: float | None = None
             self.loss_after: float | None = None
             self.start: float | None = None
+            self.graphs_before = 0
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.start = time.perf_counter()  # the warm-up steps' seconds count from here (compile happens in them)
+            self.graphs_before = counters["stats"]["unique_graphs"]  # the counter is per process: arms may share one
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             loss = float(outputs["loss"] if isinstance(outputs, Mapping) else outputs)
@@ -421,7 +423,7 @@ def lightning_recorder(all_logits: bool):
             labelled = int((batch["labels"] != -100).sum())
             positions = int(mask.sum()) + sum(inserted) - mask.shape[0] if all_logits else labelled
             chunks = pl_module.hparams.forward_chunks
-            graphs = counters["stats"]["unique_graphs"]  # graphs torch.compile traced so far (0 when eager)
+            graphs = counters["stats"]["unique_graphs"] - self.graphs_before  # traced by this fit so far (0 when eager)
             self.steps.append({"end": end, "loss": loss, "graphs": graphs, **batch_stats(mask, inserted, positions, chunks)})
 
     return StepRecorder()

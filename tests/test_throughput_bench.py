@@ -157,4 +157,4 @@ def test_compiled_arm_reports_speedup_compile_seconds_and_payback(tmp_path, shar
     assert report["compile_seconds"] == pytest.approx(compiled["warmup_seconds"] - eager["warmup_seconds"])
     assert report["payback_steps"] is None or report["payback_steps"] >= 0
     assert report["graphs_traced_in_warmup"] > 0 and report["graphs_traced_in_measured_steps"] >= 0
-    assert len({step["graphs"] for step in eager["windows"][0]["steps_raw"]}) == 1  # nothing traced while eager ran
+    assert all(step["graphs"] == 0 for step in eager["windows"][0]["steps_raw"])  # the eager arm traced nothing
