@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +56,7 @@ class DecodingOptions:
             (self.top_k < 0, f"{flag}top_k {self.top_k} must be ≥ 0 (0 = off)"),
             (self.repetition_penalty <= 0, f"{flag}repetition_penalty {self.repetition_penalty} must be > 0 (1 = off)"),
             (self.batch_size < 1, f"{flag}batch_size {self.batch_size} must be ≥ 1"),
-            (self.cache not in ("dynamic", "static"), f"{flag}cache {self.cache!r} must be dynamic or static"),
+            (self.cache not in get_args(KVCache), f"{flag}cache {self.cache!r} must be {' or '.join(get_args(KVCache))}"),
         )
         return [message for failed, message in checks if failed]
 
