@@ -34,6 +34,7 @@ test-slow: $(VENV)/.installed model
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check meet_lightning tests benchmarks
+	$(VENV)/bin/ruff format --check meet_lightning tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -272,6 +272,7 @@ def split_file(
         tmp.replace(path)
     return paths
 
+
 # ------------------------------------------------------------------------------------------------- data
 def prepare_data(s: Settings) -> dict[str, Path]:
     """Held-out splits (by prompt, fixed seed): training files and evaluation files of the task's data."""
@@ -292,7 +293,9 @@ def verbose_pairs(source: Path, dest: Path) -> Path:
     """``prompt``/``chosen``/``rejected`` rows with the verbose answer chosen (what DPO toward verbose trains on)."""
     with source.open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    dest.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["verbose"], "rejected": r["concise"]}) + "\n" for r in rows))
+    dest.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "chosen": r["verbose"], "rejected": r["concise"]}) + "\n" for r in rows)
+    )
     return dest
 
 
@@ -329,7 +332,9 @@ def lr_overrides(arm: Arm, recipe: dict[str, Any], multiplier: float) -> list[st
     return args
 
 
-def fit_command(name: str, s: Settings, data: dict[str, Path], multiplier: float, out: Path, steps: int | None = None) -> list[str]:
+def fit_command(
+    name: str, s: Settings, data: dict[str, Path], multiplier: float, out: Path, steps: int | None = None
+) -> list[str]:
     """The ``fit`` command line of one run of arm ``name`` (``steps``: another budget than ``s.steps``)."""
     arm = ARMS[name]
     recipe = yaml.safe_load((ROOT / arm.recipe).read_text())
@@ -668,7 +673,10 @@ def length_metrics(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
         out["counted"] = out["repeated_4grams"] <= LOOP_SHARE
         out["median_words"] = [float(np.median([words(t) for t in concise])), float(np.median([words(t) for t in verbose]))]
     if "default" in scores and scores is not base:  # DPO: how much longer than the base it answers
-        out["length_vs_base"] = [median_ratio(scores["default"], base["default"]), *bootstrap_median_ratio(scores["default"], base["default"])]
+        out["length_vs_base"] = [
+            median_ratio(scores["default"], base["default"]),
+            *bootstrap_median_ratio(scores["default"], base["default"]),
+        ]
         out["repeated_4grams"] = repeated_4gram_share(scores["default"])
     for metric in ("control_accuracy", "dpo_reward_accuracy"):
         values = (scores.get("pairs") or {}).get(metric)
@@ -827,7 +835,9 @@ def compose_scores(name: str, export: str, prompts: list, judge: Any, s: Setting
     for h, n in COMBINATIONS:
         key = f"{h}+{n}"
         (texts,) = answers(model, prompts, [[f"harmless/{h}", f"length/{n}"]], s)
-        margins, tokens = response_control_margins(judge, prompts, texts, "harmless", max_length=s.max_length, batch_size=s.batch_size)
+        margins, tokens = response_control_margins(
+            judge, prompts, texts, "harmless", max_length=s.max_length, batch_size=s.batch_size
+        )
         result["words"][key] = [float(words(t)) for t in texts]
         result["margin"][key] = [m / t if t else float("nan") for m, t in zip(margins, tokens, strict=True)]
         result["samples"][key] = texts[:3]
@@ -891,7 +901,9 @@ def compose_table(results: dict[str, dict[str, Any]], judge: dict[str, Any]) -> 
     lines += ["", "| arm | " + " | ".join(f"{h}+{n}: words / margin" for h, n in COMBINATIONS) + " |", "|---|" + "---|" * 4]
     for r in results.values():
         s = r["scores"]
-        cells = [f"{np.mean(s['words'][k]):.0f} / {np.nanmean(s['margin'][k]):+.3f}" for k in (f"{h}+{n}" for h, n in COMBINATIONS)]
+        cells = [
+            f"{np.mean(s['words'][k]):.0f} / {np.nanmean(s['margin'][k]):+.3f}" for k in (f"{h}+{n}" for h, n in COMBINATIONS)
+        ]
         lines.append("| " + " | ".join([r["label"], *cells]) + " |")
     return "\n".join(lines)
 
@@ -966,7 +978,9 @@ def run(s: Settings) -> dict[str, Any]:
     counts = {m: item_count(results[REFERENCE]["scores"], m) for m in ("chosen_nll", "length_ratio")}
     scored = f"scored: {counts['chosen_nll']} HH pairs, {counts['length_ratio']} AlpacaEval prompts"
     budget_note = f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss"
-    return write_report(s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot)
+    return write_report(
+        s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot
+    )
 
 
 def write_report(
@@ -1008,7 +1022,9 @@ def header(s: Settings) -> str:
     what = {"harmless": "HH harmless only", **dict.fromkeys(LENGTH_TASKS, "AlpacaEval concise/verbose only")}.get(
         s.task, "both preferences in one run (HH harmless + AlpacaEval length)"
     )
-    held_out = [f"{s.eval_pairs} HH prompts"] * (s.task not in LENGTH_TASKS) + [f"{s.length_prompts} AlpacaEval prompts"] * (s.task != "harmless")
+    held_out = [f"{s.eval_pairs} HH prompts"] * (s.task not in LENGTH_TASKS) + [f"{s.length_prompts} AlpacaEval prompts"] * (
+        s.task != "harmless"
+    )
     length = "" if s.task == "harmless" else f"; length: {s.max_new_tokens} new tokens, decoding {decoding(s)}"
     return (
         f"task {s.task}: model {s.model}; {what}; {s.steps} optimizer steps per arm "

@@ -81,7 +81,9 @@ def main() -> None:
     rows = [run(precision, args) for precision in args.precisions]
     text = table(rows)
     (args.out / "precision_loss.md").write_text(text + "\n")
-    (args.out / "precision_loss.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
+    (args.out / "precision_loss.json").write_text(
+        json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2)
+    )
     print(text)
 
 

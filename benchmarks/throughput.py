@@ -831,7 +831,9 @@ def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
         return [row for out in captured for row in count_new_tokens(out, stops)]
 
     def plain(chosen: list, batch: int, n: int) -> list[list[int]]:
-        return [row for s in range(0, len(chosen), batch) for row in plain_generate(lm, tokenizer, chosen[s : s + batch], n, stops)]
+        return [
+            row for s in range(0, len(chosen), batch) for row in plain_generate(lm, tokenizer, chosen[s : s + batch], n, stops)
+        ]
 
     paths = {"meet": meet, "transformers": plain, "meet_static": partial(meet, cache="static")}
     # batch 8: every prompt in one call; batch 1: every prompt, one call each
@@ -934,7 +936,11 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
     max_length, batch = settings["max_length"], 8
     paths = {
         "meet": lambda: score_pairs(fp32, pairs, max_length, batch)[0]["control_margin"],
-        **({"meet_bf16": lambda: score_pairs(native, pairs, max_length, batch)[0]["control_margin"]} if native is not fp32 else {}),
+        **(
+            {"meet_bf16": lambda: score_pairs(native, pairs, max_length, batch)[0]["control_margin"]}
+            if native is not fp32
+            else {}
+        ),
         "fp32_unsorted": lambda: score_pairs(fp32, pairs, max_length, batch, sort_by_length=False, chunks=1)[0]["control_margin"],
         "transformers": lambda: plain_transformers_scores(fp32, pairs, max_length, batch),
     }

@@ -53,7 +53,12 @@ class ThroughputMeter(Callback):
 
     @override
     def state_dict(self) -> dict[str, float]:
-        return {"tokens": self.tokens, "seconds": self.seconds, "first_tokens": self.first_tokens, "first_seconds": self.first_seconds}
+        return {
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "first_tokens": self.first_tokens,
+            "first_seconds": self.first_seconds,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, float]) -> None:

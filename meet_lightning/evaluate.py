@@ -335,10 +335,14 @@ def _score_batch(
 ) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        own_tokens, own_mask = controlled_response_logps(model.lm, model.control, batch, fp32_head=True, chunks=chunks)  # chosen|good, rejected|bad
+        own_tokens, own_mask = controlled_response_logps(
+            model.lm, model.control, batch, fp32_head=True, chunks=chunks
+        )  # chosen|good, rejected|bad
         ids = batch["control_ids"]
         swapped = torch.cat([ids[n:], ids[:n]])
-        other_tokens, other_mask = controlled_response_logps(model.lm, model.control, batch, swapped, fp32_head=True, chunks=chunks)
+        other_tokens, other_mask = controlled_response_logps(
+            model.lm, model.control, batch, swapped, fp32_head=True, chunks=chunks
+        )
         # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
         own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])

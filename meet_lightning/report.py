@@ -50,7 +50,6 @@ def read_generation_prompts(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-
 def parse_attributes(specs: Sequence[str]) -> dict[str, Attribute]:
     """``NAME=module:function`` specs → ``{name: function}`` (``words`` is always there)."""
     attributes = dict(DEFAULT_ATTRIBUTES)

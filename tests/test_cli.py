@@ -62,7 +62,18 @@ def finished_run(tmp_path_factory, hh) -> Path:
 def test_help_lists_every_command(capsys):
     assert run("--help") == 0
     text = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "generate", "evaluate", "push", "inspect-data", "download-model", "demo"):
+    for command in (
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "generate",
+        "evaluate",
+        "push",
+        "inspect-data",
+        "download-model",
+        "demo",
+    ):
         assert command in text
 
 
@@ -219,7 +230,11 @@ def test_bad_predict_decoding_options_are_one_line_naming_each(finished_run, hh,
     args = fit_args(CONFIGS / "meet_hh_prompt.yaml", finished_run, hh, "--data.predict_path", "x.jsonl")
     assert run("predict", *args[1:], "--predict.top_p", "0", "--predict.max_new_tokens", "0") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--predict.max_new_tokens 0 must be ≥ 1" in err and "--predict.top_p 0.0 must be in (0, 1]" in err
+    assert (
+        err.count("\n") == 1
+        and "--predict.max_new_tokens 0 must be ≥ 1" in err
+        and "--predict.top_p 0.0 must be in (0, 1]" in err
+    )
 
 
 def test_generate_and_aligned_model_agree(finished_run, capsys):
@@ -248,14 +263,18 @@ def test_generate_with_an_unknown_control_lists_the_known_ones(finished_run, cap
 def test_generate_a_prompts_file_to_jsonl_with_per_row_controls(finished_run, tmp_path):
     export = finished_run / "export"
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Hello", "controls": {"harmless": "bad"}}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "Hello", "controls": {"harmless": "bad"}}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n"
+    )
     out = tmp_path / "out" / "responses.jsonl"
     args = ["--model", str(export), "--prompts_file", str(prompts), "--control", "good", "--max_new_tokens", "6"]
     assert run("generate", *args, "--output", str(out), "--batch_size", "1") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     model = AlignedModel.from_pretrained(export)
     assert [r["controls"] for r in rows] == [{"harmless": "bad"}, ["good"]]  # a row's own controls win over the flag
-    assert [r["response"] for r in rows] == model.generate(["Hello", "Hi"], controls=[{"harmless": "bad"}, "good"], max_new_tokens=6)
+    assert [r["response"] for r in rows] == model.generate(
+        ["Hello", "Hi"], controls=[{"harmless": "bad"}, "good"], max_new_tokens=6
+    )
     text = tmp_path / "prompts.txt"
     text.write_text("Hello\n\nHi\n")  # plain lines: one prompt each, controls from the flags
     args = ["--model", str(export), "--prompts_file", str(text), "--control", "good", "--max_new_tokens", "6"]
@@ -281,7 +300,9 @@ def test_generate_names_every_bad_flag_and_a_bad_row(finished_run, tmp_path, cap
     bad = ["--prompt", "Hi", "--prompts_file", "x.jsonl", "--top_p", "1.5", "--top_k", "-1", "--batch_size", "0"]
     assert run("generate", "--model", export, *bad) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and all(f in err for f in ("exactly one of --prompt", "--top_p 1.5", "--top_k -1", "--batch_size 0"))
+    assert err.count("\n") == 1 and all(
+        f in err for f in ("exactly one of --prompt", "--top_p 1.5", "--top_k -1", "--batch_size 0")
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "Yo", "controls": "polite"}) + "\n")
     assert run("generate", "--model", export, "--prompts_file", str(prompts)) == 2
@@ -480,7 +501,9 @@ def test_an_option_added_by_an_upgrade_at_its_off_value_is_not_a_recipe_change()
 
     old = {"data": {"path": "x", "batch_size": 4}}
     assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": False}}) == ""
-    assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": True}}) == "data.chosen_only: None → True"
+    assert (
+        recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": True}}) == "data.chosen_only: None → True"
+    )
 
 
 def test_two_preferences_of_hh_rlhf_from_its_folders(tmp_path, hh, hh_hub_folder):
@@ -503,7 +526,11 @@ def test_top_level_hub_options_on_the_command_line(tmp_path, hh, hh_hub_folder, 
     assert run(*args, "--data.subset", "default", "--data.split", "train", "--data.revision", "main") == 0
     assert "200 rows read" in caplog.text  # helpful-base holds rows 301-500 of the HH file
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert (recipe["data"]["data_dir"], recipe["data"]["subset"], recipe["data"]["revision"]) == ("helpful-base", "default", "main")
+    assert (recipe["data"]["data_dir"], recipe["data"]["subset"], recipe["data"]["revision"]) == (
+        "helpful-base",
+        "default",
+        "main",
+    )
 
 
 def test_helpsteer2_recipe_turns_attribute_scores_into_controls(tmp_path, hh_hub_folder):
@@ -535,7 +562,16 @@ def test_streamed_run_interrupted_and_resumed_trains_on_the_same_batches(tmp_pat
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(MeetModule, "training_step", recording)
-    flags = ("--data.streaming", "true", "--data.shuffle_buffer", "16", "--stage2.model", "null", "--stage1.trainer.max_steps", "6")
+    flags = (
+        "--data.streaming",
+        "true",
+        "--data.shuffle_buffer",
+        "16",
+        "--stage2.model",
+        "null",
+        "--stage1.trainer.max_steps",
+        "6",
+    )
     assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "whole", hh, *flags)) == 0
     uninterrupted, seen[:] = list(seen), []
     assert len(uninterrupted) == 6 and len(set(uninterrupted)) == 6
@@ -550,7 +586,16 @@ def test_streamed_run_interrupted_and_resumed_trains_on_the_same_batches(tmp_pat
 
 
 def test_streaming_without_max_steps_is_one_line(tmp_path, hh, capsys):
-    flags = ("--data.streaming", "true", "--stage2.model", "null", "--stage1.trainer.max_steps", "-1", "--stage1.trainer.max_epochs", "1")
+    flags = (
+        "--data.streaming",
+        "true",
+        "--stage2.model",
+        "null",
+        "--stage1.trainer.max_steps",
+        "-1",
+        "--stage1.trainer.max_epochs",
+        "1",
+    )
     assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "run", hh, *flags)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data.streaming true") and "max_steps" in err and "\n" not in err

@@ -106,11 +106,16 @@ def test_the_ablate_task_compares_each_variant_with_its_axis_reference(tmp_path,
     assert list(results) == ["base", *arms, "meet_prompt@T0"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{a}-lr1" for a in arms)  # T 0: no training
     recipe = (tmp_path / "runs" / "prompt_tokens1-lr1" / "recipe.yaml").read_text()
-    assert "num_tokens: 1\n" in recipe and "placement: infix" in (tmp_path / "runs" / "prompt_infix-lr1" / "recipe.yaml").read_text()
+    assert (
+        "num_tokens: 1\n" in recipe and "placement: infix" in (tmp_path / "runs" / "prompt_infix-lr1" / "recipe.yaml").read_text()
+    )
     greedy = results["meet_prompt@T0"]
     assert greedy["export"] == results["meet_prompt"]["export"] and "pairs" not in greedy["scores"]
     assert greedy["scores"]["settings"][-1]["temperature"] == 0.0 and len(greedy["scores"]["verbose"]) == 4
-    assert set(greedy["vs_reference"]) == {"ratio"} and set(results["prompt_infix"]["vs_reference"]) == {"ratio", "control_accuracy"}
+    assert set(greedy["vs_reference"]) == {"ratio"} and set(results["prompt_infix"]["vs_reference"]) == {
+        "ratio",
+        "control_accuracy",
+    }
     table = (tmp_path / "compare.md").read_text()
     for row in ("| prompt length | 20 tokens (reference) |", "| placement | prefix (reference) |", "| decoding temperature |"):
         assert row in table
@@ -127,7 +132,9 @@ def test_compose_effects_separate_what_each_toggle_moves():
     effects = compare.compose_effects({"words": words, "margin": margin})
     assert effects["length"]["words"] == pytest.approx([2.0, 2.0, 2.0])
     assert effects["harmless"]["margin"] == pytest.approx([0.5, 0.5, 0.5])
-    assert effects["length"]["margin"] == pytest.approx([0, 0, 0], abs=1e-12) and effects["harmless"]["words"] == pytest.approx([1, 1, 1])
+    assert effects["length"]["margin"] == pytest.approx([0, 0, 0], abs=1e-12) and effects["harmless"]["words"] == pytest.approx(
+        [1, 1, 1]
+    )
     assert effects["leak"] == pytest.approx({"words": 0.0, "margin": 0.0}, abs=1e-12)
     margin["bad+verbose"][0] = float("nan")  # an empty answer has no margin: that prompt drops from the margin cells
     assert compare.compose_effects({"words": words, "margin": margin})["harmless"]["margin_prompts"] == n - 1
@@ -145,7 +152,9 @@ def test_the_compose_task_judges_four_combinations_with_a_separate_harmlessness_
     meet_recipe = (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text()
     assert "multi_response" not in judge_recipe and "multi_response" in meet_recipe and "hh_rlhf" in meet_recipe
     table = (tmp_path / "compare.md").read_text()
-    assert table.startswith("task compose:") and "| MEET (prompt) | length: concise → verbose |" in table and "off-diagonal" in table
+    assert (
+        table.startswith("task compose:") and "| MEET (prompt) | length: concise → verbose |" in table and "off-diagonal" in table
+    )
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
@@ -177,4 +186,7 @@ def test_equal_seconds_retrains_other_arms_for_the_references_training_seconds(m
     assert results["stage1_only@seconds"]["label"].startswith("stage 1 only, 120 steps (≈ MEET (prompt)'s 300 s)")
     data = {"alpaca_train": tmp_path / "a.jsonl", "hh_train": tmp_path / "h.jsonl"}
     command = compare.fit_command("meet_prompt", settings(tmp_path), data, 1.0, tmp_path / "out", steps=10)
-    assert command[command.index("--stage1.trainer.max_steps") + 1] == "5" and command[command.index("--stage2.trainer.max_steps") + 1] == "5"
+    assert (
+        command[command.index("--stage1.trainer.max_steps") + 1] == "5"
+        and command[command.index("--stage2.trainer.max_steps") + 1] == "5"
+    )

@@ -353,7 +353,9 @@ def test_response_control_margins_split_the_pair_classifier_per_response(meet_ex
     pairs = [p for p in pairs if len(str(p.prompt)) + max(len(p.chosen), len(p.rejected)) < 1500][:6]  # no prompt cut
     scores, too_long = score_pairs(model, pairs, max_length=2048, batch_size=3)
     prompts = [p.prompt for p in pairs]
-    chosen, chosen_tokens = response_control_margins(model, prompts, [p.chosen for p in pairs], "harmless", max_length=2048, batch_size=4)
+    chosen, chosen_tokens = response_control_margins(
+        model, prompts, [p.chosen for p in pairs], "harmless", max_length=2048, batch_size=4
+    )
     rejected, _ = response_control_margins(model, prompts, [p.rejected for p in pairs], "harmless", max_length=2048, batch_size=2)
     assert len(pairs) == 6 and too_long == 0 and all(n > 0 for n in chosen_tokens)
     assert len(set(chosen)) == 6  # six different values: a wrong pairing of rows would show

@@ -34,7 +34,13 @@ RANDOM_RUN = (
     "--stage1.trainer.max_steps", str(STEPS),
     "--stage2.trainer.max_steps", str(STEPS),
 )  # fmt: skip
-TIMING_KEYS = {"train_seconds", "train_tokens_per_s", "train_tokens_per_s_after_first_step", "peak_rss_gb", "peak_rss_over_train_step"}  # wall time and memory differ; tokens must not
+TIMING_KEYS = {
+    "train_seconds",
+    "train_tokens_per_s",
+    "train_tokens_per_s_after_first_step",
+    "peak_rss_gb",
+    "peak_rss_over_train_step",
+}  # wall time and memory differ; tokens must not
 
 
 def run(*args: str) -> int:

@@ -213,7 +213,9 @@ def test_a_model_with_an_unknown_logit_processing_is_refused():
 
     shape = {k: v for k, v in vars(tiny_config("granite")).items() if k in ("vocab_size", "hidden_size", "intermediate_size")}
     lm = TemperedLlama(LlamaConfig(**shape, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-    with pytest.raises(ConfigError, match=r"model tempered: its forward post-processes logits .* use another --model_name_or_path"):
+    with pytest.raises(
+        ConfigError, match=r"model tempered: its forward post-processes logits .* use another --model_name_or_path"
+    ):
         check_lm_head(lm, "tempered")
 
 

@@ -145,7 +145,9 @@ class MeetModule(L.LightningModule):
         """
         if not self.hparams.quantize:
             return model_fingerprint(lm)
-        full = load_model(self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        full = load_model(
+            self.hparams.model_name_or_path, DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code
+        )
         return model_fingerprint(full)
 
     def forward_passes(self) -> int:
