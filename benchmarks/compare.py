@@ -848,7 +848,7 @@ def compose_scores(name: str, export: str, prompts: list, judge: Any, s: Setting
 
 def toggle_values(scores: dict[str, Any], toggled: str, measure: str) -> np.ndarray:
     """Per prompt, the effect of switching ``toggled`` on (the other preference's two settings averaged): the
-    log word ratio for ``words``, the margin difference for ``margin``; prompts where a margin is missing dropped."""
+    log word ratio for ``words``, the margin difference for ``margin``; NaN where a margin is missing."""
     on, off = TOGGLES[toggled]
     pairs = [(f"{on}+{n}", f"{off}+{n}") for n in TOGGLES["length"]] if toggled == "harmless" else [(f"{h}+{on}", f"{h}+{off}") for h in TOGGLES["harmless"]]  # fmt: skip
     values = scores[measure]
@@ -856,31 +856,43 @@ def toggle_values(scores: dict[str, Any], toggled: str, measure: str) -> np.ndar
         diffs = [np.log1p(values[a]) - np.log1p(values[b]) for a, b in pairs]
     else:
         diffs = [np.array(values[a]) - np.array(values[b]) for a, b in pairs]
-    per_prompt = np.mean(diffs, axis=0)
-    return per_prompt[np.isfinite(per_prompt)]
+    return np.mean(diffs, axis=0)
+
+
+DIAGONAL = {"words": "length", "margin": "harmless"}
+"""Per measure, the toggle meant to move it; the other toggle's effect on it is the off-diagonal one."""
 
 
 def compose_effects(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The fidelity matrix: ``{toggled: {measure: [mean, lo, hi], …}}``, words as a (geometric mean) ratio, and
-    per column the off-diagonal effect as a share of the diagonal one (0 = the controls stay apart)."""
-    matrix: dict[str, dict[str, Any]] = {}
-    for toggled in TOGGLES:
-        matrix[toggled] = {}
-        for measure in ("words", "margin"):
-            values = toggle_values(scores, toggled, measure)
+    per column the off-diagonal effect as a share of the diagonal one with its interval (0 = the controls stay
+    apart). Prompts where a margin is missing drop from that measure's cells."""
+    matrix: dict[str, dict[str, Any]] = {toggled: {} for toggled in TOGGLES}
+    matrix["leak"] = {}
+    for measure, diagonal in DIAGONAL.items():
+        (off_diagonal,) = (t for t in TOGGLES if t != diagonal)
+        diag, off = toggle_values(scores, diagonal, measure), toggle_values(scores, off_diagonal, measure)
+        keep = np.isfinite(diag) & np.isfinite(off)  # same prompts in both cells and in their ratio
+        diag, off = diag[keep], off[keep]
+        for toggled, values in ((diagonal, diag), (off_diagonal, off)):
             cell = [float(values.mean()), *mean_interval(values.tolist())] if len(values) else [float("nan")] * 3
             matrix[toggled][measure] = [float(np.exp(c)) for c in cell] if measure == "words" else cell
             matrix[toggled][f"{measure}_prompts"] = len(values)
-    # same units within a column: log word ratio (words), nats per token (margin)
-    words_diag, words_off = np.log(matrix["length"]["words"][0]), np.log(matrix["harmless"]["words"][0])
-    margin_diag, margin_off = matrix["harmless"]["margin"][0], matrix["length"]["margin"][0]
-    matrix["leak"] = {"words": leak(words_off, words_diag), "margin": leak(margin_off, margin_diag)}
+        matrix["leak"][measure] = leak(off, diag)
     return matrix
 
 
-def leak(off_diagonal: float, diagonal: float) -> float:
-    """``|off-diagonal| ÷ |diagonal|`` (nan where the diagonal effect is 0: nothing to leak from)."""
-    return abs(off_diagonal) / abs(diagonal) if diagonal else float("nan")
+def leak(off_diagonal: np.ndarray, diagonal: np.ndarray) -> list[float]:
+    """``|mean off-diagonal| ÷ |mean diagonal|`` over the same prompts (in one column's units: log word ratio or
+    nats per token) and its 95 % bootstrap interval, resampling prompts; nan where the diagonal effect is 0."""
+
+    def share(idx: np.ndarray) -> float:
+        diagonal_effect = float(diagonal[idx].mean())
+        return abs(float(off_diagonal[idx].mean())) / abs(diagonal_effect) if diagonal_effect else float("nan")
+
+    if not len(diagonal):
+        return [float("nan")] * 3
+    return [share(np.arange(len(diagonal))), *bootstrap_interval(lambda idx: share(np.asarray(idx)), len(diagonal))]
 
 
 def compose_table(results: dict[str, dict[str, Any]], judge: dict[str, Any]) -> str:
@@ -896,8 +908,7 @@ def compose_table(results: dict[str, dict[str, Any]], judge: dict[str, Any]) -> 
         for toggled, (on, off) in TOGGLES.items():
             cells = [fmt(m[toggled]["words"], 2), fmt(m[toggled]["margin"], 3)]
             lines.append(f"| {r['label']} | {toggled}: {off} → {on} | {cells[0]} | {cells[1]} |")
-        leak = m["leak"]
-        lines.append(f"| {r['label']} | off-diagonal ÷ diagonal | {leak['words']:.2f} | {leak['margin']:.2f} |")
+        lines.append(f"| {r['label']} | off-diagonal ÷ diagonal | {fmt(m['leak']['words'], 2)} | {fmt(m['leak']['margin'], 2)} |")
     lines += ["", "| arm | " + " | ".join(f"{h}+{n}: words / margin" for h, n in COMBINATIONS) + " |", "|---|" + "---|" * 4]
     for r in results.values():
         s = r["scores"]

@@ -135,7 +135,15 @@ def test_compose_effects_separate_what_each_toggle_moves():
     assert effects["length"]["margin"] == pytest.approx([0, 0, 0], abs=1e-12) and effects["harmless"]["words"] == pytest.approx(
         [1, 1, 1]
     )
-    assert effects["leak"] == pytest.approx({"words": 0.0, "margin": 0.0}, abs=1e-12)
+    assert effects["leak"]["words"] == pytest.approx([0.0] * 3, abs=1e-12) and effects["leak"]["margin"] == pytest.approx(
+        [0.0] * 3, abs=1e-12
+    )
+    half = {
+        k: (np.array(v) + (0.25 if k.startswith("good") and k.endswith("verbose") else 0.0)).tolist() for k, v in margin.items()
+    }
+    leaky = compare.compose_effects({"words": words, "margin": half})  # verbose moves the margin half as far for good
+    assert leaky["length"]["margin"][0] == pytest.approx(0.125) and leaky["leak"]["margin"][0] == pytest.approx(0.125 / 0.625)
+    assert leaky["leak"]["margin"][1] <= leaky["leak"]["margin"][0] <= leaky["leak"]["margin"][2]
     margin["bad+verbose"][0] = float("nan")  # an empty answer has no margin: that prompt drops from the margin cells
     assert compare.compose_effects({"words": words, "margin": margin})["harmless"]["margin_prompts"] == n - 1
 
