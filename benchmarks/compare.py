@@ -886,13 +886,11 @@ def leak(off_diagonal: np.ndarray, diagonal: np.ndarray) -> list[float]:
     """``|mean off-diagonal| ÷ |mean diagonal|`` over the same prompts (in one column's units: log word ratio or
     nats per token) and its 95 % bootstrap interval, resampling prompts; nan where the diagonal effect is 0."""
 
-    def share(idx: np.ndarray) -> float:
-        diagonal_effect = float(diagonal[idx].mean())
-        return abs(float(off_diagonal[idx].mean())) / abs(diagonal_effect) if diagonal_effect else float("nan")
+    def share(idx: np.ndarray) -> np.ndarray:  # idx: (resamples, prompts) → (resamples,)
+        diagonal_effect = np.abs(diagonal[idx].mean(-1))
+        return np.abs(off_diagonal[idx].mean(-1)) / np.where(diagonal_effect > 0, diagonal_effect, np.nan)
 
-    if not len(diagonal):
-        return [float("nan")] * 3
-    return [share(np.arange(len(diagonal))), *bootstrap_interval(lambda idx: share(np.asarray(idx)), len(diagonal))]
+    return list(bootstrap(share, len(diagonal), samples=1000)) if len(diagonal) else [float("nan")] * 3
 
 
 def compose_table(results: dict[str, dict[str, Any]], judge: dict[str, Any]) -> str:
