@@ -365,7 +365,10 @@ def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, st
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(f"  fit {arm.label} (lr × {multiplier:.3g}) → {out}", flush=True)
     start = time.perf_counter()
-    with (out / "fit.log").open("w") as log:
+    # A run cut off earlier resumes from its last.ckpt: append, so its log keeps the earlier process's lines. Its
+    # wall seconds and peak RSS are then this process's only (train seconds, from done.json, span every resume).
+    resumed = (out / "fit.log").is_file()
+    with (out / "fit.log").open("a") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -380,6 +383,7 @@ def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, st
         "train_seconds": sum(d["train_seconds"] for d in done),
         "wall_seconds": time.perf_counter() - start,
         "peak_rss_gb": usage.ru_maxrss / 2**20,  # KiB on Linux
+        "resumed": resumed,
         "val_loss": done[-1]["val/loss"],
         "command": command[1:],
     }

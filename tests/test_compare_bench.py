@@ -56,6 +56,20 @@ def test_rerunning_reads_finished_runs_back_and_refuses_other_settings(report, m
         compare.run(settings(out, max_length=512))
 
 
+def test_a_run_cut_off_before_its_record_resumes_and_keeps_its_log(report):
+    """A training killed mid-run (session end): re-running continues it and appends to its log, marked resumed."""
+    out, first = report
+    run_dir = out / "runs" / "coh-lr1"
+    (run_dir / "compare_run.json").unlink()  # as if killed after its checkpoints, before compare wrote the record
+    earlier = (run_dir / "fit.log").read_text()
+    s = settings(out)
+    record = compare.run_fit("coh", s, compare.prepare_data(s), 1.0)
+    assert first["results"]["coh"]["run"]["resumed"] is False and record["resumed"] is True
+    log = (run_dir / "fit.log").read_text()
+    assert log.startswith(earlier) and len(log) > len(earlier)  # the earlier process's lines are kept
+    assert record["steps"] == first["results"]["coh"]["run"]["steps"]  # finished stages are not trained again
+
+
 def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
     def scores(accuracy, nll):
         return {"pairs": {"logp_accuracy": accuracy, "chosen_nll": nll}, "length": None}
