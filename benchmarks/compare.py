@@ -34,7 +34,9 @@ word counts uses bf16 autocast where the CPU computes bf16 natively — ``meet_l
 
 Every number has a bootstrap 95 % interval; each arm is compared with MEET (prompt) on the same pairs or
 prompts, and a method "wins" only where the interval of the paired difference excludes 0 ("tie" otherwise).
-Re-running the same command resumes: finished runs and scored arms are read back, not redone.
+Re-running the same command resumes: finished runs and scored arms are read back, not redone. On a fresh clone,
+``--restore benchmarks/results/<task>/compare.json`` (with that report's ``--out``) puts its runs and scores back
+first: only the arms and rows it lacks (``--equal-seconds``, more ``--arms``) are trained.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ class Settings:
     task: str = "mixed"
     temperatures: list[float] = field(default_factory=list)
     equal_seconds: bool = False
+    restore: Path | None = None
 
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -971,6 +974,8 @@ def run(s: Settings) -> dict[str, Any]:
     if REFERENCE not in s.arms:
         s.arms = [REFERENCE, *s.arms]  # every comparison is against MEET (prompt)
     s.out.mkdir(parents=True, exist_ok=True)
+    if s.restore:
+        restore(s, s.restore)
     data = prepare_data(s)
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {BASE: {"label": "untrained base", "export": s.model, "run": None}}
@@ -994,6 +999,22 @@ def run(s: Settings) -> dict[str, Any]:
     return write_report(
         s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot
     )
+
+
+def restore(s: Settings, report: Path) -> None:
+    """Writes an earlier report's run records and scores back under ``s.out`` where they are missing, so that this
+    command reads them back instead of training and scoring again: a fresh clone has no ``runs/``, but a committed
+    ``compare.json`` holds every record. Records made with other settings are refused when read back."""
+    earlier = json.loads(report.read_text())
+    if Path(earlier["settings"]["out"]) != s.out:
+        sys.exit(f"--restore {report}: its runs were made with --out {earlier['settings']['out']} — pass that --out")
+    records = {Path(t["export"]).parent / "compare_run.json": t for r in earlier["results"].values() if r["run"]
+               for t in r["run"]["tuning"]}  # fmt: skip
+    records.update({s.out / "scores" / f"{name}.json": r["scores"] for name, r in earlier["results"].items()})
+    for path, record in records.items():
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1))
 
 
 def write_report(
@@ -1061,6 +1082,11 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         action="store_true",
         default=None,
         help="also train every other arm for MEET (prompt)'s training seconds (rows NAME@seconds)",
+    )
+    p.add_argument(
+        "--restore",
+        type=Path,
+        help="an earlier compare.json of this --out: its finished runs and scores are read back, not redone",
     )
     for name in (
         "steps",

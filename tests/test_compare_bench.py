@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def test_a_run_cut_off_before_its_record_resumes_and_keeps_its_log(report):
     log = (run_dir / "fit.log").read_text()
     assert log.startswith(earlier) and len(log) > len(earlier)  # the earlier process's lines are kept
     assert record["steps"] == first["results"]["coh"]["run"]["steps"]  # finished stages are not trained again
+
+
+def test_restore_puts_a_committed_reports_runs_back_so_a_fresh_clone_trains_only_what_it_lacks(report, tmp_path):
+    out, _ = report
+    committed, table = tmp_path / "compare.json", (out / "compare.md").read_text()
+    committed.write_text((out / "compare.json").read_text())
+    for folder in ("runs", "scores"):  # a fresh clone: neither the checkpoints nor the caches
+        shutil.rmtree(out / folder)
+    with pytest.raises(SystemExit, match="--out"):
+        compare.run(settings(tmp_path / "elsewhere", restore=committed))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a restored run was trained again"))
+        compare.run(settings(out, restore=committed))
+    assert (out / "compare.md").read_text() == table  # every number read back (json.loads keeps NaN; == would not)
 
 
 def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
