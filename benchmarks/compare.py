@@ -575,8 +575,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["logp_accuracy", "control_accuracy", "length_ratio"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.45 * len(results) + 1.5), sharey=True)
+    metrics = ["logp_accuracy", "control_accuracy", "dpo_reward_accuracy", "length_ratio"]
+    metrics = [m for m in metrics if any(r["metrics"].get(m) for r in results.values())]  # no empty panels
+    size = (5 * len(metrics), 0.45 * len(results) + 1.5)
+    fig, axes = plt.subplots(1, len(metrics), figsize=size, sharey=True, squeeze=False)
+    axes = axes[0]
     labels = [r["label"] for r in results.values()]
     for ax, metric in zip(axes, metrics, strict=True):
         cells = [r["metrics"].get(metric) for r in results.values()]
@@ -994,7 +997,7 @@ def run(s: Settings) -> dict[str, Any]:
     for r in results.values():
         r["vs_reference"] = {m: paired(results[REFERENCE]["scores"], r["scores"], m) for m in METRICS}
     counts = {m: item_count(results[REFERENCE]["scores"], m) for m in ("chosen_nll", "length_ratio")}
-    scored = f"scored: {counts['chosen_nll']} HH pairs, {counts['length_ratio']} AlpacaEval prompts"
+    scored = f"scored: {counts['chosen_nll']} HH pairs" + f", {counts['length_ratio']} AlpacaEval prompts" * (s.task != "harmless")
     budget_note = f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss"
     return write_report(
         s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot
