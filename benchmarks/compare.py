@@ -997,7 +997,9 @@ def run(s: Settings) -> dict[str, Any]:
     for r in results.values():
         r["vs_reference"] = {m: paired(results[REFERENCE]["scores"], r["scores"], m) for m in METRICS}
     counts = {m: item_count(results[REFERENCE]["scores"], m) for m in ("chosen_nll", "length_ratio")}
-    scored = f"scored: {counts['chosen_nll']} HH pairs" + f", {counts['length_ratio']} AlpacaEval prompts" * (s.task != "harmless")
+    scored = f"scored: {counts['chosen_nll']} HH pairs"
+    if s.task != "harmless":
+        scored += f", {counts['length_ratio']} AlpacaEval prompts"
     budget_note = f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss"
     return write_report(
         s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot
