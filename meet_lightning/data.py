@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -33,7 +33,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     The order of an epoch is a pure function of ``(seed, epoch)``, so a resumed run replays exactly the
     batches an uninterrupted one would have seen. With ``lengths``, batches are grouped by length inside
-    windows of 50 batches (less padding), then the batches are shuffled.
+    windows of 50 batches (less padding), then the batches are shuffled. With ``labels`` too, rows are sorted
+    by their length *rank within their own label* instead of by raw length, so each batch keeps the window's
+    label mix: sorting by raw length made length-task batches nearly single-label (verbose rows are long,
+    concise rows short), and each step then pulled the controls one way at a time.
 
     Args:
         num_items: Dataset size.
@@ -41,6 +44,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         shuffle: Shuffle every epoch (training) or keep file order (evaluation).
         seed: Seed of the permutation.
         lengths: Optional item lengths for length grouping.
+        labels: Optional item labels (e.g. control ids) whose mix every length-grouped batch keeps.
         rank: This process' rank; ``world_size`` processes split every epoch's batches.
         world_size: Number of processes.
         drop_last: Drop the last incomplete batch (training).
@@ -55,6 +59,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         lengths: Sequence[int] | None = None,
+        labels: Sequence[Hashable] | None = None,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
@@ -62,6 +67,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
     ) -> None:
         self.num_items, self.batch_size, self.shuffle, self.seed = num_items, batch_size, shuffle, seed
         self.lengths, self.rank, self.world_size, self.drop_last = lengths, rank, world_size, drop_last
+        self.labels = labels
         self.resume = resume
         self.epoch = 0
         self.position = 0  # batches of the current epoch already yielded on this rank
@@ -73,7 +79,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
             rng.shuffle(order)
         if self.lengths is not None:
             window = self.batch_size * 50
-            order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=self.lengths.__getitem__)]
+            order = [i for s in range(0, len(order), window) for i in self._grouped(order[s : s + window])]
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -81,6 +87,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
             rng.shuffle(batches)
         usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
         return batches[self.rank : usable : self.world_size]
+
+    def _grouped(self, window: list[int]) -> list[int]:
+        """``window`` sorted by length, or by length quantile within each label when ``labels`` are given."""
+        if self.labels is None:
+            return sorted(window, key=self.lengths.__getitem__)
+        by_label: dict[Hashable, list[int]] = {}
+        for i in window:
+            by_label.setdefault(self.labels[i], []).append(i)
+        quantile: dict[int, float] = {}
+        for members in by_label.values():
+            for rank, i in enumerate(sorted(members, key=self.lengths.__getitem__)):
+                quantile[i] = (rank + 0.5) / len(members)  # the shortest of every label first, the longest last
+        return sorted(window, key=lambda i: (quantile[i], self.lengths[i]))
 
     def __iter__(self) -> Iterator[list[int]]:
         if not self.resume:
@@ -391,6 +410,7 @@ class PreferenceDataModule(L.LightningDataModule):
             lengths = items.lengths()
         else:
             lengths = [len(i[0].input_ids) + len(i[1].input_ids) if paired else len(i.input_ids) for i in items]
+        labels = None if paired else self._row_labels(items)  # a pair holds both labels already
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         sampler = ResumableBatchSampler(
@@ -402,6 +422,7 @@ class PreferenceDataModule(L.LightningDataModule):
             world_size=world,
             drop_last=False,
             lengths=lengths if self.group_by_length and shuffle else None,
+            labels=labels,
             resume=shuffle,  # only training continues mid-epoch; every evaluation pass starts at its first batch
         )
         pad_id = self.tokenizer.pad_token_id
@@ -410,6 +431,13 @@ class PreferenceDataModule(L.LightningDataModule):
         return ResumableDataLoader(
             items, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, generator=generator
         )
+
+    @staticmethod
+    def _row_labels(items: Sequence) -> list[tuple[int, ...]]:
+        """Each row's control ids: the label mix length grouping keeps (see :class:`ResumableBatchSampler`)."""
+        if hasattr(items, "column"):  # memory-mapped: one Arrow column
+            return [tuple(ids) for ids in items.column("control_ids")]
+        return [tuple(i.control_ids) for i in items]
 
     @override
     def train_dataloader(self) -> DataLoader:

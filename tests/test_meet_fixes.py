@@ -1,0 +1,138 @@
+"""Issue 30's MEET-specific fixes: each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import random
+
+from meet_lightning.data import ResumableBatchSampler
+
+
+def _length_task(n: int = 400) -> tuple[list[int], list[int]]:
+    """Half long rows (label 1, 'verbose'), half short (label 0, 'concise'), interleaved at random."""
+    rng = random.Random(0)
+    labels = [rng.randint(0, 1) for _ in range(n)]
+    lengths = [rng.randint(200, 320) if label else rng.randint(20, 60) for label in labels]
+    return labels, lengths
+
+
+def _padding(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouping_keeps_each_batchs_label_mix_close_to_the_datas():
+    labels, lengths = _length_task()
+    share = sum(labels) / len(labels)
+    grouped = list(ResumableBatchSampler(len(labels), 8, seed=1, lengths=lengths, labels=labels))
+    shares = [sum(labels[i] for i in b) / len(b) for b in grouped if len(b) == 8]
+    # Every full batch within ±2 rows of the data's own mix (old code: almost every batch single-label).
+    assert all(abs(s - share) <= 0.25 for s in shares), shares
+    # Still grouped: less padding than batches drawn without length grouping.
+    plain = list(ResumableBatchSampler(len(labels), 8, seed=1))
+    assert _padding(grouped, lengths) < 0.8 * _padding(plain, lengths)
+
+
+def test_length_grouping_without_labels_is_unchanged_and_single_label_on_the_length_task():
+    """What the fix is for: grouping by raw length separates the labels (the measurement behind the change)."""
+    labels, lengths = _length_task()
+    grouped = list(ResumableBatchSampler(len(labels), 8, seed=1, lengths=lengths))
+    single = sum(len({labels[i] for i in b}) == 1 for b in grouped)
+    assert single >= 0.9 * len(grouped)
+
+
+# ------------------------------------------------------------------ control initialisation
+def _bank(control, seed_everything: int | None = None):
+    import torch
+
+    from meet_lightning.examples import ControlSchema
+    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
+
+    if seed_everything is not None:
+        torch.manual_seed(seed_everything)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    control.setup(model, tokenizer, ControlSchema.from_dict({"length": ["concise", "verbose"]}))
+    return control.bank.detach().clone(), model, tokenizer
+
+
+def test_control_initialisation_follows_the_runs_seed_unless_one_is_given():
+    import torch
+
+    from meet_lightning import PromptTuningControl
+
+    for init in ("vocab", "random"):
+        a = _bank(PromptTuningControl(num_tokens=4, init=init), seed_everything=1)[0]
+        b = _bank(PromptTuningControl(num_tokens=4, init=init), seed_everything=2)[0]
+        again = _bank(PromptTuningControl(num_tokens=4, init=init), seed_everything=1)[0]
+        assert not torch.equal(a, b), init  # old code: seed fixed at 0, every run seed gave this same init
+        assert torch.equal(a, again), init
+        fixed = [_bank(PromptTuningControl(num_tokens=4, init=init, seed=7), seed_everything=s)[0] for s in (1, 2)]
+        assert torch.equal(*fixed), init
+
+
+def test_lora_control_initialisation_follows_the_runs_seed():
+    import torch
+
+    from meet_lightning import LoRAControl
+    from meet_lightning.examples import ControlSchema
+    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
+
+    def first_a(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        control = LoRAControl(rank=2)
+        control.setup(build_tiny_model(tokenizer), tokenizer, ControlSchema.from_dict({"length": ["concise", "verbose"]}))
+        return next(iter(control.lora_a.values())).detach().clone()
+
+    assert not torch.equal(first_a(1), first_a(2))
+    assert torch.equal(first_a(1), first_a(1))
+
+
+def test_vocab_init_draws_only_ordinary_tokens():
+    import torch
+
+    from meet_lightning import PromptTuningControl
+    from meet_lightning.control import ordinary_token_ids
+
+    bank, model, tokenizer = _bank(PromptTuningControl(num_tokens=200, init="vocab"), seed_everything=0)
+    vocab = model.get_input_embeddings().weight.detach()
+    rows = bank.reshape(-1, bank.shape[-1])  # (C·T, H)
+    drawn = {int((vocab - row).abs().sum(-1).argmin()) for row in rows}
+    specials = set(tokenizer.all_special_ids)
+    assert specials and not drawn & specials  # old code drew ids 0-4999, special tokens included
+    assert set(ordinary_token_ids(tokenizer, len(tokenizer))) >= drawn
+    assert torch.isfinite(bank).all()
+
+
+def test_vocab_init_skips_byte_fallback_tokens():
+    from meet_lightning.control import ordinary_token_ids
+
+    class SentencePieceLike:
+        all_special_ids = [0, 1, 2]
+        added_tokens_decoder = {5: "<extra>"}
+
+        def convert_ids_to_tokens(self, ids):
+            table = ["<unk>", "<s>", "</s>", "<0x0A>", "<0xFF>", "<extra>", "▁the", "ing"]
+            return [table[i] for i in ids]
+
+    assert ordinary_token_ids(SentencePieceLike(), 8) == [6, 7]
+
+
+def test_text_init_is_the_default_and_derives_phrases_from_the_label_names():
+    import torch
+
+    from meet_lightning import PromptTuningControl
+    from meet_lightning.control import default_phrase
+
+    control = PromptTuningControl(num_tokens=6)
+    assert control.init == "text"
+    bank, model, tokenizer = _bank(control, seed_everything=0)
+    vocab = model.get_input_embeddings().weight.detach()
+    for row, label in zip(bank, ("concise", "verbose")):
+        ids = tokenizer(f"A {label} response:", add_special_tokens=False)["input_ids"]
+        expected = (ids * 6)[:6]
+        assert torch.equal(row, vocab[torch.tensor(expected)])
+    # a phrase the recipe gives wins; a label two preferences share names its preference
+    given = _bank(PromptTuningControl(num_tokens=6, init_text={"concise": "Briefly:"}), seed_everything=0)[0]
+    assert not torch.equal(given[0], bank[0]) and torch.equal(given[1], bank[1])
+    assert default_phrase("harmless", "good", shared=True) == "A good response (harmless):"
+    assert default_phrase("quality", "very_good", shared=False) == "A very good response:"
