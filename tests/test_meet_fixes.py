@@ -127,7 +127,7 @@ def test_text_init_is_the_default_and_derives_phrases_from_the_label_names():
     assert control.init == "text"
     bank, model, tokenizer = _bank(control, seed_everything=0)
     vocab = model.get_input_embeddings().weight.detach()
-    for row, label in zip(bank, ("concise", "verbose")):
+    for row, label in zip(bank, ("concise", "verbose"), strict=True):
         ids = tokenizer(f"A {label} response:", add_special_tokens=False)["input_ids"]
         expected = (ids * 6)[:6]
         assert torch.equal(row, vocab[torch.tensor(expected)])
