@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from meet_lightning.data import ResumableBatchSampler
 
 
@@ -136,3 +138,99 @@ def test_text_init_is_the_default_and_derives_phrases_from_the_label_names():
     assert not torch.equal(given[0], bank[0]) and torch.equal(given[1], bank[1])
     assert default_phrase("harmless", "good", shared=True) == "A good response (harmless):"
     assert default_phrase("quality", "very_good", shared=False) == "A very good response:"
+
+
+# ------------------------------------------------------------------ stage 2: what the controls do, and logging it
+@pytest.fixture(scope="module")
+def hh_datamodule(shared_data):
+    from meet_lightning.data import PreferenceDataModule
+
+    data = PreferenceDataModule(
+        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
+        preference="harmless",
+        model_name_or_path="tiny-debug",
+        max_length=96,
+        batch_size=4,
+        max_examples=16,
+        max_val_examples=4,
+    )
+    data.setup("fit")
+    return data
+
+
+def _fit(module, data, tmp_path, steps: int = 3):
+    import lightning as L
+
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    return trainer.callback_metrics
+
+
+@pytest.mark.parametrize("controls", ["train", "frozen"])
+def test_stage2_controls_train_or_stay_frozen_and_both_updates_are_logged(controls, hh_datamodule, tmp_path):
+    import torch
+
+    from meet_lightning import PromptTuningControl
+    from meet_lightning.modules import JointFinetuneModule
+
+    module = JointFinetuneModule(
+        "tiny-debug", PromptTuningControl(num_tokens=2), hh_datamodule.control_schema, lr=1e-3, controls=controls
+    )
+    module.configure_model()
+    bank = module.control.bank.detach().clone()
+    metrics = _fit(module, hh_datamodule, tmp_path)
+    lm_ratio = float(metrics["train/update_ratio_lm"])
+    assert 0 < lm_ratio < 1  # the LM moved, by a small fraction of its norm
+    if controls == "frozen":
+        assert torch.equal(module.control.bank, bank)
+        assert "train/update_ratio_controls" not in metrics  # nothing of the controls trains
+    else:
+        assert not torch.equal(module.control.bank, bank)
+        assert float(metrics["train/update_ratio_controls"]) > 0
+    assert module.hparams.controls == controls
+
+
+def test_stage1_logs_the_controls_update_and_no_lm_update(hh_datamodule, tmp_path):
+    from meet_lightning import PromptTuningControl
+    from meet_lightning.modules import ControlTokenModule
+
+    module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=2), hh_datamodule.control_schema, lr=1e-2)
+    metrics = _fit(module, hh_datamodule, tmp_path, steps=2)
+    assert float(metrics["train/update_ratio_controls"]) > 0
+    assert "train/update_ratio_lm" not in metrics
+
+
+def test_stage2_controls_mode_is_checked():
+    from meet_lightning.errors import ConfigError
+    from meet_lightning.modules import JointFinetuneModule
+
+    with pytest.raises(ConfigError, match="controls 'fixed' is not one of train, frozen"):
+        JointFinetuneModule("tiny-debug", controls="fixed")
+
+
+def test_update_probe_measures_the_relative_update_exactly_on_small_tensors_and_closely_on_large_ones():
+    import torch
+
+    from meet_lightning.update_probe import UpdateProbe
+
+    small, large = torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.randn(100_000))
+    probe = UpdateProbe({"small": [small], "large": [large]}, per_tensor=4096)
+    probe.snapshot()
+    with torch.no_grad():
+        small.mul_(1.1)  # relative update exactly 0.1
+        large.add_(0.05 * torch.randn(100_000))  # ≈ 0.05
+    ratios = probe.ratios()
+    assert ratios["small"] == pytest.approx(0.1, rel=1e-5)
+    assert ratios["large"] == pytest.approx(0.05, rel=0.1)
+    assert probe.ratios() == {}  # one measure per snapshot

@@ -29,6 +29,7 @@ from meet_lightning.losses import (
 )
 from meet_lightning.models import compile_decoder, load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import DTYPES
+from meet_lightning.update_probe import UpdateProbe
 
 
 class MeetModule(L.LightningModule):
@@ -108,6 +109,7 @@ class MeetModule(L.LightningModule):
         self._matrices: set[int] = set()  # ids of the ≥ 2-D parameters, recorded before any wrapping
         self.tokenizer: Any = None
         self.base_fingerprint = ""
+        self._update_probe: UpdateProbe | None = None
 
     # ------------------------------------------------------------------ model
     @override
@@ -289,6 +291,19 @@ class MeetModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Samples the trainable weights before the step, for ``train/update_ratio_{controls,lm}``."""
+        if self._update_probe is None:
+            self._update_probe = UpdateProbe({"controls": self.control_parameters(), "lm": self.lm_parameters()})
+        self._update_probe.snapshot()
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Logs how far the step moved the controls and the LM (‖Δθ‖ / ‖θ‖): an inert stage shows as ~0."""
+        for group, ratio in (self._update_probe.ratios() if self._update_probe else {}).items():
+            self.log(f"train/update_ratio_{group}", ratio, batch_size=1)
 
     # ------------------------------------------------------------- checkpoint
     @override

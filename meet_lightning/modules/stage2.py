@@ -9,7 +9,11 @@ from typing_extensions import override
 
 from meet_lightning.control import ControlTokens
 from meet_lightning.controls_io import load_controls
+from meet_lightning.errors import ConfigError
 from meet_lightning.modules.base import MeetModule
+
+CONTROL_MODES = ("train", "frozen")
+"""``JointFinetuneModule(controls=...)``: the controls train on in stage 2, or keep their stage-1 values."""
 
 
 class JointFinetuneModule(MeetModule):
@@ -22,6 +26,11 @@ class JointFinetuneModule(MeetModule):
             (merged into the weights on export), for small GPUs.
         lm_lora_alpha: Scaling numerator of the LM LoRA.
         lm_lora_target_modules: Linear layers the LM LoRA adapts.
+        controls: What the controls do in this stage. ``train`` (default): they train on with the LM at
+            ``control_lr``, with fresh AdamW moments (stage 1's optimizer state is not carried over; to continue
+            at stage 1's rate, set ``control_lr`` to stage 1's ``lr``). ``frozen``: they keep stage 1's values and
+            only the LM trains (as in ProMoT). ``train/update_ratio_controls`` and ``train/update_ratio_lm``
+            show how far each step moves them either way.
         **kwargs: The arguments of :class:`~meet_lightning.modules.base.MeetModule` (``lr`` is the LM's,
             ``control_lr`` the controls').
     """
@@ -47,7 +56,10 @@ class JointFinetuneModule(MeetModule):
         quantize: str | None = None,
         forward_chunks: int = 4,
         compile: bool = False,
+        controls: str = "train",
     ) -> None:
+        if controls not in CONTROL_MODES:
+            raise ConfigError(f"controls {controls!r} is not one of {', '.join(CONTROL_MODES)} — set model.init_args.controls")
         super().__init__(
             model_name_or_path,
             control,
@@ -96,7 +108,7 @@ class JointFinetuneModule(MeetModule):
     def configure_trainable(self) -> None:
         if self.hparams.lm_lora_rank <= 0:
             self.lm.requires_grad_(True)
-        self.control.requires_grad_(True)
+        self.control.requires_grad_(self.hparams.controls == "train")
 
     def merged_lm(self) -> nn.Module:
         """The LM with any LM LoRA merged in (for export)."""
