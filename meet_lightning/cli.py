@@ -247,7 +247,37 @@ def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any
     for key in ("config", "overwrite", "ckpt_path", "stage"):
         recipe.pop(key, None)
     resolve_packaged_paths(recipe)
+    # Checked here, before any command creates output_dir: a refused run leaves nothing behind.
+    check_seed(recipe.get("seed_everything"))
+    if getattr(cfg, "overwrite", False):
+        check_no_links(recipe["output_dir"])
     return recipe, cfg
+
+
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds ``seed_everything`` accepts (NumPy's): anything else would fail inside Lightning, after output_dir exists."""
+
+OVERWRITTEN = ("stage1", "stage2", "export", "recipe.yaml")
+"""What ``--overwrite true`` deletes inside output_dir (``pipeline.check_output_dir``)."""
+
+
+def check_seed(seed: Any) -> None:
+    """ConfigError unless ``seed`` is an int in :data:`SEED_RANGE`."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ConfigError(f"--seed_everything {seed!r} is out of range — pass an integer from {low} to {high}")
+
+
+def check_no_links(output_dir: str) -> None:
+    """ConfigError when ``--overwrite true`` would delete through a symbolic link: ``output_dir`` itself, or a stage,
+    export or recipe inside it, is a link. Deleting would then remove (or fail on) what the link points to."""
+    out = Path(output_dir)
+    for path in (out, *(out / name for name in OVERWRITTEN)):
+        if path.is_symlink():
+            raise ConfigError(
+                f"--overwrite true: {path} is a symbolic link (to {os.readlink(path)}) — nothing deleted; remove the link"
+                " or pass --output_dir a real folder"
+            )
 
 
 def run_recipe_command(command: str, argv: Sequence[str]) -> int:
