@@ -10,6 +10,9 @@ variable ``controls``, a list of the names ``generate --control`` accepts::
 Several preferences are written in schema order, as in training; without ``controls`` the prompt is the plain
 one. The added tokens are never generated: ``generation_config.suppress_tokens`` lists them (with tied
 embeddings they are output classes too), and ``generation_config.eos_token_id`` stops at the end of the turn.
+
+Control names reach the template as data (one JSON literal it reads, :func:`jinja_literal`), never as template
+code: a quote, a brace or an emoji in a name cannot break the template or add code to it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,17 @@ def control_strings(schema: ControlSchema, num_tokens: int) -> dict[str, dict[st
     return table
 
 
+def jinja_literal(value: Any) -> str:
+    """``value`` (lists, dicts, strings, numbers) as a Jinja literal that reads back exactly ``value``.
+
+    JSON is Jinja literal syntax, and a string literal cannot end early: inside it quotes and backslashes are
+    escaped, and ``{{``, ``{%`` or ``%}`` are just characters (the lexer takes a quoted string whole).
+    ``ensure_ascii=False`` keeps non-ASCII text as it is: Jinja decodes a literal's escapes one code unit at a
+    time, so JSON's ``\\ud83d\\ude42`` (an emoji as a surrogate pair) would come back as two broken halves.
+    """
+    return json.dumps(value, ensure_ascii=False)
+
+
 def controlled_template(template: str, schema: ControlSchema, num_tokens: int, placement: str, bos_first: bool) -> str:
     """``template`` that also writes the tokens of the ``controls`` variable where training inserted them.
 
@@ -57,15 +71,19 @@ def controlled_template(template: str, schema: ControlSchema, num_tokens: int, p
     """
     table = control_strings(schema, num_tokens)
     known = sorted({name for names in table.values() for name in names})
-    # No whitespace between our tags and the original text: the template environment trims blocks.
+    data = {"known": known, "order": list(schema.preferences), "table": table}
+    # Names are data, never template code: one literal the template reads (see jinja_literal), and the error
+    # message joins the names at render time. No whitespace between our tags and the original text: the template
+    # environment trims blocks.
     macro = (
         "{%- macro meet_controls() -%}{%- if controls is defined and controls -%}"
-        f"{{%- for name in controls -%}}{{%- if name not in {json.dumps(known)} -%}}"
-        "{{- raise_exception('unknown control ' ~ name ~ ' — known: " + ", ".join(known) + "') -}}"
+        f"{{%- set meet = {jinja_literal(data)} -%}}"
+        "{%- for name in controls -%}{%- if name not in meet['known'] -%}"
+        "{{- raise_exception('unknown control ' ~ name ~ ' — known: ' ~ meet['known'] | join(', ')) -}}"
         "{%- endif -%}{%- endfor -%}"
-        f"{{%- set table = {json.dumps(table)} -%}}"
-        f"{{%- for preference in {json.dumps(list(schema.preferences))} -%}}"
-        "{%- for name in controls -%}{%- if name in table[preference] -%}{{- table[preference][name] -}}{%- endif -%}"
+        "{%- for preference in meet['order'] -%}"
+        "{%- for name in controls -%}{%- if name in meet['table'][preference] -%}"
+        "{{- meet['table'][preference][name] -}}{%- endif -%}"
         "{%- endfor -%}{%- endfor -%}{%- endif -%}{%- endmacro %}"
     )
     if placement == "infix":

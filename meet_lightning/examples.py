@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from meet_lightning.names import check_name
+
 Message = Mapping[str, str]
 """One chat turn: ``{"role": "system" | "user" | "assistant", "content": str}``."""
 
@@ -89,12 +91,22 @@ class ParsedSource:
     warnings: Counter = field(default_factory=Counter)
 
     def preferences(self) -> dict[str, list[str]]:
-        """``{preference: [controls in first-seen order]}`` over all examples."""
+        """``{preference: [controls in first-seen order]}`` over all examples.
+
+        Every name is checked against the library's one rule (:func:`~meet_lightning.names.check_name`) the first
+        time it is seen, so the error names the row it came from.
+
+        Raises:
+            DataError: A preference or label name the rule refuses (it would become a folder, token or template text).
+        """
         schema: dict[str, list[str]] = {}
         for example in self.examples:
             for preference, control in example.controls.items():
+                if preference not in schema:
+                    check_name("preference", preference, example.source or self.path)
                 labels = schema.setdefault(preference, [])
                 if control not in labels:
+                    check_name("label", control, example.source or self.path)
                     labels.append(control)
         return schema
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from meet_lightning.control import LoRAWeights
 from meet_lightning.examples import ControlSchema
+from meet_lightning.names import safe_path
 
 ADAPTERS_DIR = "adapters"
 COMBINED_DIR = "combined"
@@ -40,18 +41,30 @@ def write_peft_adapters(folder: Path, weights: LoRAWeights, schema: ControlSchem
 
     Returns:
         ``{"preference/label" or "a/x+b/y": adapter folder relative to folder}`` for the schema file.
+
+    Raises:
+        ConfigError: A preference or label name that is not one plain folder name, or a folder that would resolve
+            outside ``folder`` (:func:`~meet_lightning.names.safe_path`); nothing is written then.
     """
-    written: dict[str, str] = {}
-    for control_id, name in enumerate(schema.names):
-        relative = f"{ADAPTERS_DIR}/{name}"
-        _write_adapter(folder / relative, weights, [control_id])
-        written[name] = relative
+    # Every folder is planned (one plain name per level, resolved under folder) before the first is written.
+    plan: list[tuple[str, Path, list[int]]] = []
+    for control_id, (preference, label) in enumerate(_pairs(schema)):
+        plan.append((f"{preference}/{label}", safe_path(folder, ADAPTERS_DIR, preference, label), [control_id]))
     if len(schema.preferences) > 1:
         for combination in itertools.product(*([f"{p}/{label}" for label in labels] for p, labels in schema.preferences.items())):
-            relative = f"{ADAPTERS_DIR}/{COMBINED_DIR}/" + "+".join(n.replace("/", "-") for n in combination)
-            _write_adapter(folder / relative, weights, [schema.names.index(n) for n in combination])
-            written["+".join(combination)] = relative
+            leaf = "+".join(n.replace("/", "-") for n in combination)
+            ids = [schema.names.index(n) for n in combination]
+            plan.append(("+".join(combination), safe_path(folder, ADAPTERS_DIR, COMBINED_DIR, leaf), ids))
+    written: dict[str, str] = {}
+    for name, path, control_ids in plan:
+        _write_adapter(path, weights, control_ids)
+        written[name] = path.relative_to(folder).as_posix()
     return written
+
+
+def _pairs(schema: ControlSchema) -> list[tuple[str, str]]:
+    """``(preference, label)`` for every global id, in id order."""
+    return [(preference, label) for preference, labels in schema.preferences.items() for label in labels]
 
 
 def _write_adapter(folder: Path, weights: LoRAWeights, control_ids: list[int]) -> None:

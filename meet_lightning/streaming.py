@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset
 from meet_lightning.errors import DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, PreferencePair
 from meet_lightning.formats import SourceConfig, iter_parsed, iter_rows
+from meet_lightning.names import check_controls
 from meet_lightning.tokenization import PromptTokenizer
 
 DEFAULT_VAL_UNITS = 256
@@ -123,6 +124,7 @@ class StreamedBatches:
             schema: dict[str, list[str]] = {}
             stream = interleave([iter_units(source, "rows") for source in self.sources])
             for count, example in enumerate(stream):
+                check_controls(example.controls, example.source)  # one rule for names (meet_lightning.names)
                 for preference, control in example.controls.items():
                     known = schema.setdefault(preference, [])
                     if control not in known:
