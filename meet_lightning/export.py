@@ -25,6 +25,7 @@ from meet_lightning.examples import ControlSchema
 from meet_lightning.generation import ControlSpec, KVCache, as_messages, generate_responses, resolve_controls
 from meet_lightning.model_card import model_card
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
+from meet_lightning.names import public_value, without_local_paths
 from meet_lightning.peft_export import write_peft_adapters
 from meet_lightning.precision import resolve_dtype
 from meet_lightning.tokenization import PromptTokenizer
@@ -72,14 +73,15 @@ def export_model(
         "controls": schema.names,
         "control": control.config(),
         "placement": control.placement,
-        "base_model": base_model,
+        # An export is meant to be published: local paths are kept as base names (hub ids as they are).
+        "base_model": public_value(base_model),
         "base_fingerprint": base_fingerprint,
         "lm_fingerprint": model_fingerprint(lm),
-        "data": (recipe or {}).get("data"),
+        "data": without_local_paths((recipe or {}).get("data")),
         "library_version": __version__,
         "vocabulary": vocabulary,
         "adapters": write_peft_adapters(tmp, lora, schema) if lora is not None else None,
-        **(metadata or {}),
+        **without_local_paths(metadata or {}),
     }
     (tmp / SCHEMA_FILE).write_text(json.dumps(info, indent=2))
     (tmp / "README.md").write_text(model_card(info, recipe, metrics))

@@ -4,6 +4,10 @@ The licence is derived, never guessed: the base model's and every data source's 
 knows them (:data:`KNOWN_LICENSES`); one licence when they agree, the non-commercial one when any source is
 non-commercial, else ``other`` with each part named in the card. A local data file has no licence we can read,
 so its card says ``license: other`` (``unknown``) and asks the user to set it before publishing.
+
+The card is public text: a local path (the base model's folder, a data file, the output folder in the recipe)
+is shown as its base name (:func:`~meet_lightning.names.public_value`); licences are derived before that, from
+the paths as given.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCardData
+
+from meet_lightning.names import public_value, without_local_paths
 
 KNOWN_LICENSES: dict[str, str] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
@@ -81,25 +87,26 @@ def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metr
     """The model card text: front matter, what the model is, metrics, usage under each kind of runtime, recipe."""
     metadata = card_metadata(schema)
     sources = data_sources(schema.get("data") or {})
+    base = public_value(schema["base_model"])
     example = schema["controls"][0].split("/", 1)[1] if schema["controls"] else None
     lines = [
         "---",
         metadata.to_yaml(),
         "---",
         "",
-        f"# MEET-aligned {schema['base_model']}",
+        f"# MEET-aligned {base}",
         "",
         f"Trained with meet_lightning {schema['library_version']} (MEET, arXiv 2310.00819).",
         "",
-        f"- Base model: `{schema['base_model']}` (fingerprint `{schema['base_fingerprint']}`){_alias_note(schema['base_model'])}",
-        f"- Data: {', '.join(f'`{s}`' for s in sources) or 'unknown'}",
+        f"- Base model: `{base}` (fingerprint `{schema['base_fingerprint']}`){_alias_note(schema['base_model'])}",
+        f"- Data: {', '.join(f'`{public_value(s)}`' for s in sources) or 'unknown'}",
         f"- Licence: {_license_text(metadata, sources)}",
         f"- Controls: {', '.join(f'`{c}`' for c in schema['controls'])} ({schema['control']['class_path']}, placement `{schema['placement']}`)",
         "",
         "## Metrics",
         "",
         "```json",
-        json.dumps(metrics or {}, indent=2),
+        json.dumps(without_local_paths(metrics or {}), indent=2),
         "```",
         "",
         "## Use",
@@ -114,8 +121,10 @@ def model_card(schema: Mapping[str, Any], recipe: Mapping[str, Any] | None, metr
         *(_peft_use(schema["adapters"]) if schema.get("adapters") else []),
         "## Recipe",
         "",
+        "Local paths are shown as their base names.",
+        "",
         "```yaml",
-        yaml.safe_dump(dict(recipe or {}), sort_keys=False).rstrip(),
+        yaml.safe_dump(without_local_paths(dict(recipe or {})), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
@@ -129,7 +138,7 @@ def _license_text(metadata: ModelCardData, sources: list[str]) -> str:
             " front matter to the data's and the base model's terms before publishing"
         )
     if metadata.license_name == "mixed":
-        return "several licences apply (" + ", ".join(f"`{s}`: {_source_license(s)}" for s in sources) + ")"
+        return "several licences apply (" + ", ".join(f"`{public_value(s)}`: {_source_license(s)}" for s in sources) + ")"
     return f"`{metadata.license}` (derived from the base model's and the data's licences)"
 
 

@@ -1,13 +1,15 @@
 """Publish an export to the Hugging Face Hub (``python -m meet_lightning push``).
 
 Everything is checked before anything is sent: the folder is an export, its model card's front matter parses,
-the session is online and has a token. The upload is one Hub commit (``upload_folder``): the repository holds
-all of the export or none of it. A repository this call created is deleted again when the upload fails, so a
-failed push leaves nothing of ours behind.
+neither the card nor the export's JSON files hold an absolute local path (home folders and user names stay on
+this machine), the session is online and has a token. The upload is one Hub commit (``upload_folder``): the
+repository holds all of the export or none of it. A repository this call created is deleted again when the
+upload fails, so a failed push leaves nothing of ours behind.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,10 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from meet_lightning.errors import ConfigError, MeetError
 from meet_lightning.export import read_schema
+from meet_lightning.names import local_paths, local_paths_in_text
+
+VOCABULARY_FILES = frozenset({"tokenizer.json", "vocab.json"})
+"""JSON files that hold token text, not settings: a token such as ``/usr`` is not a path to refuse."""
 
 
 class PublishError(MeetError):
@@ -32,6 +38,33 @@ def check_export_card(folder: Path) -> ModelCard:
     if missing:
         raise ConfigError(f"{card_file}: front matter lacks {', '.join(missing)} — export the run again")
     return card
+
+
+def check_no_local_paths(folder: Path) -> None:
+    """ConfigError naming the first absolute local path in the model card or a JSON file of the export.
+
+    The export writes base names (:mod:`meet_lightning.names`); a path here is from an older version or an edit.
+    """
+    found: list[tuple[Path, str]] = []
+    card = folder / "README.md"
+    if card.is_file():
+        found += [(card, path) for path in local_paths_in_text(card.read_text(encoding="utf-8"))]
+    for file in sorted(folder.rglob("*.json")):
+        if found:
+            break
+        if file.name in VOCABULARY_FILES or not file.is_file():
+            continue
+        try:
+            tree = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{file}: not valid JSON ({error}) — export the run again") from None
+        found += [(file, path) for path in local_paths(tree)]
+    if found:
+        file, path = found[0]
+        raise ConfigError(
+            f"{file}: holds the local path {path!r} — nothing was sent; export the run again (exports keep base"
+            " names) or replace the path by hand"
+        )
 
 
 def push_export(
@@ -53,12 +86,13 @@ def push_export(
         api: An ``HfApi``-like client (tests); default ``HfApi()`` with the saved token.
 
     Raises:
-        ConfigError: Not an export, offline, or no token.
+        ConfigError: Not an export, a local path in it, offline, or no token.
         PublishError: The Hub refused the request or could not be reached.
     """
     folder = Path(folder)
     read_schema(folder)
     check_export_card(folder)
+    check_no_local_paths(folder)
     if is_offline_mode():
         raise ConfigError("push needs the Hub but HF_HUB_OFFLINE is set — unset HF_HUB_OFFLINE to publish")
     if api is None:

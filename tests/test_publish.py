@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -138,3 +140,66 @@ def test_push_refuses_a_folder_that_is_not_an_export(tmp_path, online):
     (folder / "README.md").write_text("# no front matter\n")
     with pytest.raises(ConfigError, match="front matter lacks license"):
         push_export(folder, "me/model", api=FakeHub())
+
+
+# ------------------------------------------------------------------------------------------ no local paths
+def all_text(folder) -> dict[str, str]:
+    """Every text file of an export (the vocabulary too: it must hold no path either)."""
+    return {
+        str(p.relative_to(folder)): p.read_text(encoding="utf-8")
+        for p in folder.rglob("*")
+        if p.suffix in (".json", ".md", ".jinja")
+    }
+
+
+def test_an_export_of_a_run_with_a_local_model_and_absolute_data_holds_no_local_path(tmp_path, shared_data, online):
+    """Old code: the schema and card named ``/…/models/my-base``, the data file's full path and the output folder."""
+    base = tmp_path / "models" / "my-base"
+    load_model("tiny-debug").save_pretrained(base)
+    load_tokenizer("tiny-debug").save_pretrained(base)
+    hh = (shared_data / "hh_rlhf_harmless.train.jsonl.gz").resolve()
+    out = tmp_path / "runs" / "meet"
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["fit", "--config", str(configs / "meet_hh_prompt.yaml"), "--config", str(configs / "debug.yaml")]
+    args += ["--model_name_or_path", str(base)]
+    args += ["--data.path", str(hh), "--output_dir", str(out), "--stage2.model", "null"]
+    assert main(args) == 0
+    export = out / "export"
+    texts = all_text(export)
+    for name, text in texts.items():
+        for local in (str(tmp_path), str(hh.parent), str(Path.home())):
+            assert local not in text, (name, local)
+    schema = json.loads(texts["meet_schema.json"])
+    assert schema["base_model"] == "my-base" and schema["data"]["path"] == hh.name
+    assert "# MEET-aligned my-base" in texts["README.md"] and f"- Data: `{hh.name}`" in texts["README.md"]
+    hub = FakeHub()
+    push_export(export, "me/model", api=hub)  # nothing to refuse
+    assert hub.calls[-1][0] == "upload_folder"
+
+
+@pytest.mark.parametrize(
+    ("file", "edit"),
+    [
+        ("meet_schema.json", lambda t: t.replace('"base_model": "tiny-debug"', '"base_model": "/home/alice/models/base"')),
+        ("README.md", lambda t: t.replace("- Data: `Anthropic/hh-rlhf`", "- Data: `/root/data/train.jsonl`")),
+        ("config.json", lambda t: t.replace("{", '{"_name_or_path": "C:\\\\Users\\\\bob\\\\base",', 1)),
+        ("generation_config.json", lambda t: t.replace("{", '{"note": ["~/secret"],', 1)),
+    ],
+)
+def test_push_refuses_an_export_that_holds_a_local_path_before_any_network_call(
+    tmp_path, online, monkeypatch, capsys, file, edit
+):
+    folder = export(tmp_path / "export", {"path": "Anthropic/hh-rlhf"})
+    push_export(folder, "me/model", api=FakeHub())  # the export as written passes
+    original = (folder / file).read_text()
+    (folder / file).write_text(edit(original))
+    assert (folder / file).read_text() != original
+    hub = FakeHub()
+    with pytest.raises(ConfigError, match=f"{file}: holds the local path .* nothing was sent"):
+        push_export(folder, "me/model", api=hub)
+    assert hub.calls == []
+    monkeypatch.setattr(publish, "get_token", lambda: "token")
+    monkeypatch.setattr(publish, "HfApi", lambda: pytest.fail("the Hub client must not be built"))
+    assert main(["push", "--model", str(folder), "--repo_id", "me/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "holds the local path" in err
