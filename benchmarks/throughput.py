@@ -156,6 +156,7 @@ def prepare_data(source: Path, model: str, max_length: int, num_train: int, num_
         ``train_file``, ``heldout_file`` and counts for the report.
     """
     from meet_lightning.formats import SourceConfig, read_source
+    from meet_lightning.heldout import split_key
     from meet_lightning.models import load_tokenizer
     from meet_lightning.tokenization import PromptTokenizer
 
@@ -176,8 +177,8 @@ def prepare_data(source: Path, model: str, max_length: int, num_train: int, num_
             skipped += 1
         elif len(train) < num_train:
             train.append(fitted)
-            train_prompts.add(json.dumps(fitted.prompt))
-        elif json.dumps(fitted.prompt) not in train_prompts:  # prompts never trained on
+            train_prompts.add(split_key(fitted.prompt))
+        elif split_key(fitted.prompt) not in train_prompts:  # conversations never trained on (the library refuses others)
             heldout.append(fitted)
     if len(train) < num_train or len(heldout) < num_heldout:
         raise BenchError(

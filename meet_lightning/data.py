@@ -22,9 +22,10 @@ from typing_extensions import override
 from meet_lightning.errors import ConfigError, DataError
 from meet_lightning.examples import Message, ParsedSource
 from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.heldout import held_out_split
 from meet_lightning.models import load_tokenizer
 from meet_lightning.streaming import StreamedBatches
-from meet_lightning.tokenization import Split, collate_pairs, collate_rows, split_by_prompt
+from meet_lightning.tokenization import Split, collate_pairs, collate_rows
 from meet_lightning.tokenized_cache import DataSpec, TokenizedData, iter_val_prompts, prepare_tokenized
 
 
@@ -174,9 +175,13 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: Longest row in text tokens; prompts are truncated from the left to fit.
         batch_size: Training rows per batch (pairs per batch when ``pair_batches``).
         eval_batch_size: Validation pairs/rows per batch (default ``batch_size``).
-        val_fraction: Share of prompts held out for validation.
+        val_fraction: Share of conversations held out for validation, grouped by their first user turn (those
+            that open alike land on the same side). Exact duplicate pairs and rows are dropped first, and counted.
         val_path: A separate validation file (same format and hub options as ``path``; the ``test`` split when it
-            is the same hub dataset as ``path``); overrides ``val_fraction``.
+            is the same hub dataset as ``path``); overrides ``val_fraction``. Validation units whose first user
+            turn is also in the training data are refused (an error naming the count), see ``drop_val_overlap``.
+        drop_val_overlap: With ``val_path``: drop the validation units whose first user turn is also in the
+            training data, and print how many, instead of refusing the files.
         pair_batches: Train on paired batches ``[chosen; rejected]`` (DPO); needs pairwise data.
         chosen_only: Train on the chosen response of each pair only (the SFT baseline); rejected responses
             and stand-alone rows are left out of training. Validation keeps its pairs. Not with
@@ -220,6 +225,7 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
         val_path: str | None = None,
+        drop_val_overlap: bool = False,
         pair_batches: bool = False,
         chosen_only: bool = False,
         group_by_length: bool = True,
@@ -269,6 +275,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_fraction, self.pair_batches, self.group_by_length = val_fraction, pair_batches, group_by_length
         self.num_workers, self.seed, self.skip_batches, self.predict_path = num_workers, seed, skip_batches, predict_path
         self.max_examples, self.max_val_examples = max_examples, max_val_examples
+        self.drop_val_overlap = drop_val_overlap
         self.trust_remote_code = trust_remote_code
         self._parsed: list[ParsedSource] | None = None
         self._tokenizer: Any = None
@@ -308,6 +315,7 @@ class PreferenceDataModule(L.LightningDataModule):
             units,
             self.max_examples,
             self.max_val_examples,
+            drop_val_overlap=self.drop_val_overlap,
         )
 
     @property
@@ -347,10 +355,12 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def train_val_split(self) -> tuple[Split, Split]:
-        """(train, validation): the sources split by prompt, or all of them and ``val_path``'s rows."""
-        train, val = split_by_prompt(self.parsed, 0.0 if self.val_source else self.val_fraction, self.seed)
-        if self.val_source is not None:
-            val = Split(list(self._parsed_val.examples), list(self._parsed_val.pairs))
+        """(train, validation) as the cache builds them: duplicates dropped, split by first user turn, or all of
+        the sources and ``val_path``'s rows (its overlap with training refused or dropped, see ``drop_val_overlap``).
+        """
+        parsed = self.parsed  # reads val_path too
+        held_out = self._parsed_val if self.val_source is not None else None
+        _, _, train, val, _ = held_out_split(parsed, held_out, self.val_fraction, self.seed, self.drop_val_overlap)
         return train, val
 
     def validation_prompts(self, count: int) -> list[list[Message]]:
@@ -394,6 +404,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_items = self.stream  # the stream stands in for the items: setup ran
         self.summary = Counter({"val: units": len(self.val_items)})
         rank_zero_info(f"data: streaming {', '.join(s.path for s in self.sources)}; {len(self.val_items)} validation units")
+        rank_zero_info(self.stream.unchecked(self.val_source.path if self.val_source is not None else None))
 
     def describe(self) -> str:
         """One line per source (rows read, pairs, skipped with reasons) and the tokenization summary."""

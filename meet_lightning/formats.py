@@ -7,7 +7,9 @@ through ``datasets``. Each format is a small parser class picked from :data:`FOR
 
 Rows are 1-based: the line number for JSON Lines and CSV (the CSV header is line 1, so the first record is
 row 2, as a spreadsheet shows it), the element number for a JSON array, the record number for parquet and
-hub datasets.
+hub datasets. A dataset folder whose split holds JSON/JSONL/CSV files is read file by file with the same line
+readers (``datasets`` only says which files make up the split), so a bad record names ``FILE:ROW`` of its own
+file instead of a ``DatasetGenerationError`` about the whole folder.
 
 Bad data never gives a traceback: it raises :class:`~meet_lightning.errors.DataError` with one line
 ``FILE:ROW: what is wrong — how to fix it``. With ``on_bad_rows: skip`` a bad record is skipped instead and
@@ -40,6 +42,7 @@ import json
 import math
 import re
 import string
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -318,6 +321,22 @@ _NOT_OBJECT_FIX = 'write each record as a JSON object with named fields, e.g. {"
 Row = tuple[int, Any]
 
 
+class FileRow(int):
+    """A row number inside one file of a dataset folder: the number, and the file it belongs to."""
+
+    file: str
+
+    def __new__(cls, row: int, file: str) -> FileRow:
+        self = super().__new__(cls, row)
+        self.file = file
+        return self
+
+
+def where(path: str, row: int) -> str:
+    """``FILE:ROW`` of a record: ``path``'s, or for a dataset folder the file the row belongs to."""
+    return f"{row.file}:{int(row)}" if isinstance(row, FileRow) else f"{path}:{row}"
+
+
 def iter_records(
     path: str, subset: str | None = None, split: str = "train", data_dir: str | None = None, revision: str | None = None
 ) -> Iterator[tuple[int, dict]]:
@@ -336,9 +355,9 @@ def iter_records(
     """
     for row, value in iter_rows(path, HubOptions(subset, data_dir, split, revision)):
         if isinstance(value, _BadRow):
-            raise DataError(_one_line(f"{path}:{row}: {value}"))
+            raise DataError(_one_line(f"{where(path, row)}: {value}"))
         if not isinstance(value, Mapping):
-            raise DataError(_one_line(f"{path}:{row}: the record is {_kind(value)} — {_NOT_OBJECT_FIX}"))
+            raise DataError(_one_line(f"{where(path, row)}: the record is {_kind(value)} — {_NOT_OBJECT_FIX}"))
         yield row, dict(value)
 
 
@@ -356,7 +375,10 @@ def iter_rows(path: str, hub: HubOptions = HubOptions(), streaming: bool = False
     """
     local = Path(path)
     if local.is_dir():
-        return _iter_datasets(path, hub, local=False, streaming=streaming, folder=True)
+        files = _folder_files(path, hub)
+        if files is None:  # parquet, arrow or other files only datasets reads
+            return _iter_datasets(path, hub, local=False, streaming=streaming, folder=True)
+        return _nonempty(path, (row for file in files for row in _file_rows(file)))
     if not local.exists():
         if _HUB_ID.fullmatch(path) and not path.lower().endswith(_TEXT_SUFFIXES + (".gz", ".parquet")):
             return _iter_datasets(path, hub, local=False, streaming=streaming)
@@ -370,6 +392,43 @@ def iter_rows(path: str, hub: HubOptions = HubOptions(), streaming: bool = False
             f"{path}: unsupported file type {local.suffix!r} — use .json, .jsonl or .csv (optionally .gz) or .parquet"
         )
     return _nonempty(path, reader(local, path))
+
+
+def _folder_files(path: str, hub: HubOptions) -> list[str] | None:
+    """The files of a dataset folder's split (as ``datasets`` resolves ``data_dir``, ``subset`` and ``split``), or
+    ``None`` when one of them is not a JSON/JSONL/CSV file (optionally ``.gz``) that the line readers read."""
+    import datasets
+
+    kwargs = {key: value for key, value in hub.load_kwargs().items() if key != "split"}
+    try:
+        data_files = datasets.load_dataset_builder(path, **kwargs).config.data_files or {}
+    except Exception as err:  # noqa: BLE001 - sorted into one user error each by _load_error; a bug re-raises
+        raise _load_error(path, err, folder=True) from None
+    splits = {str(name): list(files) for name, files in data_files.items()}
+    if hub.split not in splits:
+        raise DataError(
+            f"{path}: the folder has no split {hub.split!r} (splits: {', '.join(sorted(splits)) or 'none'}) — set"
+            " --data.split to one of them (or --data.data_dir / --data.subset to another folder)"
+        )
+    files = [_shown_under(path, f) for f in splits[hub.split]]
+    readable = all(Path(f.lower().removesuffix(".gz")).suffix in _READERS for f in files)
+    return files if files and readable else None
+
+
+def _shown_under(folder: str, file: str) -> str:
+    """``file`` as the user would write it: under the folder as given (``data/hh/train.jsonl``), not absolute."""
+    try:
+        return str(Path(folder) / Path(file).resolve().relative_to(Path(folder).resolve()))
+    except ValueError:  # a data file outside the folder (a config may point anywhere): its own path
+        return file
+
+
+def _file_rows(file: str) -> Iterator[Row]:
+    """One file of a dataset folder, read by its line reader; rows carry the file (:class:`FileRow`)."""
+    local = Path(file)
+    reader = _READERS[Path(local.name.lower().removesuffix(".gz")).suffix]
+    for row, value in _nonempty(file, reader(local, file)):
+        yield FileRow(row, file), value
 
 
 def _nonempty(path: str, rows: Iterator[Row]) -> Iterator[Row]:
@@ -485,8 +544,21 @@ def _has_surrogates(value: Any) -> bool:
     return False
 
 
+def raise_csv_field_limit() -> int:
+    """Lifts the ``csv`` module's 128 KiB field limit to the largest the platform takes (a long answer is data,
+    not a quoting error); returns the new limit."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return limit
+        except OverflowError:  # a C long narrower than Python's maxsize (Windows)
+            limit //= 2
+
+
 def _read_csv(path: Path, shown: str) -> Iterator[Row]:
     """Rows of a CSV with a header line; the row number is the line the record starts on."""
+    raise_csv_field_limit()
     lines = (raw.decode("utf-8-sig", errors="surrogateescape") for _, raw in _binary_lines(path, shown))
     reader = csv.reader(lines)
     try:
@@ -1384,7 +1456,7 @@ class _Reading:
         name = self.cfg.format
         if name == "auto":
             probe = dict(rec, prompt="") if self.cfg.prompt_template and "prompt" not in rec else rec
-            name = detect_format(probe, f"{self.cfg.path}:{row}")
+            name = detect_format(probe, where(self.cfg.path, row))
             self.origin = f"detected from row {row}"
         parser = FORMATS[name](self.cfg)
         if self.cfg.prompt_template is not None and not parser.uses_template:
@@ -1418,7 +1490,7 @@ class _Reading:
     def record(self, row: int, bad: _BadRow) -> None:
         """Stop at a bad row, or skip and count it (``on_bad_rows: skip``)."""
         if self.cfg.on_bad_rows == "error":
-            raise DataError(_one_line(f"{self.cfg.path}:{row}: {bad}"))
+            raise DataError(_one_line(f"{where(self.cfg.path, row)}: {bad}"))
         self.count(row, [bad.reason])
 
     def count(self, row: int, reasons: list[str]) -> None:
@@ -1487,7 +1559,7 @@ def iter_parsed(cfg: SourceConfig, rows: Iterable[tuple[int, Any]], result: Pars
                 raise _BadRow(f"the record is {_kind(value)}", _NOT_OBJECT_FIX, "type")
             rec = _canonical(value, cfg.columns)
             reading.parser = reading.parser or reading.start(rec, row)
-            out = reading.parser.parse(rec, value, f"{cfg.path}:{row}")
+            out = reading.parser.parse(rec, value, where(cfg.path, row))
         except _BadRow as bad:
             reading.record(row, reading.explain(bad, rec, value))
             continue

@@ -7,6 +7,7 @@ from statistics import quantiles
 
 from meet_lightning.examples import ParsedSource
 from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.heldout import DUPLICATES, drop_duplicates
 from meet_lightning.models import load_tokenizer
 from meet_lightning.stats import words
 from meet_lightning.tokenized_cache import DataSpec, TokenizedData, prepare_tokenized
@@ -45,8 +46,10 @@ def example_lengths(
 
 
 def inspect_data(source: SourceConfig, model: str | None = None, max_length: int = 512, cache_dir: str | None = None) -> str:
-    """A plain-text report: format, rows, examples per control, drops with reasons, length percentiles, the cache."""
+    """A plain-text report: format, rows, examples per control, drops with reasons, exact duplicates (a run drops
+    them), length percentiles, the cache."""
     parsed = read_source(source)
+    duplicates = drop_duplicates(parsed).skipped[DUPLICATES]
     path, format = source.path, source.format
     lengths, too_long, prepared = example_lengths(parsed, source, model, max_length, cache_dir)
     per_control = Counter(f"{p}/{c}" for e in parsed.examples for p, c in e.controls.items())
@@ -62,6 +65,7 @@ def inspect_data(source: SourceConfig, model: str | None = None, max_length: int
         *(f"  {reason}: {count}" for reason, count in parsed.skipped.most_common()),
         *([f"warnings:  {sum(parsed.warnings.values())}"] if parsed.warnings else []),
         *(f"  {reason}: {count}" for reason, count in parsed.warnings.most_common()),
+        *([f"duplicates: {duplicates} records repeat an earlier one exactly (a run drops them)"] if duplicates else []),
     ]
     if model:
         lines += [f"too long to train at max_length {max_length}: {sum(too_long.values())}"]

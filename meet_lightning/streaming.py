@@ -13,9 +13,12 @@ batches, so it trains on the same batches, in the same order, as an uninterrupte
 tokenizing the skipped part again (no training on it). It holds as long as the source does not change between
 the runs (pin a hub ``revision``).
 
-Train/validation split: a prompt is held out when a seeded hash of it falls below ``val_fraction`` (no pass
-over the data is needed to decide); validation is the first ``max_val_examples`` held-out units (256 when
-unset), read once, kept in memory. Core: torch, no Lightning.
+Train/validation split: a conversation is held out when a seeded hash of its first user turn
+(:func:`meet_lightning.heldout.split_key`) falls below ``val_fraction`` (no pass over the data is needed to
+decide), so conversations that open alike land on the same side, as in the cached split; validation is the first
+``max_val_examples`` held-out units (256 when unset), read once, kept in memory. What a stream cannot check
+without a pass over all of it, it says in one line (:meth:`StreamedBatches.unchecked`): exact duplicates are not
+dropped, and a separate ``val_path`` is not compared with the training stream. Core: torch, no Lightning.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch.utils.data import IterableDataset
 from meet_lightning.errors import DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, PreferencePair
 from meet_lightning.formats import SourceConfig, iter_parsed, iter_rows
+from meet_lightning.heldout import split_key
 from meet_lightning.names import check_controls
 from meet_lightning.tokenization import PromptTokenizer
 
@@ -42,10 +46,11 @@ SCHEMA_UNITS = 1000
 
 
 def held_out(prompt: Sequence[Mapping[str, str]], seed: int, val_fraction: float) -> bool:
-    """Whether a prompt belongs to validation: a seeded hash of it, uniform in [0, 1), below ``val_fraction``."""
+    """Whether a prompt belongs to validation: a seeded hash of its first user turn, uniform in [0, 1), below
+    ``val_fraction`` (every conversation opening with that turn is on the same side)."""
     if val_fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}\x00{json.dumps(list(prompt), sort_keys=True)}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{split_key(prompt)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
@@ -145,6 +150,16 @@ class StreamedBatches:
                 f"{unit.source}: {err} — streaming takes the controls from the first {SCHEMA_UNITS} units; put a row of"
                 " every control near the start of the data, or turn streaming off"
             ) from None
+
+    def unchecked(self, val_path: str | None = None) -> str:
+        """The ``data:`` line saying what a stream does not check (it never holds all of its data at once)."""
+        line = "data: streaming does not drop exact duplicate records of the training stream"
+        if val_path is not None:
+            line += (
+                f", nor check {val_path} against it for shared first user turns (validation may not be held out) —"
+                " turn streaming off to have both checked"
+            )
+        return line + ("" if val_path is not None else " (the split by first user turn still holds)")
 
     def validation_units(self) -> list:
         """The first ``max_val_examples`` held-out units, tokenized (pairs when the source has pairs)."""
