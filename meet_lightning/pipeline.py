@@ -34,7 +34,7 @@ from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.distributed import is_sharded
-from meet_lightning.errors import CheckpointError, ConfigError, MeetError
+from meet_lightning.errors import CheckpointError, ConfigError, DataError, MeetError
 from meet_lightning.export import SCHEMA_FILE, export_model
 from meet_lightning.formats import SourceConfig
 from meet_lightning.generation import DecodingOptions, generate_responses, read_prompts, row_controls, write_jsonl_atomic
@@ -51,11 +51,25 @@ from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/Injected
     write_text_atomic,
 )
 from meet_lightning.rss import PeakRSSByPhase
+from meet_lightning.tokenized_cache import data_identity
 
 STAGES = ("stage1", "stage2")
 BUDGET_KEYS = {"max_steps", "max_epochs"}
 HARDWARE_KEYS = {"devices", "num_nodes", "accelerator", "strategy"}
 """Trainer keys a resumed run may change besides the budget: the same run on other hardware (2 GPUs → 1)."""
+NEUTRAL_KEYS = {
+    "num_workers",
+    "num_proc",
+    "cache_dir",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
+    "logger",
+    "checkpoint_every_n_steps",
+}
+"""Keys that cannot change what a run computes (loader and tokenizer workers, where the cache lives, logging,
+progress, how often ``last.ckpt`` is written): a resumed run may change them. Which rows it trains on is
+checked by the data identity in its checkpoints and done-markers instead."""
 DONE = "done.json"
 BEST = "best"
 """File stem of the checkpoint ``select: best`` keeps."""
@@ -323,9 +337,7 @@ def check_recipe(recipe: Mapping[str, Any]) -> None:
     """Checks that need no model or data, so that bad settings fail before anything is written: the control,
     the data module's and every stage's own argument checks."""
     resolve_model_path(recipe.get("model_name_or_path", ""))  # a missing model folder: one line, now
-    data = dict(recipe.get("data") or {})
-    data["sources"] = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in data.get("sources") or []] or None
-    PreferenceDataModule(**{**data, "model_name_or_path": recipe.get("model_name_or_path", "")})
+    recipe_datamodule(recipe)
     control = recipe.get("control")
     if control:
         try:
@@ -368,12 +380,48 @@ def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
             raise ConfigError(
                 f"{out} holds a run of another recipe ({difference}) — pass --overwrite true to start over, or another --output_dir"
             )
-        if difference and is_global_zero():
-            for name in (*STAGES, "export", "recipe.yaml"):
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        if difference:
+            clear_run(out)
     if is_global_zero():
         out.mkdir(parents=True, exist_ok=True)
+
+
+def clear_run(out: Path) -> None:
+    """Deletes a run's stages, export and recorded recipe (``--overwrite true``; rank zero only)."""
+    if is_global_zero():
+        for name in (*STAGES, "export", "recipe.yaml"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def check_run_data(recipe: Mapping[str, Any], overwrite: bool, log=print) -> None:
+    """Refuses (or with ``--overwrite`` clears) a run whose finished or started stages trained on other data.
+
+    Each stage's done-marker, or else its ``last.ckpt``, records the data identity it was trained on
+    (:func:`~meet_lightning.tokenized_cache.data_identity`); the recipe can be unchanged while a source file was
+    edited. Files written before identities were recorded are not checked. Costs nothing when no stage has
+    started; otherwise the data's identity (its files hashed once) and a memory-mapped read of one checkpoint.
+    """
+    out = Path(recipe["output_dir"])
+    current: list[str] = []
+    for stage in active_stages(recipe):
+        done, last = out / stage / DONE, out / stage / "checkpoints" / "last.ckpt"
+        if done.is_file():
+            where, recorded = done, json.loads(done.read_text()).get("data_identity")
+        elif last.is_file():
+            where, recorded = last, check_checkpoint_file(last)["meet"].get("data")
+        else:
+            continue
+        if not recorded:
+            continue
+        current = current or [data_identity_of(recipe_datamodule(recipe))]
+        if recorded == current[0]:
+            continue
+        if not overwrite:
+            check_same_data(stage, where, recorded, current[0])
+        log(f"{stage}: {where} was trained on other data than this run reads now — --overwrite: starting over")
+        clear_run(out)
+        return
 
 
 class RecordRecipe(Callback):
@@ -394,10 +442,10 @@ class RecordRecipe(Callback):
 
 
 def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
-    """First difference between two recipes outside budget and hardware keys, as ``key: old → new`` (or empty)."""
+    """First difference between two recipes outside budget, hardware and neutral keys, as ``key: old → new`` (or empty)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for key in sorted(set(old) | set(new), key=str):
-            if key in BUDGET_KEYS or key in HARDWARE_KEYS or (not prefix and key == "predict"):  # decoding trains nothing
+            if key in BUDGET_KEYS | HARDWARE_KEYS | NEUTRAL_KEYS or (not prefix and key == "predict"):  # decoding trains nothing
                 continue
             if (key not in old and not new[key]) or (key not in new and not old[key]):
                 continue  # an option added (or removed) by a library upgrade, left at its off value
@@ -414,6 +462,7 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
     if ckpt_path:
         check_checkpoint_file(Path(ckpt_path))
     check_output_dir(recipe, overwrite)
+    check_run_data(recipe, overwrite, log)
     out = Path(recipe["output_dir"])
     results: dict[str, Any] = {}
     trained = False
@@ -422,7 +471,7 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
     position: int | None = None
     for stage in active_stages(recipe):
         done = out / stage / DONE
-        if done.is_file():
+        if done.is_file():  # its data was checked by check_run_data
             log(f"{stage}: finished earlier ({done}), skipping")
             results[stage] = json.loads(done.read_text())
         else:
@@ -485,6 +534,8 @@ def run_stage(
     memory = PeakRSSByPhase()
     memory.enter("load")  # building the stage, loading model and data (until the first step or sanity check)
     cli = build_stage(recipe, stage, extra, data_extra)
+    identity = data_identity_of(cli.datamodule)
+    cli.model.data_identity = identity  # into every checkpoint of this stage
     precision = stage_precision(recipe, stage)
     log(f"{stage}: precision {precision.precision} ({precision.reason})")
     last = out / "checkpoints" / "last.ckpt"
@@ -492,8 +543,10 @@ def run_stage(
     if resume and Path(resume).is_dir():  # a DeepSpeed checkpoint folder: Lightning reads it itself
         log(f"{stage}: restoring from {resume} (sharded checkpoint folder)")
     elif resume:
-        step = check_checkpoint_file(Path(resume)).get("global_step", 0)
-        log(f"{stage}: restoring from {resume} at step {step}")
+        checkpoint = check_checkpoint_file(Path(resume))
+        fix = "pass a --ckpt_path written on this data" if ckpt_path else None  # own last.ckpt: --overwrite helps
+        check_same_data(stage, Path(resume), checkpoint["meet"].get("data"), identity, fix)
+        log(f"{stage}: restoring from {resume} at step {checkpoint.get('global_step', 0)}")
     cli.trainer.callbacks.append(RecordRecipe(recipe))
     cli.trainer.callbacks.insert(0, MemoryPhases(memory))  # first: checkpoint saving falls in between_steps
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume, weights_only=True)
@@ -523,7 +576,13 @@ def run_stage(
     metrics.update(global_step=progress.pop("global_step"), selected_step=selected_step, **progress)
     log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     memory.enter(None)
-    record = {**metrics, "precision": precision.precision, "precision_reason": precision.reason, **memory.summary()}
+    record = {
+        **metrics,
+        "precision": precision.precision,
+        "precision_reason": precision.reason,
+        **memory.summary(),
+        "data_identity": identity,
+    }
     for key, what in (("peak_rss_gb", "peak RSS"), ("peak_cuda_gb", "peak CUDA memory")):
         if key in record:
             log(f"{stage}: {what} by phase (GiB): " + ", ".join(f"{k} {v}" for k, v in record[key].items()))
@@ -531,6 +590,34 @@ def run_stage(
         write_text_atomic(out / DONE, json.dumps(record, indent=2))
     cli.trainer.strategy.barrier()
     return record
+
+
+def recipe_datamodule(recipe: Mapping[str, Any]) -> PreferenceDataModule:
+    """The recipe's data module, as a stage builds it (its arguments checked; nothing read yet)."""
+    data = dict(recipe.get("data") or {})
+    data["sources"] = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in data.get("sources") or []] or None
+    return PreferenceDataModule(**{**data, "model_name_or_path": recipe.get("model_name_or_path", "")})
+
+
+def data_identity_of(datamodule: PreferenceDataModule) -> str:
+    """The identity of what ``datamodule`` serves (a streamed hub dataset by its options: it is not downloaded)."""
+    return data_identity(datamodule.spec, datamodule.tokenizer, hub_contents=not datamodule.streaming)
+
+
+def check_same_data(stage: str, where: Path, recorded: str | None, current: str, fix: str | None = None) -> None:
+    """DataError when ``where`` (a checkpoint or done-marker) was written on other data than the run reads now.
+
+    A resume on edited data would continue the optimizer, the schedule and the batch position of one dataset on
+    another, and report the mix as one run. ``recorded`` empty (a file written before identities were recorded)
+    is not checked. ``fix`` replaces the default advice (``--overwrite true``, which starts the run over).
+    """
+    if recorded and recorded != current:
+        raise DataError(
+            f"{stage}: {where} was trained on other data than this run reads now (data identity {recorded[:12]} ≠"
+            f" {current[:12]}: a source file, the split or the tokenizer changed) — "
+            + (fix or "pass --overwrite true to start over")
+            + ", or restore the data it was trained on"
+        )
 
 
 def stream_position(cli: StageCLI) -> int:

@@ -21,6 +21,17 @@ cache ``datasets`` itself keeps). Building happens in a temporary folder renamed
 wait and then load. A lock rather than a ``torch.distributed`` barrier because a stage's data is prepared
 while the stage is being built, before Lightning has started its process group.
 
+A folder is checked every time it is loaded, against what its build recorded in ``meet_data.json``: the size
+of every Arrow file, the rows of each split and a digest of each split's ``length`` column. A cut file (a full
+disk, a copy interrupted) would otherwise load as fewer rows without a word, or fail with a pyarrow traceback
+on every run. A folder that fails, or one without ``meet_data.json``, is moved aside and rebuilt under the
+lock, with one printed line naming it and why. Temporary ``.building-HOST-PID`` folders left by a killed
+build are removed by the next build (under the lock of their own key, or when their process is gone).
+
+:func:`data_identity` is the part of the key that decides what a run trains on (no library version, no
+modification times): it goes into each stage's checkpoints and done-marker, so that a resume on edited data is
+refused instead of continuing on other rows.
+
 Core: ``datasets`` and ``transformers``, no Lightning.
 """
 
@@ -31,6 +42,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,9 +53,8 @@ from typing import Any
 from meet_lightning.errors import ConfigError
 from meet_lightning.examples import ControlledExample, ControlSchema, Message, ParsedSource, PreferencePair
 from meet_lightning.formats import SourceConfig, read_source
-from meet_lightning.heldout import held_out_split
 from meet_lightning.losses import IGNORE_INDEX
-from meet_lightning.tokenization import PromptTokenizer, Split, TokenizedRow
+from meet_lightning.tokenization import PromptTokenizer, Split, TokenizedRow, split_by_prompt
 
 CACHE_VERSION = 1
 """Bumped whenever the stored columns or their meaning change: older folders are then never read."""
@@ -55,6 +66,16 @@ UNITS = ("rows", "pairs", "chosen")
 """What a split is tokenized as: single rows, ``(chosen, rejected)`` pairs, or the chosen rows of pairs (SFT)."""
 
 _HASH_CHUNK = 1 << 20
+BUILDING = ".building-"
+"""Infix of a build's temporary folder: ``KEY.building-HOST-PID`` (who owns it, to tell a live build from a killed one)."""
+META = "meet_data.json"
+_digests: dict[tuple[str, int, int], str] = {}
+"""BLAKE2 digests of the files already hashed in this process, by ``(path, size, mtime_ns)``: the cache key and
+the data identity of a stage read each file once."""
+
+
+class CacheDamaged(Exception):
+    """A cache folder that does not hold what its build recorded (internal: the folder is rebuilt)."""
 
 
 def default_cache_dir() -> Path:
@@ -81,8 +102,6 @@ class DataSpec:
             0) so that their length counts too (``inspect-data``; never for training).
         held_out_only: No split and no training units: every unit of ``sources`` is validation data, in source
             order (``evaluate``: its first ``max_val_examples`` pairs are the file's first pairs).
-        drop_val_overlap: Drop ``val_source`` units whose first user turn is in training instead of refusing
-            them (:func:`meet_lightning.heldout.held_out_split`).
     """
 
     sources: tuple[SourceConfig, ...]
@@ -95,7 +114,6 @@ class DataSpec:
     max_val_examples: int | None = None
     full_lengths: bool = False
     held_out_only: bool = False
-    drop_val_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.train_units not in UNITS:
@@ -188,16 +206,25 @@ def _row(columns: Mapping[str, list], prefix: str, i: int) -> TokenizedRow:
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
     """Size, modification time and BLAKE2 digest of a file (the digest keeps a copied file a hit)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": digest.hexdigest()}
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _digests:
+        digest = hashlib.blake2b(digest_size=16)
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+        _digests[memo] = digest.hexdigest()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": _digests[memo]}
 
 
-def source_fingerprint(source: SourceConfig) -> dict[str, Any]:
-    """A source's options and the identity of its contents."""
+def source_fingerprint(source: SourceConfig, hub_contents: bool = True) -> dict[str, Any]:
+    """A source's options and the identity of its contents.
+
+    Args:
+        source: The source.
+        hub_contents: For a hub id, load it to take its ``datasets`` fingerprint; ``False`` keeps its options
+            only (a streamed hub dataset is never downloaded whole; its ``revision`` pins it).
+    """
     options = dataclasses.asdict(source)
     local = Path(source.path)
     if local.is_file():
@@ -205,7 +232,7 @@ def source_fingerprint(source: SourceConfig) -> dict[str, Any]:
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
         return {"options": options, "files": {str(p.relative_to(local)): file_fingerprint(p) for p in files}}
-    return {"options": options, "hub": hub_fingerprint(source)}
+    return {"options": options, "hub": hub_fingerprint(source) if hub_contents else None}
 
 
 def hub_fingerprint(source: SourceConfig) -> str:
@@ -235,20 +262,46 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
 
 
+def _data_key(spec: DataSpec, tokenizer: Any, hub_contents: bool = True) -> dict[str, Any]:
+    return {
+        "truncation": TRUNCATION_RULE,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "sources": [source_fingerprint(s, hub_contents) for s in spec.sources],
+        "val_source": source_fingerprint(spec.val_source, hub_contents) if spec.val_source else None,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("sources", "val_source")},
+    }
+
+
+def _digest(key: Any) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def fingerprint(spec: DataSpec, tokenizer: Any) -> str:
     """The cache key of ``spec`` tokenized with ``tokenizer`` (hex)."""
     from meet_lightning import __version__
 
-    key = {
-        "library": __version__,
-        "cache_version": CACHE_VERSION,
-        "truncation": TRUNCATION_RULE,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "sources": [source_fingerprint(s) for s in spec.sources],
-        "val_source": source_fingerprint(spec.val_source) if spec.val_source else None,
-        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("sources", "val_source")},
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return _digest({"library": __version__, "cache_version": CACHE_VERSION, **_data_key(spec, tokenizer)})
+
+
+def data_identity(spec: DataSpec, tokenizer: Any, hub_contents: bool = True) -> str:
+    """What a run trains on (hex): the sources' contents (size and BLAKE2 digest), options and tokenizer.
+
+    The cache key without what cannot change the rows: the library version (an upgrade must not refuse a
+    resume) and the files' modification times (a copied or touched file is the same data). A stage records it
+    in its checkpoints and done-marker; a resume compares it.
+
+    Args:
+        spec: Sources and options.
+        tokenizer: The run's tokenizer.
+        hub_contents: ``False`` for streamed data: a hub id is identified by its options (revision) only.
+    """
+
+    def without_mtime(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: without_mtime(v) for k, v in value.items() if k != "mtime_ns"}
+        return [without_mtime(v) for v in value] if isinstance(value, list) else value
+
+    return _digest(without_mtime(_data_key(spec, tokenizer, hub_contents)))
 
 
 # ------------------------------------------------------------------------------------------------- build
@@ -412,20 +465,20 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
     import datasets
 
     parsed = [read_source(s) for s in spec.sources]
-    held_out, notes = read_source(spec.val_source) if spec.val_source is not None else None, []
     if spec.held_out_only:  # no shuffle: the order of the sources is kept
         train = Split()
         val = Split([e for p in parsed for e in p.examples], [pair for p in parsed for pair in p.pairs])
-    else:  # duplicates dropped, split by first user turn, val_source's overlap refused (meet_lightning.heldout)
-        parsed, held_out, train, val, notes = held_out_split(parsed, held_out, spec.val_fraction, spec.seed, spec.drop_val_overlap)
+    else:
+        train, val = split_by_prompt(parsed, 0.0 if spec.val_source else spec.val_fraction, spec.seed)
     lines = [source_line(p) for p in parsed]
-    if held_out is not None:
+    if spec.val_source is not None:
+        held_out = read_source(spec.val_source)
+        val = Split(list(held_out.examples), list(held_out.pairs))
         lines.append(source_line(held_out).replace("data: ", "data: validation ", 1))
-    lines += notes
     schema = data_schema(parsed)
     (train_kind, train_units), (val_kind, val_units) = select_units(spec, train, val)
     del parsed, train, val  # the units hold what is still needed
-    work = target.parent / f"{target.name}.building-{os.getpid()}"
+    work = target.parent / f"{target.name}{BUILDING}{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -448,8 +501,9 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
             "schema": schema,
             "summary": dict(summary),
             "source_lines": lines,
+            "checks": folder_checks(final, splits),
         }
-        (final / "meet_data.json").write_text(json.dumps(meta, indent=2))
+        (final / META).write_text(json.dumps(meta, indent=2))
         os.replace(final, target)  # complete or absent: a killed build leaves only its .building folder
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -468,14 +522,69 @@ def build_quietly(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | 
             datasets_logging.enable_progress_bar()
 
 
+def lengths_digest(split: Any) -> str:
+    """BLAKE2 digest of a split's ``length`` column (int32 bytes): a cheap check that the rows are the built ones."""
+    import numpy as np
+
+    lengths = split.data.column("length").to_numpy() if len(split) else np.zeros(0)
+    return hashlib.blake2b(np.ascontiguousarray(lengths, dtype=np.int32).tobytes(), digest_size=16).hexdigest()
+
+
+def folder_checks(folder: Path, splits: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`load` checks: every Arrow file's size, each split's rows and ``length`` digest."""
+    return {
+        "files": {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*.arrow"))},
+        "rows": {name: len(split) for name, split in splits.items()},
+        "lengths": {name: lengths_digest(split) for name, split in splits.items()},
+    }
+
+
+def verified_splits(folder: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved splits of ``folder``, memory-mapped; CacheDamaged when they are not what the build recorded."""
+    import datasets
+    import pyarrow
+
+    checks = meta.get("checks")
+    if not isinstance(checks, Mapping):
+        raise CacheDamaged(f"{META} records no load checks (built by an older meet_lightning)")
+    for name, size in checks["files"].items():
+        path = folder / name
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            raise CacheDamaged(f"{name} is {'missing' if found is None else f'{found} bytes'}, {size} recorded")
+    try:
+        splits = dict(datasets.load_from_disk(str(folder))) if len(meta["empty"]) < len(meta["kinds"]) else {}
+    except (OSError, ValueError, KeyError, pyarrow.ArrowException) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise CacheDamaged(f"unreadable: {type(error).__name__}: {reason}") from None
+    for name, rows in checks["rows"].items():
+        found = len(splits[name]) if name in splits else 0
+        if found != rows:
+            raise CacheDamaged(f"{name} holds {found} rows, {rows} recorded")
+        if name in splits and lengths_digest(splits[name]) != checks["lengths"][name]:
+            raise CacheDamaged(f"{name}: its rows' lengths differ from the recorded ones")
+    return splits
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """``meet_data.json`` of a cache folder; CacheDamaged when it cannot be read."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        if not isinstance(meta, dict) or not {"kinds", "empty", "schema", "summary", "source_lines"} <= meta.keys():
+            raise ValueError("fields are missing")
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise CacheDamaged(f"{META} is unreadable ({type(error).__name__})") from None
+    return meta
+
+
 def load(folder: Path, built: bool, seconds_so_far: float = 0.0) -> TokenizedData:
-    """Memory-maps a finished cache folder."""
+    """Memory-maps a finished cache folder, checked against its build's record (CacheDamaged if it fails)."""
     import datasets
 
     start = time.perf_counter()
-    meta = json.loads((folder / "meet_data.json").read_text())
+    meta = read_meta(folder)
     kinds = meta["kinds"]
-    splits = dict(datasets.load_from_disk(str(folder))) if len(meta["empty"]) < len(kinds) else {}
+    splits = verified_splits(folder, meta)
     for name in meta["empty"]:
         feats = features(kinds[name], name == "val", meta["full_lengths"])
         splits[name] = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
@@ -521,15 +630,76 @@ def prepare_tokenized(
     except OSError as err:
         raise ConfigError(f"--data.cache_dir {root}: cannot create it ({err.strerror}) — pass a writable folder") from None
     target = root / fingerprint(spec, tokenizer)
-    if (target / "meet_data.json").is_file():
-        return load(target, built=False, seconds_so_far=time.perf_counter() - start)
+    if (target / META).is_file():
+        try:
+            return load(target, built=False, seconds_so_far=time.perf_counter() - start)
+        except CacheDamaged:
+            pass  # checked again under the lock: another process may be rebuilding it right now
+    say = log if log is not None else print
     with FileLock(str(target) + ".lock"):
-        built = not (target / "meet_data.json").is_file()  # another process may have built it while we waited
-        if built:
-            if log is not None:
-                log(f"data: tokenizing into {target} (first use of this data; later runs reuse it)")
-            build_quietly(spec, tokenizer, target, num_proc)
-        return load(target, built=built, seconds_so_far=time.perf_counter() - start)
+        remove_stale_builds(target)
+        if (target / META).is_file():  # built by another process while we waited, or damaged
+            try:
+                return load(target, built=False, seconds_so_far=time.perf_counter() - start)
+            except CacheDamaged as damage:
+                say(f"data: cache {target} is damaged ({damage}) — moved aside and rebuilt")
+                move_aside(target)
+        elif target.exists():
+            say(f"data: cache {target} is incomplete (no {META}) — moved aside and rebuilt")
+            move_aside(target)
+        elif log is not None:
+            log(f"data: tokenizing into {target} (first use of this data; later runs reuse it)")
+        build_quietly(spec, tokenizer, target, num_proc)
+        return load(target, built=True, seconds_so_far=time.perf_counter() - start)
+
+
+def move_aside(folder: Path) -> None:
+    """Renames ``folder`` out of the way (atomic: its name is free at once), then deletes it.
+
+    A process that memory-mapped its files keeps reading them: an unlinked file lives until it is unmapped.
+    """
+    aside = folder.with_name(f"{folder.name}.damaged-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if folder.is_dir():
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        folder.unlink()
+
+
+def build_owner(folder: Path) -> tuple[str, int] | None:
+    """``(host, pid)`` of a ``KEY.building-HOST-PID`` folder (``None`` for another name)."""
+    _, sep, owner = folder.name.partition(BUILDING)
+    host, _, pid = owner.rpartition("-")
+    return (host, int(pid)) if sep and pid.isdigit() else None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (``os.kill(pid, 0)``; one we may not signal is alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_builds(target: Path) -> list[Path]:
+    """Deletes the temporary folders of killed builds beside ``target``; returns them. Call under ``target``'s lock.
+
+    Every ``TARGET.building-*`` folder is stale (its builder would hold the lock we hold); those of other keys
+    are removed when their process is gone from this machine (a folder of another host is left to that host).
+    """
+    host = socket.gethostname()
+    stale = []
+    for folder in target.parent.glob(f"*{BUILDING}*"):
+        owner = build_owner(folder)
+        ours = folder.name.startswith(target.name + BUILDING)
+        if ours or (owner is not None and owner[0] == host and not process_alive(owner[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            stale.append(folder)
+    return stale
 
 
 def iter_val_prompts(items: TokenizedItems, count: int) -> Iterator[list[dict[str, str]]]:

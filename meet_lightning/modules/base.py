@@ -306,9 +306,13 @@ class MeetModule(L.LightningModule):
             self.log(f"train/update_ratio_{group}", ratio, batch_size=1)
 
     # ------------------------------------------------------------- checkpoint
+    data_identity = ""
+    """What the stage trains on (:func:`~meet_lightning.tokenized_cache.data_identity`), set by the pipeline and
+    recorded in every checkpoint: a resume on edited data is refused instead of mixing two datasets."""
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keeps only trainable tensors, and records the base model and control schema."""
+        """Keeps only trainable tensors, and records the base model, control schema and data identity."""
         # Every name of a trainable tensor, tied ones too (a tied LM head): FSDP loads checkpoints strictly,
         # before on_load_checkpoint can fill gaps. Under FSDP the names carry wrapper segments; state-dict keys do not.
         named = self.named_parameters(remove_duplicate=False)
@@ -319,6 +323,7 @@ class MeetModule(L.LightningModule):
             "fingerprint": self.base_fingerprint,
             "schema": self.schema.to_dict(),
             "control": self.control.config(),
+            "data": self.data_identity,
         }
 
     @override
