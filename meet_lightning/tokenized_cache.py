@@ -53,8 +53,9 @@ from typing import Any
 from meet_lightning.errors import ConfigError
 from meet_lightning.examples import ControlledExample, ControlSchema, Message, ParsedSource, PreferencePair
 from meet_lightning.formats import SourceConfig, read_source
+from meet_lightning.heldout import held_out_split
 from meet_lightning.losses import IGNORE_INDEX
-from meet_lightning.tokenization import PromptTokenizer, Split, TokenizedRow, split_by_prompt
+from meet_lightning.tokenization import PromptTokenizer, Split, TokenizedRow
 
 CACHE_VERSION = 1
 """Bumped whenever the stored columns or their meaning change: older folders are then never read."""
@@ -102,6 +103,8 @@ class DataSpec:
             0) so that their length counts too (``inspect-data``; never for training).
         held_out_only: No split and no training units: every unit of ``sources`` is validation data, in source
             order (``evaluate``: its first ``max_val_examples`` pairs are the file's first pairs).
+        drop_val_overlap: Drop ``val_source`` units whose first user turn is in training instead of refusing
+            them (:func:`meet_lightning.heldout.held_out_split`).
     """
 
     sources: tuple[SourceConfig, ...]
@@ -114,6 +117,7 @@ class DataSpec:
     max_val_examples: int | None = None
     full_lengths: bool = False
     held_out_only: bool = False
+    drop_val_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.train_units not in UNITS:
@@ -465,16 +469,16 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
     import datasets
 
     parsed = [read_source(s) for s in spec.sources]
+    held_out, notes = read_source(spec.val_source) if spec.val_source is not None else None, []
     if spec.held_out_only:  # no shuffle: the order of the sources is kept
         train = Split()
         val = Split([e for p in parsed for e in p.examples], [pair for p in parsed for pair in p.pairs])
-    else:
-        train, val = split_by_prompt(parsed, 0.0 if spec.val_source else spec.val_fraction, spec.seed)
+    else:  # duplicates dropped, split by first user turn, val_source's overlap refused (meet_lightning.heldout)
+        parsed, held_out, train, val, notes = held_out_split(parsed, held_out, spec.val_fraction, spec.seed, spec.drop_val_overlap)
     lines = [source_line(p) for p in parsed]
-    if spec.val_source is not None:
-        held_out = read_source(spec.val_source)
-        val = Split(list(held_out.examples), list(held_out.pairs))
+    if held_out is not None:
         lines.append(source_line(held_out).replace("data: ", "data: validation ", 1))
+    lines += notes
     schema = data_schema(parsed)
     (train_kind, train_units), (val_kind, val_units) = select_units(spec, train, val)
     del parsed, train, val  # the units hold what is still needed
