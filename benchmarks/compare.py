@@ -32,8 +32,10 @@ word counts uses bf16 autocast where the CPU computes bf16 natively — ``meet_l
   ``control_accuracy`` (arms with controls), ``dpo_reward_accuracy`` (DPO);
 - AlpacaEval held-out prompts: words under ``verbose`` ÷ words under ``concise`` (arms with controls), greedy.
 
-Every number has a bootstrap 95 % interval; each arm is compared with MEET (prompt) on the same pairs or
-prompts, and a method "wins" only where the interval of the paired difference excludes 0 ("tie" otherwise).
+Every number has a 95 % interval (Wilson for accuracies, bootstrap for ratios, means and paired differences),
+none below 20 items (``n/a``); each arm is compared with MEET (prompt) on the same pairs or prompts, and a method
+"wins" only where the interval of the paired difference excludes 0 ("tie" otherwise, "n/a (n < 20)" on fewer
+than 20 items: no verdict).
 Re-running the same command resumes: finished runs and scored arms are read back, not redone. On a fresh clone,
 ``--restore benchmarks/results/<task>/compare.json`` (with that report's ``--out``) puts its runs and scores back
 first: only the arms and rows it lacks (``--equal-seconds``, more ``--arms``) are trained.
@@ -46,9 +48,11 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,11 +62,16 @@ import numpy as np
 import yaml
 
 from meet_lightning.stats import (
+    MIN_ITEMS,
     bootstrap_interval,
     bootstrap_median_ratio,
+    enough_items,
+    length_ratio,
     mean_interval,
     median_ratio,
+    proportion_interval,
     repeated_4gram_share,
+    undefined_ratios,
     word_ratios,
     words,
 )
@@ -482,8 +491,9 @@ def statistic(scores: dict[str, Any], metric: str) -> Callable[[np.ndarray], np.
         if not scores["length"]:
             return None
         concise, verbose = np.array(scores["length"]["concise"]), np.array(scores["length"]["verbose"])
-        # An all-empty concise side has no ratio (nan), rather than a misleading 0 or inf.
-        return lambda idx: verbose[idx].mean(-1) / np.where(concise[idx].mean(-1) > 0, concise[idx].mean(-1), np.nan)
+        # An all-empty concise side has no ratio (NaN): the library's one rule (stats.length_ratio), not a copy.
+        ratio = np.vectorize(length_ratio, otypes=[float])
+        return lambda idx: ratio(verbose[idx].mean(-1), concise[idx].mean(-1))
     if metric not in scores["pairs"]:
         return None
     values = np.array(scores["pairs"][metric])
@@ -502,14 +512,36 @@ def bootstrap(stat: Callable[[np.ndarray], np.ndarray], n: int, samples: int = 2
     return float(stat(np.arange(n)[None])[0]), lo, hi
 
 
-def summarize(scores: dict[str, Any]) -> dict[str, list[float]]:
-    """``{metric: [value, lo, hi]}`` for the metrics the model has."""
+def cell(value: float, interval: tuple[float, float] | None) -> list[float | None]:
+    """``[value, lo, hi]``; ``[value, None, None]`` where there is no interval (fewer than ``MIN_ITEMS`` items)."""
+    return [float(value), *(interval or (None, None))]
+
+
+def summarize(scores: dict[str, Any]) -> dict[str, list[float | None]]:
+    """``{metric: [value, lo, hi]}`` for the metrics the model has: Wilson intervals for accuracies (a share of
+    pairs), bootstrap for the NLL and the length ratio, none below ``MIN_ITEMS`` items."""
     out = {}
     for metric in METRICS:
         stat = statistic(scores, metric)
-        if stat is not None:
-            out[metric] = list(bootstrap(stat, item_count(scores, metric)))
+        if stat is None:
+            continue
+        n = item_count(scores, metric)
+        if metric.endswith("_accuracy"):
+            out[metric] = cell(float(stat(np.arange(n)[None])[0]), proportion_interval(scores["pairs"][metric]))
+        else:
+            value, lo, hi = bootstrap(stat, n) if enough_items(n) else (float(stat(np.arange(n)[None])[0]), None, None)
+            out[metric] = cell(value, None if lo is None else (lo, hi))
     return out
+
+
+def paired_difference(difference: Callable[[np.ndarray], np.ndarray], n: int, higher_is_better: bool) -> dict[str, Any]:
+    """``difference`` (reference minus other, per resample of the same ``n`` items) with its bootstrap interval
+    and the verdict for the reference: none below ``MIN_ITEMS`` items, where any interval is too unstable to
+    decide (on 8 pairs all won, the bootstrap says ``[1, 1]``)."""
+    if not enough_items(n):
+        value = float(difference(np.arange(n)[None])[0]) if n else float("nan")
+        return {"difference": value, "ci95": None, "verdict": f"n/a (n < {MIN_ITEMS})"}
+    return verdict(bootstrap(difference, n), higher_is_better)
 
 
 def paired(reference: dict[str, Any], other: dict[str, Any], metric: str) -> dict[str, Any] | None:
@@ -517,21 +549,31 @@ def paired(reference: dict[str, Any], other: dict[str, Any], metric: str) -> dic
     a, b = statistic(reference, metric), statistic(other, metric)
     if a is None or b is None:
         return None
-    diff, lo, hi = bootstrap(lambda idx: a(idx) - b(idx), item_count(reference, metric))
-    better = METRICS[metric]
-    verdict = (
-        "n/a"
-        if not np.isfinite([diff, lo, hi]).all()
-        else "tie"
-        if lo <= 0 <= hi
-        else ("wins" if (lo > 0) == better else "loses")
-    )
-    return {"difference": diff, "ci95": [lo, hi], "verdict": verdict}
+    return paired_difference(lambda idx: a(idx) - b(idx), item_count(reference, metric), METRICS[metric])
 
 
 # ------------------------------------------------------------------------------------------------ report
-def fmt(cell: list[float] | None, digits: int = 3) -> str:
-    return "n/a" if cell is None else f"{cell[0]:.{digits}f} [{cell[1]:.{digits}f}, {cell[2]:.{digits}f}]"
+def fmt(cell: list[float | None] | None, digits: int = 3) -> str:
+    if cell is None:
+        return "n/a"
+    if cell[1] is None:
+        return f"{cell[0]:.{digits}f} [n/a, n < {MIN_ITEMS}]"
+    return f"{cell[0]:.{digits}f} [{cell[1]:.{digits}f}, {cell[2]:.{digits}f}]"
+
+
+def fmt_difference(d: dict[str, Any] | None, who: str, digits: int = 3) -> str:
+    """A paired difference, its interval and the verdict for ``who``: ``+0.120 [+0.050, +0.190] MEET wins``."""
+    if d is None:
+        return "n/a"
+    if d["ci95"] is None:
+        return f"{d['difference']:+.{digits}f} [n/a] {who} {d['verdict']}"
+    lo, hi = d["ci95"]
+    return f"{d['difference']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {who} {d['verdict']}"
+
+
+def error_bars(cells: Sequence[Sequence[float | None]]) -> np.ndarray:
+    """``(2, n)`` distances below and above each ``[value, lo, hi]`` cell; 0 where it has no interval."""
+    return np.array([[0.0, 0.0] if c[1] is None else [c[0] - c[1], c[2] - c[0]] for c in cells]).reshape(-1, 2).T
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -558,12 +600,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         if name == REFERENCE:
             continue
-        cells = []
-        for metric in METRICS:
-            d = r["vs_reference"].get(metric)
-            cells.append(
-                "n/a" if d is None else f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] MEET {d['verdict']}"
-            )
+        cells = [fmt_difference(r["vs_reference"].get(metric), "MEET") for metric in METRICS]
         lines.append("| " + " | ".join([r["label"], *cells]) + " |")
     return "\n".join(lines)
 
@@ -585,7 +622,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         cells = [r["metrics"].get(metric) for r in results.values()]
         y = [i for i, c in enumerate(cells) if c]
         value = np.array([cells[i][0] for i in y])
-        err = np.array([[value[j] - cells[i][1], cells[i][2] - value[j]] for j, i in enumerate(y)]).T
+        err = error_bars([cells[i] for i in y])
         ax.barh(y, value, xerr=err if len(y) else None, color="tab:blue", alpha=0.8)
         ax.axvline(1.0 if metric == "length_ratio" else 0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(metric)
@@ -678,20 +715,20 @@ def length_metrics(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
     out: dict[str, Any] = {}
     if "verbose" in scores:
         verbose, concise = scores["verbose"], scores["concise"]
-        out["ratio"] = [median_ratio(verbose, concise), *bootstrap_median_ratio(verbose, concise)]
+        out["ratio"] = cell(median_ratio(verbose, concise), bootstrap_median_ratio(verbose, concise))
+        out["ratio_undefined"] = undefined_ratios(verbose, concise)  # empty concise answers, left out of the ratio
         out["repeated_4grams"] = repeated_4gram_share(verbose)
         out["counted"] = out["repeated_4grams"] <= LOOP_SHARE
         out["median_words"] = [float(np.median([words(t) for t in concise])), float(np.median([words(t) for t in verbose]))]
     if "default" in scores and scores is not base:  # DPO: how much longer than the base it answers
-        out["length_vs_base"] = [
-            median_ratio(scores["default"], base["default"]),
-            *bootstrap_median_ratio(scores["default"], base["default"]),
-        ]
+        out["length_vs_base"] = cell(
+            median_ratio(scores["default"], base["default"]), bootstrap_median_ratio(scores["default"], base["default"])
+        )
         out["repeated_4grams"] = repeated_4gram_share(scores["default"])
     for metric in ("control_accuracy", "dpo_reward_accuracy"):
         values = (scores.get("pairs") or {}).get(metric)
         if values:
-            out[metric] = [float(np.mean(values)), *mean_interval(values)]
+            out[metric] = cell(float(np.mean(values)), proportion_interval(values))
     return out
 
 
@@ -699,18 +736,22 @@ def length_paired(reference: dict[str, Any], other: dict[str, Any]) -> dict[str,
     """MEET (prompt) minus ``other`` on the same prompts (median ratio) and pairs (control accuracy)."""
     out = {}
     if "verbose" in other and "verbose" in reference:
-        a = np.array(word_ratios(reference["verbose"], reference["concise"]))
+        a = np.array(word_ratios(reference["verbose"], reference["concise"]))  # NaN: an empty concise answer
         b = np.array(word_ratios(other["verbose"], other["concise"]))
-        out["ratio"] = verdict(bootstrap(lambda idx: np.median(a[idx], -1) - np.median(b[idx], -1), len(a)), True)
+        with warnings.catch_warnings():  # a resample of empty concise answers only: its median is NaN, left out
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out["ratio"] = paired_difference(lambda idx: np.nanmedian(a[idx], -1) - np.nanmedian(b[idx], -1), len(a), True)
     if "pairs" in other and "control_accuracy" in other["pairs"]:
         a, b = np.array(reference["pairs"]["control_accuracy"]), np.array(other["pairs"]["control_accuracy"])
-        out["control_accuracy"] = verdict(bootstrap(lambda idx: a[idx].mean(-1) - b[idx].mean(-1), len(a)), True)
+        out["control_accuracy"] = paired_difference(lambda idx: a[idx].mean(-1) - b[idx].mean(-1), len(a), True)
     return out
 
 
 def verdict(stat: tuple[float, float, float], higher_is_better: bool) -> dict[str, Any]:
-    """A paired difference with its interval and what it says about MEET (prompt)."""
+    """A paired difference with its interval and what it says about MEET (prompt); ``n/a`` where it is undefined."""
     diff, lo, hi = stat
+    if not np.isfinite([diff, lo, hi]).all():
+        return {"difference": diff, "ci95": [lo, hi], "verdict": "n/a"}
     word = "tie" if lo <= 0 <= hi else "wins" if (lo > 0) == higher_is_better else "loses"
     return {"difference": diff, "ci95": [lo, hi], "verdict": word}
 
@@ -732,10 +773,7 @@ LENGTH_HEAD = ("steps | train s | verbose/concise median words [95 % CI] | media
 
 def difference_cells(r: dict[str, Any], who: str) -> list[str]:
     """The paired differences (median ratio, control accuracy) of a row against its reference, named ``who``."""
-    return [
-        f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {who} {d['verdict']}" if d else "n/a"
-        for d in (r["vs_reference"].get("ratio"), r["vs_reference"].get("control_accuracy"))
-    ]
+    return [fmt_difference(d, who, 2) for d in (r["vs_reference"].get("ratio"), r["vs_reference"].get("control_accuracy"))]
 
 
 def length_table(results: dict[str, dict[str, Any]]) -> str:
@@ -790,9 +828,8 @@ def length_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     rows = [(r["label"], r["metrics"]) for r in results.values() if "ratio" in r["metrics"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.5), sharey=True)
     y = np.arange(len(rows))
-    ratio = np.array([m["ratio"] for _, m in rows])
     colors = ["tab:blue" if m["counted"] else "tab:grey" for _, m in rows]
-    left.barh(y, ratio[:, 0], xerr=[ratio[:, 0] - ratio[:, 1], ratio[:, 2] - ratio[:, 0]], color=colors)
+    left.barh(y, [m["ratio"][0] for _, m in rows], xerr=error_bars([m["ratio"] for _, m in rows]), color=colors)
     left.axvline(1.0, color="black", lw=0.8, ls="--")
     left.set_title("verbose / concise median words (95 % CI)")
     right.barh(y, [100 * m["repeated_4grams"] for _, m in rows], color=colors)
@@ -885,8 +922,8 @@ def compose_effects(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
         keep = np.isfinite(diag) & np.isfinite(off)  # same prompts in both cells and in their ratio
         diag, off = diag[keep], off[keep]
         for toggled, values in ((diagonal, diag), (off_diagonal, off)):
-            cell = [float(values.mean()), *mean_interval(values.tolist())] if len(values) else [float("nan")] * 3
-            matrix[toggled][measure] = [float(np.exp(c)) for c in cell] if measure == "words" else cell
+            mean = cell(values.mean(), mean_interval(values.tolist())) if len(values) else [float("nan")] * 3
+            matrix[toggled][measure] = [None if c is None else float(np.exp(c)) for c in mean] if measure == "words" else mean
             matrix[toggled][f"{measure}_prompts"] = len(values)
         matrix["leak"][measure] = leak(off, diag)
     return matrix
@@ -900,7 +937,9 @@ def leak(off_diagonal: np.ndarray, diagonal: np.ndarray) -> list[float]:
         diagonal_effect = np.abs(diagonal[idx].mean(-1))
         return np.abs(off_diagonal[idx].mean(-1)) / np.where(diagonal_effect > 0, diagonal_effect, np.nan)
 
-    return list(bootstrap(share, len(diagonal), samples=1000)) if len(diagonal) else [float("nan")] * 3
+    if not enough_items(len(diagonal)):
+        return cell(share(np.arange(len(diagonal))[None])[0], None) if len(diagonal) else [float("nan")] * 3
+    return list(bootstrap(share, len(diagonal), samples=1000))
 
 
 def compose_table(results: dict[str, dict[str, Any]], judge: dict[str, Any]) -> str:
@@ -938,8 +977,8 @@ def compose_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     rows = [(f"{r['label']}: {t}", r["effects"][t]) for r in results.values() for t in TOGGLES]
     y = np.arange(len(rows))
     for ax, measure, line in zip(axes, ("words", "margin"), (1.0, 0.0), strict=True):
-        cells = np.array([cell[measure] for _, cell in rows])
-        ax.barh(y, cells[:, 0] - line, left=line, xerr=[cells[:, 0] - cells[:, 1], cells[:, 2] - cells[:, 0]], color="tab:blue")
+        cells = [effect[measure] for _, effect in rows]
+        ax.barh(y, [c[0] - line for c in cells], left=line, xerr=error_bars(cells), color="tab:blue")
         ax.axvline(line, color="black", lw=0.8, ls="--")
         ax.set_title("words on ÷ off" if measure == "words" else "judge harmlessness margin per token, on − off")
     axes[0].set_yticks(y, [label for label, _ in rows])
@@ -957,7 +996,7 @@ def run_compose(s: Settings, data: dict[str, Path], results: dict[str, dict[str,
     judge = load_for_evaluation(judge_run["export"], dtype="float32")
     pairs = heldout_pairs(data["hh_eval"], judge.tokenizer, s)
     values, _ = score_pairs(judge, pairs, s.max_length, s.batch_size)
-    quality = {"control_accuracy": [float(np.mean(values["control_accuracy"])), *mean_interval(values["control_accuracy"])],
+    quality = {"control_accuracy": cell(np.mean(values["control_accuracy"]), proportion_interval(values["control_accuracy"])),
                "pairs": len(pairs), "run": judge_run}  # fmt: skip
     prompts = [list(p.prompt) for p in pairs]
     del results[BASE]  # no controls to toggle
@@ -976,9 +1015,9 @@ def run(s: Settings) -> dict[str, Any]:
         sys.exit(f"--arms: unknown {', '.join(unknown)} — choose from {', '.join(ARMS)}")
     if REFERENCE not in s.arms:
         s.arms = [REFERENCE, *s.arms]  # every comparison is against MEET (prompt)
-    s.out.mkdir(parents=True, exist_ok=True)
-    if s.restore:
+    if s.restore:  # before --out is made: a refused report leaves nothing behind
         restore(s, s.restore)
+    s.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(s)
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {BASE: {"label": "untrained base", "export": s.model, "run": None}}
@@ -1009,17 +1048,49 @@ def run(s: Settings) -> dict[str, Any]:
 def restore(s: Settings, report: Path) -> None:
     """Writes an earlier report's run records and scores back under ``s.out`` where they are missing, so that this
     command reads them back instead of training and scoring again: a fresh clone has no ``runs/``, but a committed
-    ``compare.json`` holds every record. Records made with other settings are refused when read back."""
-    earlier = json.loads(report.read_text())
-    if Path(earlier["settings"]["out"]) != s.out:
-        sys.exit(f"--restore {report}: its runs were made with --out {earlier['settings']['out']} — pass that --out")
-    records = {Path(t["export"]).parent / "compare_run.json": t for r in earlier["results"].values() if r["run"]
-               for t in r["run"]["tuning"]}  # fmt: skip
-    records.update({s.out / "scores" / f"{name}.json": r["scores"] for name, r in earlier["results"].items()})
+    ``compare.json`` holds every record. Records made with other settings are refused when read back.
+
+    A report is data, perhaps from someone else: every name in it must be plain and every path it leads to must
+    resolve to ``out/runs/<run>/compare_run.json`` or ``out/scores/<arm>.json``; anything else is refused in one
+    line before anything is written."""
+    try:
+        earlier = json.loads(report.read_text())
+        if Path(earlier["settings"]["out"]) != s.out:
+            sys.exit(f"--restore {report}: its runs were made with --out {earlier['settings']['out']} — pass that --out")
+        records = {restore_target(s, report, "runs", Path(t["export"]).parent, t["arm"], "compare_run.json"): t
+                   for r in earlier["results"].values() if r["run"] for t in r["run"]["tuning"]}  # fmt: skip
+        for name, r in earlier["results"].items():
+            records[restore_target(s, report, "scores", s.out / "scores", name, f"{name}.json")] = r["scores"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        sys.exit(
+            f"--restore {report}: not a compare.json report ({type(error).__name__}: {error}) — pass a report compare.py wrote"
+        )
     for path, record in records.items():
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=1))
+
+
+RESTORED_NAME = re.compile(r"[A-Za-z0-9_]+(?:[-.@][A-Za-z0-9_]+)*\Z")
+"""An arm, row or run name a restored report may hold: ``coh``, ``coh@seconds``, ``meet_prompt@T0.7``,
+``coh-lr0.333-steps49``; never ``..``, a leading dot or a folder separator."""
+
+
+def restore_target(s: Settings, report: Path, kind: str, folder: Path, name: Any, file: str) -> Path:
+    """``folder / file``, checked to be ``s.out / kind / <one plain name> / …`` once resolved (links followed);
+    exits naming the report and the offending name otherwise."""
+    names = [name, folder.name] if kind == "runs" else [name]
+    bad = next((n for n in names if not isinstance(n, str) or not RESTORED_NAME.match(n)), None)
+    if bad is not None:
+        sys.exit(f"--restore {report}: {kind} name {bad!r} is not a plain name (letters, digits, '_', and '-', '.', '@' between"
+                 " them) — nothing restored; use the report compare.py wrote")  # fmt: skip
+    path = folder / file
+    root = s.out.resolve() / kind  # a linked runs/ or scores/ folder leads out of --out: refused
+    expected = root / folder.name if kind == "runs" else root
+    if path.resolve().parent != expected:
+        sys.exit(f"--restore {report}: {path} is not inside {s.out / kind} — nothing restored; use the report compare.py wrote"
+                 " with this --out")  # fmt: skip
+    return path
 
 
 def write_report(

@@ -81,7 +81,7 @@ def report(recipe: dict[str, Any], log=print) -> float:
     for prompt, short, long in list(zip(prompts, concise, verbose, strict=True))[:3]:
         log(f"\n### {prompt}\n[concise, {words(short)} words] {short}\n[verbose, {words(long)} words] {long}")
     ratio = median_ratio(verbose, concise)
-    low, high = bootstrap_median_ratio(verbose, concise)
+    interval = bootstrap_median_ratio(verbose, concise)  # None with fewer than 20 defined ratios
     log(f"\ngeneration: 2 arms × 2 sides × {len(prompts)} held-out prompts, {DECODING} — {seconds:.0f} s")
     log(
         f"median words, trained: concise {statistics.median(map(words, concise))}, verbose {statistics.median(map(words, verbose))}"
@@ -93,7 +93,8 @@ def report(recipe: dict[str, Any], log=print) -> float:
         f"repeated 4-grams in verbose answers: trained {100 * repeated_4gram_share(verbose):.1f} % (target ≤ 10 %),"
         f" system prompt {100 * repeated_4gram_share(asked_verbose):.1f} %"
     )
-    log(f"trained ratio 95 % bootstrap interval: [{low:.2f}, {high:.2f}]")
+    shown = f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "n/a (fewer than 20 prompts with a ratio)"
+    log(f"trained ratio 95 % bootstrap interval: {shown}")
     log(f"verbose/concise median word ratio: {ratio:.2f}")
     return ratio
 

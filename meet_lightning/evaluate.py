@@ -12,10 +12,11 @@ Every metric is named by its scorer and never mixed with another:
   controls. Per-token, so lengths do not decide: ``chosen_nll`` is the mean over chosen responses of each
   response's mean token NLL (:func:`~meet_lightning.losses.response_nll`), as ``val/chosen_nll`` is.
 
-Each comes with a bootstrap 95 % interval and its pair count. Generation-based metrics: the control-fidelity
-matrix (rows: controls, columns: attribute functions such as word count or a reward model) with a KL estimate
-to the base model per control, ``reward_model_score`` of generations under a Hugging Face sequence-classification
-reward model, and ``win_rate`` against reference responses under a pluggable judge.
+Each comes with its pair count and a 95 % interval: Wilson for accuracies and the win rate, bootstrap for
+means, ``None`` below 20 pairs (too few for any interval to mean something). Generation-based metrics: the
+control-fidelity matrix (rows: controls, columns: attribute functions such as word count or a reward model) with
+a KL estimate to the base model per control, ``reward_model_score`` of generations under a Hugging Face
+sequence-classification reward model, and ``win_rate`` against reference responses under a pluggable judge.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from meet_lightning.generation import generate_responses, resolve_controls
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import resolve_dtype
-from meet_lightning.stats import mean_interval, words
+from meet_lightning.stats import mean_interval, proportion_interval, words
 from meet_lightning.tokenization import PromptTokenizer, TokenizedRow, collate_pairs, collate_rows
 from meet_lightning.tokenized_cache import DataSpec, TokenizedData, prepare_tokenized
 
@@ -68,10 +69,20 @@ DEFAULT_ATTRIBUTES: dict[str, Attribute] = {"words": word_count}
 
 
 # --------------------------------------------------------------------------------------------- statistics
+def is_proportion(name: str) -> bool:
+    """Whether metric ``name`` is a share of items (each 0, 0.5 or 1): accuracies and the win rate."""
+    return name.endswith("_accuracy") or name == "win_rate"
+
+
 def summarize(name: str, values: Sequence[float], count: str = "pairs") -> dict[str, Any]:
-    """``{name: mean, name_ci95: [lo, hi], name_<count>: n}``."""
+    """``{name: mean, name_ci95: [lo, hi] or None, name_<count>: n}``.
+
+    Proportions get a Wilson interval, other means a bootstrap one; below
+    :data:`~meet_lightning.stats.MIN_ITEMS` items the interval is ``None`` (too few to say anything).
+    """
     mean = sum(values) / len(values) if values else float("nan")
-    return {name: mean, f"{name}_ci95": list(mean_interval(values)), f"{name}_{count}": len(values)}
+    interval = proportion_interval(values) if is_proportion(name) else mean_interval(values)
+    return {name: mean, f"{name}_ci95": list(interval) if interval else None, f"{name}_{count}": len(values)}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -574,7 +585,8 @@ def control_fidelity(
         result["samples"][control] = responses
         result["values"][control] = values
         result["matrix"][control] = {name: sum(v) / len(v) if v else float("nan") for name, v in values.items()}
-        result["matrix_ci95"][control] = {name: list(mean_interval(v)) for name, v in values.items()}
+        intervals = {name: mean_interval(v) for name, v in values.items()}  # None below MIN_ITEMS prompts
+        result["matrix_ci95"][control] = {name: list(i) if i else None for name, i in intervals.items()}
         if base is not None:
             result["kl_to_base"][control] = kl_to_base(model, base, prompts, responses, control, batch_size=batch_size)
     return result

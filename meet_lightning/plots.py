@@ -57,7 +57,8 @@ def _fidelity_bars(plt: Any, fidelity: Mapping[str, Any], path: Path) -> Path:
     figure, axes = plt.subplots(1, len(attributes), figsize=(1.5 + 1.2 * len(controls) * len(attributes), 3.5), squeeze=False)
     for axis, attribute in zip(axes[0], attributes, strict=True):
         means = [fidelity["matrix"][c][attribute] for c in controls]
-        intervals = [fidelity["matrix_ci95"][c][attribute] for c in controls]
+        # no interval below 20 prompts (None): a bar without error bar
+        intervals = [fidelity["matrix_ci95"][c][attribute] or (m, m) for c, m in zip(controls, means, strict=True)]
         errors = [
             [m - lo for m, (lo, _) in zip(means, intervals, strict=True)],
             [hi - m for m, (_, hi) in zip(means, intervals, strict=True)],

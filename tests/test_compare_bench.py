@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_every_arm_trains_the_same_budget_and_is_scored_on_the_same_pairs(report
     assert "control_accuracy" in has["coh"] and "dpo_reward_accuracy" in has["dpo"] and "control_accuracy" not in has["dpo"]
     assert all(len(r["scores"]["length"]["verbose"]) == 3 for n, r in results.items() if n in ("meet_prompt", "coh"))
     for cell in results["meet_prompt"]["metrics"].values():
-        assert cell[1] <= cell[0] <= cell[2] or cell[0] != cell[0]  # value inside its interval (or nan)
+        assert cell[1] is None and cell[2] is None  # 6 pairs, 3 prompts: fewer than 20 items, no interval
     for name in ("compare.json", "compare.md", "compare.png"):
         assert (out / name).stat().st_size > 0
     assert "| DPO |" in (out / "compare.md").read_text()
@@ -85,6 +86,55 @@ def test_restore_puts_a_committed_reports_runs_back_so_a_fresh_clone_trains_only
     assert (out / "compare.md").read_text() == table  # every number read back (json.loads keeps NaN; == would not)
 
 
+def crafted_report(path: Path, out: Path, names: dict[str, str]) -> Path:
+    """A compare.json for ``--out out``: per arm name its run's export folder (``out/runs/<run>/export`` when
+    compare.py wrote it)."""
+    results = {
+        name: {"run": {"tuning": [{"arm": "meet_prompt", "export": str(export)}]}, "scores": {"settings": []}}
+        for name, export in names.items()
+    }
+    path.write_text(json.dumps({"settings": {"out": str(out)}, "results": results}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, export",
+    [
+        ("meet_prompt", "{out}/runs/../../escaped/export"),  # the run record's folder climbs out
+        ("meet_prompt", "{tmp}/escaped/export"),  # or is elsewhere altogether
+        ("../../escaped", "{out}/runs/meet_prompt-lr1/export"),  # a row name becomes scores/../../escaped.json
+        ("meet_prompt", "{out}/runs/linked/export"),  # a run folder that links out
+    ],
+)
+def test_restore_refuses_a_report_leading_outside_out_and_writes_nothing(tmp_path, name, export):
+    """Issue 31 row 4: a crafted report created files outside --out."""
+    out = tmp_path / "out"
+    (tmp_path / "escaped").mkdir()
+    if "linked" in export:
+        (out / "runs").mkdir(parents=True)
+        (out / "runs" / "linked").symlink_to(tmp_path / "escaped", target_is_directory=True)
+    report = crafted_report(tmp_path / "compare.json", out, {name: export.format(out=out, tmp=tmp_path)})
+    with pytest.raises(SystemExit, match=r"^--restore .*(not a plain name|is not inside).*nothing restored") as refused:
+        compare.run(settings(out, restore=report))
+    assert "\n" not in str(refused.value.code)
+    assert list((tmp_path / "escaped").iterdir()) == []
+    assert not (out / "scores").exists() and not list(out.rglob("compare_run.json"))
+
+
+def test_restore_accepts_the_names_compare_writes_and_refuses_a_broken_report(tmp_path):
+    out = tmp_path / "out"
+    names = {
+        "coh@seconds": out / "runs" / "coh-lr0.333-steps49" / "export",
+        "meet_prompt@T0.7": out / "runs" / "x-lr1" / "export",
+    }
+    compare.restore(settings(out), crafted_report(tmp_path / "compare.json", out, names))
+    assert (out / "scores" / "coh@seconds.json").is_file() and (out / "scores" / "meet_prompt@T0.7.json").is_file()
+    assert (out / "runs" / "coh-lr0.333-steps49" / "compare_run.json").is_file()
+    (tmp_path / "broken.json").write_text(json.dumps({"settings": {"out": str(out)}, "results": [1]}))
+    with pytest.raises(SystemExit, match="not a compare.json report"):
+        compare.restore(settings(out), tmp_path / "broken.json")
+
+
 def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
     def scores(accuracy, nll):
         return {"pairs": {"logp_accuracy": accuracy, "chosen_nll": nll}, "length": None}
@@ -110,7 +160,7 @@ def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shar
     assert {"ratio", "repeated_4grams", "counted", "control_accuracy", "median_words"} <= set(meet)
     assert len(results["meet_prompt"]["scores"]["verbose"]) == 4 and "ratio" in base  # the system-prompt arm
     assert {"length_vs_base", "dpo_reward_accuracy"} <= set(dpo) and "ratio" not in dpo
-    assert meet["ratio"][1] <= meet["ratio"][0] <= meet["ratio"][2]
+    assert meet["ratio"][1] is None  # 4 prompts: no interval
     assert results["dpo"]["vs_reference"] == {} and "ratio" in results["base"]["vs_reference"]
     table = (tmp_path / "compare.md").read_text()
     assert table.startswith("task length:") and "| DPO |" in table and "MEET" in table.split("Paired differences")[1]

@@ -12,8 +12,9 @@ from meet_lightning.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_median_ratio_uses_at_least_one_word_for_empty_answers():
-    assert stats.median_ratio(["a b c d", "a b", "x"], ["a", "", "a b"]) == 2.0
+def test_median_ratio_leaves_out_empty_concise_answers():
+    # an empty concise answer has no ratio (it was counted as 2 words ÷ 1); the median is of 4 and 0.5
+    assert stats.median_ratio(["a b c d", "a b", "x"], ["a", "", "a b"]) == 2.25
 
 
 def test_repeated_4gram_share_flags_loops():
