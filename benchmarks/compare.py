@@ -44,7 +44,9 @@ first: only the arms and rows it lacks (``--equal-seconds``, more ``--arms``) ar
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -60,6 +62,14 @@ from typing import Any
 
 import numpy as np
 import yaml
+from length_measures import (
+    answer_nll,
+    arm_summary,
+    ceiling_ratio,
+    new_token_counts,
+    paired_across_seeds,
+    seeds_table,
+)
 
 from meet_lightning.stats import (
     MIN_ITEMS,
@@ -128,6 +138,19 @@ ARMS: dict[str, Arm] = {
     "dpo": Arm("configs/baselines/dpo.yaml", "DPO"),
 }
 PROMPT_RECIPE, LORA_RECIPE = "configs/meet_hh_prompt.yaml", "configs/meet_hh_lora.yaml"
+FAST_CONTROLS = ("--stage1.model.init_args.control_lr", "3.0e-2")  # MEET's stage-1 control learning rate
+STUDY_ARMS: dict[str, Arm] = {
+    # B: the two-stage idea is only shown if MEET beats one joint stage from the same init at the same control rate
+    "one_stage_joint": Arm(
+        "configs/ablations/stage2_only_text_init.yaml",
+        "one stage, controls and LM jointly (control lr 3e-2)",
+        overrides=FAST_CONTROLS,
+    ),
+    # D: the special token at the control learning rate, not at the LM-like 1e-3 of its recipe
+    "special_token_fast": Arm("configs/baselines/special_token.yaml", "special token (control lr 3e-2)", overrides=FAST_CONTROLS),
+}
+"""The length study's decisive arms beside MEET (A), CoH (C) and the base asked by system prompt (E)."""
+ARMS.update(STUDY_ARMS)
 
 
 def _meet(recipe: str, label: str, *overrides: str) -> Arm:
@@ -193,7 +216,8 @@ class Settings:
     max_val_examples: int = 32
     threads: int = 2
     overlay: str | None = None
-    arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a not in ABLATION_ARMS and a != JUDGE])
+    arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a not in {**ABLATION_ARMS, **STUDY_ARMS} and a != JUDGE])
+    seeds: int = 1
     task: str = "mixed"
     temperatures: list[float] = field(default_factory=list)
     equal_seconds: bool = False
@@ -205,20 +229,26 @@ TASKS: dict[str, dict[str, Any]] = {
     "mixed": {},
     # AlpacaEval concise/verbose only: does each arm learn to answer shortly or at length on request?
     "length": {
-        "arms": ["meet_prompt", "meet_lora", "coh", "special_token", "stage2_only_text_init", "stage1_only", "dpo"],
+        # A MEET (prompt), B one joint stage, C CoH, D special token at the control rate; E (the base) is always scored
+        "arms": ["meet_prompt", "one_stage_joint", "coh", "special_token_fast"],
         "length_prompts": 100,
         "max_length": 512,
-        "max_new_tokens": 160,
-        "steps": 60,
+        # 160 tokens cut 43-48 % of every arm's verbose answers (the data's own ratio fell to ~1.9 under that cap)
+        "max_new_tokens": 512,
+        "steps": 200,
+        "seeds": 3,
         # Sampled: greedy decoding (repetition penalty 1.2 or 1.3) looped on these prompts whatever the training —
         # 23-24 % of the untrained base's 4-grams repeated, 2.8 % in the reference answers; this kept both under 10 %
         # (pilot, README).
         "decoding": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
     },
 }
-TASKS["ablate"] = {  # the length task's data, budget and decoding; MEET's settings varied one at a time
+TASKS["ablate"] = {  # the length task's data and decoding; MEET's settings varied one at a time
     **TASKS["length"],
     "arms": [REFERENCE, "meet_lora", *ABLATION_ARMS],
+    "max_new_tokens": 160,  # the budget its committed report (2026-12-04/05) was made with
+    "steps": 60,
+    "seeds": 1,
     "temperatures": [0.0, 1.0],  # and the task's own 0.7: the reference's export decoded three ways
 }
 TASKS["compose"] = {  # one model, both preferences (HH harmless + AlpacaEval length): do the controls stay apart?
@@ -335,12 +365,12 @@ def lr_overrides(arm: Arm, recipe: dict[str, Any], multiplier: float) -> list[st
     args = []
     for stage in arm.stages:
         init_args = recipe[stage]["model"].get("init_args", {})
-        args += [
-            a
-            for key in ("lr", "control_lr")
-            if key in init_args
-            for a in (f"--{stage}.model.init_args.{key}", f"{init_args[key] * multiplier:.3g}")
-        ]
+        own = dict(zip(arm.overrides[::2], arm.overrides[1::2], strict=False))  # an arm's own rate wins over the recipe's
+        for key in ("lr", "control_lr"):
+            flag = f"--{stage}.model.init_args.{key}"
+            value = float(own[flag]) if flag in own else init_args.get(key)
+            if value is not None:
+                args += [flag, f"{value * multiplier:.3g}"]
     return args
 
 
@@ -368,11 +398,16 @@ def fit_command(
 def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, steps: int | None = None) -> dict[str, Any]:
     """Trains one (arm, learning rate[, step budget]) run in a subprocess, or reads it back when it finished earlier."""
     arm = ARMS[name]
-    out = s.out / "runs" / (f"{name}-lr{multiplier:.3g}" + (f"-steps{steps}" if steps else ""))
+    seed_tag = f"-seed{s.seed}" if s.seeds > 1 else ""
+    out = s.out / "runs" / (f"{name}-lr{multiplier:.3g}" + (f"-steps{steps}" if steps else "") + seed_tag)
     record = out / "compare_run.json"
     command = fit_command(name, s, data, multiplier, out, steps)
+    recipes = recipe_digest(arm, s)
     if record.is_file():
-        return read_back(record, "command", command[1:])
+        back = read_back(record, "command", command[1:])
+        if back.get("recipe_sha256") != recipes:  # same command line, edited YAML: a stale run must not be read back
+            sys.exit(f"{record}: trained from other contents of {arm.recipe} — pass a new --out, or delete {out}")
+        return back
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(f"  fit {arm.label} (lr × {multiplier:.3g}) → {out}", flush=True)
@@ -398,10 +433,19 @@ def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, st
         "resumed": resumed,
         "val_loss": done[-1]["val/loss"],
         "command": command[1:],
+        "recipe_sha256": recipes,
     }
     result["tokens_per_s"] = result["train_tokens"] / result["train_seconds"]
     record.write_text(json.dumps(result, indent=2))
     return result
+
+
+def recipe_digest(arm: Arm, s: Settings) -> str:
+    """SHA-256 of the arm's recipe file and the overlay: a record is read back only for the recipes it was made with."""
+    digest = hashlib.sha256((ROOT / arm.recipe).read_bytes())
+    if s.overlay:
+        digest.update(Path(s.overlay).read_bytes())
+    return digest.hexdigest()
 
 
 def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
@@ -682,11 +726,12 @@ def score_length_arm(
     # "length": ablate scores like the length task, so both can share an --out folder (trained runs and scores)
     settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
     settings += [sampling] if sampling else []  # the tasks' own decoding is implied
+    settings += [f"seed {s.seed}"] if s.seeds > 1 else []  # each seed decodes from its own seed
+    prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
     if cache.is_file():
-        return read_back(cache, "settings", settings)
+        return add_quality_guard(read_back(cache, "settings", settings), prompts, s, cache)
     print(f"  score {name}", flush=True)
     model = load_for_evaluation(export, dtype="float32")  # fp32 scores; answers autocast where bf16 is native
-    prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
     result: dict[str, Any] = {"kind": model.kind, "settings": settings}
     if model.has_controls:
         if not sampling:
@@ -700,12 +745,36 @@ def score_length_arm(
                 model, pairs, s.max_length, s.batch_size, reference=load_reference(model)
             )
         (result["default"],) = answers(model, prompts, [None], s)
-        if name == BASE:
+        if name.split("@seed")[0] == BASE:
             asked = {side: [[{"role": "system", "content": SYSTEM_PROMPTS[side]}, {"role": "user", "content": p}] for p in prompts]
                      for side in ("concise", "verbose")}  # fmt: skip
             result["concise"], result["verbose"] = (answers(model, asked[side], [None], s)[0] for side in ("concise", "verbose"))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result))
+    return add_quality_guard(result, prompts, s, cache)
+
+
+ANSWER_KEYS = ("concise", "verbose", "default")
+
+
+@functools.cache
+def guard_model(name: str) -> Any:
+    """The untrained base, loaded once per process, whose NLL of every arm's answers is the quality guard."""
+    from meet_lightning.evaluate import load_for_evaluation
+
+    return load_for_evaluation(name, dtype="float32")
+
+
+def add_quality_guard(result: dict[str, Any], prompts: list[str], s: Settings, cache: Path) -> dict[str, Any]:
+    """Adds each answer's new-token count (the cap share) and per-token NLL under the untrained base (rambling
+    shows as a higher NLL) where missing — also to scores read back from a report made before they existed —
+    and writes the scores to ``cache``."""
+    missing = [k for k in ANSWER_KEYS if k in result and k not in result.get("base_nll", {})]
+    if missing or not cache.is_file():
+        base = guard_model(s.model)
+        for key in missing:
+            result.setdefault("new_tokens", {})[key] = new_token_counts(base.tokenizer, result[key])
+            result.setdefault("base_nll", {})[key] = answer_nll(base.lm, base.tokenizer, prompts, result[key], s.batch_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(result))
     return result
 
 
@@ -851,13 +920,37 @@ def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, 
         axes.append(decoding_axis(s, results))
     reference_of = {name: axis.reference for axis in axes for name in axis.variants}
     for name, r in results.items():
-        r["scores"] = score_length_arm(name, r["export"], s, data, r.get("sampling"))
+        r["scores"] = score_length_arm(name, r["export"], replace(s, seed=r.get("seed", s.seed)), data, r.get("sampling"))
     for name, r in results.items():
         r["metrics"] = length_metrics(r["scores"], results[BASE]["scores"])
         r["vs_reference"] = length_paired(results[reference_of.get(name, REFERENCE)]["scores"], r["scores"])
-    table = ablate_table(results, axes) if s.task == "ablate" else length_table(results)
+    first_seed = {n: r for n, r in results.items() if "@seed" not in n}
+    table = ablate_table(first_seed, axes) if s.task == "ablate" else length_table(first_seed)
     markdown = f"{header(s)}; scored: {s.length_prompts} held-out AlpacaEval prompts and their pairs\n\n{table}"
-    return write_report(s, {"results": results}, start, markdown, length_plot)
+    body: dict[str, Any] = {"results": results}
+    if s.task == "length":
+        body["arms"], body["ceiling"] = seed_summaries(s, data, results), data_ceiling(s, data)
+        labels = {n: r["label"] for n, r in first_seed.items()}
+        markdown += f"\n\nOver {s.seeds} seed(s):\n\n" + seeds_table(body["arms"], labels, body["ceiling"])
+    return write_report(s, body, start, markdown, length_plot)
+
+
+def seed_summaries(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per arm over its seeds (rows ``name`` and ``name@seedN``): pooled measures, and MEET (prompt) against it."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, r in results.items():
+        rows.setdefault(name.split("@seed")[0], []).append(r["scores"])
+    summaries = {arm: arm_summary(scores, s.max_new_tokens) for arm, scores in rows.items() if "@" not in arm}
+    for arm, summary in summaries.items():
+        if arm != REFERENCE:
+            summary["vs_reference"] = paired_across_seeds(rows[REFERENCE], rows[arm])
+    return summaries
+
+
+def data_ceiling(s: Settings, data: dict[str, Path]) -> dict[str, Any]:
+    """The held-out prompts' own concise and verbose answers, cut at the cap: the ratio no arm can much exceed."""
+    rows = [json.loads(line) for line in data["alpaca_eval"].read_text().splitlines()]
+    return ceiling_ratio(guard_model(s.model).tokenizer, rows, s.max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------- compose task
@@ -1020,10 +1113,13 @@ def run(s: Settings) -> dict[str, Any]:
     s.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(s)
     start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {BASE: {"label": "untrained base", "export": s.model, "run": None}}
-    for name in s.arms:
-        run_ = train_arm(name, s, data)
-        results[name] = {"label": ARMS[name].label, "export": run_["export"], "run": run_}
+    results: dict[str, dict[str, Any]] = {}
+    for k, seed_settings in enumerate(seed_settings_of(s)):
+        tag = f"@seed{seed_settings.seed}" if k else ""  # the first seed's rows keep the plain names
+        results[BASE + tag] = {"label": "untrained base", "export": s.model, "run": None, "seed": seed_settings.seed}
+        for name in s.arms:
+            run_ = train_arm(name, seed_settings, data)
+            results[name + tag] = {"label": ARMS[name].label, "export": run_["export"], "run": run_, "seed": seed_settings.seed}
     if s.equal_seconds:
         add_equal_seconds_rows(s, data, results)
     if s.task in LENGTH_TASKS:
@@ -1043,6 +1139,12 @@ def run(s: Settings) -> dict[str, Any]:
     return write_report(
         s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot
     )
+
+
+def seed_settings_of(s: Settings) -> list[Settings]:
+    """One ``Settings`` per seed (``seed``, ``seed + 1``, …): each seed changes data order, control init and decoding;
+    the held-out split stays the first seed's (:func:`prepare_data` is called with ``s``)."""
+    return [s] + [replace(s, seed=s.seed + k) for k in range(1, s.seeds)]
 
 
 def restore(s: Settings, report: Path) -> None:
@@ -1138,7 +1240,8 @@ def header(s: Settings) -> str:
     length = "" if s.task == "harmless" else f"; length: {s.max_new_tokens} new tokens, decoding {decoding(s)}"
     return (
         f"task {s.task}: model {s.model}; {what}; {s.steps} optimizer steps per arm "
-        f"(MEET: {s.steps // 2} + {s.steps - s.steps // 2}), batch {s.batch_size} rows, max length {s.max_length}, seed {s.seed}; "
+        f"(MEET: {s.steps // 2} + {s.steps - s.steps // 2}), batch {s.batch_size} rows, max length {s.max_length}, "
+        f"seed {s.seed}" + (f" … {s.seed + s.seeds - 1} ({s.seeds} seeds)" if s.seeds > 1 else "") + "; "
         f"budget {s.budget}: {lrs}; held out: {', '.join(held_out)}{length}"
     )
 
@@ -1174,6 +1277,7 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
         "max_new_tokens",
         "max_val_examples",
         "threads",
+        "seeds",
     ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
     args = vars(p.parse_args(argv))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,9 @@ def pooled_interval(values: np.ndarray, samples: int = 2000, seed: int = 0) -> l
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, n_seeds, (samples, n_seeds)) if n_seeds > 1 else np.zeros((samples, 1), dtype=int)
     prompt_draws = rng.integers(0, n_prompts, (samples, n_prompts))
-    means = np.array([np.nanmean(values[s][:, p]) for s, p in zip(seed_draws, prompt_draws, strict=True)])
+    with warnings.catch_warnings():  # a resample of undefined ratios only has no mean: left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.array([np.nanmean(values[s][:, p]) for s, p in zip(seed_draws, prompt_draws, strict=True)])
     low, high = np.nanpercentile(means, [2.5, 97.5])
     return [float(np.nanmean(values)), float(low), float(high)]
 

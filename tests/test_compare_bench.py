@@ -168,11 +168,51 @@ def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shar
     assert "harmless" not in (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text().split("sources:")[1][:400]
 
 
+def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_quality_guard(tmp_path, shared_data):
+    """``--seeds 2``: every arm and the base trained/decoded per seed, pooled per arm, MEET paired seed by seed."""
+    s = settings(tmp_path, task="length", arms=["meet_prompt", "one_stage_joint"], max_length=2048, length_prompts=4, seeds=2)
+    report = compare.run(s)
+    assert set(report["results"]) == {f"{a}{t}" for a in ("base", "meet_prompt", "one_stage_joint") for t in ("", "@seed1235")}
+    assert (tmp_path / "runs" / "meet_prompt-lr1-seed1235").is_dir() and (tmp_path / "runs" / "meet_prompt-lr1-seed1234").is_dir()
+    arms = report["arms"]
+    assert set(arms) == {"base", "meet_prompt", "one_stage_joint"} and all(a["seeds"] == 2 for a in arms.values())
+    meet = arms["meet_prompt"]
+    assert len(meet["geo_ratio"]) == 3 and len(meet["geo_ratio_per_seed"]) == 2
+    assert 0 <= meet["cap_share"]["verbose"] <= 1 and meet["base_nll"]["verbose"][0] > 0
+    assert arms["one_stage_joint"]["vs_reference"]["verdict"] in {"wins", "loses", "tie", "mixed"}
+    assert "vs_reference" not in meet and report["ceiling"]["ratio"][0] > 0
+    scores = report["results"]["meet_prompt@seed1235"]["scores"]
+    assert scores["settings"][-1] == "seed 1235" and len(scores["base_nll"]["verbose"]) == 4
+    assert "Over 2 seed(s)" in (tmp_path / "compare.md").read_text()
+
+
+def test_a_run_record_is_not_read_back_when_its_recipe_file_changed(tmp_path, shared_data, monkeypatch):
+    """Same command line, edited YAML (e.g. a new default): the old run must not stand in for the new one."""
+    s = settings(tmp_path, task="length", arms=["meet_prompt"], max_length=2048, length_prompts=4)
+    compare.run(s)
+    monkeypatch.setattr(compare, "recipe_digest", lambda arm, s: "another recipe")
+    with pytest.raises(SystemExit, match="trained from other contents of configs/meet_hh_prompt.yaml"):
+        compare.run(s)
+
+
+def test_an_arms_own_learning_rate_is_not_overridden_by_its_recipes():
+    arm = compare.ARMS["special_token_fast"]
+    recipe = {"stage1": {"model": {"init_args": {"lr": 1e-5, "control_lr": 1e-3}}}}
+    assert compare.lr_overrides(arm, recipe, 1.0) == [
+        "--stage1.model.init_args.lr",
+        "1e-05",
+        "--stage1.model.init_args.control_lr",
+        "0.03",
+    ]
+
+
 def test_task_presets_fill_what_the_flags_leave():
     s = compare.parse(["--task", "length", "--steps", "8"])
     assert (s.task, s.steps, s.length_prompts, s.max_length) == ("length", 8, 100, 512)
     assert s.arms == compare.TASKS["length"]["arms"]
-    assert compare.parse([]).arms == [a for a in compare.ARMS if a not in compare.ABLATION_ARMS and a != compare.JUDGE]
+    study = {**compare.ABLATION_ARMS, **compare.STUDY_ARMS}
+    assert compare.parse([]).arms == [a for a in compare.ARMS if a not in study and a != compare.JUDGE]
+    assert (s.seeds, s.max_new_tokens, compare.parse(["--task", "ablate"]).seeds) == (3, 512, 1)
     assert compare.parse([]).length_prompts == 24
     assert compare.parse(["--task", "ablate"]).temperatures == [0.0, 1.0]
 
