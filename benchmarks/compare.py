@@ -218,6 +218,7 @@ class Settings:
     overlay: str | None = None
     arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a not in {**ABLATION_ARMS, **STUDY_ARMS} and a != JUDGE])
     seeds: int = 1
+    seed_index: int = 0  # which of the seeds this is: the first one's runs and scores carry no seed tag
     task: str = "mixed"
     temperatures: list[float] = field(default_factory=list)
     equal_seconds: bool = False
@@ -398,7 +399,7 @@ def fit_command(
 def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, steps: int | None = None) -> dict[str, Any]:
     """Trains one (arm, learning rate[, step budget]) run in a subprocess, or reads it back when it finished earlier."""
     arm = ARMS[name]
-    seed_tag = f"-seed{s.seed}" if s.seeds > 1 else ""
+    seed_tag = f"-seed{s.seed}" if s.seed_index else ""
     out = s.out / "runs" / (f"{name}-lr{multiplier:.3g}" + (f"-steps{steps}" if steps else "") + seed_tag)
     record = out / "compare_run.json"
     command = fit_command(name, s, data, multiplier, out, steps)
@@ -726,7 +727,7 @@ def score_length_arm(
     # "length": ablate scores like the length task, so both can share an --out folder (trained runs and scores)
     settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
     settings += [sampling] if sampling else []  # the tasks' own decoding is implied
-    settings += [f"seed {s.seed}"] if s.seeds > 1 else []  # each seed decodes from its own seed
+    settings += [f"seed {s.seed}"] if s.seed_index else []  # each seed decodes from its own seed
     prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
     if cache.is_file():
         return add_quality_guard(read_back(cache, "settings", settings), prompts, s, cache)
@@ -920,7 +921,9 @@ def run_length(s: Settings, data: dict[str, Path], results: dict[str, dict[str, 
         axes.append(decoding_axis(s, results))
     reference_of = {name: axis.reference for axis in axes for name in axis.variants}
     for name, r in results.items():
-        r["scores"] = score_length_arm(name, r["export"], replace(s, seed=r.get("seed", s.seed)), data, r.get("sampling"))
+        seed = r.get("seed", s.seed)
+        row_settings = replace(s, seed=seed, seed_index=seed - s.seed)
+        r["scores"] = score_length_arm(name, r["export"], row_settings, data, r.get("sampling"))
     for name, r in results.items():
         r["metrics"] = length_metrics(r["scores"], results[BASE]["scores"])
         r["vs_reference"] = length_paired(results[reference_of.get(name, REFERENCE)]["scores"], r["scores"])
@@ -1143,8 +1146,9 @@ def run(s: Settings) -> dict[str, Any]:
 
 def seed_settings_of(s: Settings) -> list[Settings]:
     """One ``Settings`` per seed (``seed``, ``seed + 1``, …): each seed changes data order, control init and decoding;
-    the held-out split stays the first seed's (:func:`prepare_data` is called with ``s``)."""
-    return [s] + [replace(s, seed=s.seed + k) for k in range(1, s.seeds)]
+    the held-out split stays the first seed's (:func:`prepare_data` is called with ``s``). The first seed's runs and
+    scores are named as in a one-seed run, so ``--seeds 3`` reads back a finished ``--seeds 1``."""
+    return [s] + [replace(s, seed=s.seed + k, seed_index=k) for k in range(1, s.seeds)]
 
 
 def restore(s: Settings, report: Path) -> None:

@@ -173,7 +173,9 @@ def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_qu
     s = settings(tmp_path, task="length", arms=["meet_prompt", "one_stage_joint"], max_length=2048, length_prompts=4, seeds=2)
     report = compare.run(s)
     assert set(report["results"]) == {f"{a}{t}" for a in ("base", "meet_prompt", "one_stage_joint") for t in ("", "@seed1235")}
-    assert (tmp_path / "runs" / "meet_prompt-lr1-seed1235").is_dir() and (tmp_path / "runs" / "meet_prompt-lr1-seed1234").is_dir()
+    assert (tmp_path / "runs" / "meet_prompt-lr1-seed1235").is_dir() and (
+        tmp_path / "runs" / "meet_prompt-lr1"
+    ).is_dir()  # as in a one-seed run
     arms = report["arms"]
     assert set(arms) == {"base", "meet_prompt", "one_stage_joint"} and all(a["seeds"] == 2 for a in arms.values())
     meet = arms["meet_prompt"]
