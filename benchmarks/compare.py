@@ -433,6 +433,7 @@ def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, st
         "peak_rss_gb": usage.ru_maxrss / 2**20,  # KiB on Linux
         "resumed": resumed,
         "val_loss": done[-1]["val/loss"],
+        "val_control_accuracy": done[-1].get("val/control_accuracy"),
         "command": command[1:],
         "recipe_sha256": recipes,
     }
@@ -449,6 +450,13 @@ def recipe_digest(arm: Arm, s: Settings) -> str:
     return digest.hexdigest()
 
 
+def selection_key(runs: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], tuple[float, float]]:
+    """Sort key of :func:`train_arm`'s choice: higher control accuracy first where every run has one, then lower loss."""
+    if all(r.get("val_control_accuracy") is not None for r in runs):
+        return lambda r: (-r["val_control_accuracy"], r["val_loss"])
+    return lambda r: (0.0, r["val_loss"])
+
+
 def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
     """A finished run or score read back for resuming; exits when it was made with other settings."""
     record = json.loads(path.read_text())
@@ -458,9 +466,13 @@ def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
 
 
 def train_arm(name: str, s: Settings, data: dict[str, Path], steps: int | None = None) -> dict[str, Any]:
-    """Every learning rate of the budget; the one with the lowest validation loss is the arm's run."""
+    """Every learning rate of the budget; the arm's run is the one whose controls work best on validation pairs.
+
+    Validation loss measures how well the LM fits the responses, not whether the controls steer: the learning rate
+    is chosen by ``val/control_accuracy`` (ties: lower loss) wherever every run has it, by validation loss otherwise
+    (arms without controls)."""
     runs = [run_fit(name, s, data, m, steps) for m in LR_GRID[s.budget]]
-    best = min(runs, key=lambda r: r["val_loss"])
+    best = min(runs, key=selection_key(runs))
     return {**best, "lrs_tried": [r["lr_multiplier"] for r in runs], "tuning": runs}
 
 
@@ -1138,7 +1150,7 @@ def run(s: Settings) -> dict[str, Any]:
     scored = f"scored: {counts['chosen_nll']} HH pairs"
     if s.task != "harmless":
         scored += f", {counts['length_ratio']} AlpacaEval prompts"
-    budget_note = f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation loss"
+    budget_note = f"{len(LR_GRID[s.budget])} learning rate(s) per method ({s.budget}), picked by validation control accuracy (loss where none)"
     return write_report(
         s, {"budget_note": budget_note, "results": results}, start, f"{header(s)}; {scored}\n\n{table(results)}", plot
     )
@@ -1233,7 +1245,7 @@ def header(s: Settings) -> str:
     lrs = (
         "one learning rate per method (the recipe's)"
         if s.budget == "small"
-        else "3 learning rates per method (×1/3, ×1, ×3), picked by validation loss"
+        else "3 learning rates per method (×1/3, ×1, ×3), picked by validation control accuracy (loss where none)"
     )
     what = {"harmless": "HH harmless only", **dict.fromkeys(LENGTH_TASKS, "AlpacaEval concise/verbose only")}.get(
         s.task, "both preferences in one run (HH harmless + AlpacaEval length)"

@@ -320,3 +320,14 @@ def test_equal_seconds_retrains_other_arms_for_the_references_training_seconds(m
         command[command.index("--stage1.trainer.max_steps") + 1] == "5"
         and command[command.index("--stage2.trainer.max_steps") + 1] == "5"
     )
+
+
+def test_budget_full_picks_the_learning_rate_whose_controls_work_best_not_the_lowest_loss():
+    runs = [
+        {"lr_multiplier": 0.333, "val_loss": 1.0, "val_control_accuracy": 0.55},
+        {"lr_multiplier": 1.0, "val_loss": 1.2, "val_control_accuracy": 0.80},
+        {"lr_multiplier": 3.0, "val_loss": 1.1, "val_control_accuracy": 0.80},
+    ]
+    assert min(runs, key=compare.selection_key(runs))["lr_multiplier"] == 3.0  # old code: 0.333 (lowest loss)
+    no_controls = [{"val_loss": 1.0, "val_control_accuracy": None}, {"val_loss": 0.9, "val_control_accuracy": None}]
+    assert min(no_controls, key=compare.selection_key(no_controls))["val_loss"] == 0.9
