@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-slow lint model clean
+.PHONY: demo test test-slow lint model clean docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed model
 	$(PY) -m pytest -q -m slow
+
+# The documentation site (docs/, mkdocs.yml) into build/site; --strict turns every warning (a broken link, a
+# missing snippet, a docstring mkdocstrings cannot read) into a failure.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check meet_lightning tests benchmarks
