@@ -2,12 +2,16 @@
 
 The report compares, on 20 held-out prompts and with one set of decoding settings for both arms: the trained
 model under ``concise`` and ``verbose``, and the untrained model asked through a system prompt (what a user gets
-without training). Its last line is ``verbose/concise median word ratio: X.XX``.
+without training). Where the shared AlpacaEval file is there (``MEET_SHARED_DATA``, or ``../shared/data``), the
+trained model also answers 20 of its real prompts, which the demo data never saw: its style carrying over (or not)
+to real prompts is reported beside its own. Its last line is ``verbose/concise median word ratio: X.XX``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -32,6 +36,22 @@ report within the demo's time in fp32 (each arm decodes until its longest answer
 an arm on an AVX2 CPU)."""
 
 SYSTEM_PROMPTS = {"concise": "Be as concise as possible.", "verbose": "Always answer with as much detail as possible."}
+
+
+REAL_PROMPTS = "alpaca_eval_concise_verbose.train.jsonl.gz"
+"""The shared AlpacaEval file the demo reads real prompts from, when it is there (never shipped with the package)."""
+
+
+def real_prompts(count: int = 20) -> list[str]:
+    """``count`` prompts of the shared AlpacaEval file (every n-th, a fixed choice), or none if the file is absent."""
+    folder = Path(os.environ.get("MEET_SHARED_DATA", Path.cwd().parent / "shared" / "data"))
+    path = folder / REAL_PROMPTS
+    if not path.is_file():
+        return []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    step = max(len(prompts) // count, 1)
+    return prompts[::step][:count]
 
 
 def heldout_prompts() -> list[str]:
@@ -93,10 +113,24 @@ def report(recipe: dict[str, Any], log=print) -> float:
         f"repeated 4-grams in verbose answers: trained {100 * repeated_4gram_share(verbose):.1f} % (target ≤ 10 %),"
         f" system prompt {100 * repeated_4gram_share(asked_verbose):.1f} %"
     )
+    report_real_prompts(trained, log)
     shown = f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "n/a (fewer than 20 prompts with a ratio)"
     log(f"trained ratio 95 % bootstrap interval: {shown}")
     log(f"verbose/concise median word ratio: {ratio:.2f}")
     return ratio
+
+
+def report_real_prompts(trained: Any, log=print) -> None:
+    """The trained model on real AlpacaEval prompts (same decoding): ratio and loops, or why it was skipped."""
+    prompts = real_prompts()
+    if not prompts:
+        log(f"real prompts: skipped ({REAL_PROMPTS} not found; set MEET_SHARED_DATA to its folder)")
+        return
+    concise, verbose = generate_arm(trained, prompts, "concise", "verbose", **DECODING)
+    log(
+        f"real prompts ({len(prompts)} from AlpacaEval, never trained on): verbose/concise median word ratio"
+        f" {median_ratio(verbose, concise):.2f}, repeated 4-grams in verbose answers {100 * repeated_4gram_share(verbose):.1f} %"
+    )
 
 
 def demo_command(argv: Sequence[str]) -> int:

@@ -37,8 +37,9 @@ def test_heldout_prompts_are_the_twenty_without_answers():
     assert len(demo.heldout_prompts()) == 20
 
 
-def test_demo_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, capsys):
+def test_demo_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, capsys, shared_data):
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MEET_SHARED_DATA", str(shared_data))
     monkeypatch.setattr(demo, "DECODING", {**demo.DECODING, "max_new_tokens": 8})  # seconds, not minutes
     code = main(
         [
@@ -58,3 +59,13 @@ def test_demo_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert lines[-1].startswith("verbose/concise median word ratio: ")
     float(lines[-1].rsplit(" ", 1)[1])
     assert any("asked by system prompt" in line for line in lines) and any("repeated 4-grams" in line for line in lines)
+    real = [line for line in lines if line.startswith("real prompts (20 from AlpacaEval")]
+    assert len(real) == 1 and "ratio" in real[0]  # the shared file is there in the suite (conftest's SHARED)
+
+
+def test_real_prompts_are_a_fixed_choice_and_absent_without_the_shared_file(monkeypatch, tmp_path, shared_data):
+    monkeypatch.setenv("MEET_SHARED_DATA", str(shared_data))
+    first = demo.real_prompts()
+    assert len(first) == 20 and len(set(first)) == 20 and first == demo.real_prompts()
+    monkeypatch.setenv("MEET_SHARED_DATA", str(tmp_path))
+    assert demo.real_prompts() == []
