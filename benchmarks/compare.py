@@ -25,7 +25,7 @@ Every arm is a recipe under ``configs/`` run through the real CLI (``python -m m
 subprocess per run) on the same data, model, seed, batch, length and total optimizer steps. Each arm trains
 once on both preferences together (HH-RLHF ``harmless``: good/bad, and AlpacaEval ``length``: concise/verbose),
 with a held-out part of each file split off by prompt with a fixed seed. Scoring (in this process, every arm
-alike, in fp32 whatever the CPU: bf16 flipped 8 % of control-classifier decisions, README; generation for the
+alike, in fp32 whatever the CPU: bf16 flipped 8 % of control-classifier decisions, docs/guides/evaluation.md; generation for the
 word counts uses bf16 autocast where the CPU computes bf16 natively — ``meet_lightning.precision``):
 
 - HH held-out pairs: ``chosen_nll`` and ``logp_accuracy`` in each model's preferred mode (every arm),
@@ -240,7 +240,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "seeds": 3,
         # Sampled: greedy decoding (repetition penalty 1.2 or 1.3) looped on these prompts whatever the training —
         # 23-24 % of the untrained base's 4-grams repeated, 2.8 % in the reference answers; this kept both under 10 %
-        # (pilot, README).
+        # (pilot, docs/results/length.md).
         "decoding": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
     },
 }

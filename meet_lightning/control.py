@@ -183,8 +183,8 @@ class PromptTuningControl(ControlTokens):
     Args:
         num_tokens: Vectors per control.
         init: ``text`` (embeddings of a phrase per control, repeated or cut to ``num_tokens``; the default:
-            on the length task it lifted the verbose/concise ratio from 1.11 to 1.73, see the README's
-            ablation), ``vocab`` (embeddings of random ordinary vocabulary tokens) or ``random`` (normal, scaled
+            on the length task it lifted the verbose/concise ratio from 1.11 to 1.73, docs/results/ablations.md),
+            ``vocab`` (embeddings of random ordinary vocabulary tokens) or ``random`` (normal, scaled
             like the vocabulary).
         init_text: ``{control: phrase}`` or ``{"preference/control": phrase}`` for ``init: text``; a control
             without one starts from :func:`default_phrase` of its names (``concise`` → "A concise response:").

@@ -43,7 +43,7 @@ class DecodingOptions:
     batch_size: int = 8
     """Prompts per generate call."""
     cache: KVCache = "dynamic"
-    """KV cache: ``dynamic`` or ``static`` (the same tokens; speed: README, Performance)."""
+    """KV cache: ``dynamic`` or ``static`` (the same tokens; speed: docs/results/performance.md)."""
     seed: int | None = None
     """Seed of sampling (reproducible samples)."""
 

@@ -113,7 +113,7 @@ class EvaluateOptions:
     device: str = "cpu"
     """where the model runs"""
     dtype: WeightsDtype = "float32"
-    """weights dtype; float32 by default: bf16 moves control-classifier margins by ~1.4 nats on average and flipped 8 % of pairs (README); auto: bfloat16 where the device computes it natively"""
+    """weights dtype; float32 by default: bf16 moves control-classifier margins by ~1.4 nats on average and flipped 8 % of pairs (docs: guides/evaluation.md); auto: bfloat16 where the device computes it natively"""
     progress: bool = True
     """show pairs scored and pairs/s on stderr"""
 

@@ -78,7 +78,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_every_module_belongs_to_one_layer():
     unknown = sorted(set(package_modules()) - set(LAYERS) - {""})
-    assert not unknown, f"put {unknown} in a layer (tests/test_layers.py and the README's architecture section)"
+    assert not unknown, f"put {unknown} in a layer (tests/test_layers.py and docs/contributing.md's three layers)"
 
 
 def test_no_import_cycles():
