@@ -211,6 +211,7 @@ class AlignedModel:
         top_k: int = 0,
         progress: bool = False,
         cache: KVCache = "dynamic",
+        streamer: Any = None,
     ) -> list[str]:
         """Responses to ``prompts``.
 
@@ -227,6 +228,7 @@ class AlignedModel:
             top_k: Sample among the ``top_k`` most likely tokens (0 = off).
             progress: Draw a progress bar over batches on stderr.
             cache: ``dynamic`` (default) or ``static`` KV cache (:data:`~meet_lightning.generation.KVCache`).
+            streamer: A transformers streamer that receives new tokens as they come (one prompt at a time).
         """
         if controls is not None and (control is not None or len(controls) != len(prompts)):
             raise ConfigError(f"controls= needs one choice per prompt ({len(prompts)}), without control= — pass one of them")
@@ -247,4 +249,5 @@ class AlignedModel:
             top_k=top_k,
             progress=progress,
             cache=cache,
+            streamer=streamer,
         )

@@ -133,11 +133,13 @@ def generate_responses(
     top_k: int = 0,
     progress: bool = False,
     cache: KVCache = "dynamic",
+    streamer: Any = None,
 ) -> list[str]:
     """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0;
     ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence, as in transformers;
     ``top_p`` < 1 and ``top_k`` > 0 restrict sampling; ``progress`` draws a bar over batches on stderr;
-    ``cache``: :data:`KVCache`)."""
+    ``cache``: :data:`KVCache`; ``streamer``: a transformers streamer (``put``/``end``) that receives the new
+    tokens as they are generated, for ``batch_size`` 1)."""
     encoder = PromptTokenizer(tokenizer, max_prompt_tokens)
     device = next(lm.parameters()).device
     stop = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
@@ -167,6 +169,7 @@ def generate_responses(
                 pad_token_id=tokenizer.pad_token_id,
                 repetition_penalty=repetition_penalty,
                 cache_implementation=None if cache == "dynamic" else cache,
+                streamer=streamer,
                 **sampling,
             )
         texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
