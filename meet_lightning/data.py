@@ -166,6 +166,10 @@ class PreferenceDataModule(L.LightningDataModule):
         path: One data file, dataset folder or hub dataset id (shorthand for a single entry of ``sources``).
         format: Format of ``path`` (``auto`` detects it).
         preference: Preference name for ``path`` (default: the format's own).
+        columns: ``{field the format reads: column of your file}`` for ``path`` (and ``val_path``), e.g.
+            ``{prompt: question, chosen: good_answer, rejected: bad_answer}``; on the command line
+            ``--data.columns '{"prompt": "question", "chosen": "good_answer"}'``. Each entry of ``sources``
+            sets its own ``columns``.
         subset: Hub datasets and folders: the configuration name of ``path`` (and ``val_path``).
         data_dir: Hub datasets and folders: the folder of the repository to read, e.g. ``harmless-base``.
         split: Hub datasets and folders: the split of ``path`` to read.
@@ -214,6 +218,7 @@ class PreferenceDataModule(L.LightningDataModule):
         path: str | None = None,
         format: str = "auto",
         preference: str | None = None,
+        columns: dict[str, str] | None = None,
         subset: str | None = None,
         data_dir: str | None = None,
         split: str = "train",
@@ -252,23 +257,20 @@ class PreferenceDataModule(L.LightningDataModule):
         ]
         if skip_batches < 0:
             problems.append(f"--data.skip_batches {skip_batches} must be ≥ 0")
+        if columns and sources:
+            problems.append("--data.columns applies to --data.path — set columns on each entry of --data.sources instead")
         if pair_batches and chosen_only:
             problems.append("--data.pair_batches and --data.chosen_only were both set — use one (chosen_only for SFT)")
         if problems:
             raise ConfigError("; ".join(problems))
         self.chosen_only = chosen_only
         hub = {"subset": subset, "data_dir": data_dir, "split": split, "revision": revision}
+        mapping = {"format": format, "preference": preference, "columns": dict(columns or {}), "on_bad_rows": on_bad_rows}
         self.sources = (
-            [SourceConfig(path=path, format=format, preference=preference, on_bad_rows=on_bad_rows, **hub)]
-            if path
-            else [_with_on_bad_rows(s, on_bad_rows) for s in (sources or [])]
+            [SourceConfig(path=path, **mapping, **hub)] if path else [_with_on_bad_rows(s, on_bad_rows) for s in (sources or [])]
         )
         val_hub = {**hub, "split": "test" if val_path == path else "train"}  # the same hub dataset: its test split
-        self.val_source = (
-            SourceConfig(path=val_path, format=format, preference=preference, on_bad_rows=on_bad_rows, **val_hub)
-            if val_path
-            else None
-        )
+        self.val_source = SourceConfig(path=val_path, **mapping, **val_hub) if val_path else None
         self.cache_dir, self.num_proc, self.streaming, self.shuffle_buffer = cache_dir, num_proc, streaming, shuffle_buffer
         self.model_name_or_path, self.max_length = model_name_or_path, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size

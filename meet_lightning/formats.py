@@ -3,7 +3,9 @@
 One entry point, :func:`read_source`, reads one :class:`SourceConfig`: a local ``.json`` / ``.jsonl`` /
 ``.csv`` file (each optionally ``.gz``), a ``.parquet`` file, or a hub dataset id. Local JSON and CSV files
 are read line by line with the standard library so every problem names ``FILE:ROW``; parquet and hub ids go
-through ``datasets``. Each format is a small parser class picked from :data:`FORMATS` by name.
+through ``datasets``. Each format is a small :class:`DataFormat` subclass picked from :data:`FORMATS` by
+name; :func:`register_format` adds one of your own without editing this module (the library's formats are
+registered the same way, at its end).
 
 Rows are 1-based: the line number for JSON Lines and CSV (the CSV header is line 1, so the first record is
 row 2, as a spreadsheet shows it), the element number for a JSON array, the record number for parquet and
@@ -38,6 +40,7 @@ import bisect
 import csv
 import difflib
 import gzip
+import importlib
 import json
 import math
 import re
@@ -46,7 +49,7 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -109,7 +112,9 @@ class SourceConfig:
         path: A local ``.json`` / ``.jsonl`` / ``.csv`` file (optionally ``.gz``), a ``.parquet`` file, or a
             hub dataset id ``owner/name``.
         format: ``auto`` (detected from the first record's keys) or one of ``hh_rlhf``, ``pairwise``,
-            ``sharegpt``, ``multi_response``, ``pointwise``, ``pairwise_votes``, ``ranked``, ``unpaired``.
+            ``sharegpt``, ``multi_response``, ``pointwise``, ``pairwise_votes``, ``ranked``, ``unpaired``,
+            ``messages_feedback``, a format registered with :func:`register_format`, or the class path of a
+            :class:`DataFormat` subclass of your own (``my_package.formats.MyFormat``, imported).
         preference: Preference the labels belong to; ``None`` means ``preference``. For pointwise
             ``scores`` dicts each attribute is its own preference, named after the attribute
             (``overall``), or ``<preference>_<attribute>`` when this is set (``usr_overall``).
@@ -121,7 +126,7 @@ class SourceConfig:
         rejected_control: Control the other response trains under.
         controls: ``multi_response``: the columns that each hold one control's response (default: every
             string column of the first record except the prompt columns).
-        score_thresholds: ``pointwise``: ascending cut points; ``score < t0`` gets the first label,
+        score_thresholds: ``pointwise`` and ``messages_feedback`` scores: ascending cut points; ``score < t0`` gets the first label,
             ``t0 <= score < t1`` the second, and so on.
         score_labels: ``pointwise`` labels, lowest first, one more than the thresholds (or one per quantile
             bin). Default: ``bad, good`` for two bins, ``low, mid, high`` for three, else ``bin1 … binN``.
@@ -173,12 +178,16 @@ class SourceConfig:
 
 def _check_choices(cfg: SourceConfig) -> list[str]:
     choices = {
-        "format": ("auto", *FORMATS),
         "pairing": PAIRINGS,
         "ties": TIES,
         "on_bad_rows": BAD_ROW_POLICIES,
     }
     problems = []
+    if cfg.format != "auto":
+        try:
+            get_format(cfg.format)
+        except ConfigError as err:
+            problems.append(str(err))
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         if value not in allowed:
@@ -216,7 +225,7 @@ def _check_template(cfg: SourceConfig) -> list[str]:
         return [f"prompt_template names no column — {fix}"]
     if not all(name.isidentifier() for name in names):
         return [f"prompt_template fields must be plain column names, got {names} — {fix}"]
-    parser = FORMATS.get(cfg.format)
+    parser = FORMATS.get(cfg.format)  # an unknown one is _check_choices' problem
     if parser is not None and not parser.uses_template:
         return [_no_template(cfg.format)]
     return []
@@ -259,15 +268,24 @@ _CONFIG_CHECKS: tuple[Callable[[SourceConfig], list[str]], ...] = (
 # ------------------------------------------------------------------------------------------- bad records
 
 
-class _BadRow(DataError):
-    """One unusable record. ``reason`` (no row number) is also the key it is counted under when skipped."""
+class BadRow(DataError):
+    """One unusable record, raised by :meth:`DataFormat.parse`; the reader adds ``FILE:ROW``.
+
+    Args:
+        reason: What is wrong, without the row (``"empty response"``); also the key the record is counted
+            under when ``on_bad_rows: skip`` skips it.
+        fix: How to fix it (``"fill it in or drop the row"``).
+        kind: ``missing`` (a field is absent), ``type`` (a field has the wrong type) or ``value``: a missing
+            or mistyped field in a row that looks like another format is reported as such.
+        detail: Row-specific text appended to the message but not to the counted reason.
+    """
 
     def __init__(self, reason: str, fix: str, kind: str = "value", detail: str = "") -> None:
         super().__init__(f"{reason}{detail} — {fix}")
         self.reason, self.fix, self.kind = reason, fix, kind
 
 
-class _Missing(_BadRow):
+class _Missing(BadRow):
     """Required fields absent; :func:`read_source` adds the format and the keys the row does have."""
 
     def __init__(self, fields: list[str], columns: Mapping[str, str], note: str = "") -> None:
@@ -354,7 +372,7 @@ def iter_records(
         DataError: ``FILE:ROW: …`` for the first unreadable record or an unreadable file.
     """
     for row, value in iter_rows(path, HubOptions(subset, data_dir, split, revision)):
-        if isinstance(value, _BadRow):
+        if isinstance(value, BadRow):
             raise DataError(_one_line(f"{where(path, row)}: {value}"))
         if not isinstance(value, Mapping):
             raise DataError(_one_line(f"{where(path, row)}: the record is {_kind(value)} — {_NOT_OBJECT_FIX}"))
@@ -367,7 +385,7 @@ def is_local_file(path: str) -> bool:
 
 
 def iter_rows(path: str, hub: HubOptions = HubOptions(), streaming: bool = False) -> Iterator[Row]:
-    """``(row, value)`` pairs; a value is a :class:`_BadRow` where the record itself cannot be read.
+    """``(row, value)`` pairs; a value is a :class:`BadRow` where the record itself cannot be read.
 
     Local JSON/JSONL/CSV files are read line by line (lazily: a file is never held in memory whole, except
     a ``.json`` array); parquet files, dataset folders and hub ids go through ``datasets``, with
@@ -468,13 +486,13 @@ def _read_jsonl(path: Path, shown: str) -> Iterator[Row]:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            yield lineno, _BadRow(*_UNDECODABLE, detail=f" at byte {err.start}")
+            yield lineno, BadRow(*_UNDECODABLE, detail=f" at byte {err.start}")
             continue
         try:
             yield lineno, json.loads(text)
         except json.JSONDecodeError as err:
             fix = "fix or remove the line: each line holds one complete JSON object"
-            yield lineno, _BadRow("invalid JSON", fix, detail=f" ({err.msg} at column {err.colno})")
+            yield lineno, BadRow("invalid JSON", fix, detail=f" ({err.msg} at column {err.colno})")
 
 
 def _read_json(path: Path, shown: str) -> Iterator[Row]:
@@ -491,10 +509,10 @@ def _read_json(path: Path, shown: str) -> Iterator[Row]:
         if whole is None:
             yield from _read_jsonl(path, shown)
         else:
-            yield 1, _BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(whole) else whole
+            yield 1, BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(whole) else whole
         return
     for row, value in _json_elements(text, start + 1, shown):
-        yield row, _BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(value) else value
+        yield row, BadRow(*_UNDECODABLE) if undecodable and _has_surrogates(value) else value
 
 
 def _whole_json(text: str) -> Any:
@@ -589,12 +607,12 @@ def _check_header(header: list[str], shown: str) -> None:
 
 def _csv_record(header: list[str], fields: list[str]) -> Any:
     if len(fields) != len(header):
-        return _BadRow(
+        return BadRow(
             f"the row has {len(fields)} fields but the header has {len(header)}",
             "quote fields that contain commas and give every row one value per header column",
         )
     record = dict(zip((name.strip() for name in header), fields, strict=True))
-    return _BadRow(*_UNDECODABLE) if _has_surrogates(record) else record
+    return BadRow(*_UNDECODABLE) if _has_surrogates(record) else record
 
 
 def _iter_datasets(path: str, hub: HubOptions, local: bool, streaming: bool = False, folder: bool = False) -> Iterator[Row]:
@@ -657,8 +675,16 @@ _ROLE_KEYS = (("role", "content"), ("from", "value"))
 
 
 @dataclass
-class _Out:
-    """What one record (or the end of the file) produced."""
+class ParsedRecord:
+    """What one record (or the end of the file) produced: what :meth:`DataFormat.parse` returns.
+
+    Attributes:
+        pairs: Comparisons (validation scores them with the control classifier).
+        examples: Training rows. :meth:`add_pair` adds a pair's two rows; a format that pairs rows itself
+            appends each row once.
+        skipped: One reason per thing the record held but gave nothing for (counted by reason with the row).
+        warnings: Reasons for things kept but worth a look (counted, shown by ``inspect-data``).
+    """
 
     pairs: list[PreferencePair] = field(default_factory=list)
     examples: list[ControlledExample] = field(default_factory=list)
@@ -686,14 +712,14 @@ _EMPTY_SIDE = "empty response kept (one side of a comparison)"
 def _message(value: Any, where: str) -> dict[str, str]:
     """A chat turn from ``{role, content}`` or sharegpt's ``{from, value}``."""
     if not isinstance(value, Mapping):
-        raise _BadRow(f"{where} is {_kind(value)}, expected a message", _MESSAGE_FIX, "type")
+        raise BadRow(f"{where} is {_kind(value)}, expected a message", _MESSAGE_FIX, "type")
     role_key, content_key = next(((r, c) for r, c in _ROLE_KEYS if r in value), ("role", "content"))
     role, content = value.get(role_key), value.get(content_key)
     if not isinstance(role, str) or role.lower() not in _ROLES:
         fix = "use role user, assistant or system (or human, gpt)"
-        raise _BadRow(f"{where} has role {_short(role)}", fix, "type")
+        raise BadRow(f"{where} has role {_short(role)}", fix, "type")
     if not isinstance(content, str):
-        raise _BadRow(f"{where} has {content_key} {_kind(content)}, expected a string", _MESSAGE_FIX, "type")
+        raise BadRow(f"{where} has {content_key} {_kind(content)}, expected a string", _MESSAGE_FIX, "type")
     return {"role": _ROLES[role.lower()], "content": content}
 
 
@@ -702,17 +728,17 @@ _MESSAGE_FIX = 'write each turn as {"role": "user", "content": "..."} or {"from"
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise _BadRow(f"{where} is {_kind(value)}, expected a list of messages", _MESSAGE_FIX, "type")
+        raise BadRow(f"{where} is {_kind(value)}, expected a list of messages", _MESSAGE_FIX, "type")
     return [_message(item, f"{where}[{i}]") for i, item in enumerate(value)]
 
 
 def _response(text: str, where: str) -> str:
     if not text.strip():
-        raise _BadRow(f"empty {where}", "fill it in or drop the row (--data.on_bad_rows skip skips them)")
+        raise BadRow(f"empty {where}", "fill it in or drop the row (--data.on_bad_rows skip skips them)")
     return text
 
 
-def _text(value: Any, name: str, out: _Out) -> str | None:
+def _text(value: Any, name: str, out: ParsedRecord) -> str | None:
     """A response cell as text; ``None`` when it is not text.
 
     JSON booleans are read as ``True`` / ``False``: PandaLM stores a model that answered "True" as JSON
@@ -735,30 +761,81 @@ def _number(value: Any, where: str) -> float:
         except ValueError:
             number = None
     if number is None or not math.isfinite(number):
-        raise _BadRow(f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row")
+        raise BadRow(f"{where} is {_short(value)}, expected a finite number", "fix the score or drop the row")
     return number
 
 
 # ------------------------------------------------------------------------------------------------ formats
 
 
-class _Format(abc.ABC):
-    """One data format: ``parse`` turns a record into pairs/examples, ``finish`` runs after the last record.
+class DataFormat(abc.ABC):
+    """Base class of every data format: turns one raw record into pairs and training rows.
+
+    Add a format of your own by subclassing it and registering it under a name (no edit of this module)::
+
+        from meet_lightning import DataFormat, ParsedRecord, register_format
+
+        class QuestionAnswers(DataFormat):
+            # reads {"question": ..., "good_answer": ..., "bad_answer": ...}
+
+            summary = "question, good_answer, bad_answer"
+
+            @classmethod
+            def detect(cls, record):
+                return "good_answer" in record and "bad_answer" in record
+
+            def parse(self, rec, raw, source):
+                prompt = self._finish_prompt([{"role": "user", "content": self._string(rec, "question")}])
+                out = ParsedRecord()
+                out.add_pair(self._pair(prompt, self._string(rec, "good_answer"), self._string(rec, "bad_answer"), source))
+                return out
+
+        register_format("question_answers", QuestionAnswers)
+
+    A recipe then sets ``data.format: question_answers`` once the module is imported, or names the class
+    itself, ``data.format: my_package.formats.QuestionAnswers``, which imports it (``fit`` on the command line
+    imports nothing else of yours).
+
+    Override:
+        parse: Required. ``(rec, raw, source) -> ParsedRecord`` for one record: ``rec`` has ``columns``
+            applied, ``raw`` is the record as read (for ``prompt_template``), ``source`` is ``FILE:ROW``.
+            Raise :class:`BadRow` for an unusable record (it stops the read, or with ``on_bad_rows: skip`` is
+            counted under its reason); append to ``ParsedRecord.skipped`` for a record that is fine but
+            gives nothing (counted with its row, never dropped silently).
+        finish: Optional. Runs after the last record and returns a :class:`ParsedRecord` of what needs the
+            whole file (pointwise quantiles, pairing replies across rows).
+        detect: Optional classmethod ``(record) -> bool``: whether ``auto`` should pick this format for a
+            file whose first record (columns applied) is ``record``. The default claims nothing.
+        summary: The keys the format reads, shown when no format fits a file.
+        uses_template: ``True`` when the prompt comes from a column, so ``prompt_template`` applies.
+
+    Helpers for subclasses: ``_require(rec, *fields)`` (missing fields are a bad row naming the user's column),
+    ``_string``, ``_prompt`` (a prompt column or ``prompt_template``), ``_reply_turns``, ``_finish_prompt``
+    (checks the prompt, adds ``system_prompt``) and ``_pair`` (a :class:`PreferencePair` under
+    ``chosen_control`` / ``rejected_control``). ``self.cfg`` is the :class:`SourceConfig`, ``self.preference``
+    the preference name.
 
     A fresh instance reads each source, so a format may keep state across records (pointwise buffers its
-    scores to compute quantiles; ranked notes whether any rank was seen).
+    scores to compute quantiles; ranked notes whether any rank was seen). The tokenized cache is keyed by the
+    format's name and the file, not the format's code: after changing a format of your own, pass another
+    ``cache_dir`` or delete the cache folder.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # the keys this format reads, for the "cannot tell the format" message
     uses_template: ClassVar[bool] = False
 
+    @classmethod
+    def detect(cls, record: Mapping[str, Any]) -> bool:
+        """Whether ``auto`` should read a file whose first record is ``record`` with this format (default: never)."""
+        return False
+
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
         self.preference = cfg.preference or DEFAULT_PREFERENCE
 
     @abc.abstractmethod
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         """Turn one record into pairs and examples.
 
         Args:
@@ -767,9 +844,9 @@ class _Format(abc.ABC):
             source: ``FILE:ROW`` for the examples.
         """
 
-    def finish(self) -> _Out:
+    def finish(self) -> ParsedRecord:
         """Whatever needs the whole file (e.g. quantile labels)."""
-        return _Out()
+        return ParsedRecord()
 
     # Field access: missing and mistyped fields are bad rows naming the column as the user wrote it.
     def _require(self, rec: Mapping[str, Any], *names: str) -> None:
@@ -784,17 +861,17 @@ class _Format(abc.ABC):
             raise self._wrong_type(name, value, "a string")
         return value
 
-    def _response_cell(self, rec: Mapping[str, Any], name: str, out: _Out) -> str:
+    def _response_cell(self, rec: Mapping[str, Any], name: str, out: ParsedRecord) -> str:
         self._require(rec, name)
         text = _text(rec[name], name, out)
         if text is None:
             raise self._wrong_type(name, rec[name], "a string")
         return text
 
-    def _wrong_type(self, name: str, value: Any, expected: str) -> _BadRow:
+    def _wrong_type(self, name: str, value: Any, expected: str) -> BadRow:
         label = _field_label(name, self.cfg.columns)
         fix = f"fix the value or map another column with --data.columns '{{{name}: COLUMN}}'"
-        return _BadRow(f"field {label} is {_kind(value)}, expected {expected}", fix, "type")
+        return BadRow(f"field {label} is {_kind(value)}, expected {expected}", fix, "type")
 
     def _prompt(self, rec: Mapping[str, Any], raw: Mapping[str, Any], name: str = "prompt") -> list[dict]:
         """The prompt turns: from ``prompt_template``, or a string or message list in column ``name``."""
@@ -814,25 +891,25 @@ class _Format(abc.ABC):
         missing = [name for name in names if name not in raw]
         if missing:
             fix = "fix --data.prompt_template or the file's columns"
-            raise _BadRow(f"missing column {missing[0]!r} named in prompt_template", fix, "missing")
+            raise BadRow(f"missing column {missing[0]!r} named in prompt_template", fix, "missing")
         for name in names:
             if not isinstance(raw[name], (str, int, float)) or isinstance(raw[name], bool):
                 raise self._wrong_type(name, raw[name], "a string (prompt_template column)")
         try:
             return template.format(**{name: raw[name] for name in names})
         except (ValueError, TypeError) as err:  # a format spec such as {x:.2f} applied to text
-            raise _BadRow(f"prompt_template cannot format this row ({err})", "drop the format spec") from None
+            raise BadRow(f"prompt_template cannot format this row ({err})", "drop the format spec") from None
 
     def _finish_prompt(self, turns: Sequence[Mapping[str, str]]) -> tuple[dict, ...]:
         """Check the prompt says something, then put ``system_prompt`` first unless it has a system turn."""
         if not any(t["content"].strip() for t in turns if t["role"] != "system"):
-            raise _BadRow("empty prompt", "fill in the prompt or drop the row (--data.on_bad_rows skip)")
+            raise BadRow("empty prompt", "fill in the prompt or drop the row (--data.on_bad_rows skip)")
         turns = [dict(t) for t in turns]
         if self.cfg.system_prompt and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": self.cfg.system_prompt})
         return tuple(turns)
 
-    def _reply_turns(self, rec: Mapping[str, Any], name: str, out: _Out) -> tuple[list[dict[str, str]], str]:
+    def _reply_turns(self, rec: Mapping[str, Any], name: str, out: ParsedRecord) -> tuple[list[dict[str, str]], str]:
         """``(turns before the response, response text)`` of a response column (``chosen``, ``completion``…).
 
         A string is the response; a message list ends with it, and its earlier turns continue the prompt.
@@ -847,7 +924,7 @@ class _Format(abc.ABC):
             raise self._wrong_type(name, value, "a string or a non-empty list of messages")
         turns = _messages(value, f"field {name!r}")
         if turns[-1]["role"] != "assistant":
-            raise _BadRow(
+            raise BadRow(
                 f"the last message of {name} is a {turns[-1]['role']} turn",
                 f"end {name} with the assistant response",
                 "type",
@@ -859,7 +936,7 @@ class _Format(abc.ABC):
         return PreferencePair(prompt, chosen, rejected, self.preference, cfg.chosen_control, cfg.rejected_control, source)
 
 
-class HHRLHF(_Format):
+class HHRLHF(DataFormat):
     """Anthropic HH-RLHF: ``chosen`` / ``rejected`` transcripts ``"\\n\\nHuman: …\\n\\nAssistant: …"``.
 
     The prompt is everything before the last ``\\n\\nAssistant:`` (its turns become user/assistant
@@ -874,11 +951,11 @@ class HHRLHF(_Format):
     _TURN = re.compile(r"\n\n(Human|Assistant):")
     _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         self._require(rec, "chosen", "rejected")
         chosen_prefix, chosen = self._split(self._string(rec, "chosen"), "chosen")
         rejected_prefix, rejected = self._split(self._string(rec, "rejected"), "rejected")
-        out = _Out()
+        out = ParsedRecord()
         if chosen_prefix != rejected_prefix:
             out.skipped.append("chosen and rejected differ before the last Assistant turn")
             return out
@@ -891,7 +968,7 @@ class HHRLHF(_Format):
             transcript = "\n\n" + transcript  # the marker at the very start has no blank line before it
         cut = transcript.rfind("\n\nAssistant:")
         if cut < 0:
-            raise _BadRow(
+            raise BadRow(
                 f"{name} has no '\\n\\nAssistant:' turn",
                 "HH-RLHF transcripts end with an Assistant turn; for prompt/chosen/rejected data, or pairs without"
                 " Human:/Assistant: markers (TRL implicit prompt), set --data.format pairwise",
@@ -902,7 +979,7 @@ class HHRLHF(_Format):
         marks = list(self._TURN.finditer(prefix))
         if not marks or prefix[: marks[0].start()].strip():
             fix = "start the transcript with '\\n\\nHuman:' or set --data.format pairwise"
-            raise _BadRow(f"{name} does not start with a 'Human:' turn", fix)
+            raise BadRow(f"{name} does not start with a 'Human:' turn", fix)
         ends = [m.start() for m in marks[1:]] + [len(prefix)]
         return [
             {"role": self._HH_ROLES[m.group(1)], "content": prefix[m.end() : end].strip()}
@@ -910,7 +987,7 @@ class HHRLHF(_Format):
         ]
 
 
-class Pairwise(_Format):
+class Pairwise(DataFormat):
     """``prompt`` / ``chosen`` / ``rejected`` (TRL "standard" and "conversational"), prompt explicit or implicit.
 
     Each field is a string or a list of ``{role, content}`` messages. A message-list ``chosen`` /
@@ -926,9 +1003,9 @@ class Pairwise(_Format):
     summary = "prompt, chosen, rejected"
     uses_template = True
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         self._require(rec, "chosen", "rejected")
-        out = _Out()
+        out = ParsedRecord()
         chosen_head, chosen = self._reply_turns(rec, "chosen", out)
         rejected_head, rejected = self._reply_turns(rec, "rejected", out)
         if chosen_head != rejected_head:
@@ -962,7 +1039,7 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     breaks = [m.start() for m in _WORD_BREAK.finditer(chosen, 0, shared)]
     prompt = chosen[: breaks[-1]].strip() if breaks else ""
     if not prompt:
-        raise _BadRow(
+        raise BadRow(
             "chosen and rejected share no leading prompt text (no 'prompt' column, no Human:/Assistant: markers)",
             "add the prompt as its own column (--data.columns '{prompt: COLUMN}'), or for HH-RLHF transcripts set"
             " --data.format hh_rlhf",
@@ -972,7 +1049,7 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[cut:].strip(), rejected[cut:].strip()
 
 
-class ShareGPT(_Format):
+class ShareGPT(DataFormat):
     """sharegpt-style (LLaMA-Factory): ``conversations`` [{from, value}] + ``chosen`` / ``rejected``.
 
     ``from`` is system / human / gpt (user / assistant and ``{role, content}`` also work); an optional
@@ -983,19 +1060,19 @@ class ShareGPT(_Format):
     name = "sharegpt"
     summary = "conversations, chosen, rejected"
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         self._require(rec, "conversations", "chosen", "rejected")
         turns = _messages(rec["conversations"], "field 'conversations'")
         system = rec.get("system")
         if isinstance(system, str) and system.strip() and not (turns and turns[0]["role"] == "system"):
             turns.insert(0, {"role": "system", "content": system})
         prompt = self._finish_prompt(turns)
-        out = _Out()
+        out = ParsedRecord()
         chosen, rejected = self._reply(rec, "chosen", out), self._reply(rec, "rejected", out)
         out.add_pair(self._pair(prompt, chosen, rejected, source))
         return out
 
-    def _reply(self, rec: Mapping[str, Any], name: str, out: _Out) -> str:
+    def _reply(self, rec: Mapping[str, Any], name: str, out: ParsedRecord) -> str:
         value = rec[name]
         text = _text(value, name, out)
         if text is not None:
@@ -1005,11 +1082,11 @@ class ShareGPT(_Format):
         message = _message(value, f"field {name!r}")
         if message["role"] != "assistant":
             role = message["role"]
-            raise _BadRow(f"{name} is a {role} message", f"make {name} a gpt/assistant message", "type")
+            raise BadRow(f"{name} is a {role} message", f"make {name} a gpt/assistant message", "type")
         return message["content"]
 
 
-class MultiResponse(_Format):
+class MultiResponse(DataFormat):
     """A prompt column plus one response column per control (e.g. ``prompt``, ``concise``, ``verbose``).
 
     Every control column gives one example with controls ``{preference: column name}``; every two control
@@ -1026,11 +1103,11 @@ class MultiResponse(_Format):
         super().__init__(cfg)
         self.controls: list[str] | None = list(cfg.controls) if cfg.controls else None
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         controls = self.controls = self.controls or self._default_controls(rec)
         prompt = self._finish_prompt(self._prompt(rec, raw))
         self._require(rec, *controls)
-        out = _Out()
+        out = ParsedRecord()
         texts = {name: _response(self._response_cell(rec, name, out), name) for name in controls}
         for name, text in texts.items():
             out.examples.append(ControlledExample(prompt, text, {self.preference: name}, source))
@@ -1047,11 +1124,11 @@ class MultiResponse(_Format):
         prompt_columns = {"prompt", "system", *(n for _, n, _, _ in string.Formatter().parse(template) if n)}
         controls = [k for k, v in rec.items() if isinstance(v, str) and k not in prompt_columns]
         if not controls:
-            raise _BadRow("no response columns besides the prompt", "name them with --data.controls '[a, b]'")
+            raise BadRow("no response columns besides the prompt", "name them with --data.controls '[a, b]'")
         return controls
 
 
-class Pointwise(_Format):
+class Pointwise(DataFormat):
     """``prompt`` / ``response`` + ``score`` (a number) or ``scores`` (``{attribute: number}``).
 
     A single ``score`` labels ``preference``; with ``scores`` each attribute is its own preference (named
@@ -1070,12 +1147,12 @@ class Pointwise(_Format):
         self.rows: list[tuple[tuple, str, dict[str, float], str]] = []
         self.attributes_seen: set[str] = set()
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         self._require(rec, *([] if self.cfg.prompt_template else ["prompt"]), "response")
         if "score" not in rec and "scores" not in rec:
             raise _Missing(["score"], self.cfg.columns, note=" (or 'scores')")
         prompt = self._finish_prompt(self._prompt(rec, raw))
-        out = _Out()
+        out = ParsedRecord()
         response = _response(self._response_cell(rec, "response", out), "response")
         scores = self._scores(rec)
         if not scores:
@@ -1099,7 +1176,7 @@ class Pointwise(_Format):
             if value is not None and (wanted is None or name in wanted)
         }
 
-    def finish(self) -> _Out:
+    def finish(self) -> ParsedRecord:
         self._check_attributes()
         values: dict[str, list[float]] = {}
         for _, _, scores, _ in self.rows:
@@ -1107,21 +1184,17 @@ class Pointwise(_Format):
                 values.setdefault(preference, []).append(value)
         cuts = {pref: self._cuts(vals) for pref, vals in values.items()}
         labels = self._labels()
-        out = _Out()
+        out = ParsedRecord()
         for prompt, response, scores, source in self.rows:
             controls = {p: labels[bisect.bisect_right(cuts[p], v)] for p, v in scores.items()}
             out.examples.append(ControlledExample(prompt, response, controls, source))
         return out
 
     def _cuts(self, values: list[float]) -> list[float]:
-        if self.cfg.score_thresholds is not None:
-            return [float(t) for t in self.cfg.score_thresholds]
-        return quantile_cuts(values, self.cfg.quantile_bins or 2)
+        return score_cuts(self.cfg, values)
 
     def _labels(self) -> list[str]:
-        cfg = self.cfg
-        bins = len(cfg.score_thresholds) + 1 if cfg.score_thresholds else cfg.quantile_bins or 2
-        return list(cfg.score_labels) if cfg.score_labels else default_score_labels(bins)
+        return score_labels(self.cfg)
 
     def _check_attributes(self) -> None:
         unknown = [name for name in self.cfg.attributes or [] if name not in self.attributes_seen]
@@ -1132,6 +1205,20 @@ class Pointwise(_Format):
                     f"{self.cfg.path}: attribute {unknown[0]!r} is in no row's scores — set --data.attributes to some of {found}"
                 )
             )
+
+
+def score_cuts(cfg: SourceConfig, values: Sequence[float]) -> list[float]:
+    """Cut points of the score bins of a source: ``score_thresholds``, else ``quantile_bins`` (default 2) over
+    ``values``; a score gets ``score_labels(cfg)[bisect_right(cuts, score)]``."""
+    if cfg.score_thresholds is not None:
+        return [float(t) for t in cfg.score_thresholds]
+    return quantile_cuts(values, cfg.quantile_bins or 2)
+
+
+def score_labels(cfg: SourceConfig) -> list[str]:
+    """The control of each score bin, lowest first: ``score_labels``, else :func:`default_score_labels`."""
+    bins = len(cfg.score_thresholds) + 1 if cfg.score_thresholds else cfg.quantile_bins or 2
+    return list(cfg.score_labels) if cfg.score_labels else default_score_labels(bins)
 
 
 def quantile_cuts(values: Sequence[float], bins: int) -> list[float]:
@@ -1151,7 +1238,7 @@ def quantile_cuts(values: Sequence[float], bins: int) -> list[float]:
     return cuts
 
 
-class PairwiseVotes(_Format):
+class PairwiseVotes(DataFormat):
     """PandaLM: ``instruction``, ``input``, ``response1``, ``response2``, ``annotator1..N`` votes.
 
     A vote is 1 (response1 better), 2 (response2 better) or 0 (tie). The majority is a vote value given by
@@ -1171,11 +1258,11 @@ class PairwiseVotes(_Format):
         super().__init__(cfg)
         self.vote_columns: list[str] | None = None
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         columns = self.vote_columns = self.vote_columns or self._find_vote_columns(rec)
         self._require(rec, "response1", "response2", *columns)
         prompt = self._finish_prompt(self._instruction(rec, raw))
-        out = _Out()
+        out = ParsedRecord()
         responses = {v: self._response_cell(rec, f"response{v}", out) for v in (1, 2)}
         winner = self._majority([self._vote(rec, name) for name in columns])
         if winner is None and self.cfg.ties == "skip":
@@ -1207,7 +1294,7 @@ class PairwiseVotes(_Format):
         value = rec[name]
         number = value.strip() if isinstance(value, str) else value
         if isinstance(number, bool) or str(number) not in ("0", "1", "2", "0.0", "1.0", "2.0"):
-            raise _BadRow(f"vote {name} is {_short(value)}", self._VOTE_FIX)
+            raise BadRow(f"vote {name} is {_short(value)}", self._VOTE_FIX)
         return int(float(number))
 
     @staticmethod
@@ -1217,7 +1304,7 @@ class PairwiseVotes(_Format):
         return value if value != 0 and 2 * count > len(votes) else None
 
 
-class Unpaired(_Format):
+class Unpaired(DataFormat):
     """Unpaired labelled responses (TRL's unpaired preference, as KTO trains on): ``prompt`` / ``completion`` / ``label``.
 
     ``label`` true marks a desirable completion (control ``chosen_control``, ``good``), false an undesirable
@@ -1232,9 +1319,9 @@ class Unpaired(_Format):
     uses_template = True
     _LABELS = {"true": True, "1": True, "false": False, "0": False}
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         self._require(rec, *([] if self.cfg.prompt_template else ["prompt"]), "completion", "label")
-        out = _Out()
+        out = ParsedRecord()
         head, completion = self._reply_turns(rec, "completion", out)
         prompt = self._finish_prompt(self._prompt(rec, raw) + head)
         completion = _response(completion, "completion")
@@ -1249,13 +1336,217 @@ class Unpaired(_Format):
         found = self._LABELS.get(str(key)) if key is not None else None
         if found is None:
             label = _field_label("label", self.cfg.columns)
-            raise _BadRow(
+            raise BadRow(
                 f"field {label} is {_short(value)}, expected true or false", "write true (desirable) or false (undesirable)"
             )
         return found
 
 
-class Ranked(_Format):
+@dataclass(frozen=True)
+class _Reply:
+    """One assistant reply with feedback, kept until the whole file is read (pairs can span rows)."""
+
+    prompt: tuple[dict[str, str], ...]
+    response: str
+    kind: str  # "thumb" (value ±1) or "number"
+    value: float
+    source: str
+
+
+_THUMBS = {
+    **dict.fromkeys(("up", "thumbs_up", "thumbsup", "thumb_up", "good", "positive", "like", "liked", "+1", "👍"), 1.0),
+    **dict.fromkeys(("down", "thumbs_down", "thumbsdown", "thumb_down", "bad", "negative", "dislike", "disliked", "👎"), -1.0),
+}
+_FEEDBACK_KEYS = ("feedback", "rating", "score")
+_NO_FEEDBACK = "no feedback on any assistant turn"
+_NEUTRAL = "neutral feedback (0 in a file of -1/0/1)"
+
+
+class MessagesFeedback(DataFormat):
+    """Chat logs in the OpenAI ``messages`` shape with feedback on assistant replies (thumbs or scores).
+
+    A sample row (one JSON object per line)::
+
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Name a prime number."},
+                      {"role": "assistant", "content": "7", "feedback": "up"}]}
+
+    Feedback sits on an assistant turn (key ``feedback``, ``rating`` or ``score``), or on the row under the
+    same keys, where it belongs to the last assistant turn (``{"messages": [...], "rating": 4}``). Every
+    assistant turn with feedback is one reply to the turns before it (its prompt).
+
+    Values, decided once per file:
+
+    * **Thumbs**: ``"up"`` / ``"down"`` (also ``thumbs_up`` / ``thumbs_down``, ``good`` / ``bad``,
+      ``positive`` / ``negative``, ``like`` / ``dislike``, 👍 / 👎), JSON ``true`` / ``false``, and numbers
+      when every number of the file is -1, 0 or 1: 1 is up, -1 down, 0 neutral (skipped and counted); in a
+      file of only 0 and 1, 0 is down. Two different replies to the same prompt (the same turns before them,
+      also across rows: a regenerated answer is often logged as a row of its own) with opposite thumbs form
+      a pair, thumbs up chosen. Every reply is one training row under ``chosen_control`` (up, ``good``) or
+      ``rejected_control`` (down, ``bad``), paired or not.
+    * **Scores**: any other numbers (a 1-5 rating, a reward): binned as ``pointwise`` bins them
+      (``score_thresholds``, or ``quantile_bins`` over the file, by default a median split into ``bad`` /
+      ``good``; ``score_labels`` names the bins). Replies to the same prompt in different bins form a pair,
+      the higher bin chosen, each side under its bin's label. Setting ``score_thresholds`` or
+      ``quantile_bins`` reads every value as a score.
+
+    A row with no feedback at all is skipped and counted (``no feedback on any assistant turn``); feedback
+    that is neither a thumb nor a number, or on a row without an assistant turn, is a bad row. Message
+    ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts.
+    """
+
+    name = "messages_feedback"
+    summary = "messages with feedback/rating/score on assistant turns"
+    _VALUES_FIX = "use up/down (or true/false, 1/-1) for thumbs, or a number for a score"
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.replies: list[_Reply] = []
+
+    @classmethod
+    def detect(cls, record: Mapping[str, Any]) -> bool:
+        """A ``messages`` list (feedback may be missing from the first rows: they are counted, not guessed)."""
+        return isinstance(record.get("messages"), list)
+
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
+        self._require(rec, "messages")
+        value = rec["messages"]
+        if not isinstance(value, list):
+            raise self._wrong_type("messages", value, "a list of messages")
+        turns, feedback = [], []
+        for i, item in enumerate(value):
+            turns.append(_message(_text_parts(item), f"field 'messages'[{i}]"))
+            given = _first_feedback(item) if isinstance(item, Mapping) else None
+            if given is not None:
+                if turns[-1]["role"] != "assistant":
+                    raise BadRow(f"messages[{i}] is a {turns[-1]['role']} turn with feedback", "put feedback on assistant turns")
+                feedback.append((i, self._value(given, f"messages[{i}].feedback")))
+        self._row_feedback(rec, turns, feedback)
+        out = ParsedRecord()
+        if not feedback:
+            out.skipped.append(_NO_FEEDBACK)
+            return out
+        for i, (kind, number) in feedback:
+            prompt = self._finish_prompt(turns[:i])
+            response = _response(turns[i]["content"], f"assistant reply messages[{i}] (it has feedback)")
+            self.replies.append(_Reply(prompt, response, kind, number, source))
+        return out
+
+    def _row_feedback(self, rec: Mapping[str, Any], turns: list[dict], feedback: list) -> None:
+        """Adds the row's own ``feedback`` / ``rating`` / ``score`` to its last assistant turn."""
+        given = _first_feedback(rec)
+        if given is None:
+            return
+        last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+        if last is None:
+            raise BadRow("the row has feedback but no assistant turn", "end messages with the assistant reply it rates")
+        value = self._value(given, "the row's feedback")
+        own = dict(feedback).get(last)
+        if own is None:
+            feedback.append((last, value))
+        elif own != value:
+            raise BadRow("the row's feedback and its last assistant turn's feedback disagree", "keep one of them")
+
+    def _value(self, given: Any, where: str) -> tuple[str, float]:
+        if isinstance(given, bool):
+            return "thumb", 1.0 if given else -1.0
+        if isinstance(given, str) and given.strip().lower() in _THUMBS:
+            return "thumb", _THUMBS[given.strip().lower()]
+        try:
+            return "number", _number(given, where)
+        except BadRow:
+            raise BadRow(f"{where} is {_short(given)}", self._VALUES_FIX) from None
+
+    def finish(self) -> ParsedRecord:
+        out = ParsedRecord()
+        if not self.replies:
+            return out
+        numbers = {r.value for r in self.replies if r.kind == "number"}
+        forced = self.cfg.score_thresholds is not None or self.cfg.quantile_bins is not None
+        thumbs = [r for r in self.replies if r.kind == "thumb"]
+        if not forced and numbers <= {-1.0, 0.0, 1.0}:
+            if numbers == {0.0, 1.0}:  # a file of 0 and 1 (a label column): 0 is thumbs down, not neutral
+                self.replies = [replace(r, value=-1.0) if r.value == 0 else r for r in self.replies]
+            self._thumbs(out, self.replies)
+        elif thumbs:
+            scores = ", ".join(f"{n:g}" for n in sorted(numbers)[:3])
+            why = "score_thresholds / quantile_bins read feedback as scores" if forced else f"other rows give scores ({scores}…)"
+            raise DataError(
+                f"{thumbs[0].source}: feedback {'up' if thumbs[0].value > 0 else 'down'} is a thumb, but {why} — "
+                "give one kind of feedback per file (split it into two sources)"
+            )
+        else:
+            self._scores(out)
+        return out
+
+    def _thumbs(self, out: ParsedRecord, replies: list[_Reply]) -> None:
+        cfg = self.cfg
+        for prompt, group in _by_prompt(replies):
+            rated = [r for r in group if r.value != 0]
+            out.skipped.extend(_NEUTRAL for r in group if r.value == 0)
+            ups = _distinct(r for r in rated if r.value > 0)
+            downs = _distinct(r for r in rated if r.value < 0)
+            for up in ups:
+                for down in downs:
+                    if up.response.strip() == down.response.strip():
+                        out.warnings.append("the same reply got thumbs up and down (not compared)")
+                        continue
+                    pair = PreferencePair(
+                        prompt, up.response, down.response, self.preference, cfg.chosen_control, cfg.rejected_control, up.source
+                    )
+                    out.pairs.append(pair)
+            for r in rated:
+                control = cfg.chosen_control if r.value > 0 else cfg.rejected_control
+                out.examples.append(ControlledExample(prompt, r.response, {self.preference: control}, r.source))
+
+    def _scores(self, out: ParsedRecord) -> None:
+        cuts = score_cuts(self.cfg, [r.value for r in self.replies])
+        labels = score_labels(self.cfg)
+        for prompt, group in _by_prompt(self.replies):
+            binned = [(bisect.bisect_right(cuts, r.value), r) for r in group]
+            for level, r in binned:
+                out.examples.append(ControlledExample(prompt, r.response, {self.preference: labels[level]}, r.source))
+            best_first = sorted(binned, key=lambda item: -item[0])
+            for (high, better), (low, worse) in combinations(best_first, 2):
+                if high > low and better.response.strip() != worse.response.strip():
+                    pair = PreferencePair(
+                        prompt, better.response, worse.response, self.preference, labels[high], labels[low], better.source
+                    )
+                    out.pairs.append(pair)
+
+
+def _text_parts(item: Any) -> Any:
+    """A message whose ``content`` is a list of ``{"type": "text", "text": ...}`` parts, as one string."""
+    content = item.get("content") if isinstance(item, Mapping) else None
+    if not isinstance(content, list):
+        return item
+    if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return item  # _message names the problem
+    return {**item, "content": "\n".join(p["text"] for p in content)}
+
+
+def _first_feedback(item: Mapping[str, Any]) -> Any:
+    return next((item[key] for key in _FEEDBACK_KEYS if item.get(key) is not None), None)
+
+
+def _by_prompt(replies: Iterable[_Reply]) -> list[tuple[tuple, list[_Reply]]]:
+    """Replies grouped by their prompt (the turns before them), groups in first-seen order."""
+    groups: dict[tuple, tuple[tuple, list[_Reply]]] = {}
+    for r in replies:
+        key = tuple((t["role"], t["content"]) for t in r.prompt)
+        groups.setdefault(key, (r.prompt, []))[1].append(r)
+    return list(groups.values())
+
+
+def _distinct(replies: Iterable[_Reply]) -> list[_Reply]:
+    """The first of each different response text (a reply logged twice is paired once)."""
+    seen: dict[str, _Reply] = {}
+    for r in replies:
+        seen.setdefault(r.response.strip(), r)
+    return list(seen.values())
+
+
+class Ranked(DataFormat):
     """OpenAssistant message trees: ``prompt`` is the root message ``{text, role, replies[...]}``.
 
     At every prompter message, its assistant replies that have a ``rank`` (0 = best) are compared; replies
@@ -1277,10 +1568,10 @@ class Ranked(_Format):
         self.saw_rank = False
         self.rows = 0
 
-    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> _Out:
+    def parse(self, rec: Mapping[str, Any], raw: Mapping[str, Any], source: str) -> ParsedRecord:
         self._require(rec, "prompt")
         self.rows += 1
-        out = _Out()
+        out = ParsedRecord()
         stack: list[tuple[Any, tuple, str]] = [(rec["prompt"], (), "prompt")]
         while stack:  # depth-first, iterative: trees can be deep
             node, path, at = stack.pop()
@@ -1293,16 +1584,16 @@ class Ranked(_Format):
 
     def _node(self, node: Any, at: str) -> tuple[dict[str, str], list]:
         if not isinstance(node, Mapping):
-            raise _BadRow(f"{at} is {_kind(node)}, expected a message object", self._TREE_FIX, "type")
+            raise BadRow(f"{at} is {_kind(node)}, expected a message object", self._TREE_FIX, "type")
         role, text, replies = node.get("role"), node.get("text"), node.get("replies")
         replies = [] if replies is None else replies
         if not isinstance(role, str) or role not in self._NODE_ROLES:
             reason = f"{at}.role is {_short(role)}, expected 'prompter' or 'assistant'"
-            raise _BadRow(reason, self._TREE_FIX, "type")
+            raise BadRow(reason, self._TREE_FIX, "type")
         if not isinstance(text, str):
-            raise _BadRow(f"{at}.text is {_kind(text)}, expected a string", self._TREE_FIX, "type")
+            raise BadRow(f"{at}.text is {_kind(text)}, expected a string", self._TREE_FIX, "type")
         if not isinstance(replies, list):
-            raise _BadRow(f"{at}.replies is {_kind(replies)}, expected a list", self._TREE_FIX, "type")
+            raise BadRow(f"{at}.replies is {_kind(replies)}, expected a list", self._TREE_FIX, "type")
         return {"role": self._NODE_ROLES[role], "content": text}, replies
 
     def _ranked_replies(self, replies: list, at: str) -> list[tuple[float, int, str]]:
@@ -1316,12 +1607,12 @@ class Ranked(_Format):
             rank = reply["rank"]
             if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not math.isfinite(rank):
                 reason = f"{where}.rank is {_short(rank)}, expected a number (0 = best)"
-                raise _BadRow(reason, self._TREE_FIX, "type")
+                raise BadRow(reason, self._TREE_FIX, "type")
             ranked.append((rank, i, message["content"]))
         self.saw_rank = self.saw_rank or bool(ranked)
         return sorted(ranked)
 
-    def _compare(self, replies: list, history: tuple, at: str, source: str, out: _Out) -> None:
+    def _compare(self, replies: list, history: tuple, at: str, source: str, out: ParsedRecord) -> None:
         ranked = self._ranked_replies(replies, at)
         if len(ranked) < 2:
             return
@@ -1346,19 +1637,13 @@ class Ranked(_Format):
                 control = self.cfg.chosen_control if rank == best else self.cfg.rejected_control
                 out.examples.append(ControlledExample(prompt, text, {self.preference: control}, source))
 
-    def finish(self) -> _Out:
+    def finish(self) -> ParsedRecord:
         if self.rows and not self.saw_rank:
             raise DataError(
                 f"{self.cfg.path}: no assistant reply in {self.rows} trees has a rank — ranked data needs "
                 "'rank' (0 = best) on sibling replies; for other data set --data.format"
             )
-        return _Out()
-
-
-FORMATS: dict[str, type[_Format]] = {
-    parser.name: parser for parser in (HHRLHF, Pairwise, ShareGPT, MultiResponse, Pointwise, PairwiseVotes, Ranked, Unpaired)
-}
-"""Format name → parser class; :func:`read_source` builds a fresh parser per source."""
+        return ParsedRecord()
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -1387,17 +1672,130 @@ def _is_multi_response(rec: Mapping[str, Any]) -> bool:
     return "prompt" in rec and len(others) >= 2
 
 
-# Checked in order: the first that fits wins (the more specific keys first).
-_DETECTORS: tuple[tuple[str, Callable[[Mapping[str, Any]], bool]], ...] = (
-    ("ranked", _is_ranked),
-    ("sharegpt", lambda rec: "conversations" in rec),
-    ("unpaired", lambda rec: "completion" in rec and "label" in rec),
-    ("pairwise_votes", lambda rec: "response1" in rec and "response2" in rec),
-    ("pointwise", lambda rec: "score" in rec or "scores" in rec),
-    ("pairwise", _is_pairwise),
-    ("hh_rlhf", _is_hh),
-    ("multi_response", _is_multi_response),
-)
+# ----------------------------------------------------------------------------------------------- registry
+
+FORMATS: dict[str, type[DataFormat]] = {}
+"""Format name → parser class, every registered format (:func:`register_format`); :func:`read_source` builds
+a fresh parser per source."""
+
+_DETECTORS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = []
+"""``(name, detector)`` in the order ``auto`` tries them: the first that fits wins."""
+
+_FORMAT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def register_format(
+    name: str,
+    format_class: type[DataFormat],
+    detector: Callable[[Mapping[str, Any]], bool] | None = None,
+    *,
+    detect_first: bool = True,
+    replace: bool = False,
+) -> type[DataFormat]:
+    """Makes ``format_class`` readable as ``--data.format NAME`` (and by ``auto`` when it has a detector).
+
+    The library's own formats are registered with this function too, at the end of this module. Example::
+
+        register_format("question_answers", QuestionAnswers)   # see DataFormat's example
+
+    Args:
+        name: What ``--data.format`` / ``data.format`` takes: letters, digits and ``_``, not ``auto``.
+        format_class: A subclass of :class:`DataFormat`.
+        detector: ``(record) -> bool``, whether ``auto`` should read a file whose first record (columns
+            applied) is ``record`` with this format; default the class's own :meth:`DataFormat.detect`.
+        detect_first: Try this detector before the formats registered earlier (the default: a format you add
+            is more specific than the library's general ones, e.g. ``multi_response`` takes any record with a
+            ``prompt`` and two text columns); ``False`` tries it after them.
+        replace: Allow replacing a registered format of the same name (else a ``ValueError``).
+
+    Returns:
+        ``format_class``, so the function also works as a decorator's body.
+
+    Raises:
+        TypeError: ``format_class`` is not a :class:`DataFormat` subclass, or ``detector`` is not callable.
+        ValueError: A bad name, or a name taken by another class without ``replace``.
+    """
+    if not (isinstance(format_class, type) and issubclass(format_class, DataFormat)):
+        raise TypeError(f"register_format({name!r}, ...): {format_class!r} is not a subclass of meet_lightning.DataFormat")
+    if not isinstance(name, str) or not _FORMAT_NAME.fullmatch(name) or name == "auto":
+        raise ValueError(f"register_format: format name {name!r} must be letters, digits and _ (and not 'auto')")
+    if detector is not None and not callable(detector):
+        raise TypeError(f"register_format({name!r}, ...): detector {detector!r} is not callable")
+    _add_format(name, format_class, detector or format_class.detect, detect_first, replace)
+    return format_class
+
+
+def _add_format(name: str, format_class: type[DataFormat], detector: Callable, detect_first: bool, replace: bool) -> None:
+    existing = FORMATS.get(name)
+    if existing is not None and not replace and _class_path(existing) != _class_path(format_class):
+        raise ValueError(
+            f"data format {name!r} is already registered ({_class_path(existing)}) — pick another name, or pass"
+            " replace=True to replace it"
+        )
+    unregister_format(name)  # re-registering (a module imported again) replaces, never duplicates
+    FORMATS[name] = format_class
+    _DETECTORS.insert(0 if detect_first else len(_DETECTORS), (name, detector))
+
+
+def unregister_format(name: str) -> None:
+    """Removes a registered format (and its detector); a name that is not registered is ignored."""
+    FORMATS.pop(name, None)
+    _DETECTORS[:] = [(n, fits) for n, fits in _DETECTORS if n != name]
+
+
+def format_names() -> list[str]:
+    """The names ``--data.format`` takes besides ``auto`` and a class path: every registered format."""
+    return list(FORMATS)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def get_format(name: str) -> type[DataFormat]:
+    """The parser class of ``--data.format NAME``: a registered name, or a class path ``package.module.Class`` of
+    a :class:`DataFormat` subclass (its module is imported: a recipe names it, as it names a control class).
+
+    Raises:
+        ConfigError: Unknown name, a class path that does not import, or a class that is not a DataFormat.
+    """
+    found = FORMATS.get(name)
+    if found is not None:
+        return found
+    module_name, _, class_name = name.replace(":", ".").rpartition(".") if isinstance(name, str) else ("", "", "")
+    if not module_name:
+        close = difflib.get_close_matches(str(name), list(FORMATS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"format {name!r} is unknown{hint} — set --data.format to auto, one of {', '.join(FORMATS)}, or the class"
+            " path of a format of your own (my_package.formats.MyFormat)"
+        )
+    try:
+        found = getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError as err:
+        raise ConfigError(
+            f"format {name!r}: cannot import {module_name!r} ({err}) — check the class path and that the package is installed"
+        ) from None
+    if not (isinstance(found, type) and issubclass(found, DataFormat)):
+        raise ConfigError(
+            f"format {name!r} is not a subclass of meet_lightning.DataFormat — name a DataFormat subclass or a registered format"
+        )
+    _add_format(name, found, found.detect, detect_first=True, replace=True)
+    return found
+
+
+for _parser, _detector in (  # the order auto tries them: the more specific keys first
+    (MessagesFeedback, MessagesFeedback.detect),
+    (Ranked, _is_ranked),
+    (ShareGPT, lambda rec: "conversations" in rec),
+    (Unpaired, lambda rec: "completion" in rec and "label" in rec),
+    (PairwiseVotes, lambda rec: "response1" in rec and "response2" in rec),
+    (Pointwise, lambda rec: "score" in rec or "scores" in rec),
+    (Pairwise, _is_pairwise),
+    (HHRLHF, _is_hh),
+    (MultiResponse, _is_multi_response),
+):
+    register_format(_parser.name, _parser, _detector, detect_first=False)
 
 
 def _guess_format(record: Any) -> str | None:
@@ -1448,28 +1846,28 @@ class _Reading:
 
     cfg: SourceConfig
     result: ParsedSource
-    parser: _Format | None = None
+    parser: DataFormat | None = None
     origin: str = "set by --data.format"
 
-    def start(self, rec: Mapping[str, Any], row: int) -> _Format:
+    def start(self, rec: Mapping[str, Any], row: int) -> DataFormat:
         """Pick the parser from the config or, for ``auto``, from this first record."""
         name = self.cfg.format
         if name == "auto":
             probe = dict(rec, prompt="") if self.cfg.prompt_template and "prompt" not in rec else rec
             name = detect_format(probe, where(self.cfg.path, row))
             self.origin = f"detected from row {row}"
-        parser = FORMATS[name](self.cfg)
+        parser = get_format(name)(self.cfg)
         if self.cfg.prompt_template is not None and not parser.uses_template:
             raise ConfigError(f"data source {self.cfg.path!r}: {_no_template(name)}")
         self.result.format = name
         return parser
 
-    def explain(self, bad: _BadRow, rec: Any, raw: Any) -> _BadRow:
+    def explain(self, bad: BadRow, rec: Any, raw: Any) -> BadRow:
         """Name a row of another format as such, and list the keys a row with a missing field does have."""
         fmt = self.result.format
         guess = _guess_format(rec)
         if bad.kind in ("missing", "type") and self.parser is not None and guess not in (None, fmt):
-            return _BadRow(
+            return BadRow(
                 f"this row looks like format {guess}, not {fmt} ({self.origin})",
                 "a file holds one format: split it into one source per format",
             )
@@ -1477,7 +1875,7 @@ class _Reading:
             keys = _keys(raw) or "no keys"
             header = " (a CSV's first line must be its header)" if ".csv" in self.cfg.path.lower() else ""
             detail = f" for format {fmt} ({self.origin}); the row has [{keys}]{header}"
-            return _BadRow(bad.reason, bad.fix + self._missing_hint(bad.fields, raw), bad.kind, detail)
+            return BadRow(bad.reason, bad.fix + self._missing_hint(bad.fields, raw), bad.kind, detail)
         return bad
 
     def _missing_hint(self, fields: list[str], raw: Mapping[str, Any]) -> str:
@@ -1487,7 +1885,7 @@ class _Reading:
             hint += " or build the prompt with --data.prompt_template '{column_a}\\n\\n{column_b}'"
         return hint
 
-    def record(self, row: int, bad: _BadRow) -> None:
+    def record(self, row: int, bad: BadRow) -> None:
         """Stop at a bad row, or skip and count it (``on_bad_rows: skip``)."""
         if self.cfg.on_bad_rows == "error":
             raise DataError(_one_line(f"{where(self.cfg.path, row)}: {bad}"))
@@ -1498,7 +1896,7 @@ class _Reading:
             self.result.skipped[reason] += 1
             self.result.skipped_rows.setdefault(reason, []).append(row)
 
-    def count_out(self, out: _Out, row: int | None) -> None:
+    def count_out(self, out: ParsedRecord, row: int | None) -> None:
         """Count what a record (``row``) or the end of the file (``None``) skipped and warned about."""
         self.result.warnings.update(out.warnings)
         if row is not None:
@@ -1542,7 +1940,7 @@ def parse_records(cfg: SourceConfig, rows: Iterable[tuple[int, Any]]) -> ParsedS
     return result
 
 
-def iter_parsed(cfg: SourceConfig, rows: Iterable[tuple[int, Any]], result: ParsedSource | None = None) -> Iterator[_Out]:
+def iter_parsed(cfg: SourceConfig, rows: Iterable[tuple[int, Any]], result: ParsedSource | None = None) -> Iterator[ParsedRecord]:
     """What each record gives, record by record (streaming); counts go into ``result``.
 
     The last item is the parser's ``finish`` (pointwise rows come only there: their labels need every score).
@@ -1553,14 +1951,14 @@ def iter_parsed(cfg: SourceConfig, rows: Iterable[tuple[int, Any]], result: Pars
         reading.result.rows_read += 1
         rec: Any = None
         try:
-            if isinstance(value, _BadRow):
+            if isinstance(value, BadRow):
                 raise value
             if not isinstance(value, Mapping):
-                raise _BadRow(f"the record is {_kind(value)}", _NOT_OBJECT_FIX, "type")
+                raise BadRow(f"the record is {_kind(value)}", _NOT_OBJECT_FIX, "type")
             rec = _canonical(value, cfg.columns)
             reading.parser = reading.parser or reading.start(rec, row)
             out = reading.parser.parse(rec, value, where(cfg.path, row))
-        except _BadRow as bad:
+        except BadRow as bad:
             reading.record(row, reading.explain(bad, rec, value))
             continue
         reading.count_out(out, row)
@@ -1581,3 +1979,11 @@ def _check_usable(result: ParsedSource) -> None:
             "check --data.format and --data.columns against the file"
         )
     )
+
+
+_Format = DataFormat
+"""Old name of :class:`DataFormat`, kept for one release."""
+_Out = ParsedRecord
+"""Old name of :class:`ParsedRecord`, kept for one release."""
+_BadRow = BadRow
+"""Old name of :class:`BadRow`, kept for one release."""

@@ -218,15 +218,16 @@ def test_quantile_cuts():
 
 
 def test_formats_table_names_every_format():
-    assert list(FORMATS) == [
-        "hh_rlhf",
-        "pairwise",
-        "sharegpt",
-        "multi_response",
-        "pointwise",
-        "pairwise_votes",
+    assert list(FORMATS) == [  # registration order, which is the order auto tries them
+        "messages_feedback",
         "ranked",
+        "sharegpt",
         "unpaired",
+        "pairwise_votes",
+        "pointwise",
+        "pairwise",
+        "hh_rlhf",
+        "multi_response",
     ]
     assert all(SourceConfig(path="x.jsonl", format=name).format == name for name in FORMATS)
 
