@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -535,19 +536,47 @@ def plain_logps(
     return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head, chunks)
 
 
-def build_control(control: ControlTokens | Mapping[str, Any] | None) -> ControlTokens:
-    """A control object from an instance or its ``{"class_path", "init_args"}`` form (checkpoints).
+def build_control(control: ControlTokens | Mapping[str, Any] | None, *, allow_import: bool = False) -> ControlTokens:
+    """A control object from an instance or its ``{"class_path", "init_args"}`` form (recipes, checkpoints, exports).
 
-    Only subclasses of :class:`ControlTokens` are accepted: a checkpoint cannot make us import anything else.
+    Any subclass of :class:`ControlTokens` works, from any package: a recipe names it by its import path
+    (``class_path: my_package.controls.MyControl``), and parsing the recipe imports that module. The dict form,
+    which checkpoints and exports carry, resolves a class of ``meet_lightning`` or of a module that is already
+    imported; it never imports another module on its own, so loading a file from elsewhere (even with
+    ``weights_only=True``) cannot run code you did not name. To load a checkpoint or export of your own control in
+    a fresh process, import its module first (or pass ``allow_import=True`` for a ``class_path`` you wrote).
+
+    Args:
+        control: An instance (returned as is), the dict form, or ``None`` (no control: the plain LM).
+        allow_import: Import the module ``class_path`` names when it is not imported yet; only for a ``class_path``
+            the user wrote (their recipe), never for one read from a file.
+
+    Raises:
+        CheckpointError: ``class_path`` names no :class:`ControlTokens` subclass, or a module not imported yet.
     """
     if control is None:
         return ControlTokens()
     if isinstance(control, ControlTokens):
         return control
-    module_name, _, class_name = str(control.get("class_path", "")).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name, None) if module_name.startswith("meet_lightning") else None
+    class_path = str(control.get("class_path", ""))
+    module_name, _, class_name = class_path.rpartition(".")
+    if module_name and module_name not in sys.modules and not (allow_import or _is_own_module(module_name)):
+        raise CheckpointError(
+            f"control class_path {class_path!r}: module {module_name!r} is not imported — import it first (import"
+            f" {module_name}); controls are resolved from meet_lightning and modules already imported, so a checkpoint"
+            " never makes meet_lightning import code you did not name"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
+    except ImportError as error:
+        raise CheckpointError(f"control class_path {class_path!r} cannot be imported ({error}) — check the name") from None
     if not (isinstance(cls, type) and issubclass(cls, ControlTokens)):
         raise CheckpointError(
-            f"control class_path {control.get('class_path')!r} is not a meet_lightning control — use one of meet_lightning.control's classes"
+            f"control class_path {class_path!r} is not a meet_lightning control (a subclass of ControlTokens) — use"
+            " one of meet_lightning.control's classes or a ControlTokens subclass of your own"
         )
     return cls(**(control.get("init_args") or {}))
+
+
+def _is_own_module(name: str) -> bool:
+    return name == "meet_lightning" or name.startswith("meet_lightning.")
