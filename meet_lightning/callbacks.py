@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from meet_lightning.evaluate import NO_CONTROL, EvalModel, RewardModel, generate_under
@@ -118,6 +119,56 @@ class MemoryPhases(Callback):
             self.tracker.enter("between_steps")
 
 
+Sample = dict[str, Any]
+"""One sample generation: ``{"step", "control", "prompt", "response"}``."""
+
+
+def samples_markdown(rows: Sequence[Sample]) -> str:
+    """The samples of one control as Markdown: each prompt in bold, its response below."""
+    return "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}" for r in rows)
+
+
+def by_control(rows: Sequence[Sample]) -> dict[str, list[Sample]]:
+    """``rows`` grouped by control, in the order the controls first appear."""
+    groups: dict[str, list[Sample]] = {}
+    for row in rows:
+        groups.setdefault(row["control"], []).append(row)
+    return groups
+
+
+def tensorboard_samples(logger: Any, rows: Sequence[Sample], step: int) -> None:
+    """One text entry per control, ``samples/<control>``, in TensorBoard's TEXT tab."""
+    for control, group in by_control(rows).items():
+        logger.experiment.add_text(f"samples/{control}", samples_markdown(group), step)
+
+
+def wandb_samples(logger: Any, rows: Sequence[Sample], step: int) -> None:
+    """One W&B table ``samples`` (step, control, prompt, response) per validation."""
+    columns = ["step", "control", "prompt", "response"]
+    logger.log_text(key="samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=step)
+
+
+def mlflow_samples(logger: Any, rows: Sequence[Sample], step: int) -> None:
+    """One Markdown artifact per validation, ``samples/step_<step>.md``, in the MLflow run."""
+    text = "\n\n".join(f"## {control}\n\n{samples_markdown(group)}" for control, group in by_control(rows).items())
+    logger.experiment.log_text(logger.run_id, text, f"samples/step_{step:07d}.md")
+
+
+SAMPLE_WRITERS: dict[str, Callable[[Any, Sequence[Sample], int], None]] = {
+    "TensorBoardLogger": tensorboard_samples,
+    "WandbLogger": wandb_samples,
+    "MLFlowLogger": mlflow_samples,
+}
+"""Logger class name → how that kind of logger shows sample generations. Looked up by name along the logger's
+class hierarchy, so a subclass is served too and wandb/mlflow are never imported here; add an entry to teach
+:class:`SampleGenerations` another logger."""
+
+
+def sample_writer(logger: Any) -> Callable[[Any, Sequence[Sample], int], None] | None:
+    """The writer for ``logger``'s kind (or of its nearest parent class that has one), ``None`` for none (CSV)."""
+    return next((SAMPLE_WRITERS[c.__name__] for c in type(logger).__mro__ if c.__name__ in SAMPLE_WRITERS), None)
+
+
 DEFAULT_SAMPLE_PROMPTS = (
     "How do I make a good cup of tea?",
     "My neighbour's dog keeps barking at night. What should I do?",
@@ -130,8 +181,9 @@ class SampleGenerations(Callback):
     """Greedy generations under every control for a few fixed prompts, at the end of each validation.
 
     Each validation (not the sanity check) appends one line per (control, prompt) to ``filename`` in the stage
-    folder (``trainer.default_root_dir``): ``{"step", "control", "prompt", "response"}``; with a
-    ``TensorBoardLogger`` the same text goes to TensorBoard (``samples/<control>``). No logger is needed. With
+    folder (``trainer.default_root_dir``): ``{"step", "control", "prompt", "response"}``; the same samples go to
+    each logger of the run that has a writer in :data:`SAMPLE_WRITERS` (TensorBoard text ``samples/<control>``,
+    a W&B table ``samples``, an MLflow artifact ``samples/step_N.md``). No logger is needed. With
     ``reward_model``, ``num_reward_prompts`` validation prompts are answered under every control and their mean
     reward is logged as ``val/reward/<control>``. Runs on global rank zero only.
 
@@ -199,10 +251,9 @@ class SampleGenerations(Callback):
         with path.open("a", encoding="utf-8") as handle:  # one line per sample: a crash loses nothing written
             handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for control in dict.fromkeys(r["control"] for r in rows):
-                    text = "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}" for r in rows if r["control"] == control)
-                    logger.experiment.add_text(f"samples/{control}", text, trainer.global_step)
+            write = sample_writer(logger)
+            if write is not None:
+                write(logger, rows, trainer.global_step)
 
     def _log_rewards(self, trainer, pl_module, model) -> None:
         if self._reward is None:

@@ -14,11 +14,12 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from meet_lightning import __version__
 from meet_lightning.errors import ConfigError, MeetError
 
 COMMANDS_HELP = {
@@ -177,6 +178,103 @@ def resolve_packaged_paths(recipe: dict[str, Any]) -> None:
                 holder[key] = str(packaged) if packaged.exists() else value
 
 
+# ------------------------------------------------------------------- one switch for both stages
+STAGES = ("stage1", "stage2")
+SHARED_TRAINER_FLAGS = {"--devices": "devices", "--accelerator": "accelerator"}
+"""Top-level flags (and recipe keys) for every stage's trainer: ``--devices 2`` is ``--trainer.devices 2``."""
+SHARED_TRAINER_HELP = (
+    "--trainer.KEY VALUE sets KEY (any key of --stage1.trainer, e.g. --trainer.max_steps 3, --trainer.precision"
+    " bf16-mixed) in both stages' trainers, where it stands: a stage's own value given after it, or in the same"
+    " YAML file, wins. --devices N and --accelerator NAME are --trainer.devices and --trainer.accelerator. In a"
+    " recipe: a top-level trainer: block (and devices: / accelerator: keys)."
+)
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow"]
+"""What ``--logger`` accepts (see ``pipeline.LOGGERS``)."""
+SelectName = Literal["last", "best"]
+"""What ``--stageN.select`` accepts."""
+
+
+def trainer_keys(parser: OneLineParser) -> list[str]:
+    """The keys of a stage's trainer (``max_steps``, ``precision`` …): what ``--trainer.KEY`` may name."""
+    prefix = "--stage1.trainer."
+    return sorted({f[len(prefix) :].split(".")[0].rstrip("+") for f in parser.known_flags() if f.startswith(prefix)})
+
+
+def check_trainer_key(key: str, keys: Sequence[str], shown: str, where: str = "") -> None:
+    """ConfigError unless ``key`` (its first part) is a trainer key; ``shown`` is how the user wrote it, ``where``
+    the file it is in."""
+    name = key.split(".")[0].rstrip("+")
+    if name in keys:
+        return
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    fix = f"did you mean {shown.replace(name, close[0], 1)}?" if close else "use a key of --stage1.trainer (see fit --help)"
+    raise ConfigError(f"unknown key {shown}{where} — {fix}")
+
+
+def expand_shared_flags(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--trainer.KEY VALUE`` (and ``--devices``/``--accelerator``) written out for both stages.
+
+    Expanded in place, so the usual rule holds: what comes later wins. ``--trainer.max_steps 3`` after a recipe
+    overrides the recipe's per-stage values; ``--stage1.trainer.max_steps 5`` after it wins for stage 1.
+    """
+    expanded: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, has_value, value = argv[i].partition("=")
+        key = SHARED_TRAINER_FLAGS.get(flag) or (flag.removeprefix("--trainer.") if flag.startswith("--trainer.") else None)
+        if key is None:
+            expanded.append(argv[i])
+            i += 1
+            continue
+        check_trainer_key(key, keys, flag)
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a value — e.g. {flag} VALUE")
+            value = argv[i + 1]
+        i += 1 if has_value else 2
+        for stage in STAGES:
+            expanded += [f"--{stage}.trainer.{key}", value]
+    return expanded
+
+
+def merge_shared_trainer(recipe: dict[str, Any], path: str, keys: Sequence[str]) -> bool:
+    """Writes a recipe file's top-level ``trainer:`` block (and ``devices:``/``accelerator:``) into each stage's
+    trainer, where the stage's own keys win; returns whether the file had any."""
+    shared = {key: recipe.pop(flag[2:]) for flag, key in SHARED_TRAINER_FLAGS.items() if flag[2:] in recipe}
+    block = recipe.pop("trainer", None)
+    if block is None and not shared:
+        return False
+    if not isinstance(block, dict | None):
+        raise ConfigError(
+            f"--config {path}: trainer: is a mapping of trainer keys (e.g. trainer: {{max_steps: 300}}) — fix the file"
+        )
+    shared.update(block or {})
+    for key in shared:
+        check_trainer_key(key, keys, f"trainer.{key}", f" in {path}")
+    for stage in STAGES:
+        spec = recipe.get(stage) or {}
+        if isinstance(spec, dict):
+            recipe[stage] = {**spec, "trainer": {**shared, **(spec.get("trainer") or {})}}
+    return True
+
+
+def expand_shared_trainer(argv: Sequence[str], parser: OneLineParser) -> list[str]:
+    """``argv`` with the switches for both stages written out per stage: on the command line
+    (:func:`expand_shared_flags`) and in each ``--config`` file (:func:`merge_shared_trainer`, the file then
+    passed as the merged YAML text)."""
+    keys = trainer_keys(parser)
+    argv = expand_shared_flags(argv, keys)
+    for i, arg in enumerate(argv[:-1]):
+        path = argv[i + 1]
+        if arg != "--config" or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle)
+        if isinstance(recipe, dict) and merge_shared_trainer(recipe, path, keys):
+            argv[i + 1] = yaml.safe_dump(recipe, sort_keys=False)
+    return argv
+
+
 def recipe_parser(command: str) -> OneLineParser:
     """The recipe parser: top-level keys, the control, the data and both stages."""
     from lightning import Trainer
@@ -194,8 +292,17 @@ def recipe_parser(command: str) -> OneLineParser:
     parser.add_argument(
         "--model_name_or_path", type=str, default="smollm2-135m-instruct", help="hub id, local folder, .gguf file or alias"
     )
+    parser.add_argument(
+        "--logger",
+        type=LoggerName | list[LoggerName],
+        default=["csv", "tensorboard"],
+        help="experiment trackers of both stages, one or a list ('[tensorboard, wandb]'); csv is always kept (done.json"
+        " and the reports read it); wandb and mlflow need their package (pip install 'meet_lightning[tracking]')",
+    )
+    parser.add_argument_group("both stages", description=SHARED_TRAINER_HELP)
     parser.add_subclass_arguments(ControlTokens, "control", required=False, help="control implementation shared by both stages")
     parser.add_class_arguments(PreferenceDataModule, "data", skip={"model_name_or_path"}, instantiate=False)
+    list_format_choices(parser)
     parser.add_class_arguments(DecodingOptions, "predict", instantiate=False, help="decoding of the predict command")
     for stage in ("stage1", "stage2"):
         parser.add_subclass_arguments(
@@ -216,9 +323,8 @@ def recipe_parser(command: str) -> OneLineParser:
         )
         parser.add_argument(
             f"--{stage}.select",
-            type=str,
+            type=SelectName,
             default="last",
-            choices=["last", "best"],
             help="controls written after the stage: last checkpoint or best val/control_accuracy",
         )
         parser.add_argument(
@@ -232,11 +338,20 @@ def recipe_parser(command: str) -> OneLineParser:
     return parser
 
 
+def list_format_choices(parser: OneLineParser) -> None:
+    """``--data.format``'s help lists the formats there are (read from the registry: a new format shows itself)."""
+    from meet_lightning.formats import FORMATS
+
+    action = next(a for a in parser._actions if "--data.format" in a.option_strings)
+    action.help = f"format of path: one of {', '.join(('auto', *FORMATS))} (auto detects it)"
+
+
 def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any]:
     """Parses a recipe into plain YAML types; ``None`` recipe when only printing it."""
     parser = recipe_parser(command)
     argv = resolve_config_names(argv)
     check_config_files(argv)
+    argv = expand_shared_trainer(argv, parser)
     try:
         cfg = parser.parse_args(argv)
     except ConfigError:
@@ -354,7 +469,7 @@ def quiet_libraries() -> None:
 
 def usage() -> str:
     """The top-level help: every command with one line."""
-    lines = ["usage: python -m meet_lightning COMMAND [--help] ...", "", "commands:"]
+    lines = ["usage: python -m meet_lightning COMMAND [--help] ...   (--version: the library version)", "", "commands:"]
     lines += [f"  {name:<15} {text}" for name, text in COMMANDS_HELP.items()]
     return "\n".join(lines)
 
@@ -362,8 +477,14 @@ def usage() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input). Internal errors propagate (exit code 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a command is missing: the list of them, as a usage error
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"meet_lightning {__version__}")
         return 0
     command = COMMANDS.get(argv[0])
     quiet_libraries()

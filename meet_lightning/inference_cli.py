@@ -11,12 +11,11 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
 
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import ActionConfigFile, set_parsing_settings
 
-from meet_lightning.cli import OneLineParser
+from meet_lightning.cli import OneLineParser, check_config_files
 from meet_lightning.errors import ConfigError
 from meet_lightning.export import AlignedModel
 from meet_lightning.generation import DecodingOptions, as_messages, read_generate_prompts, row_controls, write_jsonl_atomic
@@ -24,10 +23,38 @@ from meet_lightning.precision import WeightsDtype
 from meet_lightning.publish import push_export
 from meet_lightning.report import EvaluateOptions, run_evaluation
 
+AUTO_DEVICE = "auto"
+DEVICE_HELP = "where the model runs: cuda, cuda:N, mps, cpu; auto: cuda when there is a GPU, else mps, else cpu"
+
+
+def available_device() -> str:
+    """The accelerator that is there: ``cuda`` when a GPU is visible, else ``mps`` (Apple silicon), else ``cpu``."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def resolve_device(device: str) -> str:
+    """``device``, with ``auto`` replaced by :func:`available_device`."""
+    return available_device() if device == AUTO_DEVICE else device
+
+
+def add_config_flag(parser: OneLineParser, command: str) -> None:
+    """``--config FILE``: a YAML file of the command's own flags (later flags win; ``--print_config`` writes one)."""
+    parser.add_argument("--config", action=ActionConfigFile, help=f"YAML file of {command}'s flags, e.g. model: run/export")
+
+
+def parse_command(parser: OneLineParser, argv: Sequence[str]):
+    """Parses ``argv`` after checking its ``--config`` files (one line naming a file that is not a YAML mapping)."""
+    check_config_files(argv)
+    return parser.parse_args(list(argv))
+
 
 def generate_command(argv: Sequence[str]) -> int:
     """``generate --model DIR (--prompt TEXT | --prompts_file FILE) [--control NAME ...] [--output FILE.jsonl]``."""
     parser = OneLineParser(prog="meet_lightning generate", description="generate under chosen controls")
+    add_config_flag(parser, "generate")
     parser.add_argument("--model", type=str, required=True, help="an export/ folder")
     parser.add_argument("--prompt", type=str | None, default=None, help="the user message")
     parser.add_argument(
@@ -38,15 +65,14 @@ def generate_command(argv: Sequence[str]) -> int:
     parser.add_argument("--output", type=str | None, default=None, help="write {prompt, controls, response} JSONL here")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the options' field docstrings are the help
     parser.add_class_arguments(DecodingOptions, nested_key=None, as_group=False)
-    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--device", type=str, default=AUTO_DEVICE, help=DEVICE_HELP)
     parser.add_argument(
         "--dtype",
-        type=str,
+        type=WeightsDtype,
         default="auto",
-        choices=list(get_args(WeightsDtype)),
         help="weights dtype; auto: bfloat16 where the CPU or GPU computes it natively, else float32",
     )
-    args = parser.parse_args(list(argv))
+    args = parse_command(parser, argv)
     decoding = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
     one_source = (
         []
@@ -61,7 +87,7 @@ def generate_command(argv: Sequence[str]) -> int:
         if args.prompts_file
         else [{"prompt": as_messages(args.prompt, "--prompt"), "controls": None, "row": 1}]
     )
-    model = AlignedModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = AlignedModel.from_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
     for row in rows:  # per-row controls win; the flags choose for rows without any
         row["controls"] = row["controls"] if row["controls"] is not None else (args.control or None)
     if args.prompts_file:  # every row's controls, checked before anything is generated: FILE:ROW in the error
@@ -87,11 +113,15 @@ def evaluate_command(argv: Sequence[str]) -> int:
     parser = OneLineParser(
         prog="meet_lightning evaluate", description="score a model: pairwise metrics, control fidelity, rewards"
     )
+    add_config_flag(parser, "evaluate")
     parser.add_argument("--output", type=str | None, default=None, help="also write the metrics as JSON here")
     parser.add_class_arguments(EvaluateOptions, nested_key=None, as_group=False)
+    parser.set_defaults(device=AUTO_DEVICE)
+    next(a for a in parser._actions if "--device" in a.option_strings).help = DEVICE_HELP
     # `--attribute A --attribute B` appends, as the help says (a plain list flag would keep only B)
-    parsed = parser.instantiate(parser.parse_args(["--attribute+" if a == "--attribute" else a for a in argv]))
+    parsed = parser.instantiate(parse_command(parser, ["--attribute+" if a == "--attribute" else a for a in argv]))
     fields = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(EvaluateOptions)}
+    fields["device"] = resolve_device(fields["device"])
     metrics = run_evaluation(EvaluateOptions(**fields))
     text = json.dumps(metrics, indent=2)
     print(text)
@@ -104,12 +134,13 @@ def evaluate_command(argv: Sequence[str]) -> int:
 def push_command(argv: Sequence[str]) -> int:
     """``push --model DIR --repo_id OWNER/NAME [--private] [--revision BRANCH] [--commit_message TEXT]``."""
     parser = OneLineParser(prog="meet_lightning push", description="publish an export/ folder to the Hugging Face Hub")
+    add_config_flag(parser, "push")
     parser.add_argument("--model", type=str, required=True, help="an export/ folder")
     parser.add_argument("--repo_id", type=str, required=True, help="owner/name of the model repository (created when missing)")
     parser.add_argument("--private", type=bool, default=False, help="create the repository as private")
     parser.add_argument("--revision", type=str | None, default=None, help="branch to commit to (default: main)")
-    parser.add_argument("--commit_message", type=str | None, default=None)
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--commit_message", type=str | None, default=None, help="the Hub commit's message")
+    args = parse_command(parser, argv)
     url = push_export(args.model, args.repo_id, args.private, args.revision, args.commit_message)
     print(f"pushed {args.model} to {url}")
     return 0

@@ -11,6 +11,7 @@ Under DDP only global rank zero writes the stage files (``recipe.yaml``, ``contr
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -131,6 +132,68 @@ def stage_precision(recipe: Mapping[str, Any], stage: str) -> Resolved:
     return resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
 
 
+LOGGERS: dict[str, tuple[str, str | None]] = {
+    "csv": ("lightning.pytorch.loggers.CSVLogger", None),
+    "tensorboard": ("lightning.pytorch.loggers.TensorBoardLogger", "tensorboard"),
+    "wandb": ("lightning.pytorch.loggers.WandbLogger", "wandb"),
+    "mlflow": ("lightning.pytorch.loggers.MLFlowLogger", "mlflow"),
+}
+"""``--logger`` name → (Lightning logger class, the package it needs). Lightning imports wandb and mlflow only
+when their logger is built, so an unchosen tracker is never imported."""
+DEFAULT_LOGGERS = ("csv", "tensorboard")
+
+
+def logger_names(recipe: Mapping[str, Any]) -> list[str]:
+    """The recipe's ``logger`` (one name or a list; default csv and tensorboard), csv first and always: the
+    stage's ``metrics.csv`` is what ``done.json``, the benchmarks and the reports read."""
+    chosen = recipe.get("logger", DEFAULT_LOGGERS)
+    chosen = [chosen] if isinstance(chosen, str) else list(chosen or [])
+    return list(dict.fromkeys(["csv", *chosen]))
+
+
+def check_loggers(recipe: Mapping[str, Any]) -> None:
+    """ConfigError for an unknown ``--logger`` name, or one whose package is not installed (before anything runs)."""
+    for name in logger_names(recipe):
+        if name not in LOGGERS:
+            raise ConfigError(f"--logger {name!r} is not one of {', '.join(LOGGERS)} — pass one of them (or a list)")
+        package = LOGGERS[name][1]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"--logger {name} needs the {package} package, which is not installed — pip install {package}"
+                " (or pip install 'meet_lightning[tracking]'), or drop it from --logger"
+            )
+
+
+def stage_loggers(recipe: Mapping[str, Any], stage: str) -> list[dict[str, Any]]:
+    """The Lightning loggers of one stage, as ``class_path``/``init_args`` dicts, for the recipe's ``logger``.
+
+    CSV and TensorBoard write ``stageN/logs/version_N``; W&B runs are named ``<output folder>-<stage>`` in project
+    ``$WANDB_PROJECT`` (default ``meet_lightning``; ``WANDB_MODE=offline`` works as usual); MLflow logs to
+    ``$MLFLOW_TRACKING_URI`` (a server, ``sqlite:///mlflow.db`` …), else to the file store ``output_dir/mlruns``
+    (``mlflow ui --backend-store-uri output_dir/mlruns`` shows it), experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
+    ``meet_lightning``).
+    """
+    out = Path(recipe["output_dir"]) / stage
+    run_name = f"{Path(recipe['output_dir']).resolve().name}-{stage}"
+    # one version for CSV and TensorBoard: left to pick their own, the second counts the first's new folder
+    logs = {"save_dir": str(out), "name": "logs", "version": next_log_version(out / "logs")}
+    init_args = {
+        "csv": logs,
+        "tensorboard": logs,
+        "wandb": {"save_dir": str(out), "name": run_name, "project": os.environ.get("WANDB_PROJECT", "meet_lightning")},
+        "mlflow": {
+            "experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME", "meet_lightning"),
+            "run_name": run_name,
+            "save_dir": str(Path(recipe["output_dir"]) / "mlruns"),  # used when MLFLOW_TRACKING_URI is not set
+        },
+    }
+    names = logger_names(recipe)
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # MLflow 3 refuses its file store unless asked; the run's own folder is the offline default chosen here
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [{"class_path": LOGGERS[name][0], "init_args": dict(init_args[name])} for name in names]
+
+
 def stage_args(
     recipe: Mapping[str, Any],
     stage: str,
@@ -145,14 +208,9 @@ def stage_args(
     model["init_args"].update(
         {"model_name_or_path": recipe["model_name_or_path"], "control": recipe.get("control"), **(extra_model_args or {})}
     )
-    # one version for both loggers: left to pick their own, the second counts the first's new folder
-    logs = {"save_dir": str(out), "name": "logs", "version": next_log_version(out / "logs")}
     trainer = {
         "default_root_dir": str(out),
-        "logger": [
-            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": logs},
-            {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": dict(logs)},
-        ],
+        "logger": stage_loggers(recipe, stage),  # a stage's own trainer.logger replaces them
         **copy.deepcopy(spec.get("trainer") or {}),
         "precision": stage_precision(recipe, stage).precision,
         # after the recipe's trainer, which holds Lightning's default True: a DistributedSampler would replace
@@ -347,6 +405,7 @@ def check_recipe(recipe: Mapping[str, Any]) -> None:
             raise ConfigError(f"control {control.get('class_path')}: {message}") from None
     for stage in active_stages(recipe):
         check_stage_settings(recipe, stage)
+    check_loggers(recipe)
     check_modules(recipe)
     problems = decoding_options(recipe).problems("--predict.")
     if problems:
