@@ -167,9 +167,8 @@ class PreferenceDataModule(L.LightningDataModule):
         format: Format of ``path`` (``auto`` detects it).
         preference: Preference name for ``path`` (default: the format's own).
         columns: ``{field the format reads: column of your file}`` for ``path`` (and ``val_path``), e.g.
-            ``{prompt: question, chosen: good_answer, rejected: bad_answer}``; on the command line
-            ``--data.columns '{"prompt": "question", "chosen": "good_answer"}'``. Each entry of ``sources``
-            sets its own ``columns``.
+            ``--data.columns '{prompt: question, chosen: good_answer, rejected: bad_answer}'`` (YAML or JSON).
+            Each entry of ``sources`` sets its own ``columns``.
         subset: Hub datasets and folders: the configuration name of ``path`` (and ``val_path``).
         data_dir: Hub datasets and folders: the folder of the repository to read, e.g. ``harmless-base``.
         split: Hub datasets and folders: the split of ``path`` to read.

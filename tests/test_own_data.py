@@ -60,7 +60,8 @@ RENAMED = [
     {"question": f"How do I do task {i}?", "good_answer": f"Step by step: do {i} carefully.", "bad_answer": "No."}
     for i in range(24)
 ]
-COLUMNS = '{"prompt": "question", "chosen": "good_answer", "rejected": "bad_answer"}'
+MAPPING = {"prompt": "question", "chosen": "good_answer", "rejected": "bad_answer"}
+COLUMNS = "{prompt: question, chosen: good_answer, rejected: bad_answer}"  # as the error's hint writes it (YAML)
 
 
 def test_columns_in_fit_trains_a_file_with_renamed_columns(tmp_path, capsys):
@@ -68,7 +69,7 @@ def test_columns_in_fit_trains_a_file_with_renamed_columns(tmp_path, capsys):
     data = write_jsonl(tmp_path / "renamed.jsonl", RENAMED)
     assert fit(data, tmp_path / "run", "--data.columns", COLUMNS) == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "stage1" / "controls.safetensors").is_file()
-    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["columns"] == json.loads(COLUMNS)
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["columns"] == MAPPING
 
 
 def test_without_columns_the_error_names_the_flag_that_works(tmp_path, capsys):
@@ -80,21 +81,21 @@ def test_without_columns_the_error_names_the_flag_that_works(tmp_path, capsys):
 
 def test_columns_in_print_config_and_yaml(tmp_path, capsys):
     data = write_jsonl(tmp_path / "renamed.jsonl", RENAMED)
-    assert fit(data, tmp_path / "run", "--data.columns", COLUMNS, "--print_config") == 0
+    assert fit(data, tmp_path / "run", "--data.columns", json.dumps(MAPPING), "--print_config") == 0  # or JSON
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["data"]["columns"] == json.loads(COLUMNS)
+    assert printed["data"]["columns"] == MAPPING
     overlay = tmp_path / "columns.yaml"
-    overlay.write_text(yaml.safe_dump({"data": {"columns": json.loads(COLUMNS)}}))
+    overlay.write_text(yaml.safe_dump({"data": {"columns": MAPPING}}))
     assert fit(data, tmp_path / "run", "--config", str(overlay), "--print_config") == 0
-    assert yaml.safe_load(capsys.readouterr().out)["data"]["columns"] == json.loads(COLUMNS)
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["columns"] == MAPPING
 
 
 def test_columns_apply_to_path_and_val_path_but_not_to_sources(tmp_path):
     from meet_lightning.data import PreferenceDataModule
 
     data = write_jsonl(tmp_path / "renamed.jsonl", RENAMED)
-    module = PreferenceDataModule(path=str(data), val_path=str(data), columns=json.loads(COLUMNS))
-    assert module.sources[0].columns == module.val_source.columns == json.loads(COLUMNS)
+    module = PreferenceDataModule(path=str(data), val_path=str(data), columns=MAPPING)
+    assert module.sources[0].columns == module.val_source.columns == MAPPING
     assert len(read_source(module.sources[0]).pairs) == len(RENAMED)
     with pytest.raises(ConfigError, match="set columns on each entry of --data.sources"):
         PreferenceDataModule(sources=[SourceConfig(path=str(data))], columns={"prompt": "question"})
