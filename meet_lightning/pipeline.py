@@ -194,6 +194,14 @@ def stage_loggers(recipe: Mapping[str, Any], stage: str) -> list[dict[str, Any]]
     return [{"class_path": LOGGERS[name][0], "init_args": dict(init_args[name])} for name in names]
 
 
+def finish_tracker_runs(trainer: Any) -> None:
+    """Ends the W&B run a stage opened: W&B keeps one run per process, and stage 2's logger would otherwise log
+    into stage 1's run (MLflow, TensorBoard and CSV keep one run per logger already)."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
 def stage_args(
     recipe: Mapping[str, Any],
     stage: str,
@@ -647,6 +655,7 @@ def run_stage(
             log(f"{stage}: {what} by phase (GiB): " + ", ".join(f"{k} {v}" for k, v in record[key].items()))
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(record, indent=2))
+    finish_tracker_runs(cli.trainer)
     cli.trainer.strategy.barrier()
     return record
 

@@ -275,12 +275,12 @@ trainer:
 """
 
 
-def tracked_run(tmp_path: Path, hh: Path, logger: str) -> Path:
-    """A one-stage, one-step debug run logging to ``logger``, with sample generations at its final validation."""
+def tracked_run(tmp_path: Path, hh: Path, logger: str, *extra: str) -> Path:
+    """A one-step-per-stage debug run logging to ``logger``, with sample generations at each final validation."""
     overlay = tmp_path / "samples.yaml"
     overlay.write_text(SAMPLES)
     out = tmp_path / "run"
-    args = fit_args(RECIPE, out, hh, "--config", str(overlay), "--stage2.model", "null", "--trainer.max_steps", "1")
+    args = fit_args(RECIPE, out, hh, "--config", str(overlay), "--trainer.max_steps", "1", *extra)
     assert run(*args, "--logger", logger) == 0
     assert (out / "stage1" / "logs" / "version_0" / "metrics.csv").is_file()  # CSV kept
     return out
@@ -289,7 +289,7 @@ def tracked_run(tmp_path: Path, hh: Path, logger: str) -> Path:
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed (pip install mlflow)")
 def test_mlflow_logger_offline_with_a_file_store(tmp_path, hh, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tracked_run(tmp_path, hh, "mlflow")
+    out = tracked_run(tmp_path, hh, "mlflow", "--stage2.model", "null")
     runs = [p.parent for p in (out / "mlruns").rglob("meta.yaml") if (p.parent / "metrics").is_dir()]
     assert len(runs) == 1
     assert (runs[0] / "metrics" / "val" / "control_accuracy").is_file()
@@ -302,9 +302,10 @@ def test_wandb_logger_in_offline_mode(tmp_path, hh, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tracked_run(tmp_path, hh, "[csv, wandb]")
-    runs = list((out / "stage1" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    assert list(runs[0].rglob("samples_*.table.json"))  # the sample generations, as a W&B table
+    for stage in ("stage1", "stage2"):  # a run per stage: stage 2 does not log into stage 1's run
+        runs = list((out / stage / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("*.wandb")), stage
+        assert list(runs[0].rglob("samples_*.table.json")), stage  # the sample generations, as a W&B table
 
 
 def test_trackers_are_an_optional_extra():
