@@ -135,7 +135,6 @@ def test_decoding_options_name_a_bad_kv_cache():
     [
         (lambda: PromptTuningControl(num_tokens=0), "num_tokens"),
         (lambda: PromptTuningControl(init="zeros"), "init"),
-        (lambda: PromptTuningControl(init="text"), "init_text"),
         (lambda: PromptTuningControl(placement="middle"), "placement"),
         (lambda: LoRAControl(rank=0), "rank"),
         (lambda: TextControl(phrases={}), "phrases"),
