@@ -28,6 +28,7 @@ COMMANDS_HELP = {
     "test": "test metrics of one stage's last checkpoint (--stage)",
     "predict": "generate for data.predict_path with one stage's last checkpoint",
     "generate": "generate a response from an exported model under chosen controls",
+    "chat": "talk to a model in the terminal, switching controls between turns",
     "evaluate": "score an exported or plain Hugging Face model on pairwise data",
     "push": "publish an export/ folder to the Hugging Face Hub",
     "inspect-data": "read a data file and report formats, counts, drops and lengths",
@@ -448,6 +449,7 @@ def lazy(module: str, function: str) -> Callable[[Sequence[str]], int]:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **{name: functools.partial(run_recipe_command, name) for name in ("fit", "validate", "test", "predict")},
     "generate": lazy("inference_cli", "generate_command"),
+    "chat": lazy("inference_cli", "chat_command"),
     "evaluate": lazy("inference_cli", "evaluate_command"),
     "push": lazy("inference_cli", "push_command"),
     "inspect-data": run_inspect_data,

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from jsonargparse import ActionConfigFile, set_parsing_settings
 
+from meet_lightning.chat import ChatSession, check_decoding, run_chat
 from meet_lightning.cli import OneLineParser, check_config_files
 from meet_lightning.errors import ConfigError
+from meet_lightning.evaluate import load_for_evaluation
 from meet_lightning.export import AlignedModel
 from meet_lightning.generation import DecodingOptions, as_messages, read_generate_prompts, row_controls, write_jsonl_atomic
 from meet_lightning.precision import WeightsDtype
@@ -104,6 +107,40 @@ def generate_command(argv: Sequence[str]) -> int:
         print(f"wrote {len(results)} responses to {args.output}")
     else:
         print("\n\n".join(texts))
+    return 0
+
+
+def chat_command(argv: Sequence[str]) -> int:
+    """``chat --model DIR [--control NAME ...]``: a terminal conversation (:mod:`meet_lightning.chat`)."""
+    parser = OneLineParser(prog="meet_lightning chat", description="talk to a model, switching controls between turns")
+    add_config_flag(parser, "chat")
+    parser.add_argument("--model", type=str, required=True, help="an export/ folder, a Hugging Face folder, an alias or a hub id")
+    parser.add_argument(
+        "--control", type=str, action="append", default=[], help="controls to start with (/controls changes them)"
+    )
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser.add_class_arguments(DecodingOptions, nested_key=None, as_group=False)
+    parser.add_argument("--device", type=str, default=AUTO_DEVICE, help=DEVICE_HELP)
+    parser.add_argument(
+        "--dtype", type=WeightsDtype, default="auto", help="weights dtype; auto: bfloat16 where computed natively"
+    )
+    args = parse_command(parser, argv)
+    decoding = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
+    check_decoding(decoding)
+    loaded = load_for_evaluation(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    model = AlignedModel(loaded.lm, loaded.tokenizer, loaded.control, loaded.schema)
+    session = ChatSession(model, decoding)
+    start = session.choose(args.control)
+    if args.control and session.controls != args.control:
+        raise ConfigError(f"--control: {start}")
+    if decoding.seed is not None:
+        torch.manual_seed(decoding.seed)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # each streamed piece shows at once
+
+    run_chat(session, sys.stdin, write)
     return 0
 
 

@@ -93,3 +93,67 @@ def test_the_printer_waits_for_a_whole_character():
     printer.put(torch.tensor([0xC3]))  # a character cut off by the end of the answer is still written
     printer.end()
     assert out[-1] == "\ufffd\n"
+
+
+def test_the_chat_command_in_a_pseudo_terminal(tmp_path):
+    """The real command in a terminal: it prompts, streams an answer, takes commands and leaves on /quit."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
+
+    folder = tmp_path / "plain"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    main, child = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "meet_lightning", "chat", "--model", str(folder), "--max_new_tokens", "6", "--device", "cpu"]
+    process = subprocess.Popen(command, stdin=child, stdout=child, stderr=child, env=env, close_fds=True)
+    os.close(child)
+    seen = b""
+
+    def read_until(prompts: int, seconds: float = 120) -> None:
+        """Reads until the ``> `` prompt has been shown ``prompts`` times."""
+        nonlocal seen
+        deadline = time.monotonic() + seconds
+        while seen.count(b"\n> ") + seen.startswith(b"> ") < prompts and time.monotonic() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(main, 4096)
+                except OSError:
+                    break
+        assert seen.count(b"\n> ") >= prompts, seen.decode(errors="replace")[-2000:]
+
+    try:
+        read_until(1)
+        os.write(main, b"/controls concise\n")
+        read_until(2)
+        os.write(main, b"hello\n")
+        read_until(3)
+        os.write(main, b"/quit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        os.close(main)
+    text = seen.decode(errors="replace")
+    assert "this model has no controls" in text  # the /controls answer
+    after_hello = text.split("hello", 1)[1]
+    assert after_hello.count("\n> ") == 1  # an answer (perhaps empty for the untrained model), then the prompt
+
+
+def test_a_start_control_the_model_does_not_know_is_one_line_exit_2(tmp_path, capsys):
+    from meet_lightning.cli import main
+    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
+
+    folder = tmp_path / "plain"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["chat", "--model", str(folder), "--control", "concise", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --control: this model has no controls (a plain model): answers stay uncontrolled"
