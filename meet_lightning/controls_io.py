@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
+from meet_lightning.atomic import write_bytes_atomic
 from meet_lightning.control import ControlTokens
 from meet_lightning.errors import CheckpointError
 from meet_lightning.examples import ControlSchema
 
 
 def save_controls(control: ControlTokens, path: Path, schema: ControlSchema, fingerprint: str) -> None:
-    """Writes the control parameters atomically (temp file in the same folder, then ``os.replace``)."""
+    """Writes the control parameters atomically (:func:`~meet_lightning.atomic.write_atomic`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in control.state_dict().items()}
     metadata = {
         "schema": json.dumps(schema.to_dict()),
@@ -23,10 +23,7 @@ def save_controls(control: ControlTokens, path: Path, schema: ControlSchema, fin
         "fingerprint": fingerprint,
         "format": "meet_lightning.controls/1",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
 def read_controls_metadata(path: Path) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -14,6 +13,7 @@ from typing import Any, Literal, get_args
 import torch
 from tqdm.auto import tqdm
 
+from meet_lightning.atomic import write_text_atomic
 from meet_lightning.control import ControlTokens
 from meet_lightning.errors import ConfigError, DataError
 from meet_lightning.examples import ControlSchema, Message
@@ -231,11 +231,8 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Writes JSONL through a temp file in the same folder, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    """Writes JSONL atomically (:func:`~meet_lightning.atomic.write_atomic`): a crash leaves no half file."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def row_controls(schema: ControlSchema, row: Mapping[str, Any], path: str) -> list[int]:

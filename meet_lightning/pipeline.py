@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from meet_lightning.atomic import write_text_atomic
 from meet_lightning.callbacks import MemoryPhases, ThroughputMeter
 from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
@@ -49,7 +50,6 @@ from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/Injected
     GradientCheck,
     InjectedFault,
     RNGState,
-    write_text_atomic,
 )
 from meet_lightning.rss import PeakRSSByPhase
 from meet_lightning.tokenized_cache import data_identity

@@ -32,12 +32,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from meet_lightning.atomic import TEMP_SUFFIX, remove_stale_temp_files, write_atomic, write_text_atomic  # noqa: F401 - re-exported
 from meet_lightning.distributed import unwrapped_name
 from meet_lightning.errors import ConfigError, NumericalError
 
 FAULT_ENV = "MEET_FAULT"
 FAULT_POINTS = ("step_end", "ckpt_write", "nan_grad")
-TEMP_SUFFIX = ".partial"
 _KILL_AFTER_BYTES = 1024  # a checkpoint killed mid-write has at least this much of its temp file on disk
 
 
@@ -134,53 +134,6 @@ class FaultInjection(Callback):
 
 
 # ------------------------------------------------------------------------------------------- checkpoint IO
-def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes ``path`` through ``write(file)`` on a temp file in the same folder: fsync, ``os.replace``, fsync.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written one; the temp file
-    (``.NAME.PID.partial``) is removed on an exception and by :func:`remove_stale_temp_files` after a kill.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
-        with open(tmp, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """:func:`write_atomic` for a text file (UTF-8)."""
-    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:  # makes the rename itself durable; not every platform can open a folder
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Deletes the ``*.partial`` temp files a killed run left in ``folder``; returns them."""
-    stale = sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
 def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in nested dicts/lists, with a dotted name (``state_dict.control.bank``)."""
     if isinstance(tree, torch.Tensor):
