@@ -474,7 +474,9 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
         train = Split()
         val = Split([e for p in parsed for e in p.examples], [pair for p in parsed for pair in p.pairs])
     else:  # duplicates dropped, split by first user turn, val_source's overlap refused (meet_lightning.heldout)
-        parsed, held_out, train, val, notes = held_out_split(parsed, held_out, spec.val_fraction, spec.seed, spec.drop_val_overlap)
+        parsed, held_out, train, val, notes = held_out_split(
+            parsed, held_out, spec.val_fraction, spec.seed, spec.drop_val_overlap
+        )
     lines = [source_line(p) for p in parsed]
     if held_out is not None:
         lines.append(source_line(held_out).replace("data: ", "data: validation ", 1))
