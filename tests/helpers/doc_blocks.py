@@ -6,7 +6,8 @@ A page is read top to bottom:
   that name before anything runs (``../shared/data/`` inside it pointed at the shared data).
 * ```` ```bash ```` blocks hold ``python -m meet_lightning …`` lines, run through the CLI in process, and
   ``make …`` lines, which are what CI itself runs (not run again here). A line may start with ``NAME=value``
-  environment settings; its comment may say ``# exits N`` when the command must stop with code N.
+  environment settings; its comment may say ``# exits N`` when the command must stop with code N; ``< FILE``
+  feeds it that file as standard input (``chat`` reads its turns from it).
 * ```` ```python ```` blocks run unchanged. Exports they (or ``--model``) name under ``runs/…/export`` that no
   earlier command of the page trained are built as tiny exports first.
 * A block preceded by ``<!-- not-run: REASON -->`` is not run; the tests keep such markers rare.
@@ -14,19 +15,25 @@ A page is read top to bottom:
 Commands are rewritten only as far as a test needs: the tiny model (``--config debug`` appended to recipe
 commands), local data for hub ids, ``../shared/data`` and ``/tmp`` paths pointed at the test's folders, and
 placeholders (``FILE``, ``[--optional …]``) filled in. ``push`` needs the Hub: offline it must stop with its one
-line.
+line; so must a ``--logger`` naming a tracker whose package is not installed (the ``tracking`` extra). The folder
+is on ``sys.path`` as the working folder is for ``python -m``, so a saved ``.py`` file imports; the formats and
+modules a page registers or imports from it are forgotten after the page.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
+from meet_lightning import formats
 from meet_lightning.cli import main
 from meet_lightning.control import LoRAControl, PromptTuningControl
 from meet_lightning.examples import ControlSchema
@@ -45,6 +52,8 @@ RECIPE_COMMANDS = {"fit", "validate", "test", "predict"}
 OFFLINE_REFUSED = {"push"}  # needs the Hub: offline it must refuse with one line
 EXPORT_PATH = re.compile(r"runs/[\w.-]+/export")
 EXPECTED_EXIT = re.compile(r"#.*\bexits (\d+)")
+STDIN = re.compile(r"\s<\s*(\S+)")
+TRACKERS = ("wandb", "mlflow")  # --logger names whose package is an optional extra
 HH_FILE = "hh_rlhf_harmless.train.jsonl.gz"
 
 
@@ -111,13 +120,18 @@ def rewrite(text: str, shared: Path, tmp: Path) -> list[str]:
     text = text.replace("FILE", str(shared / HH_FILE))
     text = text.replace("../shared/data/", f"{shared}/")
     words = shlex.split(text, comments=True)
-    if words[0] in RECIPE_COMMANDS and "--print_config" not in words:
+    if words and words[0] in RECIPE_COMMANDS and "--print_config" not in words:
         configs = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--config"]
-        own_recipe = any((tmp / config).is_file() for config in configs)  # a recipe the page saved names its data
+        own_recipe = any(saved_data(tmp / config) for config in configs)  # a recipe the page saved names its data
         words += ["--config", "debug"]
         if not own_recipe and not {"--data.path", "--data.sources"} & set(words):
             words += ["--data.path", str(shared / HH_FILE)]
     return words
+
+
+def saved_data(path: Path) -> bool:
+    """Whether ``path`` is a recipe file the page saved that sets ``data``."""
+    return path.is_file() and "data" in (yaml.safe_load(path.read_text()) or {})
 
 
 def tiny_export(folder: Path, lora: bool = False) -> None:
@@ -150,29 +164,61 @@ def write_fixtures(tmp: Path) -> None:
 def run_command(line: str, shared: Path, tmp: Path, monkeypatch, capsys) -> list[str]:
     """Runs one ``python -m meet_lightning`` line in process; asserts its exit code. Returns its arguments."""
     env, words = split_env(line)
-    args = rewrite(line.split("meet_lightning", 1)[1], shared, tmp)
+    command = line.split("meet_lightning", 1)[1]
+    stdin = STDIN.search(command.split(" #", 1)[0])
+    args = rewrite(STDIN.sub("", command, count=1) if stdin else command, shared, tmp)
     if "--model" in args:
         ensure_exports(args[args.index("--model") + 1], tmp)
+    for i, word in enumerate(args[:-1]):  # a command's own --config file may name the export
+        if word == "--config" and (tmp / args[i + 1]).is_file():
+            ensure_exports((tmp / args[i + 1]).read_text(), tmp)
+    missing = [name for name in TRACKERS if name in logger_flags(args) and importlib.util.find_spec(name) is None]
     expected = EXPECTED_EXIT.search(line)
     with monkeypatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
+        if stdin:
+            patch.setattr(sys, "stdin", (tmp / stdin[1]).open())
         try:
             code = main(args)
         except SystemExit as exit:  # --print_config and --help exit inside the parser
             code = int(exit.code or 0)
+        finally:
+            if stdin:
+                sys.stdin.close()
     err = capsys.readouterr().err
-    if args[0] in OFFLINE_REFUSED:
+    if args and args[0] in OFFLINE_REFUSED:
         assert code == 2 and "HF_HUB_OFFLINE" in err, args
+    elif missing:
+        assert code == 2 and f"pip install {missing[0]}" in err, args
     else:
         want = int(expected[1]) if expected else 0
         assert code == want, f"{args}: exit {code}, expected {want}: {err.strip().splitlines()[-1:] or ''}"
     return args
 
 
+def logger_flags(args: list[str]) -> str:
+    """The values of a command's ``--logger`` flags, joined."""
+    return " ".join(args[i + 1] for i, word in enumerate(args[:-1]) if word == "--logger")
+
+
 def run_page(page: Path, shared: Path, tmp: Path, monkeypatch, capsys) -> list[list[str]]:
     """Runs every block of ``page`` in ``tmp`` (see the module docstring); returns the commands it ran."""
+    registered, modules = dict(formats.FORMATS), set(sys.modules)
+    try:
+        return run_blocks(page, shared, tmp, monkeypatch, capsys)
+    finally:  # what the page's own files registered or imported must not leak into later tests
+        for name in set(formats.FORMATS) - set(registered):
+            formats.unregister_format(name)
+        for name in set(sys.modules) - modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp)):
+                del sys.modules[name]
+
+
+def run_blocks(page: Path, shared: Path, tmp: Path, monkeypatch, capsys) -> list[list[str]]:
+    """:func:`run_page`'s work."""
     monkeypatch.chdir(tmp)
+    monkeypatch.syspath_prepend(str(tmp))  # `python -m` puts the working folder first on sys.path
     write_fixtures(tmp)
     blocks = page_blocks(page)
     for block in blocks:
