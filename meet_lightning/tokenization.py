@@ -7,15 +7,13 @@ classifier scores each response under ``good`` and ``bad`` without re-tokenizing
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from meet_lightning.examples import ControlledExample, ControlSchema, Message, ParsedSource, PreferencePair
+from meet_lightning.examples import ControlledExample, ControlSchema, Message, PreferencePair
 from meet_lightning.losses import IGNORE_INDEX
 from meet_lightning.models import end_of_turn_id
 
@@ -188,25 +186,3 @@ class Split:
 
     examples: list[ControlledExample] = field(default_factory=list)
     pairs: list[PreferencePair] = field(default_factory=list)
-
-
-def split_by_prompt(parsed: Sequence[ParsedSource], val_fraction: float, seed: int) -> tuple[Split, Split]:
-    """Splits rows and pairs into train and validation by prompt, with a fixed seed.
-
-    A prompt's rows and comparisons all land on the same side, so a prompt's other comparisons (OpenAssistant
-    siblings, the two sides of a pair) never leak from training into validation.
-    """
-    groups: dict[str, Split] = {}
-    for source in parsed:
-        for example in source.examples:
-            groups.setdefault(json.dumps(example.prompt, sort_keys=True), Split()).examples.append(example)
-        for pair in source.pairs:
-            groups.setdefault(json.dumps(pair.prompt, sort_keys=True), Split()).pairs.append(pair)
-    keys = list(groups)
-    random.Random(seed).shuffle(keys)
-    num_val = round(len(keys) * val_fraction)
-    sides = (keys[num_val:], keys[:num_val])
-    train, val = (
-        Split([e for k in side for e in groups[k].examples], [p for k in side for p in groups[k].pairs]) for side in sides
-    )
-    return train, val

@@ -12,8 +12,9 @@ from meet_lightning.data import PreferenceDataModule, ResumableBatchSampler
 from meet_lightning.errors import ConfigError, DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, ParsedSource, PreferencePair
 from meet_lightning.formats import SourceConfig
+from meet_lightning.heldout import split_by_first_turn
 from meet_lightning.models import build_tiny_tokenizer, end_of_turn_id, prepare_tokenizer
-from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows, split_by_prompt
+from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows
 
 SCHEMA = ControlSchema.from_dict({"harmless": ["good", "bad"], "length": ["concise", "verbose"]})
 
@@ -136,7 +137,7 @@ def test_sampler_splits_batches_between_ranks_without_overlap():
 def test_split_keeps_every_row_and_pair_of_a_prompt_on_one_side():
     pairs = [PreferencePair((user(f"p{i % 7}"),), f"c{i}", f"r{i}", "harmless", source=str(i)) for i in range(30)]
     source = ParsedSource("x", "pairwise", 30, pairs, [e for p in pairs for e in p.examples()])
-    train, val = split_by_prompt([source], 0.3, seed=0)
+    train, val = split_by_first_turn([source], 0.3, seed=0)
     train_prompts = {json.dumps(p.prompt) for p in train.pairs} | {json.dumps(e.prompt) for e in train.examples}
     val_prompts = {json.dumps(p.prompt) for p in val.pairs} | {json.dumps(e.prompt) for e in val.examples}
     assert not train_prompts & val_prompts and len(val_prompts) == 2
