@@ -84,3 +84,50 @@ def test_configuration_reference_is_generated_from_the_parsers():
     for flag in ("--stage1.trainer.max_steps", "--data.format", "--control", "--prompts_file", "--fidelity_prompts"):
         assert flag in page, flag
     assert not (DOCS / "reference" / "configuration.md").exists()  # generated into the site only
+
+
+PAGE_OF_HELPERS = """
+```python title="page_pkg/fmt.py"
+from meet_lightning import DataFormat, ParsedRecord, register_format
+
+
+class Nothing(DataFormat):
+    def parse(self, rec, raw, source):
+        return ParsedRecord()
+
+
+register_format("page_nothing", Nothing)
+```
+
+```text title="session.txt"
+/controls concise
+/quit
+```
+
+```bash
+python -m meet_lightning chat --model runs/x/export < session.txt
+WANDB_MODE=offline python -m meet_lightning fit --config meet_hh_prompt --output_dir runs/t --logger '[csv, wandb]'
+```
+
+```python
+import page_pkg.fmt  # the page's folder is on sys.path, as the working folder is for python -m
+```
+"""
+
+
+def test_the_helper_feeds_stdin_checks_a_missing_tracker_and_forgets_what_a_page_registered(
+    tmp_path, monkeypatch, shared_data, capsys
+):
+    import importlib.util
+
+    from meet_lightning import formats
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    page = tmp_path / "page.md"
+    page.write_text(PAGE_OF_HELPERS)
+    work = tmp_path / "work"
+    work.mkdir()
+    ran = run_page(page, shared_data, work, monkeypatch, capsys)
+    assert [args[0] for args in ran] == ["chat", "fit"] and not (work / "runs" / "t").exists()  # refused, one line
+    assert "page_nothing" not in formats.FORMATS and "page_pkg.fmt" not in sys.modules

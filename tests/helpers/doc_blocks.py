@@ -229,7 +229,7 @@ def run_blocks(page: Path, shared: Path, tmp: Path, monkeypatch, capsys) -> list
     for block in blocks:
         if block.not_run or block.title or block.lang not in RUN:
             continue
-        where = f"{page.relative_to(ROOT)}:{block.line}"
+        where = f"{page.relative_to(ROOT) if page.is_relative_to(ROOT) else page}:{block.line}"
         if block.lang == "bash":
             for line in command_lines(block.body):
                 words = split_env(line)[1]
