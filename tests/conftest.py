@@ -79,3 +79,38 @@ HELPSTEER_ROWS = [
     )
 ]  # fmt: skip
 """HelpSteer2-shaped rows (its columns, 0-4 ratings) written by the tests that need them."""
+
+
+# ---------------------------------------------------------------------------------- shared test factories
+def build_tiny_hh_data(shared: Path, **options):
+    """A set-up :class:`~meet_lightning.data.PreferenceDataModule` on the shared HH file with the tiny model
+    (16 rows, 4 held-out pairs, 96 tokens, batches of 4 unless ``options`` say otherwise)."""
+    from meet_lightning.data import PreferenceDataModule
+
+    defaults = dict(preference="harmless", model_name_or_path="tiny-debug", max_length=96, batch_size=4, max_examples=16,
+                    max_val_examples=4)  # fmt: skip
+    data = PreferenceDataModule(path=str(shared / HH_FILE), **{**defaults, **options})
+    data.setup("fit")
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_hh_data(shared_data):
+    """:func:`build_tiny_hh_data` as a factory: ``tiny_hh_data(max_length=128, pair_batches=True)``."""
+    return lambda **options: build_tiny_hh_data(shared_data, **options)
+
+
+def build_cpu_trainer(root: Path, steps: int = -1, **options):
+    """A quiet CPU ``Trainer`` for tests: no logger, checkpoints, progress bar, summary or validation unless
+    ``options`` turn them on."""
+    import lightning as L
+
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    return L.Trainer(max_steps=steps, default_root_dir=root, **{**defaults, **options})
+
+
+@pytest.fixture
+def cpu_trainer(tmp_path):
+    """:func:`build_cpu_trainer` in this test's folder, as a factory: ``cpu_trainer(3, log_every_n_steps=1)``."""
+    return lambda steps=-1, **options: build_cpu_trainer(tmp_path, steps, **options)

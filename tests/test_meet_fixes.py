@@ -143,42 +143,19 @@ def test_text_init_is_the_default_and_derives_phrases_from_the_label_names():
 # ------------------------------------------------------------------ stage 2: what the controls do, and logging it
 @pytest.fixture(scope="module")
 def hh_datamodule(shared_data):
-    from meet_lightning.data import PreferenceDataModule
+    from conftest import build_tiny_hh_data
 
-    data = PreferenceDataModule(
-        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
-        preference="harmless",
-        model_name_or_path="tiny-debug",
-        max_length=96,
-        batch_size=4,
-        max_examples=16,
-        max_val_examples=4,
-    )
-    data.setup("fit")
-    return data
+    return build_tiny_hh_data(shared_data)
 
 
-def _fit(module, data, tmp_path, steps: int = 3):
-    import lightning as L
-
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        default_root_dir=tmp_path,
-    )
+def _fit(module, data, trainer_factory, steps: int = 3):
+    trainer = trainer_factory(steps, log_every_n_steps=1)
     trainer.fit(module, data)
     return trainer.callback_metrics
 
 
 @pytest.mark.parametrize("controls", ["train", "frozen"])
-def test_stage2_controls_train_or_stay_frozen_and_both_updates_are_logged(controls, hh_datamodule, tmp_path):
+def test_stage2_controls_train_or_stay_frozen_and_both_updates_are_logged(controls, hh_datamodule, cpu_trainer):
     import torch
 
     from meet_lightning import PromptTuningControl
@@ -189,7 +166,7 @@ def test_stage2_controls_train_or_stay_frozen_and_both_updates_are_logged(contro
     )
     module.configure_model()
     bank = module.control.bank.detach().clone()
-    metrics = _fit(module, hh_datamodule, tmp_path)
+    metrics = _fit(module, hh_datamodule, cpu_trainer)
     lm_ratio = float(metrics["train/update_ratio_lm"])
     assert 0 < lm_ratio < 1  # the LM moved, by a small fraction of its norm
     if controls == "frozen":
@@ -201,12 +178,12 @@ def test_stage2_controls_train_or_stay_frozen_and_both_updates_are_logged(contro
     assert module.hparams.controls == controls
 
 
-def test_stage1_logs_the_controls_update_and_no_lm_update(hh_datamodule, tmp_path):
+def test_stage1_logs_the_controls_update_and_no_lm_update(hh_datamodule, cpu_trainer):
     from meet_lightning import PromptTuningControl
     from meet_lightning.modules import ControlTokenModule
 
     module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=2), hh_datamodule.control_schema, lr=1e-2)
-    metrics = _fit(module, hh_datamodule, tmp_path, steps=2)
+    metrics = _fit(module, hh_datamodule, cpu_trainer, steps=2)
     assert float(metrics["train/update_ratio_controls"]) > 0
     assert "train/update_ratio_lm" not in metrics
 

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import build_tiny_hh_data
 
 from meet_lightning.control import LoRAControl, PromptTuningControl
-from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import ConfigError
 from meet_lightning.modules import ControlTokenModule, JointFinetuneModule
 
@@ -23,16 +23,7 @@ MODULES = {"stage1": ControlTokenModule, "stage2": JointFinetuneModule}
 
 @pytest.fixture(scope="module")
 def batch(shared_data):
-    data = PreferenceDataModule(
-        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
-        preference="harmless",
-        model_name_or_path="tiny-debug",
-        max_length=96,
-        batch_size=4,
-        max_examples=8,
-        max_val_examples=2,
-    )
-    data.setup("fit")
+    data = build_tiny_hh_data(shared_data, max_examples=8, max_val_examples=2)
     return data.control_schema, next(iter(data.train_dataloader()))
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import build_cpu_trainer, build_tiny_hh_data
 
 from meet_lightning.control import LoRAControl, PromptTuningControl
 from meet_lightning.controls_io import save_controls
-from meet_lightning.data import PreferenceDataModule
 from meet_lightning.errors import CheckpointError
 from meet_lightning.modules import ControlTokenModule, JointFinetuneModule, MeetModule
 from meet_lightning.modules.base import warmup_cosine
@@ -21,31 +21,11 @@ CONTROLS = {
 
 @pytest.fixture(scope="module")
 def datamodule(shared_data):
-    data = PreferenceDataModule(
-        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
-        preference="harmless",
-        model_name_or_path="tiny-debug",
-        max_length=96,
-        batch_size=4,
-        max_examples=16,
-        max_val_examples=4,
-    )
-    data.setup("fit")
-    return data
+    return build_tiny_hh_data(shared_data)
 
 
 def trainer(tmp_path, steps: int) -> L.Trainer:
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    return build_cpu_trainer(tmp_path, steps)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
