@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ActionConfigFile, set_parsing_settings
 
 from meet_lightning.chat import ChatSession, check_decoding, run_chat
@@ -54,6 +55,17 @@ def parse_command(parser: OneLineParser, argv: Sequence[str]):
     return parser.parse_args(list(argv))
 
 
+def control_names(values: str | Sequence[str]) -> list[str]:
+    """``--control`` values as names. From a ``--config`` file the appended flag arrives as one string: a name
+    (``control: concise``) or the text of a YAML list (``control: [concise, harmless/good]``), which is read back
+    as a list (a control name never holds brackets, so nothing else is read this way)."""
+    names: list[str] = []
+    for value in [values] if isinstance(values, str) else values:
+        listed = yaml.safe_load(value) if value.startswith("[") and value.endswith("]") else None
+        names += [str(v) for v in listed] if isinstance(listed, list) else [value]
+    return names
+
+
 def generate_command(argv: Sequence[str]) -> int:
     """``generate --model DIR (--prompt TEXT | --prompts_file FILE) [--control NAME ...] [--output FILE.jsonl]``."""
     parser = OneLineParser(prog="meet_lightning generate", description="generate under chosen controls")
@@ -92,7 +104,7 @@ def generate_command(argv: Sequence[str]) -> int:
     )
     model = AlignedModel.from_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
     for row in rows:  # per-row controls win; the flags choose for rows without any
-        row["controls"] = row["controls"] if row["controls"] is not None else (args.control or None)
+        row["controls"] = row["controls"] if row["controls"] is not None else (control_names(args.control) or None)
     if args.prompts_file:  # every row's controls, checked before anything is generated: FILE:ROW in the error
         for row in rows:
             row_controls(model.schema, row, args.prompts_file)
@@ -130,8 +142,9 @@ def chat_command(argv: Sequence[str]) -> int:
     loaded = load_for_evaluation(args.model, device=resolve_device(args.device), dtype=args.dtype)
     model = AlignedModel(loaded.lm, loaded.tokenizer, loaded.control, loaded.schema)
     session = ChatSession(model, decoding)
-    start = session.choose(args.control)
-    if args.control and session.controls != args.control:
+    controls = control_names(args.control)
+    start = session.choose(controls)
+    if controls and session.controls != controls:
         raise ConfigError(f"--control: {start}")
     if decoding.seed is not None:
         torch.manual_seed(decoding.seed)

@@ -157,3 +157,12 @@ def test_a_start_control_the_model_does_not_know_is_one_line_exit_2(tmp_path, ca
     assert main(["chat", "--model", str(folder), "--control", "concise", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: --control: this model has no controls (a plain model): answers stay uncontrolled"
+
+
+def test_a_list_of_controls_in_a_config_file_is_read_as_names():
+    from meet_lightning.inference_cli import control_names
+
+    assert control_names(["['concise', 'harmless/good']"]) == ["concise", "harmless/good"]
+    assert control_names(["concise", "harmless/good"]) == ["concise", "harmless/good"]
+    assert control_names([]) == []
+    assert control_names("concise") == ["concise"] and control_names("['concise']") == ["concise"]  # from a file

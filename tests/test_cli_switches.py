@@ -129,6 +129,16 @@ def test_generate_and_evaluate_take_a_config_file(switched_run, tmp_path, hh, ca
     config.write_text(yaml.safe_dump({"model": str(export), "prompt": "Hello", "max_new_tokens": 3, "device": "cpu"}))
     assert run("generate", "--config", str(config)) == 0
     capsys.readouterr()
+    # a control, and a list of them, in the file (failed before control_names: read letter by letter)
+    config.write_text(
+        yaml.safe_dump({"model": str(export), "prompt": "Hello", "max_new_tokens": 3, "device": "cpu", "control": ["good"]})
+    )
+    assert run("generate", "--config", str(config)) == 0, capsys.readouterr().err
+    config.write_text(
+        yaml.safe_dump({"model": str(export), "prompt": "Hello", "max_new_tokens": 3, "device": "cpu", "control": "good"})
+    )
+    assert run("generate", "--config", str(config)) == 0, capsys.readouterr().err
+    capsys.readouterr()
     config = tmp_path / "evaluate.yaml"
     report = tmp_path / "metrics.json"
     config.write_text(yaml.safe_dump({"model": str(export), "data": {"path": str(hh)}, "max_pairs": 4, "progress": False}))
