@@ -8,8 +8,12 @@ variable ``controls``, a list of the names ``generate --control`` accepts::
     tokenizer.apply_chat_template(messages, controls=["concise"], add_generation_prompt=True)
 
 Several preferences are written in schema order, as in training; without ``controls`` the prompt is the plain
-one. The added tokens are never generated: ``generation_config.suppress_tokens`` lists them (with tied
-embeddings they are output classes too), and ``generation_config.eos_token_id`` stops at the end of the turn.
+one. ``generation_config.eos_token_id`` stops at the end of the turn.
+
+The added tokens are never generated, by any engine, with or without ``suppress_tokens``: a tied head is
+untied (its own weight, a copy of the embeddings), so the learned input vectors are not output rows, and each
+control token's output row is the mean of the real rows, whose logit never beats the top real one
+(:func:`losing_output_rows`). ``generation_config.suppress_tokens`` lists them as well, which costs nothing.
 
 Control names reach the template as data (one JSON literal it reads, :func:`jinja_literal`), never as template
 code: a quote, a brace or an emoji in a name cannot break the template or add code to it.
@@ -101,6 +105,9 @@ def add_control_vocabulary(
 ) -> list[int]:
     """Adds the control tokens to ``tokenizer`` and ``lm`` (in place) and returns their ids.
 
+    A tied output head is untied, and the control tokens get output rows that never win
+    (:func:`losing_output_rows`): no engine generates them, ``suppress_tokens`` or not.
+
     Args:
         lm: The LM to export.
         tokenizer: Its tokenizer (its chat template is extended, see :func:`controlled_template`).
@@ -118,10 +125,46 @@ def add_control_vocabulary(
     ids = tokenizer.convert_tokens_to_ids(names)
     rows = lm.get_input_embeddings().weight.shape[0]
     lm.resize_token_embeddings(max(rows, max(ids) + 1), mean_resizing=False)
+    untie_output_embeddings(lm)
     embedding = lm.get_input_embeddings().weight
     with torch.no_grad():
         embedding[ids] = vectors.reshape(num_controls * num_tokens, hidden).to(embedding.dtype)
+    losing_output_rows(lm, ids)
     config = lm.generation_config
     config.suppress_tokens = sorted({*(config.suppress_tokens or []), *ids})
     tokenizer.chat_template = controlled_template(tokenizer.chat_template, schema, num_tokens, placement, bos_first)
     return ids
+
+
+def untie_output_embeddings(lm: nn.Module) -> bool:
+    """Gives a tied LM head its own weight, a copy of the input embeddings, and marks the config untied (in place).
+
+    Tied, a control token's input vector is also its output row, and a trained vector's logit can beat every
+    real token. Returns whether the head was tied.
+    """
+    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    if tied:
+        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad)
+    # both configs: a multimodal model keeps the flag in its text config, and from_pretrained would tie again
+    for config in {id(c): c for c in (lm.config, lm.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return tied
+
+
+@torch.no_grad()
+def losing_output_rows(lm: nn.Module, ids: list[int]) -> None:
+    """Gives the control tokens ``ids`` output rows that no decoding picks (in place; the head must be untied).
+
+    Each row is the mean of the real tokens' rows (and bias), so for every hidden state ``h`` a control token's
+    logit is the mean of the real logits: never above the largest, whatever the model, the text or the control
+    vectors. Greedy decoding never picks one, and by Jensen's inequality its probability stays below ``1/V``
+    (``V`` real tokens) at any temperature; in LMs, whose next-token distribution is peaked, the mean logit sits
+    far below the top one. No calibration text is needed, and the real tokens' logits are untouched.
+    """
+    head = lm.get_output_embeddings()
+    real = torch.ones(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
+    real[ids] = False
+    for param in (head.weight, getattr(head, "bias", None)):
+        if param is not None:
+            param[ids] = param[real].mean(0, dtype=torch.float32).to(param.dtype)

@@ -94,8 +94,8 @@ def with_control_vocabulary(
 ) -> tuple[torch.nn.Module, Any, dict[str, Any] | None]:
     """``lm`` and a copy of ``tokenizer`` that plain ``transformers`` steers (see :mod:`meet_lightning.control_vocab`).
 
-    Input-vector controls (prompt tuning, special tokens) become added tokens; every export's generation config
-    stops at the end of the assistant turn. ``lm`` is extended in place (a copy would double the memory of a
+    Input-vector controls (prompt tuning, special tokens) become added tokens, whose output rows never win (a
+    tied head is untied first); every export's generation config stops at the end of the assistant turn. ``lm`` is extended in place (a copy would double the memory of a
     large model; the export's caller discards it). Returns both and the schema's ``vocabulary`` entry (``None``
     when the controls are not input vectors).
     """
@@ -107,19 +107,25 @@ def with_control_vocabulary(
     if vectors is None or not schema.num_controls:
         return lm, tokenizer, None
     rows = lm.get_input_embeddings().weight.shape[0]
+    head = lm.get_output_embeddings()
+    tied = head is not None and head.weight is lm.get_input_embeddings().weight  # the export unties it
     ids = add_control_vocabulary(lm, tokenizer, vectors.float(), schema, control.placement, encoder.bos_first)
-    vocabulary = {"token_ids": ids, "tokens_per_control": vectors.shape[1], "base_rows": rows}
+    vocabulary = {"token_ids": ids, "tokens_per_control": vectors.shape[1], "base_rows": rows, "untied_head": tied}
     return lm, tokenizer, {**vocabulary, "template_variable": "controls"}
 
 
 def without_control_vocabulary(lm: torch.nn.Module, vocabulary: Mapping[str, Any]) -> None:
     """Drops the added control rows again (in place), so the LM scores and generates exactly as trained.
 
-    With tied embeddings the added rows are output classes too: kept, they would enter every log-softmax's
-    normaliser and shift ``evaluate``'s log-probs from the trained model's. ``AlignedModel`` splices the
-    vectors in itself.
+    The added rows are output classes too: kept, they would enter every log-softmax's normaliser and shift
+    ``evaluate``'s log-probs from the trained model's. ``AlignedModel`` splices the vectors in itself. A head the
+    export untied (``untied_head``: its other rows are copies of the input embeddings) is tied again, as trained.
     """
     lm.resize_token_embeddings(vocabulary["base_rows"])
+    if vocabulary.get("untied_head"):
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
+        for config in {id(c): c for c in (lm.config, lm.config.get_text_config())}.values():
+            config.tie_word_embeddings = True
     added = set(vocabulary["token_ids"])
     suppressed = [t for t in lm.generation_config.suppress_tokens or [] if t not in added]
     lm.generation_config.suppress_tokens = suppressed or None

@@ -85,7 +85,8 @@ PLAIN_TRANSFORMERS = textwrap.dedent(
             [{"role": "user", "content": "How do I boil an egg?"}], controls=controls, add_generation_prompt=True,
             return_tensors="pt", return_dict=True,
         )
-        out = lm.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        # suppression off: the export alone keeps control tokens out (issue 33)
+        out = lm.generate(**ids, max_new_tokens=12, do_sample=False, suppress_tokens=None)[0, ids["input_ids"].shape[1]:]
         greedy.append(tokenizer.decode(out, skip_special_tokens=True).strip())
         for seed in range(3):
             torch.manual_seed(seed)
