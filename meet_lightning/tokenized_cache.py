@@ -464,8 +464,9 @@ def _tokenize_split(
     return tokenized, len(raw) - len(tokenized)
 
 
-def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) -> None:
-    """Reads, splits and tokenizes ``spec`` into the folder ``target`` (written elsewhere, renamed into place)."""
+def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None, log: Callable[[str], None] | None = None) -> None:
+    """Reads, splits and tokenizes ``spec`` into the folder ``target`` (written elsewhere, renamed into place);
+    ``log`` is told when each split starts and how long it took (a large build takes minutes)."""
     import datasets
 
     parsed = [read_source(s) for s in spec.sources]
@@ -492,7 +493,15 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
         splits = {}
         for name, kind, units in (("train", train_kind, train_units), ("val", val_kind, val_units)):
             encoder = BatchEncoder(tokenizer, spec.max_length, schema, kind, with_prompt=name == "val", full=spec.full_lengths)
+            began = time.perf_counter()
+            if log is not None and units:
+                log(f"data: tokenizing {name}: {len(units):,} {kind}…")
             splits[name], dropped = _tokenize_split(units, kind, encoder, work, name, num_proc)
+            if log is not None and units:
+                seconds = time.perf_counter() - began
+                log(
+                    f"data: tokenized {name}: {len(units):,} {kind} in {seconds:.1f} s ({len(units) / max(seconds, 1e-9):,.0f}/s)"
+                )
             if dropped:
                 summary[f"{name}: dropped, a response longer than max_length"] += dropped
             summary[f"{name}: {kind}"] += len(splits[name])
@@ -515,14 +524,16 @@ def build(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) ->
         shutil.rmtree(work, ignore_errors=True)
 
 
-def build_quietly(spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None) -> None:
-    """:func:`build` without ``datasets``' progress bars (restored afterwards)."""
+def build_quietly(
+    spec: DataSpec, tokenizer: Any, target: Path, num_proc: int | None, log: Callable[[str], None] | None = None
+) -> None:
+    """:func:`build` without ``datasets``' progress bars (restored afterwards): its own lines say how far it got."""
     from datasets.utils import logging as datasets_logging
 
     was_enabled = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()
     try:
-        build(spec, tokenizer, target, num_proc)
+        build(spec, tokenizer, target, num_proc, log)
     finally:
         if was_enabled:
             datasets_logging.enable_progress_bar()
@@ -655,7 +666,7 @@ def prepare_tokenized(
             move_aside(target)
         elif log is not None:
             log(f"data: tokenizing into {target} (first use of this data; later runs reuse it)")
-        build_quietly(spec, tokenizer, target, num_proc)
+        build_quietly(spec, tokenizer, target, num_proc, log)
         return load(target, built=True, seconds_so_far=time.perf_counter() - start)
 
 
