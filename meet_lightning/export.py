@@ -95,9 +95,9 @@ def with_control_vocabulary(
     """``lm`` and a copy of ``tokenizer`` that plain ``transformers`` steers (see :mod:`meet_lightning.control_vocab`).
 
     Input-vector controls (prompt tuning, special tokens) become added tokens, whose output rows never win (a
-    tied head is untied first); every export's generation config stops at the end of the assistant turn. ``lm`` is extended in place (a copy would double the memory of a
-    large model; the export's caller discards it). Returns both and the schema's ``vocabulary`` entry (``None``
-    when the controls are not input vectors).
+    tied head is untied first); every export's generation config stops at the end of the assistant turn.
+    ``lm`` is extended in place (a copy would double the memory of a large model; the export's caller discards
+    it). Returns both and the schema's ``vocabulary`` entry (``None`` when the controls are not input vectors).
     """
     tokenizer = copy.deepcopy(tokenizer)
     encoder = PromptTokenizer(tokenizer, 1)
