@@ -39,9 +39,10 @@ def spec(shared_data) -> DataSpec:
 
 
 def prepare(spec, tokenizer, cache: Path):
+    """The prepared data and what it said, less the build's own progress lines (``data: tokenizing …``)."""
     lines: list[str] = []
     data = prepare_tokenized(spec, tokenizer, cache, log=lines.append)
-    return data, lines
+    return data, [line for line in lines if not line.startswith(("data: tokenizing ", "data: tokenized "))]
 
 
 def train_arrow(folder: Path) -> Path:
