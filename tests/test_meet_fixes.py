@@ -211,3 +211,13 @@ def test_update_probe_measures_the_relative_update_exactly_on_small_tensors_and_
     assert ratios["small"] == pytest.approx(0.1, rel=1e-5)
     assert ratios["large"] == pytest.approx(0.05, rel=0.1)
     assert probe.ratios() == {}  # one measure per snapshot
+
+
+def test_the_hybrid_module_takes_the_stage2_controls_choice(hh_datamodule):
+    """HybridDPOModule restates JointFinetuneModule's signature: without ``controls`` it failed in configure_model."""
+    from meet_lightning import PromptTuningControl
+    from meet_lightning.modules import HybridDPOModule
+
+    module = HybridDPOModule("tiny-debug", PromptTuningControl(num_tokens=2), hh_datamodule.control_schema, controls="frozen")
+    module.configure_model()
+    assert module.hparams.controls == "frozen" and not any(p.requires_grad for p in module.control.parameters())

@@ -451,6 +451,7 @@ class HybridDPOModule(JointFinetuneModule):
         quantize: str | None = None,
         forward_chunks: int = 4,
         compile: bool = False,
+        controls: str = "train",
     ) -> None:
         problems = [
             m
@@ -482,6 +483,7 @@ class HybridDPOModule(JointFinetuneModule):
             quantize=quantize,
             forward_chunks=forward_chunks,
             compile=compile,
+            controls=controls,
         )
 
     @override
