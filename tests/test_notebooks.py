@@ -59,7 +59,9 @@ def test_quickstart_trains_generates_and_plots(tmp_path, monkeypatch):
     lines = [line for cell in nb.cells for line in stdout(cell).splitlines()]
     ratios = [line for line in lines if line.startswith(RATIO)]
     assert len(ratios) == 1, lines
-    assert math.isfinite(float(ratios[0][len(RATIO) :]))
+    ratio = float(ratios[0][len(RATIO) :])
+    # the untrained tiny model may answer nothing under concise: no ratio then (stats' one rule), printed as nan
+    assert math.isfinite(ratio) or "[concise, 0 words]" in "\n".join(lines), lines
     shown = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "display_data"]
     assert any("image/png" in o.data for o in shown), "the plot is not shown inline"
     assert (tmp_path / "quickstart_tiny" / "export" / "meet_schema.json").is_file()
