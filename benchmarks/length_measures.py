@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from meet_lightning.stats import word_ratios, words
+from meet_lightning.stats import MIN_ITEMS, enough_items, word_ratios, words
 
 
 def log_ratios(verbose: Sequence[str], concise: Sequence[str]) -> np.ndarray:
@@ -29,14 +29,17 @@ def log_ratios(verbose: Sequence[str], concise: Sequence[str]) -> np.ndarray:
         return np.where(ratios > 0, np.log(ratios), np.nan)
 
 
-def pooled_interval(values: np.ndarray, samples: int = 2000, seed: int = 0) -> list[float]:
+def pooled_interval(values: np.ndarray, samples: int = 2000, seed: int = 0) -> list[float | None]:
     """``[estimate, low, high]`` of the mean of ``values`` (seeds × prompts), a 95 % interval over both.
 
     Each bootstrap draw resamples seeds, then prompts (the same prompts for every seed, as they are the same
-    prompts); NaN entries (no ratio) are left out of each mean. With one seed it is the prompt bootstrap.
+    prompts); NaN entries (no ratio) are left out of each mean. With one seed it is the prompt bootstrap. Below
+    ``MIN_ITEMS`` prompts with a value (in the sparsest seed) there is no interval: ``[estimate, None, None]``.
     """
     values = np.atleast_2d(np.asarray(values, dtype=float))
     n_seeds, n_prompts = values.shape
+    if not enough_items(int(np.isfinite(values).sum(1).min())):
+        return [float(np.nanmean(values)), None, None]
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, n_seeds, (samples, n_seeds)) if n_seeds > 1 else np.zeros((samples, 1), dtype=int)
     prompt_draws = rng.integers(0, n_prompts, (samples, n_prompts))
@@ -49,7 +52,7 @@ def pooled_interval(values: np.ndarray, samples: int = 2000, seed: int = 0) -> l
 
 def geometric_ratio(log_values: np.ndarray) -> list[float]:
     """``[ratio, low, high]``: the geometric-mean ratio over seeds and prompts with its pooled interval."""
-    return [float(np.exp(v)) for v in pooled_interval(log_values)]
+    return [None if v is None else float(np.exp(v)) for v in pooled_interval(log_values)]
 
 
 def per_seed_verdicts(differences: np.ndarray, samples: int = 2000) -> list[str]:
@@ -57,7 +60,7 @@ def per_seed_verdicts(differences: np.ndarray, samples: int = 2000) -> list[str]
     out = []
     for row in np.atleast_2d(differences):
         _, low, high = pooled_interval(row[None, :], samples)
-        out.append("tie" if low <= 0 <= high else "wins" if low > 0 else "loses")
+        out.append(f"n/a (n < {MIN_ITEMS})" if low is None else "tie" if low <= 0 <= high else "wins" if low > 0 else "loses")
     return out
 
 
@@ -158,7 +161,9 @@ def paired_across_seeds(reference: Sequence[dict[str, Any]], other: Sequence[dic
     diffs = np.array([log_ratios(r["verbose"], r["concise"]) - log_ratios(o["verbose"], o["concise"]) for r, o in pairs])
     estimate, low, high = pooled_interval(diffs)
     per_seed = [float(np.nanmean(row)) for row in diffs]
-    if low <= 0 <= high:
+    if low is None:
+        word = f"n/a (n < {MIN_ITEMS})"
+    elif low <= 0 <= high:
         word = "tie"
     elif all((d > 0) == (low > 0) for d in per_seed):
         word = "wins" if low > 0 else "loses"
@@ -166,16 +171,18 @@ def paired_across_seeds(reference: Sequence[dict[str, Any]], other: Sequence[dic
         word = "mixed"
     return {
         "log_ratio_difference": [estimate, low, high],
-        "ratio_factor": [float(np.exp(v)) for v in (estimate, low, high)],
+        "ratio_factor": [None if v is None else float(np.exp(v)) for v in (estimate, low, high)],
         "per_seed": per_seed,
         "per_seed_verdicts": per_seed_verdicts(diffs),
         "verdict": word,
     }
 
 
-def _cell(values: Sequence[float] | None, digits: int = 2) -> str:
+def _cell(values: Sequence[float | None] | None, digits: int = 2) -> str:
     if not values:
         return "–"
+    if values[1] is None:
+        return f"{values[0]:.{digits}f} [n/a, n < {MIN_ITEMS}]"
     return f"{values[0]:.{digits}f} [{values[1]:.{digits}f}, {values[2]:.{digits}f}]"
 
 

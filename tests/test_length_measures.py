@@ -13,10 +13,17 @@ import length_measures as lm  # noqa: E402
 
 
 def test_geometric_ratio_is_the_exponentiated_mean_log_ratio():
-    verbose, concise = ["a b c d", "a b", "a"], ["a b", "a b", "a b c d"]  # ratios 2, 1, 1/4
+    verbose, concise = ["a b c d", "a b", "a"] * 7, ["a b", "a b", "a b c d"] * 7  # ratios 2, 1, 1/4
     ratio, low, high = lm.geometric_ratio(lm.log_ratios(verbose, concise)[None, :])
     assert ratio == pytest.approx((2 * 1 * 0.25) ** (1 / 3))
     assert low <= ratio <= high
+
+
+def test_below_twenty_prompts_there_is_no_interval_and_no_verdict():
+    few = {"concise": ["a"] * 19, "verbose": ["a b c d"] * 19}
+    assert lm.geometric_ratio(lm.log_ratios(few["verbose"], few["concise"])[None, :])[1:] == [None, None]
+    base = {"concise": ["a"] * 19, "verbose": ["a"] * 19}
+    assert lm.paired_across_seeds([few], [base])["verdict"] == "n/a (n < 20)"
 
 
 def test_pooled_interval_counts_seed_to_seed_variance():
@@ -30,7 +37,7 @@ def test_pooled_interval_counts_seed_to_seed_variance():
 
 
 def test_pooled_interval_leaves_out_missing_ratios():
-    values = np.array([[0.0, np.nan, 0.0, 0.0] * 10])
+    values = np.array([[0.0, np.nan, 0.0, 0.0] * 10])  # 30 values, 10 missing
     assert lm.pooled_interval(values)[0] == 0.0
 
 
