@@ -170,18 +170,18 @@ def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shar
 
 def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_quality_guard(tmp_path, shared_data):
     """``--seeds 2``: every arm and the base trained/decoded per seed, pooled per arm, MEET paired seed by seed."""
-    s = settings(tmp_path, task="length", arms=["meet_prompt", "one_stage_joint"], max_length=2048, length_prompts=4, seeds=2)
+    s = settings(tmp_path, task="length", arms=["meet_prompt"], max_length=2048, length_prompts=4, seeds=2)
     report = compare.run(s)
-    assert set(report["results"]) == {f"{a}{t}" for a in ("base", "meet_prompt", "one_stage_joint") for t in ("", "@seed1235")}
+    assert set(report["results"]) == {f"{a}{t}" for a in ("base", "meet_prompt") for t in ("", "@seed1235")}
     assert (tmp_path / "runs" / "meet_prompt-lr1-seed1235").is_dir() and (
         tmp_path / "runs" / "meet_prompt-lr1"
     ).is_dir()  # as in a one-seed run
     arms = report["arms"]
-    assert set(arms) == {"base", "meet_prompt", "one_stage_joint"} and all(a["seeds"] == 2 for a in arms.values())
+    assert set(arms) == {"base", "meet_prompt"} and all(a["seeds"] == 2 for a in arms.values())
     meet = arms["meet_prompt"]
     assert len(meet["geo_ratio"]) == 3 and len(meet["geo_ratio_per_seed"]) == 2
     assert 0 <= meet["cap_share"]["verbose"] <= 1 and meet["base_nll"]["verbose"][0] > 0
-    assert arms["one_stage_joint"]["vs_reference"]["verdict"] == "n/a (n < 20)"  # 4 prompts: no verdict
+    assert arms["base"]["vs_reference"]["verdict"] == "n/a (n < 20)"  # 4 prompts: no verdict
     assert "vs_reference" not in meet and report["ceiling"]["ratio"][0] > 0
     scores = report["results"]["meet_prompt@seed1235"]["scores"]
     assert scores["settings"][-1] == "seed 1235" and len(scores["base_nll"]["verbose"]) == 4
@@ -191,10 +191,13 @@ def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_qu
 def test_a_run_record_is_not_read_back_when_its_recipe_file_changed(tmp_path, shared_data, monkeypatch):
     """Same command line, edited YAML (e.g. a new default): the old run must not stand in for the new one."""
     s = settings(tmp_path, task="length", arms=["meet_prompt"], max_length=2048, length_prompts=4)
-    compare.run(s)
+    s.out.mkdir(parents=True, exist_ok=True)
+    data = compare.prepare_data(s)
+    first = compare.run_fit("meet_prompt", s, data, 1.0)
+    assert compare.run_fit("meet_prompt", s, data, 1.0) == first  # the same recipe: read back
     monkeypatch.setattr(compare, "recipe_digest", lambda arm, s: "another recipe")
     with pytest.raises(SystemExit, match="trained from other contents of configs/meet_hh_prompt.yaml"):
-        compare.run(s)
+        compare.run_fit("meet_prompt", s, data, 1.0)
 
 
 def test_an_arms_own_learning_rate_is_not_overridden_by_its_recipes():
