@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from helpers.doc_blocks import ROOT, not_run_markers, page_blocks, run_page
+from helpers.doc_blocks import ROOT, command_lines, not_run_markers, page_blocks, run_page, split_env
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
@@ -21,7 +21,17 @@ MAX_NOT_RUN = 4
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(DOCS).as_posix())
 def test_every_code_block_of_a_page_runs(page, tmp_path, monkeypatch, shared_data, capsys):
-    run_page(page, shared_data, tmp_path, monkeypatch, capsys)
+    """Each block runs (run_page asserts every command's exit code and executes every python block), and every
+    ``python -m meet_lightning`` line the page shows in a runnable block was run, none skipped."""
+    shown = [
+        line
+        for block in page_blocks(page)
+        if block.lang == "bash" and not block.not_run and not block.title
+        for line in command_lines(block.body)
+        if split_env(line)[1][:3] == ["python", "-m", "meet_lightning"]
+    ]
+    ran = run_page(page, shared_data, tmp_path, monkeypatch, capsys)
+    assert len(ran) == len(shown), (shown, ran)
 
 
 def test_not_run_markers_are_rare_and_give_a_reason():
