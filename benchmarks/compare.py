@@ -87,8 +87,9 @@ from meet_lightning.stats import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-HH = ROOT.parent / "shared/data/hh_rlhf_harmless.train.jsonl.gz"
-ALPACA = ROOT.parent / "shared/data/alpaca_eval_concise_verbose.train.jsonl.gz"
+SHARED = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as the tests and data_scale.py read it
+HH = SHARED / "hh_rlhf_harmless.train.jsonl.gz"
+ALPACA = SHARED / "alpaca_eval_concise_verbose.train.jsonl.gz"
 REFERENCE = "meet_prompt"
 BASE = "base"
 # Chain-of-Hindsight phrases for both preferences (also the text init of the stage2_only_text_init ablation).

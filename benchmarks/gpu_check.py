@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import llama_1b  # noqa: E402 - a sibling script, not a package
 
-HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless.train.jsonl.gz"
+HH = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh_rlhf_harmless.train.jsonl.gz"
 FSDP = ROOT / "configs" / "strategies" / "fsdp.yaml"
 
 

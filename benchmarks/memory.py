@@ -32,7 +32,7 @@ from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless.train.jsonl.gz"
+HH = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh_rlhf_harmless.train.jsonl.gz"
 ARMS = {
     "stage 1 (prompt tuning, frozen LM)": ["--config", "meet_hh_prompt", "--stage2.model", "null"],
     "stage 2 (full fine-tuning + controls)": ["--config", "ablations/stage2_only"],

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless.train.jsonl.gz"
+HH = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh_rlhf_harmless.train.jsonl.gz"
 
 
 def run(precision: str, args: argparse.Namespace) -> dict:
