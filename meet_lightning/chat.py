@@ -29,11 +29,17 @@ class TokenPrinter:
 
     ``generate(inputs_embeds=…)`` hands it only new tokens, one step at a time (batch of one). The text so far is
     decoded again each step and only what it adds is written, so a character split over two tokens is written
-    once it is complete.
+    once it is complete. The pieces join to the answer ``generate`` returns (stripped): leading whitespace is
+    never written and trailing whitespace only once more text follows it.
+
+    Args:
+        tokenizer: Decodes the ids.
+        write: Receives each new piece.
+        end: Written after the answer (the terminal's newline; nothing for a server).
     """
 
-    def __init__(self, tokenizer: Any, write: Callable[[str], None]) -> None:
-        self.tokenizer, self.write = tokenizer, write
+    def __init__(self, tokenizer: Any, write: Callable[[str], None], end: str = "\n") -> None:
+        self.tokenizer, self.write, self.end_text = tokenizer, write, end
         self.ids: list[int] = []
         self.shown = ""
 
@@ -43,14 +49,18 @@ class TokenPrinter:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
             return
-        self.write(text[len(self.shown) :])
-        self.shown = text
+        self._show(text.strip())
 
     def end(self) -> None:
-        """Called once the answer is complete: writes what is still held back, then a newline."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self.write(text[len(self.shown) :] + "\n")
-        self.ids, self.shown = [], ""
+        """Called once the answer is complete: writes what is still held back, then ``end``."""
+        self._show(self.tokenizer.decode(self.ids, skip_special_tokens=True).strip())
+        if self.end_text:
+            self.write(self.end_text)
+
+    def _show(self, text: str) -> None:
+        if len(text) > len(self.shown):
+            self.write(text[len(self.shown) :])
+            self.shown = text
 
 
 class ChatSession:

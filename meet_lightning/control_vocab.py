@@ -10,6 +10,14 @@ variable ``controls``, a list of the names ``generate --control`` accepts::
 Several preferences are written in schema order, as in training; without ``controls`` the prompt is the plain
 one. ``generation_config.eos_token_id`` stops at the end of the turn.
 
+Servers that pass no template variables (llama.cpp's, llama-cpp-python's, any OpenAI-compatible endpoint) take the
+controls from a **directive**: a first system message whose text is ``controls: NAME, NAME…`` (``controls: none``
+for none). The template reads the names from it and drops the message, so the prompt is the one training saw; the
+``controls`` variable, where given, wins (vLLM: ``chat_template_kwargs={"controls": [...]}``).
+:func:`split_directive` is the same rule in Python, for this library's own server::
+
+    [{"role": "system", "content": "controls: concise"}, {"role": "user", "content": "Name a planet."}]
+
 The added tokens are never generated, by any engine, with or without ``suppress_tokens``: a tied head is
 untied (its own weight, a copy of the embeddings), so the learned input vectors are not output rows, and each
 control token's output row is the mean of the real rows, whose logit never beats the top real one
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +41,8 @@ from meet_lightning.errors import ConfigError
 from meet_lightning.examples import ControlSchema
 
 BOS_EXPRESSION = re.compile(r"\{\{-?\s*bos_token\s*-?\}\}")
+DIRECTIVE = "controls:"
+"""A first system message starting with this chooses the controls (see the module docstring)."""
 
 
 def control_token(name: str, index: int) -> str:
@@ -80,24 +91,46 @@ def controlled_template(template: str, schema: ControlSchema, num_tokens: int, p
     # message joins the names at render time. No whitespace between our tags and the original text: the template
     # environment trims blocks.
     macro = (
-        "{%- macro meet_controls() -%}{%- if controls is defined and controls -%}"
+        "{%- macro meet_controls(active) -%}{%- if active -%}"
         f"{{%- set meet = {jinja_literal(data)} -%}}"
-        "{%- for name in controls -%}{%- if name not in meet['known'] -%}"
+        "{%- for name in active -%}{%- if name not in meet['known'] -%}"
         "{{- raise_exception('unknown control ' ~ name ~ ' — known: ' ~ meet['known'] | join(', ')) -}}"
         "{%- endif -%}{%- endfor -%}"
         "{%- for preference in meet['order'] -%}"
-        "{%- for name in controls -%}{%- if name in meet['table'][preference] -%}"
+        "{%- for name in active -%}{%- if name in meet['table'][preference] -%}"
         "{{- meet['table'][preference][name] -}}{%- endif -%}"
         "{%- endfor -%}{%- endfor -%}{%- endif -%}{%- endmacro %}"
+        # the directive (split_directive's rule): read, then dropped so the original template never sees it
+        "{%- set meet_active = controls if controls is defined and controls else [] -%}"
+        "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] is string"
+        f" and messages[0]['content'].strip().startswith({jinja_literal(DIRECTIVE)}) -%}}"
+        "{%- if not meet_active -%}"
+        f"{{%- set meet_active = messages[0]['content'].strip()[{len(DIRECTIVE)}:].split(',') | map('trim')"
+        " | reject('equalto', '') | reject('equalto', 'none') | list -%}"
+        "{%- endif -%}{%- set messages = messages[1:] -%}{%- endif -%}"
     )
     if placement == "infix":
-        return macro + template + "{% if add_generation_prompt %}{{ meet_controls() }}{% endif %}"
+        return macro + template + "{% if add_generation_prompt %}{{ meet_controls(meet_active) }}{% endif %}"
     if not bos_first:
-        return macro + "{{ meet_controls() }}" + template
+        return macro + "{{ meet_controls(meet_active) }}" + template
     match = BOS_EXPRESSION.search(template)
     if match is None:
         raise ConfigError("the chat template writes its BOS token in a way the export cannot place prefix controls after")
-    return macro + template[: match.end()] + "{{ meet_controls() }}" + template[match.end() :]
+    return macro + template[: match.end()] + "{{ meet_controls(meet_active) }}" + template[match.end() :]
+
+
+def split_directive(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str] | None]:
+    """``messages`` without a leading ``controls: …`` system message, and the names it gives (``None``: no directive).
+
+    The same rule as the exported template's: the first message, a system message whose text starts with
+    ``controls:``; names separated by commas; ``none`` (or nothing) means no control.
+    """
+    first = messages[0] if messages else None
+    content = first.get("content") if first is not None and first.get("role") == "system" else None
+    if not isinstance(content, str) or not content.strip().startswith(DIRECTIVE):
+        return list(messages), None
+    names = [name.strip() for name in content.strip()[len(DIRECTIVE) :].split(",")]
+    return list(messages[1:]), [name for name in names if name and name != "none"]
 
 
 def add_control_vocabulary(

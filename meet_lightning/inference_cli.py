@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -26,6 +27,7 @@ from meet_lightning.generation import DecodingOptions, as_messages, read_generat
 from meet_lightning.precision import WeightsDtype
 from meet_lightning.publish import push_export
 from meet_lightning.report import EvaluateOptions, run_evaluation
+from meet_lightning.serve import ControlServer, make_server
 
 AUTO_DEVICE = "auto"
 DEVICE_HELP = "where the model runs: cuda, cuda:N, mps, cpu; auto: cuda when there is a GPU, else mps, else cpu"
@@ -122,25 +124,35 @@ def generate_command(argv: Sequence[str]) -> int:
     return 0
 
 
-def chat_command(argv: Sequence[str]) -> int:
-    """``chat --model DIR [--control NAME ...]``: a terminal conversation (:mod:`meet_lightning.chat`)."""
-    parser = OneLineParser(prog="meet_lightning chat", description="talk to a model, switching controls between turns")
-    add_config_flag(parser, "chat")
+def add_model_flags(parser: OneLineParser, command: str) -> None:
+    """``--config``, ``--model``, the decoding flags, ``--device`` and ``--dtype`` of ``chat`` and ``serve``."""
+    add_config_flag(parser, command)
     parser.add_argument("--model", type=str, required=True, help="an export/ folder, a Hugging Face folder, an alias or a hub id")
-    parser.add_argument(
-        "--control", type=str, action="append", default=[], help="controls to start with (/controls changes them)"
-    )
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser.add_class_arguments(DecodingOptions, nested_key=None, as_group=False)
     parser.add_argument("--device", type=str, default=AUTO_DEVICE, help=DEVICE_HELP)
     parser.add_argument(
         "--dtype", type=WeightsDtype, default="auto", help="weights dtype; auto: bfloat16 where computed natively"
     )
-    args = parse_command(parser, argv)
+
+
+def load_model_flags(args: Any) -> tuple[AlignedModel, DecodingOptions]:
+    """The model and decoding that :func:`add_model_flags`' flags chose (bad decoding flags: one line, first)."""
     decoding = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
     check_decoding(decoding)
     loaded = load_for_evaluation(args.model, device=resolve_device(args.device), dtype=args.dtype)
-    model = AlignedModel(loaded.lm, loaded.tokenizer, loaded.control, loaded.schema)
+    return AlignedModel(loaded.lm, loaded.tokenizer, loaded.control, loaded.schema), decoding
+
+
+def chat_command(argv: Sequence[str]) -> int:
+    """``chat --model DIR [--control NAME ...]``: a terminal conversation (:mod:`meet_lightning.chat`)."""
+    parser = OneLineParser(prog="meet_lightning chat", description="talk to a model, switching controls between turns")
+    add_model_flags(parser, "chat")
+    parser.add_argument(
+        "--control", type=str, action="append", default=[], help="controls to start with (/controls changes them)"
+    )
+    args = parse_command(parser, argv)
+    model, decoding = load_model_flags(args)
     session = ChatSession(model, decoding)
     controls = control_names(args.control)
     start = session.choose(controls)
@@ -154,6 +166,33 @@ def chat_command(argv: Sequence[str]) -> int:
         sys.stdout.flush()  # each streamed piece shows at once
 
     run_chat(session, sys.stdin, write)
+    return 0
+
+
+def serve_command(argv: Sequence[str]) -> int:
+    """``serve --model DIR [--host H] [--port N]``: an OpenAI-compatible endpoint (:mod:`meet_lightning.serve`)."""
+    parser = OneLineParser(prog="meet_lightning serve", description="an OpenAI-compatible endpoint choosing controls per request")
+    add_model_flags(parser, "serve")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed)")
+    parser.add_argument("--served_name", type=str | None, default=None, help="the model id clients send (default: --model)")
+    args = parse_command(parser, argv)
+    model, decoding = load_model_flags(args)
+    try:
+        server = make_server(ControlServer(model, args.served_name or args.model, decoding), args.host, args.port)
+    except OSError as error:
+        raise ConfigError(f"--host {args.host} --port {args.port}: {error.strerror} — choose another port") from None
+    host, port = server.server_address[:2]
+    print(
+        f"serving {args.served_name or args.model} at http://{host}:{port}/v1 (controls: {', '.join(model.controls) or 'none'})"
+    )
+    print("Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 

@@ -90,9 +90,17 @@ def test_the_printer_waits_for_a_whole_character():
         printer.put(torch.tensor([byte]))
     printer.end()
     assert out == ["é", "!", "\n"]
-    printer.put(torch.tensor([0xC3]))  # a character cut off by the end of the answer is still written
-    printer.end()
-    assert out[-1] == "\ufffd\n"
+    cut = TokenPrinter(Bytes(), out.append)
+    cut.put(torch.tensor([0xC3]))  # a character cut off by the end of the answer is still written
+    cut.end()
+    assert out[-2:] == ["\ufffd", "\n"]
+    # the pieces join to the stripped answer generate returns: no leading space, trailing space only before text
+    pieces: list[str] = []
+    spaced = TokenPrinter(Bytes(), pieces.append, end="")
+    for byte in b" a b ":
+        spaced.put(torch.tensor([byte]))
+    spaced.end()
+    assert pieces == ["a", " b"]
 
 
 def test_the_chat_command_in_a_pseudo_terminal(tmp_path):

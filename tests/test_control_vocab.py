@@ -158,3 +158,35 @@ def test_the_loaded_export_scores_over_the_trained_vocabulary(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.lm(input_ids=ids).logits, trained)
     assert not loaded.lm.generation_config.suppress_tokens
+
+
+DIRECTIVES = {
+    "controls: concise": ["concise"],
+    "  controls:verbose , harmless/good ": ["verbose", "harmless/good"],
+    "controls: none": [],
+    "controls:": [],
+}
+
+
+@pytest.mark.parametrize("placement", ["prefix", "infix"])
+def test_a_controls_directive_in_the_system_message_renders_as_the_controls_variable(tmp_path, placement):
+    """Servers that pass no template variables steer through a first system message; it never reaches the prompt."""
+    from meet_lightning.control_vocab import split_directive
+
+    model = export(tmp_path / "export", placement)
+    render = model.tokenizer.apply_chat_template
+    for text, names in DIRECTIVES.items():
+        messages = [{"role": "system", "content": text}, *MESSAGES]
+        assert split_directive(messages) == (MESSAGES, names)  # the Python rule (this library's server) …
+        by_directive = render(messages, add_generation_prompt=True, tokenize=False)
+        assert by_directive == render(MESSAGES, controls=names, add_generation_prompt=True, tokenize=False), text
+        assert "controls:" not in by_directive  # … and the template's: the message is dropped
+    # the variable wins over a directive; an ordinary system message is no directive and stays
+    directed = [{"role": "system", "content": "controls: concise"}, *MESSAGES]
+    wins = render(directed, controls=["verbose"], add_generation_prompt=True, tokenize=False)
+    assert wins == render(MESSAGES, controls=["verbose"], add_generation_prompt=True, tokenize=False)
+    ordinary = [{"role": "system", "content": "Be brief. controls: concise"}, *MESSAGES]
+    assert split_directive(ordinary) == (ordinary, None)
+    assert "Be brief. controls: concise" in render(ordinary, add_generation_prompt=True, tokenize=False)
+    with pytest.raises(Exception, match="unknown control nope"):
+        render([{"role": "system", "content": "controls: nope"}, *MESSAGES], add_generation_prompt=True, tokenize=False)
