@@ -149,6 +149,19 @@ STUDY_ARMS: dict[str, Arm] = {
     ),
     # D: the special token at the control learning rate, not at the LM-like 1e-3 of its recipe
     "special_token_fast": Arm("configs/baselines/special_token.yaml", "special token (control lr 3e-2)", overrides=FAST_CONTROLS),
+    # A at a stage-2 rate that moves the LM (1e-5 moved it ~1e-5 of its norm per step) and keeps stage 1's control rate
+    "meet_prompt_stage2_fast": Arm(
+        PROMPT_RECIPE,
+        "MEET (prompt), stage 2 at LM lr 1e-4, control lr 3e-2",
+        ("stage1", "stage2"),
+        ("--stage2.model.init_args.lr", "1.0e-4", "--stage2.model.init_args.control_lr", "3.0e-2"),
+    ),
+    # C at the same LM rate, so a win of the faster MEET is not only the rate
+    "coh_fast": Arm(
+        "configs/baselines/coh.yaml",
+        "Chain of Hindsight (LM lr 1e-4)",
+        overrides=("--control.init_args.phrases", json.dumps(PHRASES), "--stage1.model.init_args.lr", "1.0e-4"),
+    ),
 }
 """The length study's decisive arms beside MEET (A), CoH (C) and the base asked by system prompt (E)."""
 ARMS.update(STUDY_ARMS)

@@ -196,6 +196,26 @@ def serve_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def playground_command(argv: Sequence[str]) -> int:
+    """``playground --model DIR [--port N]``: answers side by side in a local web page (:mod:`meet_lightning.playground`)."""
+    parser = OneLineParser(prog="meet_lightning playground", description="one prompt, answers side by side per control choice")
+    add_model_flags(parser, "playground")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    args = parse_command(parser, argv)
+    try:
+        from meet_lightning.playground import build_app
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise ConfigError("playground needs Gradio — pip install 'meet_lightning[ui]'") from None
+    model, decoding = load_model_flags(args)
+    app = build_app(model, decoding, args.model)
+    # no share link, no analytics: nothing leaves the machine
+    app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True)
+    return 0
+
+
 def evaluate_command(argv: Sequence[str]) -> int:
     """``evaluate --model DIR [--data.path FILE] [--fidelity_prompts FILE.jsonl] [--reward_model DIR] [--judge SPEC] [--plots DIR]``."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the options' field docstrings are the help

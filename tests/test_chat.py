@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers.tiny_models import controlled_tiny_model
 
 from meet_lightning.chat import ChatSession, TokenPrinter, run_chat
 from meet_lightning.generation import DecodingOptions
@@ -10,23 +11,7 @@ from meet_lightning.generation import DecodingOptions
 
 @pytest.fixture(scope="module")
 def model():
-    import torch
-
-    from meet_lightning import PromptTuningControl
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.export import AlignedModel
-    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    lm = build_tiny_model(tokenizer)
-    schema = ControlSchema.from_dict({"length": ["concise", "verbose"]})
-    control = PromptTuningControl(num_tokens=2, init="random", seed=1)
-    control.setup(lm, tokenizer, schema)
-    with torch.no_grad():
-        control.bank.mul_(20)  # controls that visibly change the tiny model's greedy answer
-        lm.get_output_embeddings().weight[:3] = 0  # the untrained tiny model would end every answer at once
-    return AlignedModel(lm, tokenizer, control, schema)
+    return controlled_tiny_model()
 
 
 DECODING = DecodingOptions(max_new_tokens=12, repetition_penalty=5.0)  # the tiny model repeats one byte otherwise

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
+from helpers.tiny_models import controlled_tiny_model
 
 from meet_lightning.generation import DecodingOptions
 from meet_lightning.serve import ControlServer, make_server
@@ -19,28 +19,10 @@ DECODING = DecodingOptions(max_new_tokens=12, repetition_penalty=5.0)  # the tin
 QUESTION = [{"role": "user", "content": "Name a planet."}]
 
 
-def tiny_model():
-    from meet_lightning import PromptTuningControl
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.export import AlignedModel
-    from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    lm = build_tiny_model(tokenizer)
-    schema = ControlSchema.from_dict({"length": ["concise", "verbose"]})
-    control = PromptTuningControl(num_tokens=2, init="random", seed=1)
-    control.setup(lm, tokenizer, schema)
-    with torch.no_grad():
-        control.bank.mul_(20)  # controls that visibly change the tiny model's greedy answer
-        lm.get_output_embeddings().weight[:3] = 0  # the untrained tiny model would end every answer at once
-    return AlignedModel(lm, tokenizer, control, schema)
-
-
 @pytest.fixture(scope="module")
 def served():
     """(client, model, base URL) for a server on a free loopback port, stopped after the module."""
-    model = tiny_model()
+    model = controlled_tiny_model()
     server = make_server(ControlServer(model, "tiny", DECODING), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -139,7 +121,7 @@ def test_the_serve_command_on_an_export(tmp_path):
     from meet_lightning.export import export_model
     from meet_lightning.models import model_fingerprint
 
-    model = tiny_model()
+    model = controlled_tiny_model()
     export_model(
         tmp_path / "export", model.lm, model.tokenizer, model.control, model.schema, "tiny-debug", model_fingerprint(model.lm)
     )
