@@ -183,6 +183,12 @@ ABLATION_ARMS: dict[str, Arm] = {
 }  # fmt: skip
 ARMS.update(ABLATION_ARMS)
 JUDGE = "harmless_judge"
+STEER = "control_vector"
+"""F: the base steered by a control vector fitted on the training pairs (no weight training, meet_lightning.steering)."""
+STEER_LABEL = "control vector (activation steering, no training)"
+STEER_FIT, STEER_VAL = 256, 32
+"""Training pairs the direction is fitted on, and further training pairs its strength is chosen on."""
+STEER_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 ARMS[JUDGE] = Arm("configs/ablations/stage1_only.yaml", "harmlessness judge (stage 1 on HH harmless alone)")
 """``--task compose`` scores every arm's answers with this model's control classifier, trained on its own."""
 
@@ -754,13 +760,16 @@ def score_length_arm(
     settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
     settings += [sampling] if sampling else []  # the tasks' own decoding is implied
     settings += [f"seed {s.seed}"] if s.seed_index else []  # each seed decodes from its own seed
+    settings += [STEER_FIT, STEER_VAL, list(STEER_STRENGTHS)] if name.split("@seed")[0] == STEER else []
     prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
     if cache.is_file():
         return add_quality_guard(read_back(cache, "settings", settings), prompts, s, cache)
     print(f"  score {name}", flush=True)
     model = load_for_evaluation(export, dtype="float32")  # fp32 scores; answers autocast where bf16 is native
     result: dict[str, Any] = {"kind": model.kind, "settings": settings}
-    if model.has_controls:
+    if name.split("@seed")[0] == STEER:
+        result["steering"], result["concise"], result["verbose"] = steered_answers(model, prompts, s, data)
+    elif model.has_controls:
         if not sampling:
             pairs = heldout_length_pairs(data["alpaca_eval"], "multi_response")
             result["pairs"], result["pairs_too_long"] = score_pairs(model, pairs, s.max_length, s.batch_size)
@@ -777,6 +786,37 @@ def score_length_arm(
                      for side in ("concise", "verbose")}  # fmt: skip
             result["concise"], result["verbose"] = (answers(model, asked[side], [None], s)[0] for side in ("concise", "verbose"))
     return add_quality_guard(result, prompts, s, cache)
+
+
+def steered_answers(model: Any, prompts: list[str], s: Settings, data: dict[str, Path]) -> tuple[dict[str, Any], list, list]:
+    """F: a control vector from training pairs (verbose minus concise), its strength chosen on further training
+    pairs, then the answers at ``-strength`` (concise) and ``+strength`` (verbose)."""
+    import random
+
+    import torch
+
+    from meet_lightning.precision import resolve_dtype
+    from meet_lightning.steering import choose_strength, fit_control_vector
+
+    pairs = [p if p.chosen_control == "verbose" else replace(p, chosen=p.rejected, rejected=p.chosen, chosen_control="verbose",
+             rejected_control=p.chosen_control) for p in heldout_length_pairs(data["alpaca_train"], "multi_response")]  # fmt: skip
+    random.Random(s.seed).shuffle(pairs)  # each seed fits on its own sample
+    fit, val = pairs[:STEER_FIT], pairs[STEER_FIT : STEER_FIT + STEER_VAL]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype("auto")[0] == torch.bfloat16):
+        vector = fit_control_vector(model.lm, model.tokenizer, fit, max_length=s.max_length, batch_size=s.batch_size)
+        strength, scores = choose_strength(
+            model.lm, model.tokenizer, vector, val, STEER_STRENGTHS, max_length=s.max_length, batch_size=s.batch_size
+        )
+    print(
+        f"    control vector: layers {vector.layers[0]}-{vector.layers[-1]}, strength {strength} (val NLL {scores})", flush=True
+    )
+    sides = []
+    for sign in (-1, 1):
+        with vector.steer(model.lm, sign * strength):
+            sides += answers(model, prompts, [None], s)
+    info = {"strength": strength, "val_nll": {str(k): v for k, v in scores.items()}, "layers": list(vector.layers),
+            "fit_pairs": vector.pairs, "fit_skipped": vector.skipped, "val_pairs": len(val)}  # fmt: skip
+    return info, sides[0], sides[1]
 
 
 ANSWER_KEYS = ("concise", "verbose", "default")
@@ -1132,9 +1172,11 @@ def run_compose(s: Settings, data: dict[str, Path], results: dict[str, dict[str,
 # -------------------------------------------------------------------------------------------------- main
 def run(s: Settings) -> dict[str, Any]:
     """Trains, scores and reports every arm; returns the JSON written to ``out/compare.json``."""
-    unknown = [a for a in s.arms if a not in ARMS]
+    unknown = [a for a in s.arms if a not in ARMS and a != STEER]
     if unknown:
-        sys.exit(f"--arms: unknown {', '.join(unknown)} — choose from {', '.join(ARMS)}")
+        sys.exit(f"--arms: unknown {', '.join(unknown)} — choose from {', '.join([*ARMS, STEER])}")
+    if STEER in s.arms and s.task != "length":
+        sys.exit(f"--arms {STEER}: only --task length scores it (its answers are steered toward concise or verbose)")
     if REFERENCE not in s.arms:
         s.arms = [REFERENCE, *s.arms]  # every comparison is against MEET (prompt)
     if s.restore:  # before --out is made: a refused report leaves nothing behind
@@ -1147,6 +1189,9 @@ def run(s: Settings) -> dict[str, Any]:
         tag = f"@seed{seed_settings.seed}" if k else ""  # the first seed's rows keep the plain names
         results[BASE + tag] = {"label": "untrained base", "export": s.model, "run": None, "seed": seed_settings.seed}
         for name in s.arms:
+            if name == STEER:  # nothing to train: the base, steered at scoring time
+                results[name + tag] = {"label": STEER_LABEL, "export": s.model, "run": None, "seed": seed_settings.seed}
+                continue
             run_ = train_arm(name, seed_settings, data)
             results[name + tag] = {"label": ARMS[name].label, "export": run_["export"], "run": run_, "seed": seed_settings.seed}
     if s.equal_seconds:

@@ -170,14 +170,18 @@ def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shar
 
 def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_quality_guard(tmp_path, shared_data):
     """``--seeds 2``: every arm and the base trained/decoded per seed, pooled per arm, MEET paired seed by seed."""
-    s = settings(tmp_path, task="length", arms=["meet_prompt"], max_length=2048, length_prompts=4, seeds=2)
+    s = settings(tmp_path, task="length", arms=["meet_prompt", "control_vector"], max_length=2048, length_prompts=4, seeds=2)
     report = compare.run(s)
-    assert set(report["results"]) == {f"{a}{t}" for a in ("base", "meet_prompt") for t in ("", "@seed1235")}
+    arm_names = ("base", "meet_prompt", "control_vector")
+    assert set(report["results"]) == {f"{a}{t}" for a in arm_names for t in ("", "@seed1235")}
     assert (tmp_path / "runs" / "meet_prompt-lr1-seed1235").is_dir() and (
         tmp_path / "runs" / "meet_prompt-lr1"
     ).is_dir()  # as in a one-seed run
     arms = report["arms"]
-    assert set(arms) == {"base", "meet_prompt"} and all(a["seeds"] == 2 for a in arms.values())
+    assert set(arms) == set(arm_names) and all(a["seeds"] == 2 for a in arms.values())
+    steering = report["results"]["control_vector"]["scores"]["steering"]  # F: fitted on training pairs, no run
+    assert steering["strength"] in (0.0, *compare.STEER_STRENGTHS) and steering["fit_pairs"] > steering["val_pairs"] > 0
+    assert len(arms["control_vector"]["geo_ratio"]) == 3 and report["results"]["control_vector"]["run"] is None
     meet = arms["meet_prompt"]
     assert len(meet["geo_ratio"]) == 3 and len(meet["geo_ratio_per_seed"]) == 2
     assert 0 <= meet["cap_share"]["verbose"] <= 1 and meet["base_nll"]["verbose"][0] > 0
