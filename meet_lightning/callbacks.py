@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from meet_lightning.errors import ConfigError
 from meet_lightning.evaluate import NO_CONTROL, EvalModel, RewardModel, generate_under
+from meet_lightning.plots import require_matplotlib, sample_words_figure
 from meet_lightning.rss import PeakRSSByPhase
+from meet_lightning.stats import words
 
 
 class ThroughputMeter(Callback):
@@ -164,9 +168,42 @@ class hierarchy, so a subclass is served too and wandb/mlflow are never imported
 :class:`SampleGenerations` another logger."""
 
 
+def tensorboard_figure(logger: Any, figure: Any, step: int) -> None:
+    """TensorBoard's IMAGES tab, ``samples/words``."""
+    logger.experiment.add_figure("samples/words", figure, step, close=False)
+
+
+def wandb_figure(logger: Any, figure: Any, step: int) -> None:
+    """A W&B image ``samples/words``."""
+    logger.log_image(key="samples/words", images=[figure], step=step)
+
+
+def mlflow_figure(logger: Any, figure: Any, step: int) -> None:
+    """An MLflow artifact ``samples/words_step_<step>.png``."""
+    logger.experiment.log_figure(logger.run_id, figure, f"samples/words_step_{step:07d}.png")
+
+
+FIGURE_WRITERS: dict[str, Callable[[Any, Any, int], None]] = {
+    "TensorBoardLogger": tensorboard_figure,
+    "WandbLogger": wandb_figure,
+    "MLFlowLogger": mlflow_figure,
+}
+"""Logger class name → how that kind of logger shows the samples' words-per-control figure (as :data:`SAMPLE_WRITERS`)."""
+
+
+def writer_for(table: dict[str, Callable], logger: Any) -> Callable | None:
+    """``table``'s writer for ``logger``'s kind (or of its nearest parent class that has one), ``None`` for none (CSV)."""
+    return next((table[c.__name__] for c in type(logger).__mro__ if c.__name__ in table), None)
+
+
 def sample_writer(logger: Any) -> Callable[[Any, Sequence[Sample], int], None] | None:
-    """The writer for ``logger``'s kind (or of its nearest parent class that has one), ``None`` for none (CSV)."""
-    return next((SAMPLE_WRITERS[c.__name__] for c in type(logger).__mro__ if c.__name__ in SAMPLE_WRITERS), None)
+    """The sample writer for ``logger``'s kind, ``None`` for none (CSV)."""
+    return writer_for(SAMPLE_WRITERS, logger)
+
+
+def words_by_control(rows: Sequence[Sample]) -> dict[str, list[int]]:
+    """Each control's samples' word counts."""
+    return {control: [words(r["response"]) for r in group] for control, group in by_control(rows).items()}
 
 
 DEFAULT_SAMPLE_PROMPTS = (
@@ -183,7 +220,9 @@ class SampleGenerations(Callback):
     Each validation (not the sanity check) appends one line per (control, prompt) to ``filename`` in the stage
     folder (``trainer.default_root_dir``): ``{"step", "control", "prompt", "response"}``; the same samples go to
     each logger of the run that has a writer in :data:`SAMPLE_WRITERS` (TensorBoard text ``samples/<control>``,
-    a W&B table ``samples``, an MLflow artifact ``samples/step_N.md``). No logger is needed. With
+    a W&B table ``samples``, an MLflow artifact ``samples/step_N.md``). Each control's mean words per sample is
+    logged as ``val/sample_words/<control>`` (every logger, CSV included), and a figure of them goes to each logger
+    in :data:`FIGURE_WRITERS` and to ``samples_words.png`` (with matplotlib). No logger is needed. With
     ``reward_model``, ``num_reward_prompts`` validation prompts are answered under every control and their mean
     reward is logged as ``val/reward/<control>``. Runs on global rank zero only.
 
@@ -221,6 +260,7 @@ class SampleGenerations(Callback):
         self.max_new_tokens, self.filename = max_new_tokens, filename
         self.reward_model, self.num_reward_prompts = reward_model, num_reward_prompts
         self._reward = None
+        self._warned = False
 
     def _controls(self, pl_module) -> list[str]:
         if self.controls:
@@ -242,6 +282,8 @@ class SampleGenerations(Callback):
                 for p, r in zip(self.prompts, responses, strict=True)
             ]
         self._write(trainer, rows)
+        for control, counts in words_by_control(rows).items():  # every logger, CSV included
+            pl_module.log(f"val/sample_words/{control}", sum(counts) / len(counts), rank_zero_only=True)
         if self.reward_model:
             self._log_rewards(trainer, pl_module, model)
 
@@ -254,6 +296,26 @@ class SampleGenerations(Callback):
             write = sample_writer(logger)
             if write is not None:
                 write(logger, rows, trainer.global_step)
+        self._plot(trainer, rows)
+
+    def _plot(self, trainer, rows: list[dict]) -> None:
+        """The words-per-control figure, to each logger with a figure writer and as ``samples_words.png``."""
+        try:
+            plt = require_matplotlib()
+        except ConfigError:
+            if not self._warned:  # once per run: the samples and the words metric are still logged
+                rank_zero_warn("SampleGenerations: no words-per-control figure without matplotlib (pip install matplotlib)")
+                self._warned = True
+            return
+        figure = sample_words_figure(plt, words_by_control(rows), trainer.global_step)
+        try:
+            figure.savefig(Path(trainer.default_root_dir) / "samples_words.png", dpi=100)
+            for logger in trainer.loggers:
+                write = writer_for(FIGURE_WRITERS, logger)
+                if write is not None:
+                    write(logger, figure, trainer.global_step)
+        finally:
+            plt.close(figure)
 
     def _log_rewards(self, trainer, pl_module, model) -> None:
         if self._reward is None:

@@ -229,6 +229,9 @@ class WandbLogger(TensorBoardLogger):
     def log_text(self, **kwargs):
         self.experiment.calls.append(("log_text", (), kwargs))
 
+    def log_image(self, **kwargs):
+        self.experiment.calls.append(("log_image", (), kwargs))
+
 
 class MLFlowLogger(TensorBoardLogger):
     run_id = "run-1"
@@ -253,7 +256,7 @@ def test_sample_generations_go_to_every_logger_through_its_kinds_writer(tmp_path
     trainer = SimpleNamespace(default_root_dir=str(tmp_path), loggers=loggers, global_step=3)
     callbacks.SampleGenerations()._write(trainer, ROWS)
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
-    tensorboard, wandb, mlflow, mine = (logger.experiment.calls for logger in loggers[:4])
+    tensorboard, wandb, mlflow, mine = ([c for c in logger.experiment.calls if "text" in c[0]] for logger in loggers[:4])
     assert [(c[0], c[1][0], c[1][2]) for c in tensorboard] == [
         ("add_text", "samples/harmless/good", 3),
         ("add_text", "samples/harmless/bad", 3),
@@ -305,6 +308,7 @@ def test_mlflow_logger_offline_with_a_file_store(tmp_path, hh, monkeypatch):
     assert (runs[0] / "metrics" / "val" / "control_accuracy").is_file()
     (samples,) = (runs[0] / "artifacts" / "samples").glob("step_*.md")
     assert "**Hi**" in samples.read_text()
+    assert list((runs[0] / "artifacts" / "samples").glob("words_step_*.png"))  # the words-per-control figure
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
@@ -316,6 +320,7 @@ def test_wandb_logger_in_offline_mode(tmp_path, hh, monkeypatch):
         runs = list((out / stage / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("*.wandb")), stage
         assert list(runs[0].rglob("samples_*.table.json")), stage  # the sample generations, as a W&B table
+        assert list(runs[0].rglob("samples/words_*.png")), stage  # and the words-per-control figure
 
 
 def test_trackers_are_an_optional_extra():
@@ -323,3 +328,16 @@ def test_trackers_are_an_optional_extra():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=\[ ]", d)[0] for d in project["optional-dependencies"]["tracking"]}
     assert {"wandb", "mlflow"} <= names and not any(d.startswith(("wandb", "mlflow")) for d in project["dependencies"])
+
+
+def test_the_words_figure_goes_to_every_logger_with_a_figure_writer(tmp_path):
+    pytest.importorskip("matplotlib")
+    loggers = [TensorBoardLogger(), WandbLogger(), MLFlowLogger(), CSVLogger()]
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), loggers=loggers, global_step=3)
+    callbacks.SampleGenerations()._write(trainer, ROWS)
+    figures = [[c for c in logger.experiment.calls if "text" not in c[0]] for logger in loggers[:3]]
+    assert [(c[0], c[1][0], c[1][2]) for c in figures[0]] == [("add_figure", "samples/words", 3)]
+    assert [(c[0], c[2]["key"], c[2]["step"]) for c in figures[1]] == [("log_image", "samples/words", 3)]
+    assert [(c[0], c[1][0], c[1][2]) for c in figures[2]] == [("log_figure", "run-1", "samples/words_step_0000003.png")]
+    assert (tmp_path / "samples_words.png").stat().st_size > 0
+    assert callbacks.words_by_control(ROWS) == {"harmless/good": [1], "harmless/bad": [1]}

@@ -236,6 +236,9 @@ stage1:
     }
     events = list((out / "stage1" / "logs").rglob("events.out.tfevents.*"))
     assert events and any(b"samples/harmless/good" in e.read_bytes() for e in events)
+    assert any(b"samples/words" in e.read_bytes() for e in events)  # the words-per-control figure (an image)
+    metrics = (out / "stage1" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/sample_words/harmless/good" in metrics and (out / "stage1" / "samples_words.png").is_file()
 
 
 def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, shared_data, reward_folder):
