@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 from typing_extensions import override
 
-from meet_lightning.errors import ConfigError, DataError
+from meet_lightning.errors import ConfigError, DataError, failed_checks
 from meet_lightning.examples import Message, ParsedSource
 from meet_lightning.formats import SourceConfig, read_source
 from meet_lightning.heldout import held_out_split
@@ -505,7 +505,7 @@ def _check_scale_args(num_proc, streaming, shuffle_buffer, num_workers) -> list[
             f" --data.num_workers 0 (got {num_workers})",
         ),
     ]
-    return [message for failed, message in checks if failed]
+    return failed_checks(checks)
 
 
 def _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val_fraction, num_workers) -> list[str]:
@@ -518,4 +518,4 @@ def _check_data_args(path, sources, max_length, batch_size, eval_batch_size, val
         (not 0.0 <= val_fraction < 1.0, f"--data.val_fraction {val_fraction} must be in [0, 1)"),
         (num_workers < 0, f"--data.num_workers {num_workers} must be ≥ 0"),
     ]
-    return [message for failed, message in checks if failed]
+    return failed_checks(checks)

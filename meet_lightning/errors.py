@@ -6,6 +6,8 @@ its traceback (exit code 1), so a real defect is never disguised as bad input.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MeetError(Exception):
     """Bad input from the user. The message names the file, row or flag and ends with the fix."""
@@ -32,3 +34,19 @@ class NumericalError(MeetError):
     """
 
     exit_code = 3
+
+
+Check = tuple[object, str]
+"""``(failed, message)``: a condition that is true when the input is bad, and the line that says the fix."""
+
+
+def failed_checks(checks: Iterable[Check]) -> list[str]:
+    """The messages of the checks that failed, in order (every problem is reported, not only the first)."""
+    return [message for failed, message in checks if failed]
+
+
+def raise_failed(checks: Iterable[Check]) -> None:
+    """One :class:`ConfigError` line joining every failed check's message; nothing when all pass."""
+    problems = failed_checks(checks)
+    if problems:
+        raise ConfigError("; ".join(problems))

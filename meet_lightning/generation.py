@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from meet_lightning.atomic import write_text_atomic
 from meet_lightning.control import ControlTokens
-from meet_lightning.errors import ConfigError, DataError
+from meet_lightning.errors import ConfigError, DataError, failed_checks
 from meet_lightning.examples import ControlSchema, Message
 from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer
 
@@ -58,7 +58,7 @@ class DecodingOptions:
             (self.batch_size < 1, f"{flag}batch_size {self.batch_size} must be ≥ 1"),
             (self.cache not in get_args(KVCache), f"{flag}cache {self.cache!r} must be {' or '.join(get_args(KVCache))}"),
         )
-        return [message for failed, message in checks if failed]
+        return failed_checks(checks)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`generate_responses` (the seed is applied by the caller, once)."""

@@ -36,7 +36,7 @@ from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.distributed import is_sharded
-from meet_lightning.errors import CheckpointError, ConfigError, DataError, MeetError
+from meet_lightning.errors import CheckpointError, ConfigError, DataError, MeetError, raise_failed
 from meet_lightning.export import SCHEMA_FILE, export_model
 from meet_lightning.formats import SourceConfig
 from meet_lightning.generation import DecodingOptions, generate_responses, read_prompts, row_controls, write_jsonl_atomic
@@ -394,9 +394,7 @@ def check_stage_settings(recipe: Mapping[str, Any], stage: str) -> None:
             f"--{stage}.trainer.max_steps {max_steps} must be ≥ 1 (or -1 to train by epochs)",
         ),
     ]
-    problems = [message for failed, message in checks if failed]
-    if problems:
-        raise ConfigError("; ".join(problems))
+    raise_failed(checks)
 
 
 def check_recipe(recipe: Mapping[str, Any]) -> None:

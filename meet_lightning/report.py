@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from meet_lightning.errors import ConfigError, DataError
+from meet_lightning.errors import ConfigError, DataError, raise_failed
 from meet_lightning.evaluate import (
     DEFAULT_ATTRIBUTES,
     Attribute,
@@ -132,9 +132,7 @@ class EvaluateOptions:
             (self.max_new_tokens < 1, f"--max_new_tokens {self.max_new_tokens} must be ≥ 1"),
             (self.max_generations < 1, f"--max_generations {self.max_generations} must be ≥ 1"),
         )
-        problems = [message for failed, message in checks if failed]
-        if problems:
-            raise ConfigError("; ".join(problems))
+        raise_failed(checks)
         if self.plots:
             require_matplotlib()
 

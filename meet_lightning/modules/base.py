@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from meet_lightning.control import ControlTokens, build_control, controlled_response_logps
 from meet_lightning.distributed import is_sharded, unwrapped_name
-from meet_lightning.errors import CheckpointError, ConfigError
+from meet_lightning.errors import CheckpointError, ConfigError, raise_failed
 from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
     control_classifier_scores,
@@ -98,9 +98,7 @@ class MeetModule(L.LightningModule):
             (quantize not in (None, "nf4"), f"quantize {quantize!r} is not nf4 or null — set model.init_args.quantize"),
             (forward_chunks < 1, f"forward_chunks {forward_chunks} must be ≥ 1 — set model.init_args.forward_chunks"),
         ]
-        messages = [m for failed, m in problems if failed]
-        if messages:
-            raise ConfigError("; ".join(messages))
+        raise_failed(problems)
         self.control = build_control(control)
         self.save_hyperparameters(ignore=["control"])
         self.hparams["control"] = self.control.config()  # YAML types only: weights_only loading rebuilds it

@@ -17,7 +17,7 @@ from torch import nn
 from typing_extensions import override
 
 from meet_lightning.control import ControlTokens, plain_logps
-from meet_lightning.errors import CheckpointError, ConfigError
+from meet_lightning.errors import CheckpointError, ConfigError, raise_failed
 from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, response_nll, sequence_logps
 from meet_lightning.models import load_model, model_fingerprint
 from meet_lightning.modules.base import MeetModule
@@ -453,16 +453,12 @@ class HybridDPOModule(JointFinetuneModule):
         compile: bool = False,
         controls: str = "train",
     ) -> None:
-        problems = [
-            m
-            for failed, m in (
+        raise_failed(
+            (
                 (dpo_weight < 0, f"dpo_weight {dpo_weight} must be ≥ 0 — set model.init_args.dpo_weight"),
                 (not beta > 0, f"beta {beta} must be > 0 — set model.init_args.beta (e.g. 0.1)"),
             )
-            if failed
-        ]
-        if problems:
-            raise ConfigError("; ".join(problems))
+        )
         super().__init__(
             model_name_or_path,
             control,
