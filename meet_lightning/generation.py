@@ -185,16 +185,24 @@ def as_messages(prompt: str | Sequence[Mapping[str, str]], where: str) -> list[M
     raise DataError(f"{where}: 'prompt' must be non-empty text or a list of {{role, content}} messages — fix the row")
 
 
-def read_prompt_records(path: Path, what: str, fields: str) -> list[tuple[int, dict[str, Any], list[Message]]]:
-    """``(row, record, prompt messages)`` for each line of a JSONL prompts file; DataError naming ``FILE:ROW``.
+def read_prompt_file(
+    path: Path, flag: str, fields: Sequence[str] = ("controls",), plain_text: bool = False
+) -> list[dict[str, Any]]:
+    """The rows of a prompts file, ``{"prompt": messages, "row": N, FIELD: value or None, …}``.
 
-    Args:
-        path: The JSONL file.
-        what: What the file is for, in messages (e.g. ``predict file``).
-        fields: The fields a line holds, for the fix in messages (e.g. ``"prompt": ..., "controls": ...``).
+    JSONL with a ``prompt`` (text or ``{role, content}`` messages) and the optional ``fields`` per line; with
+    ``plain_text``, a file not ending in ``.jsonl``/``.json`` is one plain-text prompt per non-empty line. Every
+    problem is a DataError naming ``FILE:ROW`` and ``flag`` (the command's flag for the file).
     """
+    wanted = ", ".join(['"prompt": ...', *(f'"{f}": ...' for f in fields)])
+    if plain_text and path.is_file() and path.suffix not in (".jsonl", ".json"):
+        lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
+        rows = [{"prompt": as_messages(text, f"{path}:{n}"), "row": n, **dict.fromkeys(fields)} for n, text in lines if text]
+        if not rows:
+            raise DataError(f"{path}: no prompts in the file — write one prompt per line (or JSONL with 'prompt')")
+        return rows
     if not path.is_file():
-        raise DataError(f"{path}: {what} not found — pass a JSONL file with one {{{fields}}} per line")
+        raise DataError(f"{path}: {flag} file not found — pass a JSONL file with one {{{wanted}}} per line")
     rows = []
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
@@ -204,30 +212,12 @@ def read_prompt_records(path: Path, what: str, fields: str) -> list[tuple[int, d
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise DataError(f"{path}:{number}: not a JSON object — write one object per line") from None
         if not isinstance(record, dict) or "prompt" not in record:
-            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{{fields}}}")
-        rows.append((number, record, as_messages(record["prompt"], f"{path}:{number}")))
+            raise DataError(f"{path}:{number}: missing field 'prompt' — each line needs {{{wanted}}}")
+        prompt = as_messages(record["prompt"], f"{path}:{number}")
+        rows.append({"prompt": prompt, "row": number, **{f: record.get(f) for f in fields}})
     if not rows:
         raise DataError(f"{path}: no prompts in the file — add JSONL lines with a 'prompt' field")
     return rows
-
-
-def read_generate_prompts(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``generate --prompts_file``: JSONL (``prompt`` and optional ``controls`` per line) when the file
-    ends in ``.jsonl``/``.json``, else one plain-text prompt per non-empty line (``controls`` from the flags)."""
-    if path.suffix in (".jsonl", ".json") or not path.is_file():
-        records = read_prompt_records(path, "prompts file (--prompts_file)", '"prompt": ..., "controls": ...')
-        return [{"prompt": prompt, "controls": record.get("controls"), "row": number} for number, record, prompt in records]
-    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
-    rows = [{"prompt": as_messages(text, f"{path}:{n}"), "controls": None, "row": n} for n, text in lines if text]
-    if not rows:
-        raise DataError(f"{path}: no prompts in the file — write one prompt per line (or JSONL with 'prompt')")
-    return rows
-
-
-def read_prompts(path: Path) -> list[dict[str, Any]]:
-    """Rows of a predict file: JSONL with ``prompt`` and optional ``controls``."""
-    records = read_prompt_records(path, "predict file (--data.predict_path)", '"prompt": ..., "controls": ...')
-    return [{"prompt": prompt, "controls": record.get("controls"), "row": number} for number, record, prompt in records]
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -23,7 +23,7 @@ from meet_lightning.cli import OneLineParser, check_config_files
 from meet_lightning.errors import ConfigError
 from meet_lightning.evaluate import load_for_evaluation
 from meet_lightning.export import AlignedModel
-from meet_lightning.generation import DecodingOptions, as_messages, read_generate_prompts, row_controls, write_jsonl_atomic
+from meet_lightning.generation import DecodingOptions, as_messages, read_prompt_file, row_controls, write_jsonl_atomic
 from meet_lightning.precision import WeightsDtype
 from meet_lightning.publish import push_export
 from meet_lightning.report import EvaluateOptions, run_evaluation
@@ -100,7 +100,7 @@ def generate_command(argv: Sequence[str]) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
     rows = (
-        read_generate_prompts(Path(args.prompts_file))
+        read_prompt_file(Path(args.prompts_file), "--prompts_file", plain_text=True)
         if args.prompts_file
         else [{"prompt": as_messages(args.prompt, "--prompt"), "controls": None, "row": 1}]
     )

@@ -39,7 +39,7 @@ from meet_lightning.distributed import is_sharded
 from meet_lightning.errors import CheckpointError, ConfigError, DataError, MeetError, raise_failed
 from meet_lightning.export import SCHEMA_FILE, export_model
 from meet_lightning.formats import SourceConfig
-from meet_lightning.generation import DecodingOptions, generate_responses, read_prompts, row_controls, write_jsonl_atomic
+from meet_lightning.generation import DecodingOptions, generate_responses, read_prompt_file, row_controls, write_jsonl_atomic
 from meet_lightning.models import resolve_model_path
 from meet_lightning.modules.base import MeetModule
 from meet_lightning.precision import Resolved, resolve_precision
@@ -772,7 +772,7 @@ def predict_to_file(cli: Any, checkpoint: Path, out: Path, decoding: DecodingOpt
     predict_path = cli.datamodule.predict_path
     if not predict_path:
         raise ConfigError("predict needs --data.predict_path FILE.jsonl (lines with 'prompt' and optional 'controls')")
-    rows = read_prompts(Path(predict_path))
+    rows = read_prompt_file(Path(predict_path), "--data.predict_path")
     ids = [row_controls(cli.model.schema, r, predict_path) for r in rows]  # before the model loads: fail fast
     module = restore_module(cli.model, checkpoint)
     if decoding.seed is not None:

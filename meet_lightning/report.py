@@ -33,20 +33,18 @@ from meet_lightning.evaluate import (
 )
 from meet_lightning.examples import Message
 from meet_lightning.formats import SourceConfig
-from meet_lightning.generation import read_prompt_records
+from meet_lightning.generation import read_prompt_file
 from meet_lightning.models import load_model
 from meet_lightning.plots import require_matplotlib, write_plots
 from meet_lightning.precision import WeightsDtype
 
 
 def read_generation_prompts(path: Path) -> list[dict[str, Any]]:
-    """Rows of a prompts file: JSONL with ``prompt`` (text or messages) and optional ``reference`` response."""
-    rows = []
-    for number, record, prompt in read_prompt_records(path, "prompts file", '"prompt": ...'):
-        reference = record.get("reference")
-        if reference is not None and not isinstance(reference, str):
-            raise DataError(f"{path}:{number}: 'reference' must be a string — fix the row")
-        rows.append({"prompt": prompt, "reference": reference})
+    """Rows of ``--fidelity_prompts``: ``prompt`` (text or messages) and an optional ``reference`` response."""
+    rows = read_prompt_file(path, "--fidelity_prompts", fields=("reference",))
+    for row in rows:
+        if row["reference"] is not None and not isinstance(row["reference"], str):
+            raise DataError(f"{path}:{row['row']}: 'reference' must be a string — fix the row")
     return rows
 
 
