@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-slow lint model clean docs
+.PHONY: demo test test-slow test-gguf gguf lint model clean docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,26 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed model
 	$(PY) -m pytest -q -m slow
+
+# llama.cpp, for tests/test_gguf.py: llama-cpp-python built from its source package (~10 minutes on 2 cores, so
+# not in CI), and llama.cpp's own converter (convert_hf_to_gguf.py with its gguf-py) unpacked from the same
+# package under .cache/llama.cpp — used from there, never copied into the project.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CACHE := .cache/llama.cpp
+gguf: $(VENV)/.gguf-installed
+$(VENV)/.gguf-installed: $(VENV)/.installed
+	mkdir -p $(LLAMA_CACHE)/sdist
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMA_CACHE)/sdist
+	tar xzf $(LLAMA_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CACHE) --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_lora_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
+	CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  $(PY) -m pip install --quiet "$(LLAMA_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz[server]" sentencepiece
+	touch $@
+
+test-gguf: gguf model
+	$(PY) -m pytest -q -m gguf tests/test_gguf.py
 
 # The documentation site (docs/, mkdocs.yml) into build/site; --strict turns every warning (a broken link, a
 # missing snippet, a docstring mkdocstrings cannot read) into a failure.

@@ -31,8 +31,10 @@ CASES = [["concise"], ["harmless/bad"], ["verbose", "good"], ["good", "length/ve
 """One control, a full name, two preferences (in either order: written in schema order), and no control."""
 
 
-def export(folder, placement: str, control=None, template: str | None = None, model: str = "tiny-debug") -> AlignedModel:
-    """A model with untrained control vectors, exported (the vectors need no training to be checked)."""
+def export(
+    folder, placement: str, control=None, template: str | None = None, model: str = "tiny-debug", scale: float = 1.0
+) -> AlignedModel:
+    """A model with untrained control vectors (times ``scale``), exported (the vectors need no training to be checked)."""
     torch.manual_seed(0)
     lm, tokenizer = load_model(model), load_tokenizer(model)
     if model == "tiny-debug":
@@ -43,6 +45,9 @@ def export(folder, placement: str, control=None, template: str | None = None, mo
         tokenizer.chat_template = template
     control = control or PromptTuningControl(num_tokens=3, init="random", placement=placement)
     control.setup(lm, tokenizer, SCHEMA)
+    with torch.no_grad():
+        for vectors in control.parameters():
+            vectors.mul_(scale)
     export_model(folder, lm, tokenizer, control, SCHEMA, model, model_fingerprint(lm))
     return AlignedModel.from_pretrained(folder, dtype="float32")
 
