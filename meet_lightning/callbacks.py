@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,27 +168,66 @@ class hierarchy, so a subclass is served too and wandb/mlflow are never imported
 :class:`SampleGenerations` another logger."""
 
 
-def tensorboard_figure(logger: Any, figure: Any, step: int) -> None:
-    """TensorBoard's IMAGES tab, ``samples/words``."""
-    logger.experiment.add_figure("samples/words", figure, step, close=False)
+def tensorboard_figure(logger: Any, figure: Any, step: int, tag: str) -> None:
+    """TensorBoard's IMAGES tab, under ``tag``."""
+    logger.experiment.add_figure(tag, figure, step, close=False)
 
 
-def wandb_figure(logger: Any, figure: Any, step: int) -> None:
-    """A W&B image ``samples/words``."""
-    logger.log_image(key="samples/words", images=[figure], step=step)
+def wandb_figure(logger: Any, figure: Any, step: int, tag: str) -> None:
+    """A W&B image under ``tag``."""
+    logger.log_image(key=tag, images=[figure], step=step)
 
 
-def mlflow_figure(logger: Any, figure: Any, step: int) -> None:
-    """An MLflow artifact ``samples/words_step_<step>.png``."""
-    logger.experiment.log_figure(logger.run_id, figure, f"samples/words_step_{step:07d}.png")
+def mlflow_figure(logger: Any, figure: Any, step: int, tag: str) -> None:
+    """An MLflow artifact ``<tag>_step_<step>.png``."""
+    logger.experiment.log_figure(logger.run_id, figure, f"{tag}_step_{step:07d}.png")
 
 
-FIGURE_WRITERS: dict[str, Callable[[Any, Any, int], None]] = {
+FIGURE_WRITERS: dict[str, Callable[[Any, Any, int, str], None]] = {
     "TensorBoardLogger": tensorboard_figure,
     "WandbLogger": wandb_figure,
     "MLFlowLogger": mlflow_figure,
 }
-"""Logger class name → how that kind of logger shows the samples' words-per-control figure (as :data:`SAMPLE_WRITERS`)."""
+"""Logger class name → how that kind of logger shows a matplotlib figure (looked up as :data:`SAMPLE_WRITERS`):
+the samples' words per control during training, and ``evaluate --logger``'s plots."""
+
+
+def log_figure(loggers: Sequence[Any], figure: Any, step: int, tag: str) -> None:
+    """``figure`` to each logger that has a figure writer (CSV has none)."""
+    for logger in loggers:
+        write = writer_for(FIGURE_WRITERS, logger)
+        if write is not None:
+            write(logger, figure, step, tag)
+
+
+def log_evaluation(loggers: Sequence[Any], metrics: Mapping[str, Any], plots: Sequence[str]) -> None:
+    """``evaluate``'s numbers (``evaluate/<path>``, nested keys joined by ``/``) and its PNG plots to ``loggers``."""
+    numbers = {f"evaluate/{key}": value for key, value in flat_numbers(metrics)}
+    for logger in loggers:
+        logger.log_metrics(numbers, step=0)
+    if plots:
+        plt = require_matplotlib()
+        for path in plots:
+            image = plt.imread(path)
+            figure, axis = plt.subplots(figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
+            axis.imshow(image)
+            axis.axis("off")
+            figure.subplots_adjust(0, 0, 1, 1)
+            log_figure(loggers, figure, 0, f"evaluate/{Path(path).stem}")
+            plt.close(figure)
+    for logger in loggers:
+        logger.finalize("success")
+
+
+def flat_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every number in nested dicts; lists (intervals, per-item values) are left to the JSON output."""
+    if isinstance(tree, bool):
+        return []
+    if isinstance(tree, int | float):
+        return [(prefix, float(tree))]
+    if isinstance(tree, Mapping):
+        return [item for key, value in tree.items() for item in flat_numbers(value, f"{prefix}/{key}" if prefix else str(key))]
+    return []
 
 
 def writer_for(table: dict[str, Callable], logger: Any) -> Callable | None:
@@ -310,10 +349,7 @@ class SampleGenerations(Callback):
         figure = sample_words_figure(plt, words_by_control(rows), trainer.global_step)
         try:
             figure.savefig(Path(trainer.default_root_dir) / "samples_words.png", dpi=100)
-            for logger in trainer.loggers:
-                write = writer_for(FIGURE_WRITERS, logger)
-                if write is not None:
-                    write(logger, figure, trainer.global_step)
+            log_figure(trainer.loggers, figure, trainer.global_step, "samples/words")
         finally:
             plt.close(figure)
 

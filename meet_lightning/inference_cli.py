@@ -18,12 +18,14 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, set_parsing_settings
 
+from meet_lightning.callbacks import log_evaluation
 from meet_lightning.chat import ChatSession, check_decoding, run_chat
 from meet_lightning.cli import OneLineParser, check_config_files
 from meet_lightning.errors import ConfigError
-from meet_lightning.evaluate import load_for_evaluation
+from meet_lightning.evaluate import import_callable, load_for_evaluation
 from meet_lightning.export import AlignedModel
 from meet_lightning.generation import DecodingOptions, as_messages, read_prompt_file, row_controls, write_jsonl_atomic
+from meet_lightning.pipeline import check_loggers, stage_loggers
 from meet_lightning.precision import WeightsDtype
 from meet_lightning.publish import push_export
 from meet_lightning.report import EvaluateOptions, run_evaluation
@@ -224,6 +226,11 @@ def evaluate_command(argv: Sequence[str]) -> int:
     )
     add_config_flag(parser, "evaluate")
     parser.add_argument("--output", type=str | None, default=None, help="also write the metrics as JSON here")
+    parser.add_argument(
+        "--logger", type=str | list[str] | None, default=None,
+        help="also log the metrics (and --plots) to these trackers: tensorboard, wandb, mlflow (csv: metrics.csv)",
+    )  # fmt: skip
+    parser.add_argument("--log_dir", type=str, default="evaluate_logs", help="where --logger writes (a run per call)")
     parser.add_class_arguments(EvaluateOptions, nested_key=None, as_group=False)
     parser.set_defaults(device=AUTO_DEVICE)
     next(a for a in parser._actions if "--device" in a.option_strings).help = DEVICE_HELP
@@ -231,7 +238,14 @@ def evaluate_command(argv: Sequence[str]) -> int:
     parsed = parser.instantiate(parse_command(parser, ["--attribute+" if a == "--attribute" else a for a in argv]))
     fields = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(EvaluateOptions)}
     fields["device"] = resolve_device(fields["device"])
+    tracking = {"output_dir": parsed.log_dir, "logger": parsed.logger} if parsed.logger else None
+    if tracking:
+        check_loggers(tracking)  # an unknown or missing tracker: one line, before any model is loaded
     metrics = run_evaluation(EvaluateOptions(**fields))
+    if tracking:
+        specs = stage_loggers(tracking, "evaluate")  # log_dir/evaluate/logs/version_N, as a stage's
+        loggers = [import_callable(":".join(s["class_path"].rsplit(".", 1)), "--logger")(**s["init_args"]) for s in specs]
+        log_evaluation(loggers, metrics, metrics.get("plots", []))
     text = json.dumps(metrics, indent=2)
     print(text)
     if parsed.output:

@@ -173,6 +173,21 @@ def test_plots_are_written_as_png(meet_export, tmp_path):
     assert set(metrics["fidelity"]["kl_to_base"]) == {"harmless/good", "harmless/bad"} and "chosen_nll" not in metrics
 
 
+def test_evaluate_logs_its_metrics_and_plots_to_the_chosen_tracker(meet_export, tmp_path, capsys):
+    """``--logger tensorboard``: the numbers as scalars, each plot as an image, in log_dir/evaluate (and a CSV)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "Why is the sky blue?")))
+    args = ["evaluate", "--model", str(meet_export), "--fidelity_prompts", str(prompts), "--plots", str(tmp_path / "p")]
+    logs = tmp_path / "logs"
+    assert run(*args, "--max_new_tokens", "4", "--logger", "tensorboard", "--log_dir", str(logs)) == 0
+    (events,) = (logs / "evaluate" / "logs").rglob("events.out.tfevents.*")
+    data = events.read_bytes()
+    assert b"evaluate/fidelity/matrix/harmless/good/words" in data and b"evaluate/fidelity_bars" in data
+    (csv,) = (logs / "evaluate" / "logs").rglob("metrics.csv")
+    assert "evaluate/fidelity/prompts" in csv.read_text().splitlines()[0]
+    assert run(*args, "--logger", "neptune") == 2 and "--logger 'neptune' is not one of" in capsys.readouterr().err
+
+
 def test_plots_without_matplotlib_name_the_extra(meet_export, tmp_path, monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
