@@ -185,3 +185,68 @@ def test_the_converted_template_holds_the_controls_macro(exported):
     template = bytes(field.parts[field.data[0]]).decode()
     assert "meet_controls" in template and "controls:" in template
     assert json.dumps("controls:") in template  # the directive, as the literal the export wrote
+
+
+def test_the_gguf_check_benchmark_measures_a_converted_export(exported, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gguf_check
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a planet.", "What is rain?")))
+    export, _ = exported
+    args = ["--export", str(export), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--count", "2"]
+    assert gguf_check.main([*args, "--max-tokens", "8", "--outtype", "f32"]) == 0
+    result = json.loads((tmp_path / "out" / "gguf_check.json").read_text())
+    assert result["prompts"] == 2 and result["control_tokens_generated"] == 0 and result["geo_ratio"] > 0
+    assert len(result["answers"]["verbose"]) == 2 and not list((tmp_path / "out").glob("*.gguf"))
+
+
+LORA_CONVERTER = CONVERTER.parent / "convert_lora_to_gguf.py"
+
+
+@pytest.fixture(scope="module")
+def lora_exported(tmp_path_factory):
+    """(export folder, base GGUF, concise adapter GGUF): SmolLM2 with LoRA controls whose factors are non-zero."""
+    if not LORA_CONVERTER.is_file() or not (model_cache_dir() / DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip("needs make gguf and make model")
+    from meet_lightning.control import LoRAControl
+    from meet_lightning.examples import ControlSchema
+    from meet_lightning.export import export_model
+    from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
+
+    torch.manual_seed(0)
+    lm, tokenizer = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
+    schema = ControlSchema.from_dict({"length": ["concise", "verbose"]})
+    control = LoRAControl(rank=4)
+    control.setup(lm, tokenizer, schema)
+    with torch.no_grad():  # B starts at zero (a no-op adapter): give both factors weight, so the adapter shows
+        for factor in control.parameters():
+            factor.normal_(0.0, 0.2)
+    folder = tmp_path_factory.mktemp("lora")
+    export_model(folder / "export", lm, tokenizer, control, schema, DEFAULT_MODEL, model_fingerprint(lm))
+    adapter = folder / "export" / "adapters" / "length" / "concise"
+    env = {**os.environ, "PYTHONPATH": str(CONVERTER.parent / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(LORA_CONVERTER), "--base", str(folder / "export"), "--outtype", "f32",
+               "--outfile", str(folder / "concise.gguf"), str(adapter)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "export", convert(folder / "export", folder / "model.gguf"), folder / "concise.gguf"
+
+
+def test_lora_controls_through_llama_cpp_adapters_answer_as_peft(lora_exported):
+    """llama.cpp's own LoRA converter on the PEFT folder; the adapter in llama.cpp decodes as PEFT does."""
+    from peft import PeftModel
+
+    export, base, adapter = lora_exported
+    tokenizer, lm = plain(export)
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    steered = llama_cpp.Llama(str(base), lora_path=str(adapter), n_ctx=512, n_threads=2, verbose=False)
+    plain_llm = llama_cpp.Llama(str(base), n_ctx=512, n_threads=2, verbose=False)
+    ours, without = llama_greedy(steered, prompt_ids, 16), llama_greedy(plain_llm, prompt_ids, 16)
+    assert ours != without  # the adapter changes the answer, so agreeing with PEFT means something
+    peft = PeftModel.from_pretrained(lm, str(export / "adapters" / "length" / "concise")).eval()
+    with torch.no_grad():
+        logits = peft(torch.tensor([prompt_ids + ours])).logits[0, len(prompt_ids) - 1 : -1]
+    gaps = (logits.max(-1).values - logits[torch.arange(len(ours)), torch.tensor(ours)]).tolist()
+    assert max(gaps) < NEAR_TIE, (ours, gaps)
