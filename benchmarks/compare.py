@@ -188,7 +188,9 @@ STEER = "control_vector"
 STEER_LABEL = "control vector (activation steering, no training)"
 STEER_FIT, STEER_VAL = 256, 32
 """Training pairs the direction is fitted on, and further training pairs its strength is chosen on."""
-STEER_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
+STEER_STRENGTHS = (0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
+STEER_MAX_COST = 0.05
+"""F's strength: the strongest whose validation NLL (responses of the requested kind) is ≤ 5 % above unsteered."""
 ARMS[JUDGE] = Arm("configs/ablations/stage1_only.yaml", "harmlessness judge (stage 1 on HH harmless alone)")
 """``--task compose`` scores every arm's answers with this model's control classifier, trained on its own."""
 
@@ -760,7 +762,7 @@ def score_length_arm(
     settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
     settings += [sampling] if sampling else []  # the tasks' own decoding is implied
     settings += [f"seed {s.seed}"] if s.seed_index else []  # each seed decodes from its own seed
-    settings += [STEER_FIT, STEER_VAL, list(STEER_STRENGTHS)] if name.split("@seed")[0] == STEER else []
+    settings += [STEER_FIT, STEER_VAL, list(STEER_STRENGTHS), STEER_MAX_COST] if name.split("@seed")[0] == STEER else []
     prompts = [json.loads(line)["prompt"] for line in data["alpaca_eval"].read_text().splitlines()]
     if cache.is_file():
         return add_quality_guard(read_back(cache, "settings", settings), prompts, s, cache)
@@ -805,7 +807,7 @@ def steered_answers(model: Any, prompts: list[str], s: Settings, data: dict[str,
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype("auto")[0] == torch.bfloat16):
         vector = fit_control_vector(model.lm, model.tokenizer, fit, max_length=s.max_length, batch_size=s.batch_size)
         strength, scores = choose_strength(
-            model.lm, model.tokenizer, vector, val, STEER_STRENGTHS, max_length=s.max_length, batch_size=s.batch_size
+            model.lm, model.tokenizer, vector, val, STEER_STRENGTHS, STEER_MAX_COST, s.max_length, s.batch_size
         )
     print(
         f"    control vector: layers {vector.layers[0]}-{vector.layers[-1]}, strength {strength} (val NLL {scores})", flush=True

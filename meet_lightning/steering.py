@@ -5,8 +5,8 @@ Contrastive activation addition (Turner et al. 2023, "Activation Addition"; Rims
 serves): for each steered decoder layer, the direction is the mean hidden state over the response tokens of the
 *chosen* responses minus that of the *rejected* ones. Generating with ``+strength`` moves the model toward the
 chosen kind (e.g. verbose), ``-strength`` toward the rejected kind. The strength is chosen on validation pairs
-(:func:`choose_strength`): the one under which the steered model best predicts held-out responses of the
-requested kind, 0 included, so a direction that does not help is not used.
+(:func:`choose_strength`): the strongest whose steered model predicts held-out responses of the requested kind at
+most 5 % worse (per-token NLL) than the unsteered one — 0 when even the weakest costs more.
 
 Nothing is trained: fitting is one forward pass over the pairs. It is what a user could pick instead of MEET, so
 the length study compares against it (``benchmarks/compare.py``, arm ``control_vector``).
@@ -25,8 +25,10 @@ from torch import nn
 from meet_lightning.examples import ControlledExample, ControlSchema, PreferencePair
 from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, TokenizedRow, collate_rows
 
-STRENGTHS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-"""The strengths :func:`choose_strength` tries by default."""
+STRENGTHS = (0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
+"""The strengths :func:`choose_strength` tries by default (0, the unsteered model, always)."""
+MAX_COST = 0.05
+"""The validation NLL a chosen strength may add, relative to the unsteered model's (5 %)."""
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -158,13 +160,17 @@ def choose_strength(
     vector: ControlVector,
     pairs: Sequence[PreferencePair],
     strengths: Sequence[float] = STRENGTHS,
+    max_cost: float = MAX_COST,
     max_length: int = 1024,
     batch_size: int = 8,
 ) -> tuple[float, dict[float, float]]:
-    """The strength whose steering best predicts validation responses of the requested kind, and every score.
+    """The strongest steering whose cost in likelihood stays within ``max_cost``, and every strength's NLL.
 
-    A strength's score is the mean of two per-token NLLs: the chosen responses under ``+strength`` and the rejected
-    ones under ``-strength``. 0 is the unsteered model, so a direction that does not help is not used.
+    A strength's NLL is the mean of two per-token NLLs on validation pairs: the chosen responses under
+    ``+strength`` and the rejected ones under ``-strength`` (responses of the kind each sign asks for). A style
+    such as length lives in a few tokens (where the answer ends), so it barely moves a per-token likelihood, while
+    every added vector perturbs all tokens: the NLL rises with the strength from the first step. The rule is
+    therefore the largest strength whose NLL is at most ``(1 + max_cost)`` times the unsteered one (0 when none is).
     """
     chosen, rejected, _ = tokenized_sides(tokenizer, pairs, max_length)
     if not chosen:
@@ -176,4 +182,5 @@ def choose_strength(
         with vector.steer(lm, -strength):
             away = response_nll(lm, rejected, tokenizer.pad_token_id, batch_size)
         scores[strength] = (toward + away) / 2
-    return min(scores, key=scores.get), scores
+    affordable = [s for s, nll in scores.items() if nll <= (1 + max_cost) * scores[0.0]]
+    return max(affordable), scores

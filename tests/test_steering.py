@@ -62,14 +62,17 @@ def test_steering_adds_only_inside_the_block(tiny):
     assert 0 < len(middle_layers(lm)) <= len(decoder_layers(lm))
 
 
-def test_the_strength_is_chosen_on_validation_pairs_and_zero_when_steering_hurts(tiny):
+def test_the_strength_is_the_strongest_within_the_likelihood_cost_and_zero_when_none_is(tiny):
     lm, tokenizer = tiny
     noise = ControlVector(middle_layers(lm), 50 * torch.randn(len(middle_layers(lm)), lm.config.hidden_size), 2, 0)
-    best, scores = choose_strength(lm, tokenizer, noise, PAIRS, strengths=(1.0, 2.0))
-    assert best == 0.0 and set(scores) == {0.0, 1.0, 2.0} and scores[2.0] > scores[0.0]
+    best, scores = choose_strength(lm, tokenizer, noise, PAIRS, strengths=(1.0, 2.0), max_cost=0.0)
+    assert best == 0.0 and set(scores) == {0.0, 1.0, 2.0} and min(scores[1.0], scores[2.0]) > scores[0.0]  # noise costs
     fitted = fit_control_vector(lm, tokenizer, PAIRS)
-    best, scores = choose_strength(lm, tokenizer, fitted, PAIRS, strengths=(0.5, 1.0))
-    assert scores[best] == min(scores.values())
+    strengths = (0.01, 0.1, 1.0, 10.0)
+    best, scores = choose_strength(lm, tokenizer, fitted, PAIRS, strengths=strengths, max_cost=0.05)
+    within = [s for s in scores if scores[s] <= 1.05 * scores[0.0]]
+    assert best == max(within) and best in (0.0, *strengths)
+    assert choose_strength(lm, tokenizer, fitted, PAIRS, strengths=strengths, max_cost=100.0)[0] == 10.0  # all allowed
 
 
 def test_pairs_that_do_not_fit_are_counted_or_refused(tiny):
