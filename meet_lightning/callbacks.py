@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from meet_lightning.errors import ConfigError
 from meet_lightning.evaluate import NO_CONTROL, EvalModel, RewardModel, generate_under
-from meet_lightning.plots import require_matplotlib, sample_words_figure
+from meet_lightning.figures import require_matplotlib, sample_words_figure
 from meet_lightning.rss import PeakRSSByPhase
 from meet_lightning.stats import words
 

@@ -32,10 +32,11 @@ from meet_lightning.evaluate import (
     win_rate,
 )
 from meet_lightning.examples import Message
+from meet_lightning.figures import require_matplotlib
 from meet_lightning.formats import SourceConfig
 from meet_lightning.generation import read_prompt_file
 from meet_lightning.models import load_model
-from meet_lightning.plots import require_matplotlib, write_plots
+from meet_lightning.plots import write_plots
 from meet_lightning.precision import WeightsDtype
 
 
