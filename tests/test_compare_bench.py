@@ -168,8 +168,10 @@ def test_the_length_task_reports_ratio_loops_and_accuracy_per_arm(tmp_path, shar
     assert "harmless" not in (tmp_path / "runs" / "meet_prompt-lr1" / "recipe.yaml").read_text().split("sources:")[1][:400]
 
 
-def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_quality_guard(tmp_path, shared_data):
+def test_the_length_study_pools_seeds_and_reports_the_cap_the_ceiling_and_the_quality_guard(tmp_path, shared_data, monkeypatch):
     """``--seeds 2``: every arm and the base trained/decoded per seed, pooled per arm, MEET paired seed by seed."""
+    monkeypatch.setattr(compare, "STEER_FIT", 16)  # F's pairs: a few are enough to check the plumbing
+    monkeypatch.setattr(compare, "STEER_VAL", 8)
     s = settings(tmp_path, task="length", arms=["meet_prompt", "control_vector"], max_length=2048, length_prompts=4, seeds=2)
     report = compare.run(s)
     arm_names = ("base", "meet_prompt", "control_vector")
