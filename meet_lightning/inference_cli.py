@@ -138,6 +138,12 @@ def add_model_flags(parser: OneLineParser, command: str) -> None:
     )
 
 
+def add_listen_flags(parser: OneLineParser, port: int) -> None:
+    """``--host`` and ``--port`` of the commands that serve over HTTP (``serve``, ``playground``)."""
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=port, help="port to listen on (0: any free port)")
+
+
 def load_model_flags(args: Any) -> tuple[AlignedModel, DecodingOptions]:
     """The model and decoding that :func:`add_model_flags`' flags chose (bad decoding flags: one line, first)."""
     decoding = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
@@ -175,8 +181,7 @@ def serve_command(argv: Sequence[str]) -> int:
     """``serve --model DIR [--host H] [--port N]``: an OpenAI-compatible endpoint (:mod:`meet_lightning.serve`)."""
     parser = OneLineParser(prog="meet_lightning serve", description="an OpenAI-compatible endpoint choosing controls per request")
     add_model_flags(parser, "serve")
-    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed)")
+    add_listen_flags(parser, 8000)
     parser.add_argument("--served_name", type=str | None, default=None, help="the model id clients send (default: --model)")
     args = parse_command(parser, argv)
     model, decoding = load_model_flags(args)
@@ -202,8 +207,7 @@ def playground_command(argv: Sequence[str]) -> int:
     """``playground --model DIR [--port N]``: answers side by side in a local web page (:mod:`meet_lightning.playground`)."""
     parser = OneLineParser(prog="meet_lightning playground", description="one prompt, answers side by side per control choice")
     add_model_flags(parser, "playground")
-    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    add_listen_flags(parser, 7860)
     args = parse_command(parser, argv)
     try:
         from meet_lightning.playground import build_app
