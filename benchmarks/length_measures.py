@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from meet_lightning.stats import MIN_ITEMS, enough_items, word_ratios, words
+from meet_lightning.stats import MIN_ITEMS, enough_items, repeated_4gram_share, word_ratios, words
 
 
 def log_ratios(verbose: Sequence[str], concise: Sequence[str]) -> np.ndarray:
@@ -81,7 +81,8 @@ def capped(tokenizer: Any, text: str, max_new_tokens: int) -> str:
 
 
 def ceiling_ratio(tokenizer: Any, rows: Sequence[dict[str, str]], max_new_tokens: int) -> dict[str, Any]:
-    """The data's own verbose ÷ concise answers, each cut at the cap: the ratio no arm can much exceed."""
+    """The data's own verbose ÷ concise answers, each cut at the cap: the ratio no arm can much exceed, and the
+    repeated-4-gram share of its verbose answers (what the report's loop line is read against)."""
     verbose = [capped(tokenizer, r["verbose"], max_new_tokens) for r in rows]
     concise = [capped(tokenizer, r["concise"], max_new_tokens) for r in rows]
     uncut = log_ratios([r["verbose"] for r in rows], [r["concise"] for r in rows])
@@ -90,6 +91,7 @@ def ceiling_ratio(tokenizer: Any, rows: Sequence[dict[str, str]], max_new_tokens
         "uncapped_ratio": geometric_ratio(uncut[None, :]),
         "verbose_cap_share": cap_share(new_token_counts(tokenizer, [r["verbose"] for r in rows]), max_new_tokens),
         "median_words": [float(np.median([words(t) for t in concise])), float(np.median([words(t) for t in verbose]))],
+        "repeated_4grams": repeated_4gram_share(verbose),
     }
 
 
@@ -200,9 +202,9 @@ def seeds_table(summaries: dict[str, dict[str, Any]], labels: dict[str, str], ce
                  _cell(m.get("control_accuracy"), 3)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if ceiling:
-        cap = f"{100 * ceiling['verbose_cap_share']:.0f} %"
+        cap, loops = f"{100 * ceiling['verbose_cap_share']:.0f} %", f"{100 * ceiling['repeated_4grams']:.1f} %"
         lines.append(
-            f"| the data's own answers, cut at the cap (ceiling) | – | {_cell(ceiling['ratio'])} | – | {cap} | – | – | – |"
+            f"| the data's own answers, cut at the cap (ceiling) | – | {_cell(ceiling['ratio'])} | – | {cap} | – | {loops} | – |"
         )
     lines += ["", "Paired, MEET (prompt) ÷ each arm (geometric-mean factor, same prompts, seed k with seed k):", ""]
     lines += ["| arm | factor [95 % CI] | per seed | verdict |", "|---|---|---|---|"]
