@@ -398,15 +398,15 @@ def check_no_links(output_dir: str) -> None:
             )
 
 
-def run_recipe_command(command: str, argv: Sequence[str]) -> int:
-    """``fit`` / ``validate`` / ``test`` / ``predict``."""
+def run_recipe_command(command: str, argv: Sequence[str], callbacks: Sequence[Any] = ()) -> int:
+    """``fit`` / ``validate`` / ``test`` / ``predict``; ``callbacks`` (Lightning callbacks) join fit's trainers."""
     from meet_lightning import pipeline
 
     recipe, cfg = parse_recipe(command, argv)  # --print_config prints and exits inside the parser
     if not pipeline.active_stages(recipe):
         raise ConfigError("the recipe has no stage: set stage1.model (and stage2.model for two stages)")
     if command == "fit":
-        pipeline.fit(recipe, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path)
+        pipeline.fit(recipe, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path, callbacks=callbacks)
     else:
         pipeline.evaluate_stage(recipe, command, cfg.stage)
     return 0
@@ -470,6 +470,7 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its read errors reach the user as our own one line
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warning when data loader workers start
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
@@ -480,9 +481,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input). Internal errors propagate (exit code 1)."""
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input). Internal errors propagate (exit code 1).
+
+    Args:
+        argv: The command line without the program (default: ``sys.argv[1:]``).
+        callbacks: Lightning callbacks added to every stage's trainer of a ``fit`` (from Python only, e.g. the
+            tests' :class:`~meet_lightning.reliability.FaultInjection`); not written into the recipe.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if callbacks and argv[:1] != ["fit"]:
+        raise ValueError(f"callbacks apply to the fit command only, not {argv[:1]}")
     if not argv:  # a command is missing: the list of them, as a usage error
         print(usage(), file=sys.stderr)
         return 2
@@ -501,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"unknown command {argv[0]!r}"
                 + (f" — did you mean {close[0]}?" if close else f" — use one of: {', '.join(COMMANDS)}")
             )
-        return command(argv[1:])
+        return run_recipe_command("fit", argv[1:], callbacks) if callbacks else command(argv[1:])
     except MeetError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

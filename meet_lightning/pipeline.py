@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,7 @@ from meet_lightning.generation import DecodingOptions, generate_responses, read_
 from meet_lightning.models import resolve_model_path
 from meet_lightning.modules.base import MeetModule
 from meet_lightning.precision import Resolved, resolve_precision
-from meet_lightning.reliability import (  # noqa: F401 - FaultInjection/InjectedFault re-exported for callers
-    AtomicCheckpointIO,
-    FaultInjection,
-    FaultSpec,
-    GradientCheck,
-    InjectedFault,
-    RNGState,
-)
+from meet_lightning.reliability import AtomicCheckpointIO, GradientCheck, RNGState
 from meet_lightning.rss import PeakRSSByPhase
 from meet_lightning.tokenized_cache import data_identity
 
@@ -234,25 +227,25 @@ def build_stage(
     stage: str,
     extra_model_args: Mapping[str, Any] | None = None,
     extra_data_args: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> StageCLI:
     """Builds (seeds, then instantiates) one stage's trainer, module and data module.
 
     The trainer gets the callbacks and checkpoint IO that make a resume bit-identical and a bad step stop
-    cleanly: atomic checkpoints, RNG states, gradient check, and ``MEET_FAULT`` injection for the tests.
+    cleanly (atomic checkpoints, RNG states, gradient check), with the caller's ``callbacks`` (e.g. the tests'
+    :class:`~meet_lightning.reliability.FaultInjection`) before the gradient check.
     """
     out = Path(recipe["output_dir"]) / stage
     spec = recipe[stage] or {}
     check_stage_settings(recipe, stage)
-    fault = FaultSpec.from_env()
-    fault = fault if fault is not None and fault.stage == stage else None
     last = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=spec.get("checkpoint_every_n_steps", 100)
     )
-    # FaultInjection before GradientCheck: an injected NaN gradient must meet the check in the same step.
-    callbacks = [last, FaultInjection(stage, fault), GradientCheck(stage), RNGState(), ThroughputMeter()]
+    # the caller's before GradientCheck: a NaN gradient a callback injects must meet the check in the same step
+    callbacks = [last, *callbacks, GradientCheck(stage), RNGState(), ThroughputMeter()]
     if selects_best(recipe, stage):
         callbacks.append(best_checkpoint(out / "checkpoints"))
-    io = AtomicCheckpointIO(stage, folder=out / "checkpoints" if is_global_zero() else None, fault=fault)
+    io = AtomicCheckpointIO(stage, folder=out / "checkpoints" if is_global_zero() else None)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments come from `args`, not the command line
     try:
         return StageCLI(
@@ -521,8 +514,17 @@ def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
     return "" if old == new else f"{prefix.rstrip('.')}: {old!r} → {new!r}"
 
 
-def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | None = None, log=rank_zero_log) -> dict[str, Any]:
-    """Runs every unfinished stage, then exports (on rank zero); returns ``{stage: final validation metrics}``."""
+def fit(
+    recipe: Mapping[str, Any],
+    overwrite: bool = False,
+    ckpt_path: str | None = None,
+    log=rank_zero_log,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Runs every unfinished stage, then exports (on rank zero); returns ``{stage: final validation metrics}``.
+
+    ``callbacks`` are Lightning callbacks added to every stage's trainer (not part of the recipe).
+    """
     check_recipe(recipe)
     if ckpt_path:
         check_checkpoint_file(Path(ckpt_path))
@@ -540,7 +542,7 @@ def fit(recipe: Mapping[str, Any], overwrite: bool = False, ckpt_path: str | Non
             log(f"{stage}: finished earlier ({done}), skipping")
             results[stage] = json.loads(done.read_text())
         else:
-            results[stage] = run_stage(recipe, stage, ckpt_path, log, position)
+            results[stage] = run_stage(recipe, stage, ckpt_path, log, position, callbacks)
             trained = True
             ckpt_path = None  # --ckpt_path applies to the first unfinished stage only
         position = int(results[stage].get("batch_stream_position", 0))  # 0: a stage finished before it was recorded
@@ -578,11 +580,17 @@ def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print)
 
 
 def run_stage(
-    recipe: Mapping[str, Any], stage: str, ckpt_path: str | None, log, skip_batches: int | None = None
+    recipe: Mapping[str, Any],
+    stage: str,
+    ckpt_path: str | None,
+    log,
+    skip_batches: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, float]:
     """Fits one stage (resuming from ``ckpt_path`` or its ``last.ckpt``), writes its files and done-marker.
 
-    ``skip_batches`` (where the previous stage left the batch stream) overrides ``data.skip_batches``.
+    ``skip_batches`` (where the previous stage left the batch stream) overrides ``data.skip_batches``;
+    ``callbacks`` go to the stage's trainer (:func:`build_stage`).
     """
     out = Path(recipe["output_dir"]) / stage
     extra = (
@@ -598,7 +606,7 @@ def run_stage(
         read_controls_metadata(Path(init_controls))  # missing/foreign file: one line now, not after the model loads
     memory = PeakRSSByPhase()
     memory.enter("load")  # building the stage, loading model and data (until the first step or sanity check)
-    cli = build_stage(recipe, stage, extra, data_extra)
+    cli = build_stage(recipe, stage, extra, data_extra, callbacks)
     identity = data_identity_of(cli.datamodule)
     cli.model.data_identity = identity  # into every checkpoint of this stage
     precision = stage_precision(recipe, stage)
@@ -762,9 +770,6 @@ def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, l
         return predict_to_file(cli, last, out, decoding_options(recipe), log=log)
     run = getattr(cli.trainer, command)
     return run(cli.model, cli.datamodule, ckpt_path=str(last), weights_only=True)
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def predict_to_file(cli: Any, checkpoint: Path, out: Path, decoding: DecodingOptions, log=print) -> list[dict[str, Any]]:

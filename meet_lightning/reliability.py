@@ -8,8 +8,8 @@
   training resumes (dropout then draws the same masks as in an uninterrupted run).
 * :class:`GradientCheck` stops training at the first NaN/inf gradient (:class:`~meet_lightning.errors.NumericalError`,
   exit code 3) before the optimizer can write it into the weights.
-* :class:`FaultInjection` and :class:`FaultSpec` stop, kill or poison a run at a chosen step for the tests
-  (``MEET_FAULT``).
+* :class:`FaultInjection` and :class:`FaultSpec` stop, kill or poison a run at a chosen step; tests hand the
+  callback in (``cli.main(argv, callbacks=[...])``).
 
 The shuffle position is the fourth ingredient: :class:`~meet_lightning.data.ResumableBatchSampler`, saved by
 Lightning through :class:`~meet_lightning.data.ResumableDataLoader`.
@@ -36,7 +36,6 @@ from meet_lightning.atomic import TEMP_SUFFIX, remove_stale_temp_files, write_at
 from meet_lightning.distributed import unwrapped_name
 from meet_lightning.errors import ConfigError, NumericalError
 
-FAULT_ENV = "MEET_FAULT"
 FAULT_POINTS = ("step_end", "ckpt_write", "nan_grad")
 _KILL_AFTER_BYTES = 1024  # a checkpoint killed mid-write has at least this much of its temp file on disk
 
@@ -48,7 +47,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultSpec:
-    """A deterministic fault, read from ``MEET_FAULT`` (for tests of resuming and of numerical faults).
+    """A deterministic fault (for tests of resuming and of numerical faults), applied by :class:`FaultInjection`.
 
     Grammar: ``STAGE:step=K[:at=POINT][:kill]``, for example ``stage2:step=2`` or
     ``stage1:step=3:at=ckpt_write:kill``. ``K`` counts optimizer steps (the fault hits the step that brings
@@ -77,7 +76,7 @@ class FaultSpec:
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
         """A spec from its ``STAGE:step=K[:at=POINT][:kill]`` text; ConfigError when malformed."""
-        usage = f"{FAULT_ENV}={text!r} — use STAGE:step=K[:at={'|'.join(FAULT_POINTS)}][:kill], e.g. stage2:step=2:kill"
+        usage = f"fault {text!r} — use STAGE:step=K[:at={'|'.join(FAULT_POINTS)}][:kill], e.g. stage2:step=2:kill"
         stage, *parts = text.split(":")
         options: dict[str, str] = {}
         for part in parts:
@@ -91,34 +90,39 @@ class FaultSpec:
             raise ConfigError(usage)
         return cls(stage, int(options["step"]), at, "kill" in options)
 
-    @classmethod
-    def from_env(cls) -> FaultSpec | None:
-        """The spec in ``MEET_FAULT``, or ``None`` when it is unset or empty."""
-        text = os.environ.get(FAULT_ENV, "").strip()
-        return cls.parse(text) if text else None
-
     def fire(self, where: str) -> None:
         """Kills the process (``kill``) or raises :class:`InjectedFault`."""
         if self.kill:
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        raise InjectedFault(f"{FAULT_ENV}: stopping {self.stage} {where}")
+        raise InjectedFault(f"injected fault: stopping {self.stage} {where}")
 
 
 class FaultInjection(Callback):
-    """Applies ``MEET_FAULT`` (see :class:`FaultSpec`) to one stage's training; does nothing when it is unset.
+    """Applies a :class:`FaultSpec` to the stage it names, for tests of resuming and of numerical faults.
+
+    Handed in like any Lightning callback, e.g. ``cli.main(argv, callbacks=[FaultInjection("stage2:step=2")])``
+    or ``pipeline.fit(recipe, callbacks=[...])``; nothing in the library reads a fault from the environment. The
+    stage it runs in is the one its trainer's :class:`AtomicCheckpointIO` writes for; a ``ckpt_write`` fault is
+    handed to that checkpoint IO.
 
     Args:
-        stage: The stage this trainer runs.
-        spec: The fault (default: read from ``MEET_FAULT``); a fault of another stage is ignored.
+        spec: The fault, or its ``STAGE:step=K[:at=POINT][:kill]`` text.
     """
 
-    def __init__(self, stage: str, spec: FaultSpec | None = None) -> None:
-        self.stage = stage
-        spec = spec if spec is not None else FaultSpec.from_env()
-        self.spec = spec if spec is not None and spec.stage == stage else None
-        self.step = self.spec.step if self.spec else None
+    def __init__(self, spec: FaultSpec | str) -> None:
+        self.fault = FaultSpec.parse(spec) if isinstance(spec, str) else spec
+        self.spec: FaultSpec | None = None  # the fault while its stage runs
+
+    @override
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, AtomicCheckpointIO):
+            raise ConfigError("FaultInjection: the trainer has no AtomicCheckpointIO — build it with pipeline.build_stage")
+        self.spec = self.fault if io.stage == self.fault.stage else None
+        if self.spec is not None and self.spec.at == "ckpt_write":
+            io.fault = self.spec
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.faults import fit_with_fault
 
 from meet_lightning.cli import main
 from meet_lightning.formats import SourceConfig
@@ -221,10 +222,8 @@ def own_data(shared_data, tmp_path) -> Path:
 
 def test_row9_a_stage_cut_off_then_resumed_on_edited_data_is_refused(own_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv("MEET_FAULT", "stage1:step=2")
     with pytest.raises(InjectedFault):
-        run(*fit_args(out, own_data))
-    monkeypatch.delenv("MEET_FAULT")
+        fit_with_fault("stage1:step=2", *fit_args(out, own_data))
     last = out / "stage1" / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (out / "stage1" / "done.json").exists()
     edit_last_pair(own_data)

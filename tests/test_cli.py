@@ -9,12 +9,14 @@ import pytest
 import torch
 import yaml
 from conftest import HELPSTEER_ROWS
+from helpers.faults import fit_with_fault
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from meet_lightning.cli import main
 from meet_lightning.export import AlignedModel
 from meet_lightning.modules import JointFinetuneModule
+from meet_lightning.reliability import InjectedFault
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -161,11 +163,9 @@ def test_changed_recipe_is_refused_with_a_diff_but_budget_changes_are_not(finish
 
 def test_run_stopped_after_stage1_resumes_with_stage2(tmp_path, hh, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv("MEET_FAULT", "stage2:step=1")
-    with pytest.raises(RuntimeError, match="MEET_FAULT"):
-        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh))
+    with pytest.raises(InjectedFault, match="injected fault: stopping stage2"):
+        fit_with_fault("stage2:step=1", *fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh))
     assert (out / "stage1" / "done.json").is_file() and not (out / "stage2" / "done.json").exists()
-    monkeypatch.delenv("MEET_FAULT")
     assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh)) == 0
     printed = capsys.readouterr().out
     assert "stage1: finished earlier" in printed
@@ -173,12 +173,10 @@ def test_run_stopped_after_stage1_resumes_with_stage2(tmp_path, hh, monkeypatch,
 
 def test_run_stopped_mid_stage2_resumes_from_last_checkpoint_keeping_stage2_controls(tmp_path, hh, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv("MEET_FAULT", "stage2:step=2")
-    with pytest.raises(RuntimeError, match="MEET_FAULT"):
-        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh))
+    with pytest.raises(InjectedFault):
+        fit_with_fault("stage2:step=2", *fit_args(CONFIGS / "meet_hh_prompt.yaml", out, hh))
     saved = torch.load(out / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 1
-    monkeypatch.delenv("MEET_FAULT")
     module_state: dict = {}
     original = JointFinetuneModule.on_load_checkpoint
 
@@ -553,7 +551,6 @@ def test_streamed_run_interrupted_and_resumed_trains_on_the_same_batches(tmp_pat
     """``data.streaming``: a run stopped after step 3 (before its checkpoint) and resumed from step 2 sees the
     batches of an uninterrupted run, in order (exact: the stream is regenerated and the trained part skipped)."""
     from meet_lightning.modules.base import MeetModule
-    from meet_lightning.reliability import InjectedFault
 
     seen: list[str] = []
     original = MeetModule.training_step
@@ -576,10 +573,8 @@ def test_streamed_run_interrupted_and_resumed_trains_on_the_same_batches(tmp_pat
     assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "whole", hh, *flags)) == 0
     uninterrupted, seen[:] = list(seen), []
     assert len(uninterrupted) == 6 and len(set(uninterrupted)) == 6
-    monkeypatch.setenv("MEET_FAULT", "stage1:step=3")
     with pytest.raises(InjectedFault):
-        run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags))
-    monkeypatch.delenv("MEET_FAULT")
+        fit_with_fault("stage1:step=3", *fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags))
     assert run(*fit_args(CONFIGS / "meet_hh_prompt.yaml", tmp_path / "cut", hh, *flags)) == 0
     assert seen[:3] == uninterrupted[:3] and seen[3:] == uninterrupted[2:]  # step 3 replayed from the step-2 checkpoint
     done = json.loads((tmp_path / "cut" / "stage1" / "done.json").read_text())

@@ -119,7 +119,7 @@ def fit_args(out: Path, hh: Path, *extra: str) -> list[str]:
 
 
 def start(args: list[str], **env: str) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if k != "MEET_FAULT"}
+    environment = dict(os.environ)
     # the checkout first: the ranks must import this tree's meet_lightning, not an installed one
     environment.update(
         {

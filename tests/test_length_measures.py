@@ -68,7 +68,9 @@ def test_cap_share_and_the_datas_own_ceiling_under_the_same_cap():
     assert lm.new_token_counts(tokenizer, [lm.capped(tokenizer, long, 20)]) == [20]
     # the answers' own loop share: 50 words give 47 4-grams, 46 of them repeat the first
     assert uncut["repeated_4grams"] == pytest.approx(46 / 47)
-    assert lm.ceiling_ratio(tokenizer, [{"concise": "a b", "verbose": "one two three four five"}] * 4, 100)["repeated_4grams"] == 0
+    assert (
+        lm.ceiling_ratio(tokenizer, [{"concise": "a b", "verbose": "one two three four five"}] * 4, 100)["repeated_4grams"] == 0
+    )
 
 
 def test_answer_nll_is_the_mean_response_token_nll_under_the_plain_prompt():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.faults import fit_with_fault
 
 from meet_lightning.cli import main
 from meet_lightning.reliability import TEMP_SUFFIX, FaultSpec, iter_tensors
@@ -73,17 +74,18 @@ def error_line(stderr: str) -> str:
     return errors[0]
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MEET_FAULT"}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra})
-    return env
+def subprocess_env() -> dict[str, str]:
+    """This checkout first on the path: ``tests/helpers/faults.py`` runs as a script, from its own folder."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
 
 
-def start_fit(args: list[str], **env: str) -> subprocess.Popen:
+def start_fit(args: list[str], fault: FaultSpec | None = None) -> subprocess.Popen:
+    """``fit`` in its own process, with ``fault`` handed in by ``tests/helpers/faults.py``."""
     command = [sys.executable, "-m", "meet_lightning", *args]
-    return subprocess.Popen(
-        command, cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    if fault is not None:
+        command = [sys.executable, str(ROOT / "tests" / "helpers" / "faults.py"), fault_text(fault), *args]
+    return subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -151,8 +153,7 @@ def test_killed_run_resumes_bit_identically(seed, tmp_path, hh, monkeypatch):
     plan = kill_plan(seed)
     out, reference = tmp_path / "killed", tmp_path / "reference"
     args = fit_args(out, hh, *RANDOM_RUN)
-    process = start_fit(args, MEET_FAULT=fault_text(plan[0]))
-    monkeypatch.delenv("MEET_FAULT", raising=False)
+    process = start_fit(args, plan[0])
     assert run(*fit_args(reference, hh, *RANDOM_RUN)) == 0  # uninterrupted, in this process, meanwhile
     outputs = []
     for index, spec in enumerate(plan):
@@ -165,7 +166,7 @@ def test_killed_run_resumes_bit_identically(seed, tmp_path, hh, monkeypatch):
             assert partial and partial[0].stat().st_size > 0, fault_text(spec)
         assert load_last(out, spec.stage)["global_step"] == spec.step - 1, fault_text(spec)
         following = plan[index + 1] if index + 1 < len(plan) else None
-        process = start_fit(args, **({"MEET_FAULT": fault_text(following)} if following else {}))
+        process = start_fit(args, following)
     code, output = finish(process)
     outputs.append(output)
     assert code == 0, output[-3000:]
@@ -213,7 +214,6 @@ def _bad_inputs():
 def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, hh, finished_run, capsys, monkeypatch):
     from bad_inputs import Context
 
-    monkeypatch.delenv("MEET_FAULT", raising=False)
     argv = case.build(Context(tmp_path, hh, finished_run))
     capsys.readouterr()
     before = snapshot(tmp_path)
@@ -233,8 +233,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, hh, finished_run, c
 # ------------------------------------------------------------------------------------------ numerical faults
 def test_nan_gradient_stops_with_exit_3_naming_stage_and_step(tmp_path, hh, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv("MEET_FAULT", "stage1:step=2:at=nan_grad")
-    assert run(*fit_args(out, hh)) == 3
+    assert fit_with_fault("stage1:step=2:at=nan_grad", *fit_args(out, hh)) == 3
     err = error_line(capsys.readouterr().err)
     assert err.startswith("error: stage1: NaN/inf gradient at step 2 in control.bank"), err
     assert "--stage1.model.lr" in err and "last checkpoint is intact" in err
@@ -243,7 +242,6 @@ def test_nan_gradient_stops_with_exit_3_naming_stage_and_step(tmp_path, hh, monk
     tensors = [t for _, t in iter_tensors({"w": last["state_dict"], "o": last["optimizer_states"]}) if t.is_floating_point()]
     assert tensors and all(bool(t.isfinite().all()) for t in tensors)
     assert not (out / "stage1" / "done.json").exists() and not (out / "stage1" / "controls.safetensors").exists()
-    monkeypatch.delenv("MEET_FAULT")
     assert run(*fit_args(out, hh)) == 0  # the finite checkpoint resumes
     assert "stage1: restoring from" in capsys.readouterr().out
 
@@ -267,7 +265,6 @@ def test_a_checkpoint_with_nan_is_never_written(tmp_path):
 
 
 def test_same_seed_twice_gives_identical_metrics_and_weights(tmp_path, hh, monkeypatch):
-    monkeypatch.delenv("MEET_FAULT", raising=False)
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
         assert run(*fit_args(out, hh, "--model_name_or_path", "tiny-debug-dropout")) == 0
@@ -286,7 +283,7 @@ def test_fault_spec_grammar():
     from meet_lightning.errors import ConfigError
 
     for bad in ("stage3:step=1", "stage1:step=x", "stage1:step=1:at=somewhere", "stage1:step=1:boom", "stage1"):
-        with pytest.raises(ConfigError, match="MEET_FAULT"):
+        with pytest.raises(ConfigError, match="STAGE:step=K"):
             FaultSpec.parse(bad)
 
 
@@ -402,7 +399,6 @@ def test_ddp_on_two_processes_writes_from_rank_zero_and_resumes_on_one(tmp_path,
     assert output.count("stage1: done") == 1  # rank 1 logs nothing either
 
     # the DDP checkpoint resumes in one process (here, in this one): sampler position mapped from 2 ranks to 1
-    monkeypatch.delenv("MEET_FAULT", raising=False)
     single = fit_args(
         tmp_path / "single", hh, "--ckpt_path", str(out / "stage1" / "checkpoints" / "last.ckpt"),
         "--stage1.trainer.max_steps", str(DDP_STEPS + 2), "--stage2.model", "null",
