@@ -15,6 +15,7 @@ from typing_extensions import override
 from meet_lightning.errors import ConfigError
 from meet_lightning.evaluate import NO_CONTROL, EvalModel, RewardModel, generate_under
 from meet_lightning.figures import require_matplotlib, sample_words_figure
+from meet_lightning.generation import DecodingOptions
 from meet_lightning.rss import PeakRSSByPhase
 from meet_lightning.stats import words
 
@@ -315,7 +316,7 @@ class SampleGenerations(Callback):
         messages = [[{"role": "user", "content": p}] for p in self.prompts]
         rows = []
         for control in self._controls(pl_module):
-            responses = generate_under(model, messages, control, self.max_new_tokens)
+            responses = generate_under(model, messages, control, DecodingOptions(self.max_new_tokens))
             rows += [
                 {"step": trainer.global_step, "control": control, "prompt": p, "response": r}
                 for p, r in zip(self.prompts, responses, strict=True)
@@ -360,5 +361,5 @@ class SampleGenerations(Callback):
         prompts = datamodule.validation_prompts(self.num_reward_prompts) if datamodule is not None else []
         prompts = prompts or [[{"role": "user", "content": p}] for p in self.prompts]
         for control in self._controls(pl_module):
-            rewards = self._reward.score(prompts, generate_under(model, prompts, control, self.max_new_tokens))
+            rewards = self._reward.score(prompts, generate_under(model, prompts, control, DecodingOptions(self.max_new_tokens)))
             pl_module.log(f"val/reward/{control}", sum(rewards) / len(rewards), rank_zero_only=True)

@@ -103,7 +103,8 @@ class ChatSession:
             [list(self.messages)],
             control=self.controls or None,
             streamer=printer,
-            **{**self.decoding.generate_kwargs(), "batch_size": 1},
+            options=self.decoding,
+            batch_size=1,
         )
         self.messages.append({"role": "assistant", "content": reply})
         return reply

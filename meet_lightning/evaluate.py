@@ -38,7 +38,7 @@ from meet_lightning.errors import CheckpointError, ConfigError, DataError
 from meet_lightning.examples import ControlledExample, ControlSchema, Message, PreferencePair
 from meet_lightning.export import SCHEMA_FILE, AlignedModel
 from meet_lightning.formats import DEFAULT_PREFERENCE, SourceConfig, read_source
-from meet_lightning.generation import generate_responses, resolve_controls
+from meet_lightning.generation import DecodingOptions, generate_responses, resolve_controls
 from meet_lightning.losses import control_classifier_scores, pairwise_accuracy, sequence_logps
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import resolve_dtype
@@ -489,19 +489,10 @@ def control_ids_for(model: EvalModel, control: str) -> list[int]:
     return resolve_controls(model.schema, None if control == NO_CONTROL else control)
 
 
-def generate_under(
-    model: EvalModel,
-    prompts: Sequence[Sequence[Message]],
-    control: str,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    batch_size: int = 8,
-) -> list[str]:
-    """Responses to ``prompts`` under one control (``none`` = plain)."""
+def generate_under(model: EvalModel, prompts: Sequence[Sequence[Message]], control: str, options: DecodingOptions) -> list[str]:
+    """Responses to ``prompts`` under one control (``none`` = plain), decoded as ``options``."""
     ids = [control_ids_for(model, control)] * len(prompts)
-    return generate_responses(
-        model.lm, model.tokenizer, model.control, list(prompts), ids, max_new_tokens, temperature, batch_size
-    )
+    return generate_responses(model.lm, model.tokenizer, model.control, list(prompts), ids, options)
 
 
 @torch.no_grad()
@@ -579,7 +570,8 @@ def control_fidelity(
         "kl_to_base": {},
     }
     for control in controls:
-        responses = generate_under(model, prompts, control, max_new_tokens, temperature, batch_size)
+        decoding = DecodingOptions(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+        responses = generate_under(model, prompts, control, decoding)
         values = {name: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)] for name, fn in attributes.items()}
         values.update(_batched_attributes(attributes, prompts, responses))
         result["samples"][control] = responses

@@ -7,6 +7,7 @@ LM merged), and with :class:`AlignedModel` to generate under controls. Only safe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from meet_lightning.control_vocab import add_control_vocabulary
 from meet_lightning.controls_io import load_controls, save_controls
 from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.examples import ControlSchema
-from meet_lightning.generation import ControlSpec, KVCache, as_messages, generate_responses, resolve_controls
+from meet_lightning.generation import ControlSpec, DecodingOptions, as_messages, generate_responses, resolve_controls
 from meet_lightning.model_card import model_card
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.names import public_value, without_local_paths
@@ -209,15 +210,10 @@ class AlignedModel:
         prompts: Sequence[str | Sequence[Mapping[str, str]]],
         control: ControlSpec = None,
         controls: Sequence[ControlSpec] | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        batch_size: int = 8,
-        repetition_penalty: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        options: DecodingOptions | None = None,
         progress: bool = False,
-        cache: KVCache = "dynamic",
         streamer: Any = None,
+        **decoding: Any,
     ) -> list[str]:
         """Responses to ``prompts``.
 
@@ -226,34 +222,19 @@ class AlignedModel:
             control: One choice for every prompt: ``"good"``, ``["harmless/good", "concise"]`` (several
                 preferences), ``{"harmless": "good"}``, or ``None`` (no control).
             controls: Instead of ``control``, one choice per prompt (a mixed batch).
-            max_new_tokens: Longest response.
-            temperature: 0 for greedy decoding.
-            batch_size: Prompts per generate call.
-            repetition_penalty: ``> 1`` discourages repeating earlier tokens (1 = off).
-            top_p: Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
-            top_k: Sample among the ``top_k`` most likely tokens (0 = off).
+            options: How to decode (:class:`~meet_lightning.generation.DecodingOptions`: ``max_new_tokens``,
+                ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``repetition_penalty``, ``batch_size``,
+                ``cache``). Its ``seed`` is not applied here: seed torch yourself for reproducible samples.
             progress: Draw a progress bar over batches on stderr.
-            cache: ``dynamic`` (default) or ``static`` KV cache (:data:`~meet_lightning.generation.KVCache`).
             streamer: A transformers streamer that receives new tokens as they come (one prompt at a time).
+            **decoding: Any of those options by name, over ``options``: ``generate(p, max_new_tokens=64)``.
         """
         if controls is not None and (control is not None or len(controls) != len(prompts)):
             raise ConfigError(f"controls= needs one choice per prompt ({len(prompts)}), without control= — pass one of them")
         specs = list(controls) if controls is not None else [control] * len(prompts)
         ids = [resolve_controls(self.schema, spec) for spec in specs]
         messages = [as_messages(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+        options = dataclasses.replace(options or DecodingOptions(), **decoding)
         return generate_responses(
-            self.lm,
-            self.tokenizer,
-            self.control,
-            messages,
-            ids,
-            max_new_tokens,
-            temperature,
-            batch_size,
-            repetition_penalty=repetition_penalty,
-            top_p=top_p,
-            top_k=top_k,
-            progress=progress,
-            cache=cache,
-            streamer=streamer,
+            self.lm, self.tokenizer, self.control, messages, ids, options, progress=progress, streamer=streamer
         )

@@ -60,10 +60,6 @@ class DecodingOptions:
         )
         return failed_checks(checks)
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`generate_responses` (the seed is applied by the caller, once)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "seed"}
-
 
 def resolve_controls(schema: ControlSchema, spec: ControlSpec) -> list[int]:
     """One global control id per preference (``-1`` = none) for a user's control choice."""
@@ -124,35 +120,29 @@ def generate_responses(
     control: ControlTokens,
     prompts: Sequence[Sequence[Message]],
     control_ids: Sequence[Sequence[int]],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    batch_size: int = 8,
+    options: DecodingOptions | None = None,
     max_prompt_tokens: int = 1024,
-    repetition_penalty: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
     progress: bool = False,
-    cache: KVCache = "dynamic",
     streamer: Any = None,
 ) -> list[str]:
-    """Responses for ``prompts``, row ``i`` under ``control_ids[i]`` (greedy when ``temperature`` is 0;
-    ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence, as in transformers;
-    ``top_p`` < 1 and ``top_k`` > 0 restrict sampling; ``progress`` draws a bar over batches on stderr;
-    ``cache``: :data:`KVCache`; ``streamer``: a transformers streamer (``put``/``end``) that receives the new
-    tokens as they are generated, for ``batch_size`` 1)."""
+    """Responses for ``prompts``, row ``i`` under ``control_ids[i]``, decoded as ``options`` (default:
+    :class:`DecodingOptions`; its ``seed`` is the caller's to apply, once). ``progress`` draws a bar over batches
+    on stderr; ``streamer``: a transformers streamer (``put``/``end``) that receives the new tokens as they are
+    generated (for ``batch_size`` 1)."""
+    o = options or DecodingOptions()
     encoder = PromptTokenizer(tokenizer, max_prompt_tokens)
     device = next(lm.parameters()).device
     stop = sorted({encoder.eot_id, tokenizer.eos_token_id} - {None})
     sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p if top_p < 1 else None, "top_k": top_k or None}
-        if temperature > 0
+        {"do_sample": True, "temperature": o.temperature, "top_p": o.top_p if o.top_p < 1 else None, "top_k": o.top_k or None}
+        if o.temperature > 0
         else {"do_sample": False, "top_p": None, "top_k": None}
     )
     texts: list[str] = []
-    starts = range(0, len(prompts), batch_size)
+    starts = range(0, len(prompts), o.batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2, file=sys.stderr):
         batch = prompt_batch(
-            encoder, prompts[start : start + batch_size], control_ids[start : start + batch_size], max_prompt_tokens
+            encoder, prompts[start : start + o.batch_size], control_ids[start : start + o.batch_size], max_prompt_tokens
         )
         batch = {k: v.to(device) for k, v in batch.items()}
         ids, mask, _ = control.insert(batch)
@@ -164,11 +154,11 @@ def generate_responses(
             out = lm.generate(
                 inputs_embeds=embeds,
                 attention_mask=mask,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=o.max_new_tokens,
                 eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
-                repetition_penalty=repetition_penalty,
-                cache_implementation=None if cache == "dynamic" else cache,
+                repetition_penalty=o.repetition_penalty,
+                cache_implementation=None if o.cache == "dynamic" else o.cache,
                 streamer=streamer,
                 **sampling,
             )

@@ -115,7 +115,7 @@ def generate_command(argv: Sequence[str]) -> int:
     if decoding.seed is not None:
         torch.manual_seed(decoding.seed)
     texts = model.generate(
-        [row["prompt"] for row in rows], controls=[row["controls"] for row in rows], progress=True, **decoding.generate_kwargs()
+        [row["prompt"] for row in rows], controls=[row["controls"] for row in rows], options=decoding, progress=True
     )
     if args.output:
         results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]

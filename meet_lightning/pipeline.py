@@ -783,9 +783,7 @@ def predict_to_file(cli: Any, checkpoint: Path, out: Path, decoding: DecodingOpt
     if decoding.seed is not None:
         torch.manual_seed(decoding.seed)
     prompts = [r["prompt"] for r in rows]
-    texts = generate_responses(
-        module.lm, module.tokenizer, module.control, prompts, ids, progress=True, **decoding.generate_kwargs()
-    )
+    texts = generate_responses(module.lm, module.tokenizer, module.control, prompts, ids, decoding, progress=True)
     results = [{"prompt": r["prompt"], "controls": r["controls"], "response": t} for r, t in zip(rows, texts, strict=True)]
     write_jsonl_atomic(out, results)
     log(f"wrote {len(results)} predictions to {out}")

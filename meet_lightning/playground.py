@@ -40,7 +40,7 @@ def compare(model: AlignedModel, prompt: str, chosen: list[str], decoding: Decod
         controls = [] if combination == NONE else combination.split(" + ")
         if decoding.seed is not None:  # each column as if generated alone: reproducible and independent of the others
             torch.manual_seed(decoding.seed)
-        (answer,) = model.generate([prompt], control=controls or None, **{**decoding.generate_kwargs(), "batch_size": 1})
+        (answer,) = model.generate([prompt], control=controls or None, options=decoding, batch_size=1)
         rows.append({"controls": combination, "words": len(answer.split()), "answer": answer})
     return rows
 

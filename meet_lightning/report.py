@@ -34,7 +34,7 @@ from meet_lightning.evaluate import (
 from meet_lightning.examples import Message
 from meet_lightning.figures import require_matplotlib
 from meet_lightning.formats import SourceConfig
-from meet_lightning.generation import read_prompt_file
+from meet_lightning.generation import DecodingOptions, read_prompt_file
 from meet_lightning.models import load_model
 from meet_lightning.plots import write_plots
 from meet_lightning.precision import WeightsDtype
@@ -141,7 +141,8 @@ def evaluate_generations(
 ) -> dict[str, Any]:
     """``reward_model_score`` and ``win_rate`` of the model's generations in its preferred mode."""
     mode = preferred_mode(model, options.data.preference, options.good_control)
-    responses = generate_under(model, prompts, mode, options.max_new_tokens, 0.0, options.batch_size)
+    greedy = DecodingOptions(max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+    responses = generate_under(model, prompts, mode, greedy)
     metrics: dict[str, Any] = {"generation_mode": mode}
     if options.reward_model:
         reward = RewardModel(options.reward_model, options.device)

@@ -167,9 +167,7 @@ class ControlServer:
         with self.lock:
             if request.decoding.seed is not None:
                 torch.manual_seed(request.decoding.seed)
-            self.model.generate(
-                [request.messages], control=request.controls or None, streamer=printer, **request.decoding.generate_kwargs()
-            )
+            self.model.generate([request.messages], control=request.controls or None, streamer=printer, options=request.decoding)
         return "stop" if printer.ids and printer.ids[-1] in self.stop_ids else "length"
 
 

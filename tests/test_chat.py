@@ -28,9 +28,9 @@ def test_answers_stream_and_equal_what_generate_returns_for_the_same_conversatio
     text, session, pieces = transcript(model, ["hello there", "/controls concise", "and again"])
     first, second = session.messages[1]["content"], session.messages[3]["content"]
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
-    assert first == model.generate(["hello there"], **DECODING.generate_kwargs())[0]
+    assert first == model.generate(["hello there"], options=DECODING)[0]
     history = [*session.messages[:2], {"role": "user", "content": "and again"}]
-    assert second == model.generate([history], control="concise", **DECODING.generate_kwargs())[0]
+    assert second == model.generate([history], control="concise", options=DECODING)[0]
     assert first and second != first and first in text and second in text
     assert len(pieces) > 12  # streamed a piece at a time, not one write per answer
 
@@ -159,3 +159,14 @@ def test_a_list_of_controls_in_a_config_file_is_read_as_names():
     assert control_names(["concise", "harmless/good"]) == ["concise", "harmless/good"]
     assert control_names([]) == []
     assert control_names("concise") == ["concise"] and control_names("['concise']") == ["concise"]  # from a file
+
+
+def test_generate_takes_decoding_options_whole_and_keywords_over_them(model):
+    """``AlignedModel.generate(options=…)`` decodes as the keywords it stands for; a keyword given beside the
+    options wins; a name that is no decoding option is refused."""
+    whole = model.generate(["count to ten"], options=DECODING)
+    assert whole == model.generate(["count to ten"], max_new_tokens=12, repetition_penalty=5.0)
+    shorter = model.generate(["count to ten"], options=DECODING, max_new_tokens=3)
+    assert shorter == model.generate(["count to ten"], max_new_tokens=3, repetition_penalty=5.0) != whole
+    with pytest.raises(TypeError, match="max_tokens"):
+        model.generate(["count to ten"], max_tokens=3)

@@ -114,15 +114,16 @@ def test_generation_with_cache_equals_without_and_mixed_equals_single(name, toke
     lm, control = built(name, tokenizer)
     prompts = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Tell me a longer story please"}]]
     ids = [SCHEMA.encode({"harmless": "good"}), SCHEMA.encode({"harmless": "bad", "length": "concise"})]
-    mixed = generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8)
+    mixed = generate_responses(lm, tokenizer, control, prompts, ids, DecodingOptions(max_new_tokens=8))
     singles = [
-        generate_responses(lm, tokenizer, control, [p], [i], max_new_tokens=8)[0] for p, i in zip(prompts, ids, strict=True)
+        generate_responses(lm, tokenizer, control, [p], [i], DecodingOptions(max_new_tokens=8))[0]
+        for p, i in zip(prompts, ids, strict=True)
     ]
     assert mixed == singles
     lm.generation_config.use_cache = False
-    assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8) == mixed
+    assert generate_responses(lm, tokenizer, control, prompts, ids, DecodingOptions(max_new_tokens=8)) == mixed
     lm.generation_config.use_cache = True
-    assert generate_responses(lm, tokenizer, control, prompts, ids, max_new_tokens=8, cache="static") == mixed
+    assert generate_responses(lm, tokenizer, control, prompts, ids, DecodingOptions(max_new_tokens=8, cache="static")) == mixed
 
 
 def test_decoding_options_name_a_bad_kv_cache():

@@ -37,7 +37,7 @@ def test_the_combinations_offered(model):
 def test_each_column_is_what_generate_answers(model):
     rows = compare(model, PROMPT, [NONE, "length/concise", "length/verbose"], DECODING)
     for row, controls in zip(rows, [None, ["length/concise"], ["length/verbose"]], strict=True):
-        (want,) = model.generate([PROMPT], control=controls, **{**DECODING.generate_kwargs(), "batch_size": 1})
+        (want,) = model.generate([PROMPT], control=controls, options=DECODING, batch_size=1)
         assert row["answer"] == want and row["words"] == len(want.split())
     assert rows[1]["answer"] != rows[2]["answer"]  # the controls change the answer, so the check above can tell
     page = columns_html([{"controls": "<b>", "words": 1, "answer": "<script>x</script>"}])

@@ -33,7 +33,7 @@ def served():
 
 
 def expected(model, controls: list[str] | None) -> str:
-    return model.generate([QUESTION], control=controls, **{**DECODING.generate_kwargs(), "batch_size": 1})[0]
+    return model.generate([QUESTION], control=controls, options=DECODING, batch_size=1)[0]
 
 
 def test_models_lists_the_controls(served):
