@@ -117,3 +117,36 @@ def test_warmup_then_cosine_schedule():
 def test_module_arguments_are_validated_at_construction():
     with pytest.raises(Exception, match="lr 2.0 must be in"):
         MeetModule("tiny-debug", lr=2.0)
+
+
+SUBCLASSES = {
+    "JointFinetuneModule": ({"lr": 1e-5, "control_lr": 1e-3, "controls": "train", "lm_lora_rank": 0}, True),
+    "SFTModule": ({"lr": 1e-5}, False),
+    "DPOModule": ({"lr": 1e-6, "beta": 0.1, "precompute_reference": False}, False),
+    "HybridDPOModule": ({"lr": 1e-5, "control_lr": 1e-3, "dpo_weight": 1.0, "init_controls": None}, True),
+}
+
+
+@pytest.mark.parametrize("name", SUBCLASSES)
+def test_a_module_that_forwards_kwargs_still_shows_and_saves_every_argument(name, datamodule):
+    """Subclasses declare only what they add or change and pass ``*args, **kwargs`` on: the parser behind
+    ``--help`` / ``--print_config`` and the saved hyperparameters still hold every argument of
+    ``MeetModule``, with the subclass's own defaults."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    import meet_lightning.modules as modules
+
+    cls, (own, controlled) = getattr(modules, name), SUBCLASSES[name]
+    every = set(inspect.signature(MeetModule).parameters) | set(own)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "model")
+    defaults = parser.get_defaults()["model"]
+    assert every <= set(vars(defaults)), every - set(vars(defaults))
+    assert {k: getattr(defaults, k) for k in own} == own
+    control = PromptTuningControl(num_tokens=2) if controlled else None
+    module = cls("tiny-debug", control, datamodule.control_schema, forward_chunks=2)  # positional, as before
+    assert every <= set(module.hparams), every - set(module.hparams)
+    assert module.hparams.model_name_or_path == "tiny-debug" and module.hparams.forward_chunks == 2
+    assert {k: module.hparams[k] for k in own} == own

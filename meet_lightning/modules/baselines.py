@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from meet_lightning.control import ControlTokens, plain_logps
+from meet_lightning.control import plain_logps
 from meet_lightning.errors import CheckpointError, ConfigError, raise_failed
 from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, response_nll, sequence_logps
 from meet_lightning.models import load_model, model_fingerprint
@@ -88,54 +88,14 @@ class SFTModule(_PlainPairMetrics, MeetModule):
     ``val/chosen_nll`` and ``val/logp_accuracy`` (per-token log-prob of chosen > rejected, ties half).
 
     Args:
-        model_name_or_path: The base LM (linked from the recipe).
-        control: Must be unset (the no-op :class:`~meet_lightning.control.ControlTokens`).
-        control_schema: Linked from the data; only used for checkpoint checks.
         lr: Peak learning rate of the LM.
-        control_lr: Unused (there are no controls); kept so every module takes the same arguments.
-        weight_decay: Decoupled weight decay of matrices.
-        warmup_steps: Linear warm-up steps before the cosine decay.
-        min_lr_ratio: Final learning rate as a fraction of the peak.
-        dtype: Dtype the LM weights are loaded in.
-        trust_remote_code: Allow the model's own code from the hub.
-        gradient_checkpointing, optimizer, quantize, forward_chunks, compile: As in :class:`~meet_lightning.modules.base.MeetModule`.
+        *args, **kwargs: The other arguments of :class:`~meet_lightning.modules.base.MeetModule`, passed on;
+            ``control`` must be unset (the no-op :class:`~meet_lightning.control.ControlTokens`) and
+            ``control_lr`` is unused (there are no controls).
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str = "",
-        control: ControlTokens | None = None,
-        control_schema: dict[str, list[str]] | None = None,
-        lr: float = 1e-5,
-        control_lr: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        gradient_checkpointing: bool = False,
-        optimizer: str = "adamw",
-        quantize: str | None = None,
-        forward_chunks: int = 4,
-        compile: bool = False,
-    ) -> None:
-        super().__init__(
-            model_name_or_path,
-            control,
-            control_schema,
-            lr,
-            control_lr,
-            weight_decay,
-            warmup_steps,
-            min_lr_ratio,
-            dtype,
-            trust_remote_code,
-            gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer,
-            quantize=quantize,
-            forward_chunks=forward_chunks,
-            compile=compile,
-        )
+    def __init__(self, *args: Any, lr: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(*args, lr=lr, **kwargs)
         check_plain(self)
 
     @override
@@ -184,60 +144,20 @@ class DPOModule(_PlainPairMetrics, MeetModule):
     ``dpo_reward_accuracy`` against it.
 
     Args:
-        model_name_or_path: The base LM; also the reference.
-        control: Must be unset (DPO trains the plain LM).
-        control_schema: Linked from the data; only used for checkpoint checks.
         lr: Peak learning rate of the LM.
-        control_lr: Unused; kept so every module takes the same arguments.
-        weight_decay: Decoupled weight decay of matrices.
-        warmup_steps: Linear warm-up steps before the cosine decay.
-        min_lr_ratio: Final learning rate as a fraction of the peak.
-        dtype: Dtype the LM weights (and the reference) are loaded in.
-        trust_remote_code: Allow the model's own code from the hub.
-        gradient_checkpointing, optimizer, quantize, forward_chunks, compile: As in :class:`~meet_lightning.modules.base.MeetModule`.
         beta: DPO temperature: strength of the implicit KL penalty to the reference.
         precompute_reference: Cache reference log-probs per pair instead of keeping a second model.
+        *args, **kwargs: The other arguments of :class:`~meet_lightning.modules.base.MeetModule`, passed on;
+            ``model_name_or_path`` is also the reference (loaded in the same ``dtype``), ``control`` must be
+            unset and ``control_lr`` is unused.
     """
 
     def __init__(
-        self,
-        model_name_or_path: str = "",
-        control: ControlTokens | None = None,
-        control_schema: dict[str, list[str]] | None = None,
-        lr: float = 1e-6,
-        control_lr: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        beta: float = 0.1,
-        precompute_reference: bool = False,
-        gradient_checkpointing: bool = False,
-        optimizer: str = "adamw",
-        quantize: str | None = None,
-        forward_chunks: int = 4,
-        compile: bool = False,
+        self, *args: Any, lr: float = 1e-6, beta: float = 0.1, precompute_reference: bool = False, **kwargs: Any
     ) -> None:
         if not beta > 0:
             raise ConfigError(f"beta {beta} must be > 0 — set model.init_args.beta (e.g. 0.1)")
-        super().__init__(
-            model_name_or_path,
-            control,
-            control_schema,
-            lr,
-            control_lr,
-            weight_decay,
-            warmup_steps,
-            min_lr_ratio,
-            dtype,
-            trust_remote_code,
-            gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer,
-            quantize=quantize,
-            forward_chunks=forward_chunks,
-            compile=compile,
-        )
+        super().__init__(*args, lr=lr, **kwargs)
         check_plain(self)
         self.reference_cache: dict[str, tuple[float, float]] = {}
         """``{pair key: (reference logp of chosen, of rejected)}`` when precomputing."""
@@ -425,62 +345,18 @@ class HybridDPOModule(JointFinetuneModule):
     Args:
         dpo_weight: Weight ``w`` of the DPO term (``0`` is plain stage 2 on paired batches).
         beta: Temperature ``β`` of the DPO term.
-        **other arguments**: Those of :class:`~meet_lightning.modules.stage2.JointFinetuneModule`.
+        *args, **kwargs: The other arguments of :class:`~meet_lightning.modules.stage2.JointFinetuneModule`,
+            passed on.
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str = "",
-        control: ControlTokens | None = None,
-        control_schema: dict[str, list[str]] | None = None,
-        lr: float = 1e-5,
-        control_lr: float | None = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        init_controls: str | None = None,
-        lm_lora_rank: int = 0,
-        lm_lora_alpha: float = 16.0,
-        lm_lora_target_modules: list[str] | None = None,
-        dpo_weight: float = 1.0,
-        beta: float = 0.1,
-        gradient_checkpointing: bool = False,
-        optimizer: str = "adamw",
-        quantize: str | None = None,
-        forward_chunks: int = 4,
-        compile: bool = False,
-        controls: str = "train",
-    ) -> None:
+    def __init__(self, *args: Any, dpo_weight: float = 1.0, beta: float = 0.1, **kwargs: Any) -> None:
         raise_failed(
             (
                 (dpo_weight < 0, f"dpo_weight {dpo_weight} must be ≥ 0 — set model.init_args.dpo_weight"),
                 (not beta > 0, f"beta {beta} must be > 0 — set model.init_args.beta (e.g. 0.1)"),
             )
         )
-        super().__init__(
-            model_name_or_path,
-            control,
-            control_schema,
-            lr,
-            control_lr,
-            weight_decay,
-            warmup_steps,
-            min_lr_ratio,
-            dtype,
-            trust_remote_code,
-            init_controls,
-            lm_lora_rank,
-            lm_lora_alpha,
-            lm_lora_target_modules,
-            gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer,
-            quantize=quantize,
-            forward_chunks=forward_chunks,
-            compile=compile,
-            controls=controls,
-        )
+        super().__init__(*args, **kwargs)
 
     @override
     def setup(self, stage: str) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from typing_extensions import override
 
-from meet_lightning.control import ControlTokens
 from meet_lightning.controls_io import load_controls
 from meet_lightning.errors import ConfigError
 from meet_lightning.modules.base import MeetModule
@@ -31,52 +31,27 @@ class JointFinetuneModule(MeetModule):
             at stage 1's rate, set ``control_lr`` to stage 1's ``lr``). ``frozen``: they keep stage 1's values and
             only the LM trains (as in ProMoT). ``train/update_ratio_controls`` and ``train/update_ratio_lm``
             show how far each step moves them either way.
-        **kwargs: The arguments of :class:`~meet_lightning.modules.base.MeetModule` (``lr`` is the LM's,
-            ``control_lr`` the controls').
+        lr: Peak learning rate of the LM.
+        control_lr: Peak learning rate of the controls.
+        *args, **kwargs: The other arguments of :class:`~meet_lightning.modules.base.MeetModule`, passed on
+            (``--help``, ``--print_config`` and the saved hyperparameters list them all).
     """
 
     def __init__(
         self,
-        model_name_or_path: str = "",
-        control: ControlTokens | None = None,
-        control_schema: dict[str, list[str]] | None = None,
+        *args: Any,
         lr: float = 1e-5,
         control_lr: float | None = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
         init_controls: str | None = None,
         lm_lora_rank: int = 0,
         lm_lora_alpha: float = 16.0,
         lm_lora_target_modules: list[str] | None = None,
-        gradient_checkpointing: bool = False,
-        optimizer: str = "adamw",
-        quantize: str | None = None,
-        forward_chunks: int = 4,
-        compile: bool = False,
         controls: str = "train",
+        **kwargs: Any,
     ) -> None:
         if controls not in CONTROL_MODES:
             raise ConfigError(f"controls {controls!r} is not one of {', '.join(CONTROL_MODES)} — set model.init_args.controls")
-        super().__init__(
-            model_name_or_path,
-            control,
-            control_schema,
-            lr,
-            control_lr,
-            weight_decay,
-            warmup_steps,
-            min_lr_ratio,
-            dtype,
-            trust_remote_code,
-            gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer,
-            quantize=quantize,
-            forward_chunks=forward_chunks,
-            compile=compile,
-        )
+        super().__init__(*args, lr=lr, control_lr=control_lr, **kwargs)
 
     @override
     def configure_model(self) -> None:
