@@ -74,18 +74,21 @@ def error_line(stderr: str) -> str:
     return errors[0]
 
 
-def subprocess_env() -> dict[str, str]:
-    """This checkout first on the path: ``tests/helpers/faults.py`` runs as a script, from its own folder."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This checkout on the path (after ``extra``'s ``PYTHONPATH``): ``tests/helpers/faults.py`` runs as a script,
+    from its own folder."""
+    path = os.pathsep.join(p for p in (extra.pop("PYTHONPATH", ""), str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra, "PYTHONPATH": path}
 
 
-def start_fit(args: list[str], fault: FaultSpec | None = None) -> subprocess.Popen:
-    """``fit`` in its own process, with ``fault`` handed in by ``tests/helpers/faults.py``."""
+def start_fit(args: list[str], fault: FaultSpec | None = None, **env: str) -> subprocess.Popen:
+    """``fit`` in its own process (with ``env`` added), with ``fault`` handed in by ``tests/helpers/faults.py``."""
     command = [sys.executable, "-m", "meet_lightning", *args]
     if fault is not None:
         command = [sys.executable, str(ROOT / "tests" / "helpers" / "faults.py"), fault_text(fault), *args]
-    return subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
