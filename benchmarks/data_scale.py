@@ -78,7 +78,7 @@ def phase_data(argv: list[str]) -> dict:
 
     recipe, _ = parse_recipe("fit", argv[1:])
     start = time.perf_counter()
-    data = PreferenceDataModule(**{**recipe["data"], "model_name_or_path": recipe["model_name_or_path"]})
+    data = PreferenceDataModule(**{**recipe.data, "model_name_or_path": recipe.model_name_or_path})
     data.setup("fit")
     seconds = time.perf_counter() - start
     return {

@@ -14,13 +14,16 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from meet_lightning import __version__
 from meet_lightning.errors import ConfigError, MeetError
+
+if TYPE_CHECKING:  # imported where used: --help and --version stay fast
+    from meet_lightning.recipe import Recipe
 
 COMMANDS_HELP = {
     "fit": "train every stage of a recipe (resumes when re-run), then export",
@@ -287,18 +290,21 @@ def recipe_parser(command: str) -> OneLineParser:
     from meet_lightning.generation import DecodingOptions
     from meet_lightning.modules.base import MeetModule
     from meet_lightning.precision import AUTO, Precision
+    from meet_lightning.recipe import DEFAULT_LOGGERS, Recipe, StageSpec
 
     parser = OneLineParser(prog=f"meet_lightning {command}", description=COMMANDS_HELP[command])
     parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML; repeat to overlay")
-    parser.add_argument("--seed_everything", type=int, default=1234, help="seed applied before each stage's module is built")
+    parser.add_argument(
+        "--seed_everything", type=int, default=Recipe.seed_everything, help="seed applied before each stage's module is built"
+    )
     parser.add_argument("--output_dir", type=str, required=True, help="folder holding stage1/ stage2/ export/")
     parser.add_argument(
-        "--model_name_or_path", type=str, default="smollm2-135m-instruct", help="hub id, local folder, .gguf file or alias"
+        "--model_name_or_path", type=str, default=Recipe.model_name_or_path, help="hub id, local folder, .gguf file or alias"
     )
     parser.add_argument(
         "--logger",
         type=LoggerName | list[LoggerName],
-        default=["csv", "tensorboard"],
+        default=list(DEFAULT_LOGGERS),
         help="experiment trackers of both stages, one or a list ('[tensorboard, wandb]'); csv is always kept (done.json"
         " and the reports read it); wandb and mlflow need their package (pip install 'meet_lightning[tracking]')",
     )
@@ -327,11 +333,14 @@ def recipe_parser(command: str) -> OneLineParser:
         parser.add_argument(
             f"--{stage}.select",
             type=SelectName,
-            default="last",
+            default=StageSpec.select,
             help="controls written after the stage: last checkpoint or best val/control_accuracy",
         )
         parser.add_argument(
-            f"--{stage}.checkpoint_every_n_steps", type=int, default=100, help="save last.ckpt every N optimizer steps"
+            f"--{stage}.checkpoint_every_n_steps",
+            type=int,
+            default=StageSpec.checkpoint_every_n_steps,
+            help="save last.ckpt every N optimizer steps",
         )
     if command == "fit":
         parser.add_argument("--overwrite", type=bool, default=False, help="start over in an output_dir holding another recipe")
@@ -349,8 +358,11 @@ def list_format_choices(parser: OneLineParser) -> None:
     action.help = f"format of path: one of {', '.join(('auto', *FORMATS))} (auto detects it)"
 
 
-def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any]:
-    """Parses a recipe into plain YAML types; ``None`` recipe when only printing it."""
+def parse_recipe(command: str, argv: Sequence[str]) -> tuple[Recipe, Any]:
+    """Parses a recipe (``--print_config`` prints it and exits inside the parser); the recipe and the command's
+    own flags (``overwrite``, ``ckpt_path``, ``stage``)."""
+    from meet_lightning.recipe import Recipe
+
     parser = recipe_parser(command)
     argv = resolve_config_names(argv)
     check_config_files(argv)
@@ -369,7 +381,7 @@ def parse_recipe(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], Any
     check_seed(recipe.get("seed_everything"))
     if getattr(cfg, "overwrite", False):
         check_no_links(recipe["output_dir"])
-    return recipe, cfg
+    return Recipe.from_dict(recipe), cfg
 
 
 SEED_RANGE = (0, 2**32 - 1)
@@ -403,7 +415,7 @@ def run_recipe_command(command: str, argv: Sequence[str], callbacks: Sequence[An
     from meet_lightning import pipeline
 
     recipe, cfg = parse_recipe(command, argv)  # --print_config prints and exits inside the parser
-    if not pipeline.active_stages(recipe):
+    if not recipe.active_stages:
         raise ConfigError("the recipe has no stage: set stage1.model (and stage2.model for two stages)")
     if command == "fit":
         pipeline.fit(recipe, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path, callbacks=callbacks)

@@ -26,6 +26,7 @@ from meet_lightning.examples import ControlSchema
 from meet_lightning.export import AlignedModel
 from meet_lightning.models import load_model, load_tokenizer
 from meet_lightning.precision import resolve_dtype
+from meet_lightning.recipe import Recipe
 from meet_lightning.stats import bootstrap_median_ratio, median_ratio, repeated_4gram_share, words
 
 DECODING = {"max_new_tokens": 160, "temperature": 0.0, "repetition_penalty": 1.2, "batch_size": 40}
@@ -72,22 +73,22 @@ def generate_arm(model: Any, prompts: Sequence[Any], first: Any, second: Any, **
     return texts[: len(left)], texts[len(left) :]
 
 
-def untrained_model(recipe: dict[str, Any], schema: ControlSchema) -> Any:
+def untrained_model(recipe: Recipe, schema: ControlSchema) -> Any:
     """The base model (with freshly initialised controls, which the system-prompt arm leaves unused), in the
     device's dtype."""
-    lm = load_model(recipe["model_name_or_path"], resolve_dtype("auto")[0])
-    tokenizer = load_tokenizer(recipe["model_name_or_path"])
-    control = build_control(recipe["control"])
+    lm = load_model(recipe.model_name_or_path, resolve_dtype("auto")[0])
+    tokenizer = load_tokenizer(recipe.model_name_or_path)
+    control = build_control(recipe.control)
     control.setup(lm, tokenizer, schema)
     return AlignedModel(lm, tokenizer, control, schema)
 
 
-def report(recipe: dict[str, Any], log=print) -> float:
+def report(recipe: Recipe, log=print) -> float:
     """Generates every arm and prints the comparison; returns the trained median ratio."""
     prompts = heldout_prompts()
     dtype, reason = resolve_dtype("auto")
     log(f"generation dtype: {str(dtype).removeprefix('torch.')} ({reason})")
-    trained = AlignedModel.from_pretrained(Path(recipe["output_dir"]) / "export", dtype="auto")
+    trained = AlignedModel.from_pretrained(recipe.out / "export", dtype="auto")
     started = time.perf_counter()
     concise, verbose = generate_arm(trained, prompts, "concise", "verbose", **DECODING)
     base = untrained_model(recipe, trained.schema)

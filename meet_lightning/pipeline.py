@@ -36,18 +36,18 @@ from meet_lightning.control import build_control
 from meet_lightning.controls_io import read_controls_metadata, save_controls
 from meet_lightning.data import PreferenceDataModule
 from meet_lightning.distributed import is_sharded
-from meet_lightning.errors import CheckpointError, ConfigError, DataError, MeetError, raise_failed
+from meet_lightning.errors import CheckpointError, ConfigError, DataError, MeetError
 from meet_lightning.export import SCHEMA_FILE, export_model
 from meet_lightning.formats import SourceConfig
 from meet_lightning.generation import DecodingOptions, generate_responses, read_prompt_file, row_controls, write_jsonl_atomic
 from meet_lightning.models import resolve_model_path
 from meet_lightning.modules.base import MeetModule
 from meet_lightning.precision import Resolved, resolve_precision
+from meet_lightning.recipe import STAGES, Recipe
 from meet_lightning.reliability import AtomicCheckpointIO, GradientCheck, RNGState
 from meet_lightning.rss import PeakRSSByPhase
 from meet_lightning.tokenized_cache import data_identity
 
-STAGES = ("stage1", "stage2")
 BUDGET_KEYS = {"max_steps", "max_epochs"}
 HARDWARE_KEYS = {"devices", "num_nodes", "accelerator", "strategy"}
 """Trainer keys a resumed run may change besides the budget: the same run on other hardware (2 GPUs → 1)."""
@@ -108,20 +108,15 @@ def rank_zero_log(message: str) -> None:
         print(message, flush=True)
 
 
-def active_stages(recipe: Mapping[str, Any]) -> list[str]:
-    """Stages whose ``model`` is set (``stage2.model: null`` makes a single-stage recipe)."""
-    return [s for s in STAGES if (recipe.get(s) or {}).get("model")]
-
-
 def next_log_version(logs: Path) -> int:
     """The first free ``version_N`` under ``logs`` (a resumed stage logs to a new one, as Lightning does)."""
     numbers = [p.name.removeprefix("version_") for p in logs.glob("version_*")]
     return max((int(n) for n in numbers if n.isdigit()), default=-1) + 1
 
 
-def stage_precision(recipe: Mapping[str, Any], stage: str) -> Resolved:
+def stage_precision(recipe: Recipe, stage: str) -> Resolved:
     """The stage's trainer precision with ``auto`` resolved from the hardware it runs on, and why."""
-    trainer = recipe[stage].get("trainer") or {}
+    trainer = recipe.stage(stage).trainer
     return resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
 
 
@@ -133,20 +128,11 @@ LOGGERS: dict[str, tuple[str, str | None]] = {
 }
 """``--logger`` name → (Lightning logger class, the package it needs). Lightning imports wandb and mlflow only
 when their logger is built, so an unchosen tracker is never imported."""
-DEFAULT_LOGGERS = ("csv", "tensorboard")
 
 
-def logger_names(recipe: Mapping[str, Any]) -> list[str]:
-    """The recipe's ``logger`` (one name or a list; default csv and tensorboard), csv first and always: the
-    stage's ``metrics.csv`` is what ``done.json``, the benchmarks and the reports read."""
-    chosen = recipe.get("logger", DEFAULT_LOGGERS)
-    chosen = [chosen] if isinstance(chosen, str) else list(chosen or [])
-    return list(dict.fromkeys(["csv", *chosen]))
-
-
-def check_loggers(recipe: Mapping[str, Any]) -> None:
+def check_loggers(recipe: Recipe) -> None:
     """ConfigError for an unknown ``--logger`` name, or one whose package is not installed (before anything runs)."""
-    for name in logger_names(recipe):
+    for name in recipe.logger_names:
         if name not in LOGGERS:
             raise ConfigError(f"--logger {name!r} is not one of {', '.join(LOGGERS)} — pass one of them (or a list)")
         package = LOGGERS[name][1]
@@ -157,7 +143,7 @@ def check_loggers(recipe: Mapping[str, Any]) -> None:
             )
 
 
-def stage_loggers(recipe: Mapping[str, Any], stage: str) -> list[dict[str, Any]]:
+def stage_loggers(recipe: Recipe, stage: str) -> list[dict[str, Any]]:
     """The Lightning loggers of one stage, as ``class_path``/``init_args`` dicts, for the recipe's ``logger``.
 
     CSV and TensorBoard write ``stageN/logs/version_N``; W&B runs are named ``<output folder>-<stage>`` in project
@@ -166,8 +152,8 @@ def stage_loggers(recipe: Mapping[str, Any], stage: str) -> list[dict[str, Any]]
     (``mlflow ui --backend-store-uri output_dir/mlruns`` shows it), experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
     ``meet_lightning``).
     """
-    out = Path(recipe["output_dir"]) / stage
-    run_name = f"{Path(recipe['output_dir']).resolve().name}-{stage}"
+    out = recipe.out / stage
+    run_name = f"{recipe.out.resolve().name}-{stage}"
     # one version for CSV and TensorBoard: left to pick their own, the second counts the first's new folder
     logs = {"save_dir": str(out), "name": "logs", "version": next_log_version(out / "logs")}
     init_args = {
@@ -177,10 +163,10 @@ def stage_loggers(recipe: Mapping[str, Any], stage: str) -> list[dict[str, Any]]
         "mlflow": {
             "experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME", "meet_lightning"),
             "run_name": run_name,
-            "save_dir": str(Path(recipe["output_dir"]) / "mlruns"),  # used when MLFLOW_TRACKING_URI is not set
+            "save_dir": str(recipe.out / "mlruns"),  # used when MLFLOW_TRACKING_URI is not set
         },
     }
-    names = logger_names(recipe)
+    names = recipe.logger_names
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         # MLflow 3 refuses its file store unless asked; the run's own folder is the offline default chosen here
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -196,34 +182,34 @@ def finish_tracker_runs(trainer: Any) -> None:
 
 
 def stage_args(
-    recipe: Mapping[str, Any],
+    recipe: Recipe,
     stage: str,
     extra_model_args: Mapping[str, Any] | None = None,
     extra_data_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The plain LightningCLI config of one stage, with the shared keys linked in."""
-    out = Path(recipe["output_dir"]) / stage
-    spec = recipe[stage]
-    model = copy.deepcopy(spec["model"])
+    out = recipe.out / stage
+    spec = recipe.stage(stage)
+    model = copy.deepcopy(spec.model)
     model.setdefault("init_args", {})
     model["init_args"].update(
-        {"model_name_or_path": recipe["model_name_or_path"], "control": recipe.get("control"), **(extra_model_args or {})}
+        {"model_name_or_path": recipe.model_name_or_path, "control": recipe.control, **(extra_model_args or {})}
     )
     trainer = {
         "default_root_dir": str(out),
         "logger": stage_loggers(recipe, stage),  # a stage's own trainer.logger replaces them
-        **copy.deepcopy(spec.get("trainer") or {}),
+        **copy.deepcopy(spec.trainer),
         "precision": stage_precision(recipe, stage).precision,
         # after the recipe's trainer, which holds Lightning's default True: a DistributedSampler would replace
         # our batch sampler, which is rank-aware and resumable (the position of a killed run)
         "use_distributed_sampler": False,
     }
-    data = {**copy.deepcopy(recipe["data"]), "model_name_or_path": recipe["model_name_or_path"], **(extra_data_args or {})}
-    return {"seed_everything": recipe["seed_everything"], "trainer": trainer, "model": model, "data": data}
+    data = {**copy.deepcopy(recipe.data), "model_name_or_path": recipe.model_name_or_path, **(extra_data_args or {})}
+    return {"seed_everything": recipe.seed_everything, "trainer": trainer, "model": model, "data": data}
 
 
 def build_stage(
-    recipe: Mapping[str, Any],
+    recipe: Recipe,
     stage: str,
     extra_model_args: Mapping[str, Any] | None = None,
     extra_data_args: Mapping[str, Any] | None = None,
@@ -235,11 +221,11 @@ def build_stage(
     cleanly (atomic checkpoints, RNG states, gradient check), with the caller's ``callbacks`` (e.g. the tests'
     :class:`~meet_lightning.reliability.FaultInjection`) before the gradient check.
     """
-    out = Path(recipe["output_dir"]) / stage
-    spec = recipe[stage] or {}
+    out = recipe.out / stage
+    spec = recipe.stage(stage)
     check_stage_settings(recipe, stage)
     last = ModelCheckpoint(
-        dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=spec.get("checkpoint_every_n_steps", 100)
+        dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=spec.checkpoint_every_n_steps
     )
     # the caller's before GradientCheck: a NaN gradient a callback injects must meet the check in the same step
     callbacks = [last, *callbacks, GradientCheck(stage), RNGState(), ThroughputMeter()]
@@ -270,9 +256,9 @@ def build_stage(
         sys.argv = argv
 
 
-def selects_best(recipe: Mapping[str, Any], stage: str) -> bool:
+def selects_best(recipe: Recipe, stage: str) -> bool:
     """Whether the stage's ``select`` is ``best`` (by ``val/control_accuracy``) rather than ``last``."""
-    return (recipe.get(stage) or {}).get("select", "last") == "best"
+    return recipe.stage(stage).select == "best"
 
 
 def best_checkpoint(folder: Path) -> ModelCheckpoint:
@@ -294,13 +280,13 @@ def best_checkpoint(folder: Path) -> ModelCheckpoint:
     )
 
 
-def selected_checkpoint(recipe: Mapping[str, Any], stage: str) -> Path:
+def selected_checkpoint(recipe: Recipe, stage: str) -> Path:
     """The checkpoint ``select`` picks: ``best.ckpt`` with ``select: best``, else ``last.ckpt``.
 
     One rule for everything after training: this is what is validated (``done.json``), written as stage 1's
     controls (and so handed to stage 2), exported, and read by ``validate``/``test``/``predict``.
     """
-    folder = Path(recipe["output_dir"]) / stage / "checkpoints"
+    folder = recipe.out / stage / "checkpoints"
     if not selects_best(recipe, stage):
         return folder / "last.ckpt"
     if not (folder / f"{BEST}.ckpt").exists():
@@ -335,23 +321,23 @@ def module_message(stage: str, error: Exception) -> str:
     return f"{stage}: " + "; ".join(parts)
 
 
-def check_modules(recipe: Mapping[str, Any]) -> None:
+def check_modules(recipe: Recipe) -> None:
     """Builds every stage's module class once (no model loaded) so that its argument checks run before stage 1
     trains: a bad stage-2 setting must not surface only after hours of stage 1. Only meet_lightning's own
     classes are built here; a user's subclass is checked when its stage starts."""
     import importlib
 
-    for stage in active_stages(recipe):
-        spec = recipe[stage]["model"]
+    for stage in recipe.active_stages:
+        spec = recipe.stage(stage).model
         module_name, _, class_name = str(spec.get("class_path", "")).rpartition(".")
         if not module_name.startswith("meet_lightning"):
             continue
         cls = getattr(importlib.import_module(module_name), class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, MeetModule)):
             continue
-        arguments = {**(spec.get("init_args") or {}), "model_name_or_path": recipe["model_name_or_path"]}
+        arguments = {**(spec.get("init_args") or {}), "model_name_or_path": recipe.model_name_or_path}
         try:
-            cls(**arguments, control=recipe.get("control"))
+            cls(**arguments, control=recipe.control)
         except MeetError as error:
             raise type(error)(module_message(stage, error)) from None
 
@@ -364,61 +350,37 @@ def trainer_message(stage: str, message: str) -> str:
     return f"{flag}: {text} — fix {flag}"
 
 
-def check_stage_settings(recipe: Mapping[str, Any], stage: str) -> None:
+def check_stage_settings(recipe: Recipe, stage: str) -> None:
     """ConfigError, listing every problem, for stage settings Lightning would accept silently or crash on."""
-    spec = recipe.get(stage) or {}
-    trainer = spec.get("trainer") or {}
-    every = spec.get("checkpoint_every_n_steps", 100)
-    accumulate = trainer.get("accumulate_grad_batches", 1)
-    clip = trainer.get("gradient_clip_val")
-    max_steps = trainer.get("max_steps", -1)
-    checks = [
-        (
-            not isinstance(every, int) or every < 1,
-            f"--{stage}.checkpoint_every_n_steps {every} must be ≥ 1 (a run must checkpoint to resume)",
-        ),
-        (
-            not isinstance(accumulate, int) or accumulate < 1,
-            f"--{stage}.trainer.accumulate_grad_batches {accumulate} must be ≥ 1",
-        ),
-        (clip is not None and float(clip) < 0, f"--{stage}.trainer.gradient_clip_val {clip} must be ≥ 0 (or null for none)"),
-        (
-            isinstance(max_steps, int) and (max_steps == 0 or max_steps < -1),
-            f"--{stage}.trainer.max_steps {max_steps} must be ≥ 1 (or -1 to train by epochs)",
-        ),
-    ]
-    raise_failed(checks)
+    problems = recipe.stage(stage).problems(stage)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
-def check_recipe(recipe: Mapping[str, Any]) -> None:
+def check_recipe(recipe: Recipe) -> None:
     """Checks that need no model or data, so that bad settings fail before anything is written: the control,
     the data module's and every stage's own argument checks."""
-    resolve_model_path(recipe.get("model_name_or_path", ""))  # a missing model folder: one line, now
+    resolve_model_path(recipe.model_name_or_path)  # a missing model folder: one line, now
     recipe_datamodule(recipe)
-    control = recipe.get("control")
+    control = recipe.control
     if control:
         try:
             build_control(control)
         except (ValueError, TypeError) as error:  # a control constructor rejecting its arguments
             message = str(error).replace("init_args.", "--control.init_args.")
             raise ConfigError(f"control {control.get('class_path')}: {message}") from None
-    for stage in active_stages(recipe):
+    for stage in recipe.active_stages:
         check_stage_settings(recipe, stage)
     check_loggers(recipe)
     check_modules(recipe)
-    problems = decoding_options(recipe).problems("--predict.")
+    problems = recipe.predict.problems("--predict.")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def decoding_options(recipe: Mapping[str, Any]) -> DecodingOptions:
-    """The recipe's ``predict`` section (decoding options of ``predict``)."""
-    return DecodingOptions(**(recipe.get("predict") or {}))
-
-
-def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
+def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
     """Refuses an ``output_dir`` holding another recipe (budget keys may change); ``--overwrite`` clears it."""
-    out = Path(recipe["output_dir"])
+    out = recipe.out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} is a file — pass a folder path")
     for parent in out.parents:
@@ -433,7 +395,7 @@ def check_output_dir(recipe: Mapping[str, Any], overwrite: bool) -> None:
         except (yaml.YAMLError, UnicodeDecodeError):
             raise ConfigError(f"{saved} is damaged — pass --overwrite true to start over, or another --output_dir") from None
         # output_dir is where the run is, not what it is: a moved run folder still resumes
-        difference = recipe_difference({**(old or {}), "output_dir": None}, {**recipe, "output_dir": None})
+        difference = recipe_difference({**(old or {}), "output_dir": None}, {**recipe.to_dict(), "output_dir": None})
         if difference and not overwrite:
             raise ConfigError(
                 f"{out} holds a run of another recipe ({difference}) — pass --overwrite true to start over, or another --output_dir"
@@ -452,7 +414,7 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def check_run_data(recipe: Mapping[str, Any], overwrite: bool, log=print) -> None:
+def check_run_data(recipe: Recipe, overwrite: bool, log=print) -> None:
     """Refuses (or with ``--overwrite`` clears) a run whose finished or started stages trained on other data.
 
     Each stage's done-marker, or else its ``last.ckpt``, records the data identity it was trained on
@@ -460,9 +422,9 @@ def check_run_data(recipe: Mapping[str, Any], overwrite: bool, log=print) -> Non
     edited. Files written before identities were recorded are not checked. Costs nothing when no stage has
     started; otherwise the data's identity (its files hashed once) and a memory-mapped read of one checkpoint.
     """
-    out = Path(recipe["output_dir"])
+    out = recipe.out
     current: list[str] = []
-    for stage in active_stages(recipe):
+    for stage in recipe.active_stages:
         done, last = out / stage / DONE, out / stage / "checkpoints" / "last.ckpt"
         if done.is_file():
             where, recorded = done, json.loads(done.read_text()).get("data_identity")
@@ -489,14 +451,14 @@ class RecordRecipe(Callback):
     model) must not leave a recipe behind that the corrected command would then be refused for.
     """
 
-    def __init__(self, recipe: Mapping[str, Any]) -> None:
+    def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            text = yaml.safe_dump(dict(self.recipe), sort_keys=False)
-            write_text_atomic(Path(self.recipe["output_dir"]) / "recipe.yaml", text)
+            text = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
+            write_text_atomic(self.recipe.out / "recipe.yaml", text)
 
 
 def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
@@ -515,7 +477,7 @@ def recipe_difference(old: Any, new: Any, prefix: str = "") -> str:
 
 
 def fit(
-    recipe: Mapping[str, Any],
+    recipe: Recipe,
     overwrite: bool = False,
     ckpt_path: str | None = None,
     log=rank_zero_log,
@@ -530,13 +492,13 @@ def fit(
         check_checkpoint_file(Path(ckpt_path))
     check_output_dir(recipe, overwrite)
     check_run_data(recipe, overwrite, log)
-    out = Path(recipe["output_dir"])
+    out = recipe.out
     results: dict[str, Any] = {}
     trained = False
     # Each stage continues the batch stream where the previous one left it: replaying stage 1's batches would
     # show a MEET run half the data of a single-stage baseline with the same total steps.
     position: int | None = None
-    for stage in active_stages(recipe):
+    for stage in recipe.active_stages:
         done = out / stage / DONE
         if done.is_file():  # its data was checked by check_run_data
             log(f"{stage}: finished earlier ({done}), skipping")
@@ -553,16 +515,16 @@ def fit(
     return results
 
 
-def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print) -> Path:
+def export_run(recipe: Recipe, metrics: Mapping[str, Any], log=print) -> Path:
     """Exports the last stage of a finished run (its selected checkpoint) to ``output_dir/export``.
 
     The module class comes from the recipe (which the user wrote), never from the checkpoint file. A stage that
     trained on a 4-bit base (``quantize: nf4``) exports its full-precision base with the trained controls.
     """
-    stage = active_stages(recipe)[-1]
+    stage = recipe.active_stages[-1]
     module: MeetModule = build_stage(recipe, stage, {"quantize": None}).model
     restore_module(module, selected_checkpoint(recipe, stage))
-    folder = Path(recipe["output_dir"]) / "export"
+    folder = recipe.out / "export"
     export_model(
         folder,
         module.merged_lm(),
@@ -572,7 +534,7 @@ def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print)
         module.hparams.model_name_or_path,
         module.base_fingerprint,
         metadata=module.export_metadata(),
-        recipe=recipe,
+        recipe=recipe.to_dict(),
         metrics=metrics,
     )
     log(f"exported to {folder}")
@@ -580,7 +542,7 @@ def export_run(recipe: Mapping[str, Any], metrics: Mapping[str, Any], log=print)
 
 
 def run_stage(
-    recipe: Mapping[str, Any],
+    recipe: Recipe,
     stage: str,
     ckpt_path: str | None,
     log,
@@ -592,14 +554,14 @@ def run_stage(
     ``skip_batches`` (where the previous stage left the batch stream) overrides ``data.skip_batches``;
     ``callbacks`` go to the stage's trainer (:func:`build_stage`).
     """
-    out = Path(recipe["output_dir"]) / stage
+    out = recipe.out / stage
     extra = (
-        {"init_controls": str(Path(recipe["output_dir"]) / "stage1" / "controls.safetensors")}
-        if stage == "stage2" and "stage1" in active_stages(recipe)
+        {"init_controls": str(recipe.out / "stage1" / "controls.safetensors")}
+        if stage == "stage2" and "stage1" in recipe.active_stages
         else None
     )
     data_extra = None if skip_batches is None else {"skip_batches": skip_batches}
-    init_controls = (extra or {}).get("init_controls") or ((recipe[stage].get("model") or {}).get("init_args") or {}).get(
+    init_controls = (extra or {}).get("init_controls") or ((recipe.stage(stage).model or {}).get("init_args") or {}).get(
         "init_controls"
     )
     if init_controls:
@@ -666,11 +628,11 @@ def run_stage(
     return record
 
 
-def recipe_datamodule(recipe: Mapping[str, Any]) -> PreferenceDataModule:
+def recipe_datamodule(recipe: Recipe) -> PreferenceDataModule:
     """The recipe's data module, as a stage builds it (its arguments checked; nothing read yet)."""
-    data = dict(recipe.get("data") or {})
+    data = dict(recipe.data)
     data["sources"] = [SourceConfig(**s) if isinstance(s, Mapping) else s for s in data.get("sources") or []] or None
-    return PreferenceDataModule(**{**data, "model_name_or_path": recipe.get("model_name_or_path", "")})
+    return PreferenceDataModule(**{**data, "model_name_or_path": recipe.model_name_or_path})
 
 
 def data_identity_of(datamodule: PreferenceDataModule) -> str:
@@ -725,13 +687,13 @@ def check_checkpoint_file(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def stage_checkpoint(recipe: Mapping[str, Any], stage: str | None) -> tuple[str, Path]:
+def stage_checkpoint(recipe: Recipe, stage: str | None) -> tuple[str, Path]:
     """The stage (default: the last active one) and its selected checkpoint for validate/test/predict."""
-    stages = active_stages(recipe)
+    stages = recipe.active_stages
     stage = stage or stages[-1]
     if stage not in stages:
         raise ConfigError(f"--stage {stage} is not in this recipe (stages: {', '.join(stages)}) — pass one of them")
-    last = Path(recipe["output_dir"]) / stage / "checkpoints" / "last.ckpt"
+    last = recipe.out / stage / "checkpoints" / "last.ckpt"
     if not last.exists():
         raise CheckpointError(f"{last}: not found — run `fit` with this recipe first")
     return stage, selected_checkpoint(recipe, stage)
@@ -758,7 +720,7 @@ def restore_module(module: MeetModule, checkpoint: Path) -> MeetModule:
     return module.eval()
 
 
-def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, log=print) -> Any:
+def evaluate_stage(recipe: Recipe, command: str, stage: str | None, log=print) -> Any:
     """``validate`` / ``test`` / ``predict`` with one stage's ``last.ckpt``."""
     check_recipe(recipe)
     stage, last = stage_checkpoint(recipe, stage)
@@ -766,8 +728,8 @@ def evaluate_stage(recipe: Mapping[str, Any], command: str, stage: str | None, l
     if not last.is_dir():  # a DeepSpeed folder is read by Lightning itself (predict converts it to one file)
         check_checkpoint_file(last)
     if command == "predict":
-        out = Path(recipe["output_dir"]) / stage / "predictions.jsonl"
-        return predict_to_file(cli, last, out, decoding_options(recipe), log=log)
+        out = recipe.out / stage / "predictions.jsonl"
+        return predict_to_file(cli, last, out, recipe.predict, log=log)
     run = getattr(cli.trainer, command)
     return run(cli.model, cli.datamodule, ckpt_path=str(last), weights_only=True)
 

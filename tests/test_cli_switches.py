@@ -16,6 +16,7 @@ from test_cli import CONFIGS, fit_args, run
 
 from meet_lightning import __version__, callbacks, inference_cli, pipeline
 from meet_lightning.formats import FORMATS
+from meet_lightning.recipe import Recipe
 
 RECIPE = CONFIGS / "meet_hh_prompt.yaml"
 
@@ -190,11 +191,11 @@ def test_logger_csv_alone_keeps_the_metrics_and_writes_no_tensorboard_events(swi
 
 
 def test_every_logger_keeps_csv_first(tmp_path):
-    recipe = {"output_dir": str(tmp_path / "run"), "logger": ["wandb", "tensorboard"]}
+    recipe = Recipe(str(tmp_path / "run"), logger=["wandb", "tensorboard"])
     classes = [logger["class_path"].rsplit(".", 1)[1] for logger in pipeline.stage_loggers(recipe, "stage1")]
     assert classes == ["CSVLogger", "WandbLogger", "TensorBoardLogger"]
-    assert pipeline.logger_names({"logger": "mlflow"}) == ["csv", "mlflow"]
-    assert pipeline.logger_names({}) == ["csv", "tensorboard"]  # recipes written before --logger
+    assert Recipe("out", logger="mlflow").logger_names == ["csv", "mlflow"]
+    assert Recipe("out").logger_names == ["csv", "tensorboard"]  # the default
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])

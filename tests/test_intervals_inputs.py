@@ -145,7 +145,7 @@ def test_the_largest_seed_is_accepted(tmp_path, shared_data):
     from meet_lightning.cli import parse_recipe
 
     recipe, _ = parse_recipe("fit", fit_args(tmp_path / "run", shared_data, "--seed_everything", str(2**32 - 1))[1:])
-    assert recipe["seed_everything"] == 2**32 - 1 and not (tmp_path / "run").exists()
+    assert recipe.seed_everything == 2**32 - 1 and not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------- --overwrite on links

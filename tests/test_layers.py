@@ -17,7 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "meet_lightning"
 
 CORE = {
-    "errors", "examples", "formats", "heldout", "names", "update_probe", "chat", "serve", "playground", "steering", "figures", "atomic", "precision", "stats", "heads", "losses", "tokenization", "tokenized_cache",
+    "errors", "examples", "formats", "heldout", "names", "update_probe", "chat", "serve", "playground", "steering", "recipe", "figures", "atomic", "precision", "stats", "heads", "losses", "tokenization", "tokenized_cache",
     "streaming", "models", "control", "control_vocab", "controls_io", "generation", "export", "evaluate", "report",
     "plots", "peft_export", "model_card", "publish", "rss",
 }  # fmt: skip

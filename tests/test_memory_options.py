@@ -160,13 +160,14 @@ def test_the_export_of_a_4bit_stage_holds_the_full_precision_base(tmp_path, shar
     from meet_lightning.cli import main
     from meet_lightning.export import AlignedModel
     from meet_lightning.pipeline import export_run
+    from meet_lightning.recipe import Recipe
 
     out = tmp_path / "run"
     args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(out), "--stage2.model", "null"]
     assert main([*args, "--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz")]) == 0
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     recipe["stage1"]["model"]["init_args"]["quantize"] = "nf4"  # as a CUDA run that trained on a 4-bit base wrote it
-    export_run(recipe, {}, log=lambda line: None)
+    export_run(Recipe.from_dict(recipe), {}, log=lambda line: None)
     assert AlignedModel.from_pretrained(out / "export", dtype="float32").generate(["Hi"], control="good", max_new_tokens=4)
 
 

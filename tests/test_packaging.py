@@ -25,8 +25,8 @@ def test_config_names_resolve_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ and no meet_lightning/demo_data here
     for name in ("demo", "demo.yaml", "configs/demo.yaml"):
         recipe, _ = parse_recipe("fit", ["--config", name, "--config", "debug"])
-        assert Path(recipe["data"]["path"]).is_file(), name  # the demo data, found in the package
-        assert recipe["data"]["format"] == "multi_response" and recipe["model_name_or_path"] == "tiny-debug"
+        assert Path(recipe.data["path"]).is_file(), name  # the demo data, found in the package
+        assert recipe.data["format"] == "multi_response" and recipe.model_name_or_path == "tiny-debug"
 
 
 def test_an_unknown_config_name_lists_the_shipped_recipes(tmp_path, monkeypatch, capsys):

@@ -60,7 +60,7 @@ def test_shipped_recipes_resolve_precision_from_the_hardware(recipe, tmp_path):
         written = ((stages.get(stage) or {}).get("trainer") or {}).get("precision", "auto")
         assert written == "auto", f"{recipe.name} {stage} hard-codes precision {written}"
     parsed, _ = parse_recipe("fit", ["--config", str(recipe), "--output_dir", str(tmp_path)])
-    assert parsed["stage1"]["trainer"]["precision"] == "auto"
+    assert parsed.stage1.trainer["precision"] == "auto"
 
 
 def test_a_stage_prints_and_records_its_resolved_precision(tmp_path, shared_data, monkeypatch, capsys):

@@ -58,8 +58,8 @@ def test_in_fit_validation_after_the_sanity_check_equals_validate_on_that_checkp
         in_fit = next(row for row in csv.DictReader(file) if row["val/loss"])  # the first in-fit validation
     logged = {k: float(v) for k, v in in_fit.items() if k.startswith("val/") and v}
     assert int(in_fit["step"]) == 2  # the validation of step 3 (0-based step 2), last.ckpt's weights
-    recipe_dict, _ = parse_recipe("validate", ["--stage", "stage1", *args[1:]])
-    validated = pipeline.evaluate_stage(recipe_dict, "validate", "stage1")[0]
+    recipe, _ = parse_recipe("validate", ["--stage", "stage1", *args[1:]])
+    validated = pipeline.evaluate_stage(recipe, "validate", "stage1")[0]
     assert set(logged) == {"val/loss", "val/control_accuracy", "val/control_margin"}
     for key, value in logged.items():
         assert validated[key] == pytest.approx(value, abs=1e-5), key
@@ -108,8 +108,8 @@ def test_select_best_is_ranked_by_its_own_validation_and_used_everywhere(tmp_pat
     # exported (a stage-1-only recipe exports stage 1)
     assert torch.equal(load_file(out / "export" / "controls.safetensors")["bank"], best)
     # validated: `validate --stage stage1` reads the selected checkpoint, not last.ckpt
-    recipe_dict, _ = parse_recipe("validate", ["--stage", "stage1", *args[1:]])
-    assert pipeline.evaluate_stage(recipe_dict, "validate", "stage1")[0]["val/control_accuracy"] == pytest.approx(0.9)
+    recipe, _ = parse_recipe("validate", ["--stage", "stage1", *args[1:]])
+    assert pipeline.evaluate_stage(recipe, "validate", "stage1")[0]["val/control_accuracy"] == pytest.approx(0.9)
 
 
 def test_select_best_without_any_validation_is_a_one_line_error(tmp_path, hh, capsys):
