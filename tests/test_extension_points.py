@@ -1,6 +1,7 @@
-"""Extension points a user reaches without editing the package: a data format and a control class of their own.
+"""Extension points a user reaches without editing the package: a data format, a control class and a baseline
+(a training module) of their own.
 
-Both live in a module written to a temporary folder on ``sys.path`` (``my_meet_extensions``), as a user's own
+All live in a module written to a temporary folder on ``sys.path`` (``my_meet_extensions``), as a user's own
 package would, and train through ``fit`` on the tiny model.
 """
 
@@ -25,11 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "my_meet_extensions"
 
 EXTENSIONS = '''
-"""A user's own package: a data format and a control class, defined outside meet_lightning."""
+"""A user's own package: a data format, a control class and a baseline, defined outside meet_lightning."""
 
 import torch
 
 from meet_lightning import DataFormat, ParsedRecord, PromptTuningControl, register_format
+from meet_lightning.control import plain_logps
+from meet_lightning.losses import response_nll
+from meet_lightning.modules import SFTModule
 
 
 class QuestionAnswers(DataFormat):
@@ -66,6 +70,19 @@ class ScaledPromptControl(PromptTuningControl):
         super().build(model, tokenizer, schema)
         with torch.no_grad():
             self.bank.mul_(self.scale)
+
+
+class WeightedSFT(SFTModule):
+    """SFT whose loss weighs each response's mean NLL by its length to the power ``length_power``: 1 is the
+    token mean (``SFTModule``), 0 weighs every response the same however long."""
+
+    def __init__(self, *args, length_power: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, batch):
+        token_logps, mask = plain_logps(self.lm, batch, chunks=self.forward_passes())  # (B, T-1)
+        weights = mask.sum(1).float() ** self.hparams.length_power  # (B,)
+        return {"loss": (weights * response_nll(token_logps, mask)).sum() / weights.sum()}
 '''
 
 QA_ROWS = [
@@ -182,6 +199,36 @@ def test_format_and_control_from_outside_train_through_fit(extensions, tmp_path,
     model = AlignedModel.from_pretrained(out / "export")
     assert type(model.control).__name__ == "ScaledPromptControl"
     assert model.generate(["Hi"], control="good", max_new_tokens=3)
+
+
+def test_a_baseline_from_outside_trains_through_fit_with_every_argument_saved(extensions, tmp_path, shared_data, tiny_hh_data):
+    """``stage1.model`` names the user's module; its own argument is a flag, a recipe key and a saved
+    hyperparameter beside every argument it passes on to ``MeetModule``; its token-mean case is SFT's loss."""
+    import torch
+
+    from meet_lightning.modules import SFTModule
+
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs/baselines/sft.yaml"), "--config", str(ROOT / "configs/debug.yaml")]
+    args += ["--stage1.model", f"{MODULE}.WeightedSFT", "--stage1.model.init_args.length_power", "0.5"]
+    args += ["--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), "--output_dir", str(out)]
+    assert run("fit", *args) == 0
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())["stage1"]["model"]
+    assert saved["class_path"] == f"{MODULE}.WeightedSFT" and saved["init_args"]["length_power"] == 0.5
+    weighted = sys.modules[MODULE].WeightedSFT  # imported by fit, from the class_path
+    module = weighted.load_from_checkpoint(out / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert module.hparams.length_power == 0.5 and module.hparams.forward_chunks == 4 and module.hparams.lr == 1e-5
+
+    data = tiny_hh_data(chosen_only=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    sft = SFTModule("tiny-debug", None, data.control_schema)
+    sft.configure_model()
+    module.lm, module.tokenizer = sft.lm, sft.tokenizer
+    module.hparams.length_power = 1.0
+    torch.testing.assert_close(module.compute_loss(batch)["loss"], sft.compute_loss(batch)["loss"])
+    module.hparams.length_power = 0.0  # responses of different lengths: a different loss
+    assert not torch.allclose(module.compute_loss(batch)["loss"], sft.compute_loss(batch)["loss"])
 
 
 def test_a_checkpoint_never_imports_a_module_nobody_named(tmp_path, monkeypatch):
