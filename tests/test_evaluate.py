@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_cpu_trainer, build_tiny_hh_data
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from meet_lightning.cli import main
@@ -257,28 +258,15 @@ stage1:
 
 
 def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, shared_data, reward_folder):
-    import lightning as L
-
     from meet_lightning.callbacks import SampleGenerations
     from meet_lightning.control import PromptTuningControl
-    from meet_lightning.data import PreferenceDataModule
     from meet_lightning.modules import ControlTokenModule
 
-    data = PreferenceDataModule(
-        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"),
-        preference="harmless",
-        model_name_or_path="tiny-debug",
-        max_length=128,
-        max_examples=32,
-        max_val_examples=4,
-    )
-    data.setup("fit")
+    data = build_tiny_hh_data(shared_data, max_length=128, max_examples=32)
     module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=2), data.control_schema)
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[SampleGenerations(prompts=["Hi"], controls=["harmless/good", "none"], max_new_tokens=3,
-                                     reward_model=str(reward_folder), num_reward_prompts=2)],
-    )  # fmt: skip
+    samples = SampleGenerations(prompts=["Hi"], controls=["harmless/good", "none"], max_new_tokens=3,
+                                reward_model=str(reward_folder), num_reward_prompts=2)  # fmt: skip
+    trainer = build_cpu_trainer(tmp_path, callbacks=[samples], limit_val_batches=None)
     trainer.validate(module, data)
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["control"] for r in rows] == ["harmless/good", "none"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import build_cpu_trainer, build_tiny_hh_data
 
 from meet_lightning import precision
 from meet_lightning.cli import main, parse_recipe
@@ -77,26 +78,20 @@ def test_a_stage_prints_and_records_its_resolved_precision(tmp_path, shared_data
     assert config["trainer"]["precision"] == "bf16-mixed"  # what Lightning ran with
 
 
-def test_validation_metrics_do_not_depend_on_mixed_precision(shared_data):
+def test_validation_metrics_do_not_depend_on_mixed_precision(shared_data, tmp_path):
     """Validation and test run in the weights' precision: under bf16-mixed the control classifier's margins used to
     carry bf16 rounding, so the same weights reported other metrics on a machine that chose bf16."""
-    import lightning as L
 
     from meet_lightning.control import PromptTuningControl
-    from meet_lightning.data import PreferenceDataModule
     from meet_lightning.modules import ControlTokenModule
 
-    data = PreferenceDataModule(path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), preference="harmless",
-                                model_name_or_path="tiny-debug", max_length=128, batch_size=4, max_examples=16,
-                                max_val_examples=8)  # fmt: skip
-    data.setup("fit")
+    data = build_tiny_hh_data(shared_data, max_length=128, max_val_examples=8)
     torch.manual_seed(0)
     module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=3, init="random"), data.control_schema)
     module.configure_model()
     metrics = {}
     for name in ("32-true", "bf16-mixed"):
-        trainer = L.Trainer(accelerator="cpu", devices=1, precision=name, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False)  # fmt: skip
+        trainer = build_cpu_trainer(tmp_path, devices=1, precision=name, limit_val_batches=None)
         metrics[name] = trainer.validate(module, datamodule=data, verbose=False)[0]
     assert metrics["32-true"].keys() == metrics["bf16-mixed"].keys() and "val/control_margin" in metrics["32-true"]
     for key, value in metrics["32-true"].items():

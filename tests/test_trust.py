@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import build_cpu_trainer, build_tiny_hh_data
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -122,12 +123,7 @@ def test_select_best_without_any_validation_is_a_one_line_error(tmp_path, hh, ca
 # --------------------------------------------------------------------------------- 4. DPO reference
 @pytest.fixture(scope="module")
 def paired(shared_data) -> PreferenceDataModule:
-    data = PreferenceDataModule(
-        path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), preference="harmless", model_name_or_path="tiny-debug",
-        max_length=128, batch_size=4, max_examples=32, max_val_examples=12, pair_batches=True,
-    )  # fmt: skip
-    data.setup("fit")
-    return data
+    return build_tiny_hh_data(shared_data, max_length=128, max_examples=32, max_val_examples=12, pair_batches=True)
 
 
 class ReferenceWatch(L.Callback):
@@ -148,11 +144,8 @@ def dpo_fit(paired, tmp_path, precompute: bool) -> tuple[DPOModule, ReferenceWat
     L.seed_everything(0)
     module = DPOModule("tiny-debug", None, paired.control_schema, lr=2e-3, beta=0.5, precompute_reference=precompute)
     watch = ReferenceWatch()
-    trainer = L.Trainer(
-        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=2, val_check_interval=2, default_root_dir=tmp_path,
-        callbacks=[watch],
-    )  # fmt: skip
+    trainer = build_cpu_trainer(tmp_path, 4, num_sanity_val_steps=2, val_check_interval=2, limit_val_batches=None,
+                                callbacks=[watch])  # fmt: skip
     trainer.fit(module, paired)
     return module, watch
 
