@@ -156,6 +156,13 @@ STUDY_ARMS: dict[str, Arm] = {
         ("stage1", "stage2"),
         ("--stage2.model.init_args.lr", "1.0e-4", "--stage2.model.init_args.control_lr", "3.0e-2"),
     ),
+    # A with each response counting once in the NLL: under the token mean, verbose answers hold 70 % of the weight
+    "meet_prompt_per_response": Arm(
+        PROMPT_RECIPE,
+        "MEET (prompt), per-response NLL",
+        ("stage1", "stage2"),
+        ("--stage1.model.init_args.per_response_loss", "true", "--stage2.model.init_args.per_response_loss", "true"),
+    ),
     # C at the same LM rate, so a win of the faster MEET is not only the rate
     "coh_fast": Arm(
         "configs/baselines/coh.yaml",

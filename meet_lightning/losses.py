@@ -52,6 +52,13 @@ def nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
 
 
+def per_response_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over responses (those with at least one token) of each one's mean token NLL (a scalar): every
+    response counts once, however long, where :func:`nll` weighs each by its length."""
+    present = mask.sum(-1) > 0  # (B,)
+    return response_nll(token_logps[present], mask[present]).mean() if present.any() else nll(token_logps, mask)
+
+
 def response_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) each response's mean per-token negative log-likelihood.
 

@@ -340,3 +340,13 @@ def test_budget_full_picks_the_learning_rate_whose_controls_work_best_not_the_lo
     assert min(runs, key=compare.selection_key(runs))["lr_multiplier"] == 3.0  # old code: 0.333 (lowest loss)
     no_controls = [{"val_loss": 1.0, "val_control_accuracy": None}, {"val_loss": 0.9, "val_control_accuracy": None}]
     assert min(no_controls, key=compare.selection_key(no_controls))["val_loss"] == 0.9
+
+
+@pytest.mark.parametrize("name", list(compare.ARMS))
+def test_every_arms_recipe_and_overrides_parse(name, tmp_path):
+    """A typo in an arm's flags must fail here, not after a long run of the arms before it."""
+    from meet_lightning.cli import parse_recipe
+
+    arm = compare.ARMS[name]
+    recipe, _ = parse_recipe("fit", ["--config", str(ROOT / arm.recipe), *arm.overrides, "--output_dir", str(tmp_path)])
+    assert recipe.active_stages == list(arm.stages), (recipe.active_stages, arm.stages)

@@ -221,3 +221,31 @@ def test_the_hybrid_module_takes_the_stage2_controls_choice(hh_datamodule):
     module = HybridDPOModule("tiny-debug", PromptTuningControl(num_tokens=2), hh_datamodule.control_schema, controls="frozen")
     module.configure_model()
     assert module.hparams.controls == "frozen" and not any(p.requires_grad for p in module.control.parameters())
+
+
+# ------------------------------------------------------------------ the NLL: per token or per response
+def test_per_response_loss_counts_every_response_once_and_the_default_stays_the_token_mean(hh_datamodule):
+    """``per_response_loss`` (new): the training NLL is the mean of each response's own mean token NLL; off, it
+    is the token mean it always was; on a batch of responses of different lengths the two differ."""
+    import torch
+
+    from meet_lightning import PromptTuningControl
+    from meet_lightning.losses import nll
+    from meet_lightning.modules import ControlTokenModule
+
+    batch = next(iter(hh_datamodule.train_dataloader()))
+    losses = {}
+    for per_response in (False, True):
+        torch.manual_seed(0)
+        module = ControlTokenModule(
+            "tiny-debug", PromptTuningControl(num_tokens=2), hh_datamodule.control_schema, per_response_loss=per_response
+        )
+        module.configure_model()
+        token_logps, mask = module.response_logps(batch)  # (B, T-1)
+        lengths = mask.sum(-1)
+        assert len(set(lengths.tolist())) > 1  # responses of different lengths
+        per_row = -(token_logps * mask).sum(-1) / lengths.clamp(min=1)
+        expected = per_row[lengths > 0].mean() if per_response else nll(token_logps, mask)
+        losses[per_response] = module.compute_loss(batch)["loss"]
+        torch.testing.assert_close(losses[per_response], expected)
+    assert not torch.allclose(losses[False], losses[True])

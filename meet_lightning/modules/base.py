@@ -25,6 +25,7 @@ from meet_lightning.losses import (
     control_classifier_scores,
     nll,
     pairwise_accuracy,
+    per_response_nll,
     sequence_logps,
 )
 from meet_lightning.models import compile_decoder, load_model, load_tokenizer, model_fingerprint
@@ -56,6 +57,10 @@ class MeetModule(L.LightningModule):
             fewest padding tokens remain, each pass padded only to its own longest row. Same loss and gradients
             with less padding computed (pairs are padded to their batch's longest row otherwise); 1 = one pass
             (on an accelerator, where a pass of few rows may underuse it, measure before raising it further).
+        per_response_loss: The training NLL is the mean of each response's own mean token NLL (every response
+            counts once) instead of the mean over every response token of the batch, where a long response weighs
+            as much as its length (in AlpacaEval's concise/verbose answers, verbose ones hold 70 % of the tokens).
+            Validation's ``val/loss`` stays the token mean, so runs compare.
         compile: ``torch.compile`` the LM's decoder layers (:func:`~meet_lightning.models.compile_decoder`):
             the first steps pay the compilation; loss and gradients are unchanged (tested in fp32). Its speed is
             not measured yet; not tested with FSDP or DeepSpeed.
@@ -78,6 +83,7 @@ class MeetModule(L.LightningModule):
         quantize: str | None = None,
         forward_chunks: int = 4,
         compile: bool = False,
+        per_response_loss: bool = False,
     ) -> None:
         super().__init__()
         problems = [
@@ -199,7 +205,11 @@ class MeetModule(L.LightningModule):
             A dict with at least ``loss``; every other entry is logged as ``train/<key>``.
         """
         token_logps, mask = self.response_logps(batch)
-        return {"loss": nll(token_logps, mask)}
+        return {"loss": self.training_nll(token_logps, mask)}
+
+    def training_nll(self, token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The NLL part of the training loss: per token, or per response with ``per_response_loss``."""
+        return per_response_nll(token_logps, mask) if self.hparams.per_response_loss else nll(token_logps, mask)
 
     @override
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -113,7 +113,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
         if "num_pairs" in batch:
             pairs = int(batch["num_pairs"])
             token_logps, mask = token_logps[:pairs], mask[:pairs]
-        return {"loss": nll(token_logps, mask)}
+        return {"loss": self.training_nll(token_logps, mask)}
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         token_logps, mask = plain_logps(self.lm, batch, fp32_head=True, chunks=self.forward_passes())
@@ -371,7 +371,7 @@ class HybridDPOModule(JointFinetuneModule):
         other = sequence_logps(*self.response_logps(batch, torch.cat([ids[pairs:], ids[:pairs]])))  # swapped controls
         # policy = good-control log-probs, "reference" = bad-control log-probs (both trained)
         dpo, chosen_score, rejected_score = dpo_loss(own[:pairs], other[pairs:], other[:pairs], own[pairs:], self.hparams.beta)
-        nll_loss = nll(token_logps, mask)
+        nll_loss = self.training_nll(token_logps, mask)
         return {
             "loss": nll_loss + self.hparams.dpo_weight * dpo,
             "nll": nll_loss.detach(),
