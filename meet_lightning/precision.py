@@ -1,9 +1,7 @@
 """Precision chosen from the hardware: bf16 only where the device computes it natively.
 
 On a CPU without AVX512-BF16 or AMX, PyTorch runs bf16 matrix products through a single-threaded reference
-GEMM: on an AVX2-only AMD EPYC (Zen 3) a 2048×576 @ 576×1536 product took 376 ms in bf16 against 52 ms in fp32,
-and the demo's stage 1 ran past 10 minutes under ``bf16-mixed`` instead of about 2 on a CPU with native bf16.
-So ``precision: auto`` (the recipes' default) resolves to ``bf16-mixed`` on CUDA devices with bf16 and on CPUs
+GEMM, several times slower than fp32 (measured in docs/guides/memory.md). So ``precision: auto`` (the recipes' default) resolves to ``bf16-mixed`` on CUDA devices with bf16 and on CPUs
 with native bf16, ``16-mixed`` on older GPUs, and ``32-true`` elsewhere. Generation and scoring follow the same
 rule through :func:`resolve_dtype`. An explicit precision or dtype always wins.
 """
