@@ -33,6 +33,9 @@ _EXPORTS = {
     "SampleGenerations": "meet_lightning.callbacks",
     "AlignedModel": "meet_lightning.export",
     "NoSplitModulesPolicy": "meet_lightning.distributed",
+    "Recipe": "meet_lightning.recipe",
+    "StageSpec": "meet_lightning.recipe",
+    "DecodingOptions": "meet_lightning.generation",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -28,6 +28,7 @@ from meet_lightning.generation import DecodingOptions, as_messages, read_prompt_
 from meet_lightning.pipeline import check_loggers, stage_loggers
 from meet_lightning.precision import WeightsDtype
 from meet_lightning.publish import push_export
+from meet_lightning.recipe import Recipe
 from meet_lightning.report import EvaluateOptions, run_evaluation
 from meet_lightning.serve import ControlServer, make_server
 
@@ -242,7 +243,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
     parsed = parser.instantiate(parse_command(parser, ["--attribute+" if a == "--attribute" else a for a in argv]))
     fields = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(EvaluateOptions)}
     fields["device"] = resolve_device(fields["device"])
-    tracking = {"output_dir": parsed.log_dir, "logger": parsed.logger} if parsed.logger else None
+    tracking = Recipe(output_dir=parsed.log_dir, logger=parsed.logger) if parsed.logger else None  # its loggers only
     if tracking:
         check_loggers(tracking)  # an unknown or missing tracker: one line, before any model is loaded
     metrics = run_evaluation(EvaluateOptions(**fields))
