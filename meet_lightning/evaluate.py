@@ -569,8 +569,8 @@ def control_fidelity(
         "samples": {},
         "kl_to_base": {},
     }
+    decoding = DecodingOptions(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     for control in controls:
-        decoding = DecodingOptions(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
         responses = generate_under(model, prompts, control, decoding)
         values = {name: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)] for name, fn in attributes.items()}
         values.update(_batched_attributes(attributes, prompts, responses))
