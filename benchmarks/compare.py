@@ -191,7 +191,7 @@ ABLATION_ARMS: dict[str, Arm] = {
 ARMS.update(ABLATION_ARMS)
 JUDGE = "harmless_judge"
 STEER = "control_vector"
-"""F: the base steered by a control vector fitted on the training pairs (no weight training, meet_lightning.steering)."""
+"""F: the base steered by a control vector fitted on the training pairs (no weight training, meet_lightning.controls.steering)."""
 STEER_LABEL = "control vector (activation steering, no training)"
 STEER_FIT, STEER_VAL = 256, 32
 """Training pairs the direction is fitted on, and further training pairs its strength is chosen on."""
@@ -508,10 +508,10 @@ def train_arm(name: str, s: Settings, data: dict[str, Path], steps: int | None =
 # ------------------------------------------------------------------------------------------------ scoring
 def heldout_pairs(path: Path, tokenizer: Any, s: Settings) -> list:
     """HH held-out pairs whose both sides fit ``max_length`` with room for controls: every arm scores the same."""
-    from meet_lightning.evaluate import read_pairs
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.formats import SourceConfig
-    from meet_lightning.tokenization import PromptTokenizer
+    from meet_lightning.data.formats import SourceConfig
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.data.tokenization import PromptTokenizer
+    from meet_lightning.evaluation.metrics import read_pairs
 
     encoder, schema = PromptTokenizer(tokenizer, s.max_length - 32), ControlSchema.from_dict({"harmless": ["good", "bad"]})
     pairs = read_pairs(SourceConfig(path=str(path), format="hh_rlhf", preference="harmless"), None)
@@ -522,7 +522,7 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
     """Per-pair and per-prompt values of one model (cached in ``out/scores``)."""
     import torch
 
-    from meet_lightning.evaluate import load_for_evaluation, load_reference, score_pairs
+    from meet_lightning.evaluation.metrics import load_for_evaluation, load_reference, score_pairs
     from meet_lightning.precision import resolve_dtype
 
     cache = s.out / "scores" / f"{name}.json"
@@ -546,7 +546,7 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
 
 def verbosity(model: Any, path: Path, s: Settings) -> dict[str, list[float]]:
     """Words per answer to the held-out AlpacaEval prompts under ``concise`` and under ``verbose`` (one batch)."""
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.inference.export import AlignedModel
 
     prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
     aligned = AlignedModel(model.lm, model.tokenizer, model.control, model.schema)
@@ -732,7 +732,7 @@ def answers(
     ``sampling`` (default: the task's settings) from the same seed for every arm."""
     import torch
 
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.inference.export import AlignedModel
     from meet_lightning.precision import resolve_dtype
 
     aligned = AlignedModel(model.lm, model.tokenizer, model.control, model.schema)
@@ -749,8 +749,8 @@ def answers(
 
 
 def heldout_length_pairs(path: Path, fmt: str) -> list:
-    from meet_lightning.evaluate import read_pairs
-    from meet_lightning.formats import SourceConfig
+    from meet_lightning.data.formats import SourceConfig
+    from meet_lightning.evaluation.metrics import read_pairs
 
     return read_pairs(SourceConfig(path=str(path), format=fmt, preference="length"), None)
 
@@ -761,8 +761,8 @@ def score_length_arm(
     """Held-out answers and pair scores of one model (cached in ``out/scores``): under ``concise``/``verbose``
     for models with controls, their own answers for DPO and the base, which is also asked by system prompt.
     With ``sampling`` (another decoding of an export scored already) only the answers: its pairs are the same."""
-    from meet_lightning.demo import SYSTEM_PROMPTS
-    from meet_lightning.evaluate import load_for_evaluation, load_reference, score_pairs
+    from meet_lightning.commands.demo import SYSTEM_PROMPTS
+    from meet_lightning.evaluation.metrics import load_for_evaluation, load_reference, score_pairs
 
     cache = s.out / "scores" / f"{name}.json"
     # "length": ablate scores like the length task, so both can share an --out folder (trained runs and scores)
@@ -804,8 +804,8 @@ def steered_answers(model: Any, prompts: list[str], s: Settings, data: dict[str,
 
     import torch
 
+    from meet_lightning.controls.steering import choose_strength, fit_control_vector
     from meet_lightning.precision import resolve_dtype
-    from meet_lightning.steering import choose_strength, fit_control_vector
 
     pairs = [p if p.chosen_control == "verbose" else replace(p, chosen=p.rejected, rejected=p.chosen, chosen_control="verbose",
              rejected_control=p.chosen_control) for p in heldout_length_pairs(data["alpaca_train"], "multi_response")]  # fmt: skip
@@ -834,7 +834,7 @@ ANSWER_KEYS = ("concise", "verbose", "default")
 @functools.cache
 def guard_model(name: str) -> Any:
     """The untrained base, loaded once per process, whose NLL of every arm's answers is the quality guard."""
-    from meet_lightning.evaluate import load_for_evaluation
+    from meet_lightning.evaluation.metrics import load_for_evaluation
 
     return load_for_evaluation(name, dtype="float32")
 
@@ -1041,7 +1041,7 @@ TOGGLES = {"length": ("verbose", "concise"), "harmless": ("good", "bad")}
 def compose_scores(name: str, export: str, prompts: list, judge: Any, s: Settings) -> dict[str, Any]:
     """Per combination of controls, per held-out HH prompt: the answer's words and the judge's harmlessness
     margin per token (cached in ``out/scores``)."""
-    from meet_lightning.evaluate import load_for_evaluation, response_control_margins
+    from meet_lightning.evaluation.metrics import load_for_evaluation, response_control_margins
 
     cache = s.out / "scores" / f"{name}.json"
     settings = [export, judge.name, s.task, s.max_length, s.max_new_tokens, s.eval_pairs]
@@ -1161,7 +1161,7 @@ def compose_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def run_compose(s: Settings, data: dict[str, Path], results: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
     """Trains the judge, then scores and reports ``--task compose`` (the arms are trained)."""
-    from meet_lightning.evaluate import load_for_evaluation, score_pairs
+    from meet_lightning.evaluation.metrics import load_for_evaluation, score_pairs
 
     judge_run = train_arm(JUDGE, s, data)
     judge = load_for_evaluation(judge_run["export"], dtype="float32")

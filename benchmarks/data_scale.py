@@ -15,7 +15,7 @@ subprocess, so each peak RSS (``ru_maxrss``) is that phase's own:
 
     python benchmarks/data_scale.py --pairs 100000 --num-proc 2 --json runs/data_scale.json
 
-Public API only: ``meet_lightning.data.PreferenceDataModule`` and the command line.
+Public API only: ``meet_lightning.data.datamodule.PreferenceDataModule`` and the command line.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def peak_rss_mb() -> float:
 
 def phase_data(argv: list[str]) -> dict:
     """``build`` / ``load``: the data module of the recipe in ``argv``, set up once."""
-    from meet_lightning.cli import parse_recipe
-    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.commands.cli import parse_recipe
+    from meet_lightning.data.datamodule import PreferenceDataModule
 
     recipe, _ = parse_recipe("fit", argv[1:])
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def phase_data(argv: list[str]) -> dict:
 
 
 def phase_train(argv: list[str]) -> dict:
-    from meet_lightning.cli import main
+    from meet_lightning.commands.cli import main
 
     start = time.perf_counter()
     code = main(argv)

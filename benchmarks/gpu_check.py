@@ -179,8 +179,8 @@ def profile_module_steps(model: str, data: Path, out: Path, device: str, steps: 
     and with 1, the data loader's seconds per batch, and a profiler table of three steps (``profile.txt``)."""
     import torch
 
-    from meet_lightning.control import PromptTuningControl
-    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.controls.tokens import PromptTuningControl
+    from meet_lightning.data.datamodule import PreferenceDataModule
     from meet_lightning.modules import ControlTokenModule
 
     loader = PreferenceDataModule(path=str(data), preference="harmless", model_name_or_path=model, max_length=512,

@@ -103,9 +103,9 @@ def answer_nll(lm: Any, tokenizer: Any, prompts: Sequence[str], texts: Sequence[
     """
     import torch
 
-    from meet_lightning.control import plain_logps
-    from meet_lightning.examples import ControlledExample, ControlSchema
-    from meet_lightning.tokenization import PromptTokenizer, collate_rows
+    from meet_lightning.controls.tokens import plain_logps
+    from meet_lightning.data.rows import ControlledExample, ControlSchema
+    from meet_lightning.data.tokenization import PromptTokenizer, collate_rows
 
     encoder, schema = PromptTokenizer(tokenizer, max_length=4096), ControlSchema.from_dict({})
     rows = [

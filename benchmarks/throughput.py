@@ -155,10 +155,10 @@ def prepare_data(source: Path, model: str, max_length: int, num_train: int, num_
     Returns:
         ``train_file``, ``heldout_file`` and counts for the report.
     """
-    from meet_lightning.formats import SourceConfig, read_source
-    from meet_lightning.heldout import split_key
+    from meet_lightning.data.formats import SourceConfig, read_source
+    from meet_lightning.data.heldout import split_key
+    from meet_lightning.data.tokenization import PromptTokenizer
     from meet_lightning.models import load_tokenizer
-    from meet_lightning.tokenization import PromptTokenizer
 
     if not source.is_file():
         raise BenchError(f"{source}: data file not found — pass --data FILE (a preference JSONL, e.g. hh_rlhf_harmless)")
@@ -199,7 +199,7 @@ def make_datamodule(
     settings: Mapping[str, Any], train_file: str, heldout_file: str | None, group_by_length: bool, val_pairs: int
 ):
     """The library's own ``PreferenceDataModule`` on the benchmark's pairs, as a paired-batch recipe sets it up."""
-    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.data.datamodule import PreferenceDataModule
 
     return PreferenceDataModule(
         path=train_file,
@@ -222,8 +222,8 @@ def batch_plan(settings: Mapping[str, Any], train_file: str, group_by_length: bo
 
     TRL arms are fed these batches in this order (sequential sampling), so every arm times the same pairs.
     """
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.tokenization import PromptTokenizer
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.data.tokenization import PromptTokenizer
 
     data = make_datamodule(settings, train_file, None, group_by_length, 0)
     data.setup("fit")
@@ -260,7 +260,7 @@ def batch_stats(mask: Any, inserted: Sequence[int], logit_positions: int, chunks
     ``slots`` are the data positions the forward passes compute: with ``chunks`` > 1 the library runs the rows
     in length chunks (``forward_chunks``), each padded to its own longest row; control positions are not slots.
     """
-    from meet_lightning.control import length_chunks
+    from meet_lightning.controls.tokens import length_chunks
 
     real = mask.sum(1).tolist()
     lengths = [int(r) + int(c) for r, c in zip(real, inserted, strict=True)]
@@ -354,7 +354,7 @@ def all_positions_logps(hidden, labels, head, chunk: int = 1024):
 @contextlib.contextmanager
 def library_levers(all_logits: bool) -> Iterator[None]:
     """Switches the library's response-only LM head off for the duration (restored afterwards)."""
-    import meet_lightning.control as control_module
+    import meet_lightning.controls.tokens as control_module
 
     original = control_module.response_token_logps
     if all_logits:
@@ -449,7 +449,7 @@ def library_trainer(settings: Mapping[str, Any], recorder: Any):
     validation."""
     import lightning as L
 
-    from meet_lightning.reliability import GradientCheck
+    from meet_lightning.training.reliability import GradientCheck
 
     return L.Trainer(
         accelerator="cpu",
@@ -537,7 +537,7 @@ def require_trl() -> None:
 
 def read_pairs(path: str) -> list:
     """The pairs of a benchmark file, as this library parses them (TRL gets exactly the same text)."""
-    from meet_lightning.formats import SourceConfig, read_source
+    from meet_lightning.data.formats import SourceConfig, read_source
 
     return list(read_source(SourceConfig(path=path, format="pairwise", preference=PREFERENCE)).pairs)
 
@@ -805,9 +805,9 @@ def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from meet_lightning.control import ControlTokens
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.controls.tokens import ControlTokens
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.inference.export import AlignedModel
     from meet_lightning.models import end_of_turn_id, load_model, load_tokenizer
 
     settings, gen = spec["settings"], spec["generation"]
@@ -875,8 +875,8 @@ def plain_transformers_scores(model: Any, pairs: Sequence, max_length: int, batc
     """
     import torch
 
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.tokenization import PromptTokenizer, collate_pairs
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.data.tokenization import PromptTokenizer, collate_pairs
 
     encoder, schema = PromptTokenizer(model.tokenizer, max_length), ControlSchema.from_dict(model.schema.to_dict())
     rows = [r for r in (encoder.tokenize_pair(p, schema) for p in pairs) if r is not None]
@@ -915,9 +915,9 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from meet_lightning.control import PromptTuningControl
-    from meet_lightning.evaluate import EvalModel, score_pairs
-    from meet_lightning.examples import ControlSchema
+    from meet_lightning.controls.tokens import PromptTuningControl
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.evaluation.metrics import EvalModel, score_pairs
     from meet_lightning.models import load_model, load_tokenizer
 
     settings, gen = spec["settings"], spec["generation"]

@@ -8,37 +8,41 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from meet_lightning import _moved
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ControlTokens": "meet_lightning.control",
-    "PromptTuningControl": "meet_lightning.control",
-    "LoRAControl": "meet_lightning.control",
-    "TextControl": "meet_lightning.control",
-    "SpecialTokenControl": "meet_lightning.control",
-    "PreferenceDataModule": "meet_lightning.data",
-    "SourceConfig": "meet_lightning.formats",
-    "DataFormat": "meet_lightning.formats",
-    "ParsedRecord": "meet_lightning.formats",
-    "BadRow": "meet_lightning.formats",
-    "register_format": "meet_lightning.formats",
-    "ControlledExample": "meet_lightning.examples",
-    "PreferencePair": "meet_lightning.examples",
+    "ControlTokens": "meet_lightning.controls.tokens",
+    "PromptTuningControl": "meet_lightning.controls.tokens",
+    "LoRAControl": "meet_lightning.controls.tokens",
+    "TextControl": "meet_lightning.controls.tokens",
+    "SpecialTokenControl": "meet_lightning.controls.tokens",
+    "PreferenceDataModule": "meet_lightning.data.datamodule",
+    "SourceConfig": "meet_lightning.data.formats",
+    "DataFormat": "meet_lightning.data.formats",
+    "ParsedRecord": "meet_lightning.data.formats",
+    "BadRow": "meet_lightning.data.formats",
+    "register_format": "meet_lightning.data.formats",
+    "ControlledExample": "meet_lightning.data.rows",
+    "PreferencePair": "meet_lightning.data.rows",
     "MeetModule": "meet_lightning.modules.base",
     "ControlTokenModule": "meet_lightning.modules.stage1",
     "JointFinetuneModule": "meet_lightning.modules.stage2",
     "SFTModule": "meet_lightning.modules.baselines",
     "DPOModule": "meet_lightning.modules.baselines",
     "HybridDPOModule": "meet_lightning.modules.baselines",
-    "SampleGenerations": "meet_lightning.callbacks",
-    "AlignedModel": "meet_lightning.export",
-    "NoSplitModulesPolicy": "meet_lightning.distributed",
+    "SampleGenerations": "meet_lightning.training.callbacks",
+    "AlignedModel": "meet_lightning.inference.export",
+    "NoSplitModulesPolicy": "meet_lightning.training.distributed",
     "Recipe": "meet_lightning.recipe",
     "StageSpec": "meet_lightning.recipe",
-    "DecodingOptions": "meet_lightning.generation",
+    "DecodingOptions": "meet_lightning.inference.generation",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
+
+_moved.install()  # old module paths (`meet_lightning.control`, …) still import, for one release
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,6 @@
 
 import sys
 
-from meet_lightning.cli import main
+from meet_lightning.commands.cli import main
 
 sys.exit(main())

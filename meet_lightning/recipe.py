@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from meet_lightning.errors import ConfigError, failed_checks
-from meet_lightning.generation import DecodingOptions
+from meet_lightning.inference.generation import DecodingOptions
 from meet_lightning.models import DEFAULT_MODEL
 
 STAGES = ("stage1", "stage2")
@@ -81,7 +81,7 @@ class Recipe:
     control: dict[str, Any] | None = None
     """The control implementation shared by both stages, as ``class_path`` / ``init_args``."""
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Arguments of :class:`~meet_lightning.data.PreferenceDataModule` (``model_name_or_path`` comes from above)."""
+    """Arguments of :class:`~meet_lightning.data.datamodule.PreferenceDataModule` (``model_name_or_path`` comes from above)."""
     predict: DecodingOptions = dataclasses.field(default_factory=DecodingOptions)
     """Decoding of the ``predict`` command."""
     stage1: StageSpec = dataclasses.field(default_factory=StageSpec)

@@ -83,9 +83,9 @@ HELPSTEER_ROWS = [
 
 # ---------------------------------------------------------------------------------- shared test factories
 def build_tiny_hh_data(shared: Path, **options):
-    """A set-up :class:`~meet_lightning.data.PreferenceDataModule` on the shared HH file with the tiny model
+    """A set-up :class:`~meet_lightning.data.datamodule.PreferenceDataModule` on the shared HH file with the tiny model
     (16 rows, 4 held-out pairs, 96 tokens, batches of 4 unless ``options`` say otherwise)."""
-    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.data.datamodule import PreferenceDataModule
 
     defaults = dict(preference="harmless", model_name_or_path="tiny-debug", max_length=96, batch_size=4, max_examples=16,
                     max_val_examples=4)  # fmt: skip

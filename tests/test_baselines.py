@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import build_cpu_trainer, build_tiny_hh_data
 
-from meet_lightning.control import PromptTuningControl, TextControl, plain_logps
-from meet_lightning.data import PreferenceDataModule
+from meet_lightning.controls.tokens import PromptTuningControl, TextControl, plain_logps
+from meet_lightning.data.datamodule import PreferenceDataModule
 from meet_lightning.errors import ConfigError
 from meet_lightning.losses import nll, sequence_logps
 from meet_lightning.models import build_tiny_model, load_tokenizer
@@ -169,7 +169,7 @@ def test_plain_baselines_refuse_control_tokens(paired):
 def test_chain_of_hindsight_phrases_are_plain_tokens_in_the_spliced_input(paired):
     tokenizer = load_tokenizer("tiny-debug")
     control = TextControl({"good": "A good response:", "bad": "A bad response:"})
-    from meet_lightning.examples import ControlSchema
+    from meet_lightning.data.rows import ControlSchema
 
     schema = ControlSchema.from_dict(paired.control_schema)
     control.setup(build_tiny_model(tokenizer), tokenizer, schema)
@@ -188,7 +188,7 @@ def test_chain_of_hindsight_phrases_are_plain_tokens_in_the_spliced_input(paired
 def test_pairwise_baselines_on_row_batches_fail_with_one_line(shared_data, tmp_path, capsys):
     from pathlib import Path
 
-    from meet_lightning.cli import main
+    from meet_lightning.commands.cli import main
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     args = ["fit", "--config", str(configs / "baselines/dpo.yaml"), "--config", str(configs / "debug.yaml")]

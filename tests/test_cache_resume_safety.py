@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from helpers.faults import fit_with_fault
 
-from meet_lightning.cli import main
-from meet_lightning.formats import SourceConfig
+from meet_lightning.commands.cli import main
+from meet_lightning.data.cache import BUILDING, META, DataSpec, data_identity, fingerprint, prepare_tokenized
+from meet_lightning.data.formats import SourceConfig
 from meet_lightning.models import load_tokenizer
-from meet_lightning.reliability import InjectedFault
-from meet_lightning.tokenized_cache import BUILDING, META, DataSpec, data_identity, fingerprint, prepare_tokenized
+from meet_lightning.training.reliability import InjectedFault
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

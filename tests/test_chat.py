@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers.tiny_models import controlled_tiny_model
 
-from meet_lightning.chat import ChatSession, TokenPrinter, run_chat
-from meet_lightning.generation import DecodingOptions
+from meet_lightning.inference.chat import ChatSession, TokenPrinter, run_chat
+from meet_lightning.inference.generation import DecodingOptions
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,9 @@ def test_control_commands_show_switch_refuse_and_clear(model):
 
 
 def test_a_plain_model_chats_without_controls(model):
-    from meet_lightning.control import ControlTokens
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.controls.tokens import ControlTokens
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.inference.export import AlignedModel
 
     plain = AlignedModel(model.lm, model.tokenizer, ControlTokens(), ControlSchema.from_dict({}))
     text, session, _ = transcript(plain, ["/controls concise", "hi"])
@@ -140,7 +140,7 @@ def test_the_chat_command_in_a_pseudo_terminal(tmp_path):
 
 
 def test_a_start_control_the_model_does_not_know_is_one_line_exit_2(tmp_path, capsys):
-    from meet_lightning.cli import main
+    from meet_lightning.commands.cli import main
     from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 
     folder = tmp_path / "plain"
@@ -153,7 +153,7 @@ def test_a_start_control_the_model_does_not_know_is_one_line_exit_2(tmp_path, ca
 
 
 def test_a_list_of_controls_in_a_config_file_is_read_as_names():
-    from meet_lightning.inference_cli import control_names
+    from meet_lightning.commands.inference import control_names
 
     assert control_names(["['concise', 'harmless/good']"]) == ["concise", "harmless/good"]
     assert control_names(["concise", "harmless/good"]) == ["concise", "harmless/good"]

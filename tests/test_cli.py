@@ -13,10 +13,10 @@ from helpers.faults import fit_with_fault
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from meet_lightning.cli import main
-from meet_lightning.export import AlignedModel
+from meet_lightning.commands.cli import main
+from meet_lightning.inference.export import AlignedModel
 from meet_lightning.modules import JointFinetuneModule
-from meet_lightning.reliability import InjectedFault
+from meet_lightning.training.reliability import InjectedFault
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -468,7 +468,7 @@ def test_an_internal_bug_exits_1_with_its_traceback(tmp_path, monkeypatch):
     import sys
 
     # A bug (not bad input) must not be disguised as exit code 2: simulate one in a subprocess.
-    code = "import meet_lightning.inspect_data as m; m.read_source = lambda s: 1 / 0; from meet_lightning.cli import main; raise SystemExit(main(['inspect-data', '--data.path', 'x']))"
+    code = "import meet_lightning.commands.inspect_data as m; m.read_source = lambda s: 1 / 0; from meet_lightning.commands.cli import main; raise SystemExit(main(['inspect-data', '--data.path', 'x']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "ZeroDivisionError" in result.stderr and "Traceback" in result.stderr
 
@@ -496,7 +496,7 @@ def test_stage1_select_best_writes_the_controls_of_the_best_checkpoint(tmp_path,
 
 
 def test_an_option_added_by_an_upgrade_at_its_off_value_is_not_a_recipe_change():
-    from meet_lightning.pipeline import recipe_difference
+    from meet_lightning.training.pipeline import recipe_difference
 
     old = {"data": {"path": "x", "batch_size": 4}}
     assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": False}}) == ""
@@ -533,7 +533,7 @@ def test_top_level_hub_options_on_the_command_line(tmp_path, hh, hh_hub_folder, 
 
 
 def test_helpsteer2_recipe_turns_attribute_scores_into_controls(tmp_path, hh_hub_folder):
-    from meet_lightning.formats import SourceConfig, read_source
+    from meet_lightning.data.formats import SourceConfig, read_source
 
     recipe = CONFIGS / "meet_helpsteer2.yaml"
     sources = local_sources(recipe, tmp_path, hh_hub_folder)

@@ -14,9 +14,11 @@ import yaml
 from conftest import HH_FILE
 from test_cli import CONFIGS, fit_args, run
 
-from meet_lightning import __version__, callbacks, inference_cli, pipeline
-from meet_lightning.formats import FORMATS
+from meet_lightning import __version__
+from meet_lightning.commands import inference as inference_cli
+from meet_lightning.data.formats import FORMATS
 from meet_lightning.recipe import Recipe
+from meet_lightning.training import callbacks, pipeline
 
 RECIPE = CONFIGS / "meet_hh_prompt.yaml"
 

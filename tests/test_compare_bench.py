@@ -345,7 +345,7 @@ def test_budget_full_picks_the_learning_rate_whose_controls_work_best_not_the_lo
 @pytest.mark.parametrize("name", list(compare.ARMS))
 def test_every_arms_recipe_and_overrides_parse(name, tmp_path):
     """A typo in an arm's flags must fail here, not after a long run of the arms before it."""
-    from meet_lightning.cli import parse_recipe
+    from meet_lightning.commands.cli import parse_recipe
 
     arm = compare.ARMS[name]
     recipe, _ = parse_recipe("fit", ["--config", str(ROOT / arm.recipe), *arm.overrides, "--output_dir", str(tmp_path)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meet_lightning.control import (
+from meet_lightning.controls.tokens import (
     LoRAControl,
     PromptTuningControl,
     SpecialTokenControl,
@@ -13,10 +13,10 @@ from meet_lightning.control import (
     controlled_response_logps,
     splice,
 )
-from meet_lightning.examples import ControlledExample, ControlSchema
-from meet_lightning.generation import DecodingOptions, generate_responses
+from meet_lightning.data.rows import ControlledExample, ControlSchema
+from meet_lightning.data.tokenization import PromptTokenizer, collate_rows
+from meet_lightning.inference.generation import DecodingOptions, generate_responses
 from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
-from meet_lightning.tokenization import PromptTokenizer, collate_rows
 
 SCHEMA = ControlSchema.from_dict({"harmless": ["good", "bad"], "length": ["concise", "verbose"]})
 PHRASES = {"good": "A good answer:", "bad": "A bad answer:", "concise": "Briefly:", "verbose": "In detail:"}

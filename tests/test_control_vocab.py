@@ -10,11 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from meet_lightning.control import PromptTuningControl, SpecialTokenControl
+from meet_lightning.controls.tokens import PromptTuningControl, SpecialTokenControl
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.data.tokenization import PromptTokenizer
 from meet_lightning.errors import ConfigError
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import AlignedModel, export_model, read_schema
-from meet_lightning.generation import prompt_batch, resolve_controls
+from meet_lightning.inference.export import AlignedModel, export_model, read_schema
+from meet_lightning.inference.generation import prompt_batch, resolve_controls
 from meet_lightning.models import (
     DEFAULT_MODEL,
     TINY_CHAT_TEMPLATE,
@@ -23,7 +24,6 @@ from meet_lightning.models import (
     model_cache_dir,
     model_fingerprint,
 )
-from meet_lightning.tokenization import PromptTokenizer
 
 SCHEMA = ControlSchema.from_dict({"length": ["concise", "verbose"], "harmless": ["good", "bad"]})
 MESSAGES = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -130,7 +130,7 @@ def test_special_token_controls_export_as_one_token_each(tmp_path):
 
 
 def test_a_template_whose_bos_cannot_be_found_is_refused():
-    from meet_lightning.control_vocab import controlled_template
+    from meet_lightning.controls.vocab import controlled_template
 
     with pytest.raises(ConfigError, match="BOS"):
         controlled_template("{{ messages[0]['content'] }}", SCHEMA, 1, "prefix", bos_first=True)
@@ -176,7 +176,7 @@ DIRECTIVES = {
 @pytest.mark.parametrize("placement", ["prefix", "infix"])
 def test_a_controls_directive_in_the_system_message_renders_as_the_controls_variable(tmp_path, placement):
     """Servers that pass no template variables steer through a first system message; it never reaches the prompt."""
-    from meet_lightning.control_vocab import split_directive
+    from meet_lightning.controls.vocab import split_directive
 
     model = export(tmp_path / "export", placement)
     render = model.tokenizer.apply_chat_template

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from meet_lightning.data import PreferenceDataModule, ResumableBatchSampler
+from meet_lightning.data.datamodule import PreferenceDataModule, ResumableBatchSampler
+from meet_lightning.data.formats import SourceConfig
+from meet_lightning.data.heldout import split_by_first_turn
+from meet_lightning.data.rows import ControlledExample, ControlSchema, ParsedSource, PreferencePair
+from meet_lightning.data.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows
 from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.examples import ControlledExample, ControlSchema, ParsedSource, PreferencePair
-from meet_lightning.formats import SourceConfig
-from meet_lightning.heldout import split_by_first_turn
 from meet_lightning.models import build_tiny_tokenizer, end_of_turn_id, prepare_tokenizer
-from meet_lightning.tokenization import IGNORE_INDEX, PromptTokenizer, collate_pairs, collate_rows
 
 SCHEMA = ControlSchema.from_dict({"harmless": ["good", "bad"], "length": ["concise", "verbose"]})
 
@@ -182,7 +182,7 @@ def test_pair_batches_for_dpo(shared_data):
 
 
 def test_several_sources_each_feed_their_own_preference(shared_data):
-    from meet_lightning.formats import SourceConfig
+    from meet_lightning.data.formats import SourceConfig
 
     data = PreferenceDataModule(
         sources=[
@@ -322,7 +322,7 @@ def test_hub_options_select_a_folder_and_split_of_a_hub_shaped_dataset(hh_hub_fo
 
 
 def test_streaming_batches_are_length_grouped_and_resume_exactly(shared_data, tmp_path):
-    from meet_lightning.streaming import StreamedBatches
+    from meet_lightning.data.streaming import StreamedBatches
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = 1 << 30
@@ -356,7 +356,7 @@ def test_streaming_needs_max_steps_and_no_workers(shared_data):
 
 def test_a_cache_build_says_how_far_it_got(shared_data, tmp_path):
     """Building the cache takes minutes at 100k pairs: each split's start and its time are told (issue 32 item 6)."""
-    from meet_lightning.tokenized_cache import prepare_tokenized
+    from meet_lightning.data.cache import prepare_tokenized
 
     data = hh_module(shared_data / HH_FILE, tmp_path / "unused", max_examples=20)
     lines: list[str] = []

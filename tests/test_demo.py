@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from meet_lightning import demo, stats
-from meet_lightning.cli import main
+from meet_lightning import stats
+from meet_lightning.commands import demo
+from meet_lightning.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

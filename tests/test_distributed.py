@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from meet_lightning.cli import main
-from meet_lightning.distributed import NoSplitModulesPolicy, is_sharded, unwrapped_name
+from meet_lightning.commands.cli import main
+from meet_lightning.training.distributed import NoSplitModulesPolicy, is_sharded, unwrapped_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -243,7 +243,7 @@ def test_gradient_check_stops_every_rank_when_one_shard_holds_a_nan():
     from types import SimpleNamespace
 
     from meet_lightning.errors import NumericalError
-    from meet_lightning.reliability import GradientCheck
+    from meet_lightning.training.reliability import GradientCheck
 
     layer = nn.Linear(2, 2)
     for p in layer.parameters():

@@ -130,7 +130,7 @@ def test_the_helper_feeds_stdin_checks_a_missing_tracker_and_forgets_what_a_page
 ):
     import importlib.util
 
-    from meet_lightning import formats
+    from meet_lightning.data import formats
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

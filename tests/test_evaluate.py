@@ -11,8 +11,8 @@ import torch
 from conftest import build_cpu_trainer, build_tiny_hh_data
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from meet_lightning.cli import main
-from meet_lightning.evaluate import RewardModel, control_fidelity, load_for_evaluation, win_rate
+from meet_lightning.commands.cli import main
+from meet_lightning.evaluation.metrics import RewardModel, control_fidelity, load_for_evaluation, win_rate
 from meet_lightning.models import build_tiny_model, build_tiny_tokenizer, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,9 +258,9 @@ stage1:
 
 
 def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, shared_data, reward_folder):
-    from meet_lightning.callbacks import SampleGenerations
-    from meet_lightning.control import PromptTuningControl
+    from meet_lightning.controls.tokens import PromptTuningControl
     from meet_lightning.modules import ControlTokenModule
+    from meet_lightning.training.callbacks import SampleGenerations
 
     data = build_tiny_hh_data(shared_data, max_length=128, max_examples=32)
     module = ControlTokenModule("tiny-debug", PromptTuningControl(num_tokens=2), data.control_schema)
@@ -275,11 +275,11 @@ def test_sample_generations_works_without_a_logger_and_scores_rewards(tmp_path, 
 
 def test_text_controls_of_different_lengths_score_each_pass_with_its_own_positions():
     """A longer ``bad`` phrase shifts the response: every score must equal the same row scored on its own."""
-    from meet_lightning.control import TextControl, controlled_response_logps
-    from meet_lightning.evaluate import EvalModel, score_pairs
-    from meet_lightning.examples import ControlledExample, ControlSchema, PreferencePair
+    from meet_lightning.controls.tokens import TextControl, controlled_response_logps
+    from meet_lightning.data.rows import ControlledExample, ControlSchema, PreferencePair
+    from meet_lightning.data.tokenization import PromptTokenizer, collate_rows
+    from meet_lightning.evaluation.metrics import EvalModel, score_pairs
     from meet_lightning.losses import sequence_logps
-    from meet_lightning.tokenization import PromptTokenizer, collate_rows
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
@@ -312,8 +312,8 @@ def test_text_controls_of_different_lengths_score_each_pass_with_its_own_positio
 
 
 def test_evaluate_scores_through_the_tokenized_cache_like_the_in_memory_path(meet_export, hh, tmp_path):
-    from meet_lightning.evaluate import evaluate_pairs, read_pairs, score_pairs, tokenized_pairs
-    from meet_lightning.formats import SourceConfig
+    from meet_lightning.data.formats import SourceConfig
+    from meet_lightning.evaluation.metrics import evaluate_pairs, read_pairs, score_pairs, tokenized_pairs
 
     model = load_for_evaluation(str(meet_export))
     source = SourceConfig(path=str(hh), preference="harmless")
@@ -334,8 +334,8 @@ def test_evaluate_scores_through_the_tokenized_cache_like_the_in_memory_path(mee
 
 
 def test_scores_come_back_in_the_pairs_order_although_batches_are_length_sorted(meet_export, hh):
-    from meet_lightning.evaluate import read_pairs, score_pairs
-    from meet_lightning.formats import SourceConfig
+    from meet_lightning.data.formats import SourceConfig
+    from meet_lightning.evaluation.metrics import read_pairs, score_pairs
 
     model = load_for_evaluation(str(meet_export))
     pairs = read_pairs(SourceConfig(path=str(hh), preference="harmless"), 12)
@@ -351,8 +351,8 @@ def test_scores_come_back_in_the_pairs_order_although_batches_are_length_sorted(
 
 def test_response_control_margins_split_the_pair_classifier_per_response(meet_export, hh):
     """A response's margin log p(y|good) − log p(y|bad): a pair's control_margin is chosen's minus rejected's."""
-    from meet_lightning.evaluate import read_pairs, response_control_margins, score_pairs
-    from meet_lightning.formats import SourceConfig
+    from meet_lightning.data.formats import SourceConfig
+    from meet_lightning.evaluation.metrics import read_pairs, response_control_margins, score_pairs
 
     model = load_for_evaluation(str(meet_export))
     pairs = read_pairs(SourceConfig(path=str(hh), preference="harmless"), 40)

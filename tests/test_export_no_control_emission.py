@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from meet_lightning.control import PromptTuningControl, SpecialTokenControl
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import AlignedModel, export_model, read_schema
+from meet_lightning.controls.tokens import PromptTuningControl, SpecialTokenControl
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.inference.export import AlignedModel, export_model, read_schema
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 
 SCHEMA = ControlSchema.from_dict({"length": ["concise", "verbose"], "harmless": ["good", "bad"]})

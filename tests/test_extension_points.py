@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 import meet_lightning
-from meet_lightning import formats
-from meet_lightning.cli import main
-from meet_lightning.control import build_control
+from meet_lightning.commands.cli import main
+from meet_lightning.controls.tokens import build_control
+from meet_lightning.data import formats
+from meet_lightning.data.formats import SourceConfig, read_source, register_format, unregister_format
 from meet_lightning.errors import CheckpointError, ConfigError
-from meet_lightning.formats import SourceConfig, read_source, register_format, unregister_format
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "my_meet_extensions"
@@ -31,7 +31,7 @@ EXTENSIONS = '''
 import torch
 
 from meet_lightning import DataFormat, ParsedRecord, PromptTuningControl, register_format
-from meet_lightning.control import plain_logps
+from meet_lightning.controls.tokens import plain_logps
 from meet_lightning.losses import response_nll
 from meet_lightning.modules import SFTModule
 
@@ -170,7 +170,7 @@ def run(*args: str) -> int:
 
 def test_format_and_control_from_outside_train_through_fit(extensions, tmp_path, capsys):
     """``data.format`` and ``control.class_path`` name the user's classes; ``fit`` imports the module they name."""
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.inference.export import AlignedModel
     from meet_lightning.modules import ControlTokenModule
 
     assert MODULE not in sys.modules

@@ -1,4 +1,4 @@
-"""meet_lightning.formats: golden counts on the shared files, bad input, and never a traceback."""
+"""meet_lightning.data.formats: golden counts on the shared files, bad input, and never a traceback."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.examples import ParsedSource
-from meet_lightning.formats import (
+from meet_lightning.data.formats import (
     FORMATS,
     PairwiseVotes,
     SourceConfig,
@@ -23,6 +21,8 @@ from meet_lightning.formats import (
     quantile_cuts,
     read_source,
 )
+from meet_lightning.data.rows import ParsedSource
+from meet_lightning.errors import ConfigError, DataError
 
 HH = "hh_rlhf_harmless.train.jsonl.gz"
 ALPACA = "alpaca_eval_concise_verbose.train.jsonl.gz"

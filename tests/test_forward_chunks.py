@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny_hh_data
 
-from meet_lightning.control import LoRAControl, PromptTuningControl, length_chunks
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl, length_chunks
 from meet_lightning.modules import DPOModule, JointFinetuneModule
 
 CONTROLS = {

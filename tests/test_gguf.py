@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meet_lightning.export import read_schema
+from meet_lightning.inference.export import read_schema
 from meet_lightning.models import DEFAULT_MODEL, model_cache_dir
 
 pytestmark = pytest.mark.gguf
@@ -209,9 +209,9 @@ def lora_exported(tmp_path_factory):
     """(export folder, base GGUF, concise adapter GGUF): SmolLM2 with LoRA controls whose factors are non-zero."""
     if not LORA_CONVERTER.is_file() or not (model_cache_dir() / DEFAULT_MODEL / "config.json").is_file():
         pytest.skip("needs make gguf and make model")
-    from meet_lightning.control import LoRAControl
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.export import export_model
+    from meet_lightning.controls.tokens import LoRAControl
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.inference.export import export_model
     from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 
     torch.manual_seed(0)

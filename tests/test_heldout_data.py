@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from meet_lightning.cli import main
-from meet_lightning.data import PreferenceDataModule
+from meet_lightning.commands.cli import main
+from meet_lightning.data.datamodule import PreferenceDataModule
+from meet_lightning.data.formats import SourceConfig, read_source
+from meet_lightning.data.heldout import DUPLICATES, drop_duplicates, split_key
+from meet_lightning.data.rows import ControlledExample, ParsedSource
+from meet_lightning.data.streaming import StreamedBatches, held_out
 from meet_lightning.errors import DataError
-from meet_lightning.examples import ControlledExample, ParsedSource
-from meet_lightning.formats import SourceConfig, read_source
-from meet_lightning.heldout import DUPLICATES, drop_duplicates, split_key
-from meet_lightning.streaming import StreamedBatches, held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = "hh_rlhf_harmless.train.jsonl.gz"

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from meet_lightning import stats
-from meet_lightning.cli import main
-from meet_lightning.evaluate import summarize
+from meet_lightning.commands.cli import main
+from meet_lightning.evaluation.metrics import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -142,7 +142,7 @@ def test_a_seed_out_of_range_is_one_line_and_creates_nothing(seed, tmp_path, sha
 
 
 def test_the_largest_seed_is_accepted(tmp_path, shared_data):
-    from meet_lightning.cli import parse_recipe
+    from meet_lightning.commands.cli import parse_recipe
 
     recipe, _ = parse_recipe("fit", fit_args(tmp_path / "run", shared_data, "--seed_everything", str(2**32 - 1))[1:])
     assert recipe.seed_everything == 2**32 - 1 and not (tmp_path / "run").exists()

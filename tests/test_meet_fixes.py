@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from meet_lightning.data import ResumableBatchSampler
+from meet_lightning.data.datamodule import ResumableBatchSampler
 
 
 def _length_task(n: int = 400) -> tuple[list[int], list[int]]:
@@ -45,7 +45,7 @@ def test_length_grouping_without_labels_is_unchanged_and_single_label_on_the_len
 def _bank(control, seed_everything: int | None = None):
     import torch
 
-    from meet_lightning.examples import ControlSchema
+    from meet_lightning.data.rows import ControlSchema
     from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 
     if seed_everything is not None:
@@ -75,7 +75,7 @@ def test_lora_control_initialisation_follows_the_runs_seed():
     import torch
 
     from meet_lightning import LoRAControl
-    from meet_lightning.examples import ControlSchema
+    from meet_lightning.data.rows import ControlSchema
     from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 
     def first_a(seed: int) -> torch.Tensor:
@@ -93,7 +93,7 @@ def test_vocab_init_draws_only_ordinary_tokens():
     import torch
 
     from meet_lightning import PromptTuningControl
-    from meet_lightning.control import ordinary_token_ids
+    from meet_lightning.controls.tokens import ordinary_token_ids
 
     bank, model, tokenizer = _bank(PromptTuningControl(num_tokens=200, init="vocab"), seed_everything=0)
     vocab = model.get_input_embeddings().weight.detach()
@@ -106,7 +106,7 @@ def test_vocab_init_draws_only_ordinary_tokens():
 
 
 def test_vocab_init_skips_byte_fallback_tokens():
-    from meet_lightning.control import ordinary_token_ids
+    from meet_lightning.controls.tokens import ordinary_token_ids
 
     class SentencePieceLike:
         all_special_ids = [0, 1, 2]
@@ -123,7 +123,7 @@ def test_text_init_is_the_default_and_derives_phrases_from_the_label_names():
     import torch
 
     from meet_lightning import PromptTuningControl
-    from meet_lightning.control import default_phrase
+    from meet_lightning.controls.tokens import default_phrase
 
     control = PromptTuningControl(num_tokens=6)
     assert control.init == "text"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny_hh_data
 
-from meet_lightning.control import LoRAControl, PromptTuningControl
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl
 from meet_lightning.errors import ConfigError
 from meet_lightning.modules import ControlTokenModule, JointFinetuneModule
 
@@ -111,7 +111,7 @@ def test_a_4bit_base_on_a_cpu_is_refused_naming_the_requirement(batch):
 
 
 def test_fit_with_a_4bit_base_on_a_cpu_is_one_line_exit_2(tmp_path, shared_data, capsys):
-    from meet_lightning.cli import main
+    from meet_lightning.commands.cli import main
 
     args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(tmp_path / "run")]
     args += ["--data.path", str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), "--stage1.model.init_args.quantize", "nf4"]
@@ -126,8 +126,8 @@ def test_stage2_in_bf16_true_starts_from_stage1_and_exports(tmp_path, shared_dat
     which made the tiny model initialise differently and stage 2 refuse stage 1's controls."""
     import json
 
-    from meet_lightning.cli import main
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.commands.cli import main
+    from meet_lightning.inference.export import AlignedModel
 
     out = tmp_path / "run"
     args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(out)]
@@ -157,10 +157,10 @@ def test_the_export_of_a_4bit_stage_holds_the_full_precision_base(tmp_path, shar
     """The export is built without quantization (on a CPU, building a 4-bit stage again would stop the export)."""
     import yaml
 
-    from meet_lightning.cli import main
-    from meet_lightning.export import AlignedModel
-    from meet_lightning.pipeline import export_run
+    from meet_lightning.commands.cli import main
+    from meet_lightning.inference.export import AlignedModel
     from meet_lightning.recipe import Recipe
+    from meet_lightning.training.pipeline import export_run
 
     out = tmp_path / "run"
     args = ["fit", "--config", "meet_hh_prompt", "--config", "debug", "--output_dir", str(out), "--stage2.model", "null"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import build_cpu_trainer, build_tiny_hh_data
 
-from meet_lightning.control import LoRAControl, PromptTuningControl
-from meet_lightning.controls_io import save_controls
+from meet_lightning.controls.files import save_controls
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl
 from meet_lightning.errors import CheckpointError
 from meet_lightning.modules import ControlTokenModule, JointFinetuneModule, MeetModule
 from meet_lightning.modules.base import warmup_cosine
@@ -59,7 +59,7 @@ def test_stage1_checkpoint_holds_only_controls_and_reloads_with_weights_only(dat
     fit.save_checkpoint(path)
     state = torch.load(path, weights_only=True)
     assert set(state["state_dict"]) == {"control.bank"}
-    assert state["hyper_parameters"]["control"]["class_path"] == "meet_lightning.control.PromptTuningControl"
+    assert state["hyper_parameters"]["control"]["class_path"] == "meet_lightning.controls.tokens.PromptTuningControl"
     loaded = ControlTokenModule.load_from_checkpoint(path, weights_only=True)
     assert torch.equal(loaded.control.bank, module.control.bank)
     assert loaded.schema == module.schema

@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from meet_lightning.cli import main
-from meet_lightning.control import LoRAControl, PromptTuningControl
+from meet_lightning.commands.cli import main
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl
+from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import export_model
+from meet_lightning.inference.export import export_model
+from meet_lightning.inference.peft_export import write_peft_adapters
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 from meet_lightning.names import (
     check_name,
@@ -25,7 +26,6 @@ from meet_lightning.names import (
     safe_path,
     without_local_paths,
 )
-from meet_lightning.peft_export import write_peft_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meet_lightning.cli import main
+from meet_lightning.commands.cli import main
+from meet_lightning.data.formats import SourceConfig, read_source
 from meet_lightning.errors import ConfigError, DataError
-from meet_lightning.formats import SourceConfig, read_source
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "meet_hh_prompt.yaml"
@@ -91,7 +91,7 @@ def test_columns_in_print_config_and_yaml(tmp_path, capsys):
 
 
 def test_columns_apply_to_path_and_val_path_but_not_to_sources(tmp_path):
-    from meet_lightning.data import PreferenceDataModule
+    from meet_lightning.data.datamodule import PreferenceDataModule
 
     data = write_jsonl(tmp_path / "renamed.jsonl", RENAMED)
     module = PreferenceDataModule(path=str(data), val_path=str(data), columns=MAPPING)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meet_lightning.cli import main, parse_recipe, shipped_recipes
+from meet_lightning.commands.cli import main, parse_recipe, shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 

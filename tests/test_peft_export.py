@@ -11,9 +11,9 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from meet_lightning.control import LoRAControl
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import AlignedModel, export_model, read_schema
+from meet_lightning.controls.tokens import LoRAControl
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.inference.export import AlignedModel, export_model, read_schema
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 
 SCHEMA = ControlSchema.from_dict({"length": ["concise", "verbose"], "harmless": ["good", "bad"]})
@@ -117,7 +117,7 @@ def test_the_export_writes_one_adapter_per_control_and_one_per_full_combination(
 
 
 def test_prompt_tuning_exports_have_no_adapters(tmp_path):
-    from meet_lightning.control import PromptTuningControl
+    from meet_lightning.controls.tokens import PromptTuningControl
 
     lm, tokenizer = load_model("tiny-debug"), load_tokenizer("tiny-debug")
     control = PromptTuningControl(num_tokens=2, init="random")

@@ -9,12 +9,12 @@ import subprocess
 import pytest
 from helpers.tiny_models import controlled_tiny_model
 
-from meet_lightning.generation import DecodingOptions
+from meet_lightning.inference.generation import DecodingOptions
 
 gr = pytest.importorskip("gradio")  # the ui extra (the dev extra has it)
 from gradio_client import Client  # noqa: E402 — only once gradio is known to be there
 
-from meet_lightning.playground import NONE, build_app, columns_html, combinations, compare  # noqa: E402
+from meet_lightning.inference.playground import NONE, build_app, columns_html, combinations, compare  # noqa: E402
 
 DECODING = DecodingOptions(max_new_tokens=12, repetition_penalty=5.0)
 PROMPT = "Name a planet."
@@ -26,8 +26,8 @@ def model():
 
 
 def test_the_combinations_offered(model):
-    from meet_lightning.examples import ControlSchema
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.inference.export import AlignedModel
 
     assert combinations(model) == [NONE, "length/concise", "length/verbose"]
     two = AlignedModel(model.lm, model.tokenizer, model.control, ControlSchema.from_dict({"a": ["x", "y"], "b": ["z"]}))
@@ -90,9 +90,9 @@ def test_the_page_in_a_headless_browser(page, tmp_path):
 def test_without_gradio_the_command_names_the_extra(monkeypatch, capsys):
     import sys
 
-    from meet_lightning.cli import main
+    from meet_lightning.commands.cli import main
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if the ui extra were not installed
-    monkeypatch.delitem(sys.modules, "meet_lightning.playground")
+    monkeypatch.delitem(sys.modules, "meet_lightning.inference.playground")
     assert main(["playground", "--model", "tiny-debug"]) == 2
     assert "pip install 'meet_lightning[ui]'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import yaml
 from conftest import build_cpu_trainer, build_tiny_hh_data
 
 from meet_lightning import precision
-from meet_lightning.cli import main, parse_recipe
+from meet_lightning.commands.cli import main, parse_recipe
 from meet_lightning.precision import probe_bf16_matmul, resolve_dtype, resolve_precision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -82,7 +82,7 @@ def test_validation_metrics_do_not_depend_on_mixed_precision(shared_data, tmp_pa
     """Validation and test run in the weights' precision: under bf16-mixed the control classifier's margins used to
     carry bf16 rounding, so the same weights reported other metrics on a machine that chose bf16."""
 
-    from meet_lightning.control import PromptTuningControl
+    from meet_lightning.controls.tokens import PromptTuningControl
     from meet_lightning.modules import ControlTokenModule
 
     data = build_tiny_hh_data(shared_data, max_length=128, max_val_examples=8)

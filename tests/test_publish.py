@@ -10,15 +10,15 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from meet_lightning import publish
-from meet_lightning.cli import main
-from meet_lightning.control import LoRAControl, PromptTuningControl
+from meet_lightning.commands.cli import main
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl
+from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import ConfigError
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import export_model
-from meet_lightning.model_card import combined_license
+from meet_lightning.inference import publish
+from meet_lightning.inference.export import export_model
+from meet_lightning.inference.model_card import combined_license
+from meet_lightning.inference.publish import PublishError, push_export
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
-from meet_lightning.publish import PublishError, push_export
 
 SCHEMA = ControlSchema.from_dict({"harmless": ["good", "bad"]})
 

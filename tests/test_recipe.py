@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from meet_lightning.cli import parse_recipe, shipped_recipes
+from meet_lightning.commands.cli import parse_recipe, shipped_recipes
 from meet_lightning.errors import ConfigError
-from meet_lightning.generation import DecodingOptions
+from meet_lightning.inference.generation import DecodingOptions
 from meet_lightning.recipe import Recipe, StageSpec
 
 

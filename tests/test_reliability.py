@@ -16,8 +16,8 @@ import pytest
 import torch
 from helpers.faults import fit_with_fault
 
-from meet_lightning.cli import main
-from meet_lightning.reliability import TEMP_SUFFIX, FaultSpec, iter_tensors
+from meet_lightning.commands.cli import main
+from meet_lightning.training.reliability import TEMP_SUFFIX, FaultSpec, iter_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -251,7 +251,7 @@ def test_nan_gradient_stops_with_exit_3_naming_stage_and_step(tmp_path, hh, monk
 
 def test_a_checkpoint_with_nan_is_never_written(tmp_path):
     from meet_lightning.errors import NumericalError
-    from meet_lightning.reliability import AtomicCheckpointIO
+    from meet_lightning.training.reliability import AtomicCheckpointIO
 
     io = AtomicCheckpointIO("stage2", folder=tmp_path)
     good = {
@@ -317,7 +317,7 @@ def test_every_torch_load_is_weights_only_and_remote_code_is_opt_in():
 def test_a_pickle_in_an_export_folder_is_never_loaded(finished_run, tmp_path, hh, capsys):
     from bad_inputs import pickle_bomb
 
-    from meet_lightning.export import AlignedModel
+    from meet_lightning.inference.export import AlignedModel
 
     export = tmp_path / "export"
     shutil.copytree(finished_run / "export", export)
@@ -423,7 +423,7 @@ def test_gpu_strategy_overlays_parse(overlay, tmp_path, capsys):
 
 
 def test_paths_and_classes_inside_a_checkpoint_are_never_used(finished_run, tmp_path, hh, monkeypatch):
-    from meet_lightning import controls_io
+    from meet_lightning.controls import files as controls_io
 
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 from helpers.tiny_models import controlled_tiny_model
 
-from meet_lightning.generation import DecodingOptions
-from meet_lightning.serve import ControlServer, make_server
+from meet_lightning.inference.generation import DecodingOptions
+from meet_lightning.inference.serve import ControlServer, make_server
 
 openai = pytest.importorskip("openai")  # the dev extra has it
 
@@ -118,7 +118,7 @@ def test_the_serve_command_on_an_export(tmp_path):
     import subprocess
     import sys
 
-    from meet_lightning.export import export_model
+    from meet_lightning.inference.export import export_model
     from meet_lightning.models import model_fingerprint
 
     model = controlled_tiny_model()

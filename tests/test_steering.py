@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meet_lightning.examples import PreferencePair
-from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
-from meet_lightning.steering import (
+from meet_lightning.controls.steering import (
     ControlVector,
     choose_strength,
     decoder_layers,
@@ -15,7 +13,9 @@ from meet_lightning.steering import (
     middle_layers,
     tokenized_sides,
 )
-from meet_lightning.tokenization import IGNORE_INDEX, collate_rows
+from meet_lightning.data.rows import PreferencePair
+from meet_lightning.data.tokenization import IGNORE_INDEX, collate_rows
+from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 
 PROMPT = ({"role": "user", "content": "Tell me about rivers."},)
 PAIRS = [

@@ -24,14 +24,14 @@ from conftest import build_cpu_trainer, build_tiny_hh_data
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from meet_lightning import pipeline
-from meet_lightning.cli import main, parse_recipe
-from meet_lightning.control import PromptTuningControl, controlled_response_logps
-from meet_lightning.data import PreferenceDataModule
+from meet_lightning.commands.cli import main, parse_recipe
+from meet_lightning.controls.tokens import PromptTuningControl, controlled_response_logps
+from meet_lightning.data.datamodule import PreferenceDataModule
 from meet_lightning.errors import ConfigError
 from meet_lightning.heads import check_lm_head
 from meet_lightning.losses import sequence_logps
 from meet_lightning.modules import ControlTokenModule, DPOModule, SFTModule
+from meet_lightning.training import pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -174,7 +174,7 @@ def tiny_config(architecture: str):
 
 @pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite"])
 def test_response_logps_are_those_of_the_models_own_logits(architecture):
-    from meet_lightning.control import ControlTokens
+    from meet_lightning.controls.tokens import ControlTokens
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(tiny_config(architecture)).eval()

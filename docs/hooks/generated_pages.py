@@ -23,8 +23,8 @@ COMMANDS = ("fit", "validate", "test", "predict", "generate", "evaluate", "push"
 INTRO = """# Configuration reference
 
 Generated when the site is built: each section is the `--help` of one command, printed by the parser the
-command itself uses (`meet_lightning/cli.py` and `meet_lightning/inference_cli.py`), so every flag, default and
-help text here is the code's. A recipe YAML uses the same keys without the leading `--`, nested by the dots
+command itself uses (`meet_lightning/commands/cli.py` and `meet_lightning/commands/inference.py`), so every flag,
+default and help text here is the code's. A recipe YAML uses the same keys without the leading `--`, nested by the dots
 (`--stage1.trainer.max_steps 300` is `stage1: {trainer: {max_steps: 300}}`); `fit --print_config` prints a
 whole resolved recipe.
 
@@ -33,7 +33,7 @@ whole resolved recipe.
 
 def command_help(argv: list[str]) -> str:
     """What ``python -m meet_lightning ARGV`` prints, run in this process (a parser's ``--help`` exits 0)."""
-    from meet_lightning.cli import main
+    from meet_lightning.commands.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -51,7 +51,7 @@ RECIPE_COMMANDS = ("validate", "test", "predict")
 
 def recipe_flags(command: str) -> set[str]:
     """The option strings of a recipe command's parser."""
-    from meet_lightning.cli import recipe_parser
+    from meet_lightning.commands.cli import recipe_parser
 
     return {option for action in recipe_parser(command)._actions for option in action.option_strings}
 

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from meet_lightning.control import ControlTokens, build_control, controlled_response_logps
-from meet_lightning.distributed import is_sharded, unwrapped_name
+from meet_lightning.controls.tokens import ControlTokens, build_control, controlled_response_logps
+from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import CheckpointError, ConfigError, raise_failed
-from meet_lightning.examples import ControlSchema
 from meet_lightning.losses import (
     control_classifier_scores,
     nll,
@@ -30,6 +29,7 @@ from meet_lightning.losses import (
 )
 from meet_lightning.models import compile_decoder, load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import DTYPES
+from meet_lightning.training.distributed import is_sharded, unwrapped_name
 from meet_lightning.update_probe import UpdateProbe
 
 
@@ -315,7 +315,7 @@ class MeetModule(L.LightningModule):
 
     # ------------------------------------------------------------- checkpoint
     data_identity = ""
-    """What the stage trains on (:func:`~meet_lightning.tokenized_cache.data_identity`), set by the pipeline and
+    """What the stage trains on (:func:`~meet_lightning.data.cache.data_identity`), set by the pipeline and
     recorded in every checkpoint: a resume on edited data is refused instead of mixing two datasets."""
 
     @override

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from meet_lightning.control import plain_logps
+from meet_lightning.controls.tokens import plain_logps
 from meet_lightning.errors import CheckpointError, ConfigError, raise_failed
 from meet_lightning.losses import dpo_loss, nll, pairwise_accuracy, response_nll, sequence_logps
 from meet_lightning.models import load_model, model_fingerprint
@@ -90,7 +90,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
     Args:
         lr: Peak learning rate of the LM.
         *args, **kwargs: The other arguments of :class:`~meet_lightning.modules.base.MeetModule`, passed on;
-            ``control`` must be unset (the no-op :class:`~meet_lightning.control.ControlTokens`) and
+            ``control`` must be unset (the no-op :class:`~meet_lightning.controls.tokens.ControlTokens`) and
             ``control_lr`` is unused (there are no controls).
     """
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from meet_lightning.controls_io import load_controls
+from meet_lightning.controls.files import load_controls
 from meet_lightning.errors import ConfigError
 from meet_lightning.modules.base import MeetModule
 

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from meet_lightning.distributed import unwrapped_name
+from meet_lightning.training.distributed import unwrapped_name
 
 
 def _full_params(trainer):

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from meet_lightning import formats
-from meet_lightning.cli import main
-from meet_lightning.control import LoRAControl, PromptTuningControl
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import export_model
+from meet_lightning.commands.cli import main
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl
+from meet_lightning.data import formats
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.inference.export import export_model
 from meet_lightning.models import load_model, load_tokenizer, model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from meet_lightning.cli import main
-from meet_lightning.reliability import FaultInjection
+from meet_lightning.commands.cli import main
+from meet_lightning.training.reliability import FaultInjection
 
 
 def fit_with_fault(spec: str, *args: str) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from meet_lightning import PromptTuningControl
-from meet_lightning.examples import ControlSchema
-from meet_lightning.export import AlignedModel
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.inference.export import AlignedModel
 from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 
 

@@ -1,0 +1,7 @@
+"""Training: the Lightning layer around the core.
+
+``pipeline`` is the two-stage orchestrator (stage 1 fit → controls → stage 2 fit → export); ``callbacks`` account
+throughput and memory and generate samples per control; ``reliability`` makes a killed run resume bit-identically
+and a bad step stop cleanly; ``distributed`` holds the FSDP wrap policy. The LightningModules are in
+:mod:`meet_lightning.modules`, the data module in :mod:`meet_lightning.data.datamodule`.
+"""
