@@ -3,7 +3,7 @@
 ``formats`` turns each supported layout (pairwise, pointwise scores, rankings, …) into the canonical ``rows``;
 ``heldout`` keeps validation held out; ``tokenization`` and ``cache`` tokenize once and collate; ``streaming``
 reads sources too large for memory. These are core (torch and transformers only). ``datamodule`` holds the one
-Lightning :class:`PreferenceDataModule` every stage and baseline trains from. This file imports nothing, so the
+Lightning :class:`PreferenceDataModule` every stage and baseline trains from. This file imports none of them, so the
 core can use its siblings without importing Lightning.
 """
 
