@@ -71,7 +71,7 @@ class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None  # a throwaway module: exec_module puts the real one in its place
 
     def exec_module(self, module: ModuleType) -> None:
-        new = f"meet_lightning.{MOVED[module.__name__.partition('.')[2]]}"
+        new = current_name(module.__name__)
         warnings.warn(f"{module.__name__} moved to {new}; the old path goes in 0.2", DeprecationWarning, stacklevel=2)
         # The import system returns whatever sys.modules holds under the old name once this returns.
         sys.modules[module.__name__] = importlib.import_module(new)
