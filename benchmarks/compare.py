@@ -101,6 +101,10 @@ PHRASES = {
 }
 LR_GRID = {"small": (1.0,), "full": (1 / 3, 1.0, 3.0)}  # multipliers of each recipe's learning rates
 DECODING = {"temperature": 0.0, "repetition_penalty": 1.2}
+# In every score's settings: answers decoded before 2026-12-07 (lm.generate's repetition penalty skipped a padded
+# row's first new tokens, as many as its padding; meet_lightning.inference.generation.repetition_penalty) are
+# another measure, never read back beside these.
+ANSWERS = "repetition penalty on every new token"
 
 
 @dataclass(frozen=True)
@@ -526,7 +530,7 @@ def score_arm(name: str, export: str, s: Settings, data: dict[str, Path]) -> dic
     from meet_lightning.precision import resolve_dtype
 
     cache = s.out / "scores" / f"{name}.json"
-    settings = [export, s.max_length, s.batch_size, s.max_new_tokens, s.eval_pairs, s.length_prompts]
+    settings = [export, s.max_length, s.batch_size, s.max_new_tokens, s.eval_pairs, s.length_prompts, ANSWERS]
     if cache.is_file():
         return read_back(cache, "settings", settings)
     print(f"  score {name}", flush=True)
@@ -766,7 +770,7 @@ def score_length_arm(
 
     cache = s.out / "scores" / f"{name}.json"
     # "length": ablate scores like the length task, so both can share an --out folder (trained runs and scores)
-    settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts]
+    settings = [export, "length", s.max_length, s.batch_size, s.max_new_tokens, s.length_prompts, ANSWERS]
     settings += [sampling] if sampling else []  # the tasks' own decoding is implied
     settings += [f"seed {s.seed}"] if s.seed_index else []  # each seed decodes from its own seed
     settings += [STEER_FIT, STEER_VAL, list(STEER_STRENGTHS), STEER_MAX_COST] if name.split("@seed")[0] == STEER else []
@@ -1044,7 +1048,7 @@ def compose_scores(name: str, export: str, prompts: list, judge: Any, s: Setting
     from meet_lightning.evaluation.metrics import load_for_evaluation, response_control_margins
 
     cache = s.out / "scores" / f"{name}.json"
-    settings = [export, judge.name, s.task, s.max_length, s.max_new_tokens, s.eval_pairs]
+    settings = [export, judge.name, s.task, s.max_length, s.max_new_tokens, s.eval_pairs, ANSWERS]
     if cache.is_file():
         return read_back(cache, "settings", settings)
     print(f"  score {name}", flush=True)

@@ -761,10 +761,10 @@ def run_trl_sft(spec: Mapping[str, Any], prompt_tuning: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- generation
 
 
-def count_new_tokens(rows: Any, stops: Sequence[int]) -> list[list[int]]:
+def count_new_tokens(rows: Sequence[Sequence[int]], stops: Sequence[int]) -> list[list[int]]:
     """Each row's generated ids up to and including its first stop token."""
     out = []
-    for row in rows.tolist():
+    for row in rows:
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         out.append(row[:cut])
     return out
@@ -792,21 +792,24 @@ def plain_generate(lm: Any, tokenizer: Any, prompts: Sequence, max_new_tokens: i
             top_p=None,
             top_k=None,
         )
-    return count_new_tokens(out[:, width:], stops)
+    return count_new_tokens(out[:, width:].tolist(), stops)
 
 
 def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
     """``AlignedModel.generate`` (the path of ``generate``/``predict``) against plain ``model.generate``.
 
     Same model (weights in the run's dtype), same prompts, greedy, at batch 8 (every prompt in one call) and batch 1
-    (every prompt, one call each: two prompts made a window of ~2 s, whose noise was the size of the gap measured); no control (``control=None``), so both produce the same tokens and do
-    the same work. ``meet_static`` is the library's path with ``cache="static"`` (a KV cache allocated once at
-    the full length). Warm-up: one short call each. The order alternates from round to round.
+    (every prompt, one call each: two prompts made a window of ~2 s, whose noise was the size of the gap measured); no
+    control (``control=None``), so both produce the same tokens. ``meet`` decodes in the library's own loop, where
+    a row leaves the batch once it stops (less work than ``model.generate`` where rows stop apart); ``meet_static``
+    is the library's path with ``cache="static"`` (``model.generate`` with a KV cache allocated once at the full
+    length). Warm-up: one short call each. The order alternates from round to round.
     """
     import torch
 
     from meet_lightning.controls.tokens import ControlTokens
     from meet_lightning.data.rows import ControlSchema
+    from meet_lightning.inference import generation
     from meet_lightning.inference.export import AlignedModel
     from meet_lightning.models import end_of_turn_id, load_model, load_tokenizer
 
@@ -817,14 +820,19 @@ def run_generation(spec: Mapping[str, Any]) -> dict[str, Any]:
     stops = sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})
     aligned = AlignedModel(lm, tokenizer, ControlTokens(), ControlSchema.from_dict({}))
     captured: list = []
-    original = lm.generate
+    original, own_loop = lm.generate, generation.decode_dropping_finished
 
     def capture(*args, **kwargs):  # the library decodes to text: keep the ids to count tokens
         out = original(*args, **kwargs)
+        captured.append(out.tolist())
+        return out
+
+    def capture_own(*args, **kwargs):  # the dynamic cache's path: rows leave the batch as they stop
+        out = own_loop(*args, **kwargs)
         captured.append(out)
         return out
 
-    lm.generate = capture
+    lm.generate, generation.decode_dropping_finished = capture, capture_own
 
     def meet(chosen: list, batch: int, n: int, cache: str = "dynamic") -> list[list[int]]:
         captured.clear()  # the plain path's calls land here too

@@ -56,6 +56,14 @@ def test_rerunning_reads_finished_runs_back_and_refuses_other_settings(report, m
     assert again["results"]["dpo"]["metrics"] == first["results"]["dpo"]["metrics"]
     with pytest.raises(SystemExit, match="other settings"):
         compare.run(settings(out, max_length=512))
+    cached = out / "scores" / "coh.json"  # answers decoded before the repetition penalty covered every new token
+    score = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**score, "settings": [v for v in score["settings"] if v != compare.ANSWERS]}))
+    try:
+        with pytest.raises(SystemExit, match="other settings"):
+            compare.run(settings(out))
+    finally:
+        cached.write_text(json.dumps(score))
 
 
 def test_a_run_cut_off_before_its_record_resumes_and_keeps_its_log(report):

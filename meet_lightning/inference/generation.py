@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import json
 import sys
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+import transformers
 from tqdm.auto import tqdm
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from meet_lightning.atomic import write_text_atomic
 from meet_lightning.controls.tokens import ControlTokens
@@ -138,6 +150,7 @@ def generate_responses(
         if o.temperature > 0
         else {"do_sample": False, "top_p": None, "top_k": None}
     )
+    own_loop = streamer is None and o.cache == "dynamic" and reproduces_generation_config(lm)
     texts: list[str] = []
     starts = range(0, len(prompts), o.batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2, file=sys.stderr):
@@ -148,22 +161,129 @@ def generate_responses(
         ids, mask, _ = control.insert(batch)
         ids, mask = to_left_padding(ids, mask)
         embeds = control.embed(lm.get_input_embeddings(), ids)
-        with control.route(batch["control_ids"]), warnings.catch_warnings():
-            # transformers warns that with inputs_embeds the penalty sees only new tokens: that is intended here
-            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+        if own_loop:
+            route = lambda rows, c=batch["control_ids"]: control.route(c[rows])  # noqa: E731
+            out = decode_dropping_finished(lm, embeds, mask, decoding_processors(lm, o), stop, o, route)
+            texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+            continue
+        with control.route(batch["control_ids"]):
             out = lm.generate(
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 max_new_tokens=o.max_new_tokens,
                 eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
-                repetition_penalty=o.repetition_penalty,
+                repetition_penalty=1.0,  # its own would skip padded rows' first tokens: the penalty comes next
+                logits_processor=LogitsProcessorList(repetition_penalty(o)),
                 cache_implementation=None if o.cache == "dynamic" else o.cache,
                 streamer=streamer,
                 **sampling,
             )
         texts += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
     return texts
+
+
+# generation-config fields the own decoding loop reproduces (or that change nothing there); any other field set on
+# the LM's generation config sends decoding to ``lm.generate``, which knows every field
+_REPRODUCED_FIELDS = frozenset(
+    {
+        "bos_token_id", "eos_token_id", "pad_token_id", "suppress_tokens", "max_length", "max_new_tokens",
+        "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",  # DecodingOptions overrides these
+        "use_cache", "output_attentions", "output_hidden_states", "_from_model_config", "transformers_version",
+    }
+)  # fmt: skip
+
+
+def reproduces_generation_config(lm: torch.nn.Module) -> bool:
+    """Whether :func:`decode_dropping_finished` decodes ``lm`` as ``lm.generate`` would: its generation config sets
+    nothing beyond the fields that loop applies, and keeps the KV cache on (transformers 5 or later)."""
+    config = lm.generation_config
+    recent = int(transformers.__version__.split(".")[0]) >= 5  # DynamicCache(config=…) knows every layer's kind
+    return recent and config.use_cache is not False and set(config.to_diff_dict()) <= _REPRODUCED_FIELDS
+
+
+def repetition_penalty(o: DecodingOptions) -> list[LogitsProcessor]:
+    """The penalty over every new token of a row (the prompt is input vectors, not ids, so it is not penalised).
+
+    Not ``lm.generate(inputs_embeds=…, repetition_penalty=…)``'s own: that one skips as many of a row's first new
+    tokens as the row has left padding (it counts the padding as prompt ids, which its ids do not hold), so a short
+    prompt batched beside a long one was decoded for its first hundreds of tokens without the penalty, and a row's
+    answer depended on the other prompts of its batch.
+    """
+    return [RepetitionPenaltyLogitsProcessor(o.repetition_penalty)] if o.repetition_penalty != 1.0 else []
+
+
+def decoding_processors(lm: torch.nn.Module, o: DecodingOptions) -> LogitsProcessorList:
+    """The logits processors :func:`generate_responses` has ``lm.generate`` apply for ``o``, in its order: the
+    repetition penalty (:func:`repetition_penalty`), the LM's suppressed tokens, then (sampling) temperature, top-k
+    and top-p. Suppressing and penalising commute (a suppressed logit stays −inf)."""
+    device = next(lm.parameters()).device
+    processors = LogitsProcessorList(repetition_penalty(o))
+    if lm.generation_config.suppress_tokens:
+        processors.append(SuppressTokensLogitsProcessor(lm.generation_config.suppress_tokens, device=device))
+    if o.temperature > 0:
+        processors += [TemperatureLogitsWarper(o.temperature)] if o.temperature != 1.0 else []
+        processors += [TopKLogitsWarper(o.top_k)] if o.top_k else []
+        processors += [TopPLogitsWarper(o.top_p)] if o.top_p < 1 else []
+    return processors
+
+
+@torch.no_grad()
+def decode_dropping_finished(
+    lm: torch.nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    processors: LogitsProcessorList,
+    stop: Sequence[int],
+    o: DecodingOptions,
+    route: Callable[[torch.Tensor], contextlib.AbstractContextManager[None]] = lambda rows: contextlib.nullcontext(),
+) -> list[list[int]]:
+    """Each row's new token ids (its stop id included, as ``lm.generate`` returns them), decoded as ``lm.generate``
+    decodes, except that a row leaves the batch and the KV cache as soon as it stops: a batch costs the sum of its
+    answers' lengths, not its rows × its longest answer. ``lm.generate`` keeps computing finished rows until the
+    last one stops, and one looping answer at the length cap made every other row of its batch run to the cap too.
+
+    Args:
+        lm: A causal LM that takes ``inputs_embeds``.
+        embeds: (B, L, H) the prompts' input vectors, left padded.
+        mask: (B, L) their attention mask.
+        processors: Applied to each step's logits (:func:`decoding_processors`); they see only the new tokens,
+            as in ``lm.generate(inputs_embeds=…)``.
+        stop: Ids that end an answer.
+        o: ``max_new_tokens`` and ``temperature`` (0: greedy, else sampled).
+        route: The context a forward pass runs in, given the original indices (A,) of the rows still decoding
+            (per-row controls such as LoRA's route by it).
+    """
+    rows = torch.arange(len(embeds), device=embeds.device)  # (A,) original index of each row still decoding
+    answers: list[list[int]] = [[] for _ in range(len(embeds))]
+    new = torch.zeros((len(embeds), 0), dtype=torch.long, device=embeds.device)  # (A, t) tokens so far
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate derives from a left-padded mask
+    stop_ids = torch.tensor(list(stop), dtype=torch.long, device=embeds.device)
+    cache = DynamicCache(config=lm.config)
+    # the names the model's own forward takes (a PEFT wrapper passes them on): transformers renamed
+    # ``past_key_values`` to ``cache``; ``logits_to_keep=1`` spares the prompt's logits over the whole vocabulary
+    wrapped = getattr(lm, "get_base_model", lambda: lm)()
+    parameters = inspect.signature(wrapped.forward).parameters
+    step = {"cache" if "cache" in parameters else "past_key_values": cache, "use_cache": True}
+    step |= {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
+    for _ in range(o.max_new_tokens):
+        with route(rows):
+            out = lm(**inputs, attention_mask=mask, position_ids=positions, **step)
+        scores = processors(new, out.logits[:, -1].float())  # (A, V)
+        token = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if o.temperature > 0 else scores.argmax(-1)  # (A,)
+        for row, t in zip(rows.tolist(), token.tolist(), strict=True):
+            answers[row].append(t)
+        going = ~torch.isin(token, stop_ids)  # (A,)
+        if not going.any():
+            break
+        keep = going.nonzero().squeeze(1)
+        if len(keep) < len(rows):
+            cache.batch_select_indices(keep)
+        rows, token, new = rows[keep], token[keep], torch.cat([new, token[:, None]], 1)[keep]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)[keep]
+        positions, inputs = positions[keep, -1:] + 1, {"input_ids": token[:, None]}
+    return answers
 
 
 def as_messages(prompt: str | Sequence[Mapping[str, str]], where: str) -> list[Message]:
