@@ -17,7 +17,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from meet_lightning.evaluation.metrics import load_for_evaluation
 from meet_lightning.inference import generation
 from meet_lightning.inference.export import AlignedModel
 from meet_lightning.precision import resolve_dtype
+from throughput import cpu_model  # benchmarks/, this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "alpaca_eval_concise_verbose.train.jsonl.gz"
@@ -76,7 +76,7 @@ def main() -> None:
     generate = timed(model, prompts, False, args)
     own = timed(model, prompts, True, args)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
         "settings": {k: str(v) for k, v in vars(args).items()} | {"decoding": DECODING},
         "lm.generate": generate,
         "own loop": own,
