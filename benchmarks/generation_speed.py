@@ -23,12 +23,12 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from throughput import cpu_model  # benchmarks/, this script's folder
 
 from meet_lightning.evaluation.metrics import load_for_evaluation
 from meet_lightning.inference import generation
 from meet_lightning.inference.export import AlignedModel
 from meet_lightning.precision import resolve_dtype
-from throughput import cpu_model  # benchmarks/, this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "alpaca_eval_concise_verbose.train.jsonl.gz"

@@ -8,6 +8,7 @@ from transformers import LogitsProcessorList
 
 from meet_lightning.controls.tokens import LoRAControl
 from meet_lightning.data.rows import ControlSchema
+from meet_lightning.inference import generation
 from meet_lightning.inference.generation import (
     DecodingOptions,
     decode_dropping_finished,
@@ -16,7 +17,6 @@ from meet_lightning.inference.generation import (
     repetition_penalty,
     reproduces_generation_config,
 )
-from meet_lightning.inference import generation
 from meet_lightning.models import build_tiny_model, build_tiny_tokenizer
 
 SCHEMA = ControlSchema.from_dict({"length": ["concise", "verbose"]})
@@ -74,7 +74,9 @@ def test_greedy_rows_that_stop_early_leave_the_batch_and_the_answers_equal_gener
     assert min(map(len, expected)) < STEPS and max(map(len, expected)) == STEPS  # early stops and a capped row
 
     batch_sizes = []
-    hook = lm.register_forward_pre_hook(lambda _, args, kwargs: batch_sizes.append(len(kwargs["attention_mask"])), with_kwargs=True)
+    hook = lm.register_forward_pre_hook(
+        lambda _, args, kwargs: batch_sizes.append(len(kwargs["attention_mask"])), with_kwargs=True
+    )
     try:
         answers = decode_dropping_finished(lm, embeds, mask, decoding_processors(lm, o), stop, o)
     finally:
