@@ -33,8 +33,8 @@ DECODING = {"max_new_tokens": 160, "temperature": 0.0, "repetition_penalty": 1.2
 """Greedy with a mild repetition penalty, 160 new tokens: the same for every arm (asserted in
 :func:`generate_arm`). A 135M model decoding greedily falls into loops on long answers; the penalty is the usual
 remedy and applies to every arm alike. 160 tokens (~120 words) keep a verbose answer's first paragraphs and the
-report within the demo's time in fp32 (each arm decodes until its longest answer stops: 256 tokens took ~100 s
-an arm on an AVX2 CPU)."""
+report within the demo's time in fp32 (256 tokens took ~100 s an arm on an AVX2 CPU, when every row of a batch
+was decoded until its longest answer stopped)."""
 
 SYSTEM_PROMPTS = {"concise": "Be as concise as possible.", "verbose": "Always answer with as much detail as possible."}
 
