@@ -277,12 +277,14 @@ def decode_dropping_finished(
         going = ~torch.isin(token, stop_ids)  # (A,)
         if not going.any():
             break
-        keep = going.nonzero().squeeze(1)
-        if len(keep) < len(rows):
+        new = torch.cat([new, token[:, None]], 1)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        positions = positions[:, -1:] + 1
+        if not going.all():  # stopped rows leave the batch and the cache; no copies while every row goes on
+            keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-        rows, token, new = rows[keep], token[keep], torch.cat([new, token[:, None]], 1)[keep]
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)[keep]
-        positions, inputs = positions[keep, -1:] + 1, {"input_ids": token[:, None]}
+            rows, token, new, mask, positions = rows[keep], token[keep], new[keep], mask[keep], positions[keep]
+        inputs = {"input_ids": token[:, None]}
     return answers
 
 
