@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
+import warnings
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from meet_lightning._moved import MOVED
 from meet_lightning.commands.cli import parse_recipe
-from meet_lightning.controls.tokens import PromptTuningControl
+from meet_lightning.controls.files import load_controls, read_controls_metadata, save_controls
+from meet_lightning.controls.tokens import PromptTuningControl, TextControl, build_control
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.errors import CheckpointError
 from meet_lightning.training.pipeline import recipe_difference
 
 
@@ -62,3 +68,22 @@ def test_a_run_started_before_the_move_resumes_its_class_paths_compare_by_the_ne
     assert recipe_difference(before, {"control": control}) == ""
     other = {"control": {**control, "class_path": "meet_lightning.controls.tokens.LoRAControl"}}
     assert "class_path" in recipe_difference(before, other)
+
+
+def test_controls_written_before_the_move_load_without_a_warning(tmp_path):
+    """An export from before the move names its control ``meet_lightning.control.TextControl``: the same class, so
+    stage 2 and inference load it (this raised "use the same control settings in both stages" before)."""
+    schema = ControlSchema({"length": ("concise", "verbose")})
+    control = TextControl({"concise": "Briefly:", "verbose": "In detail:"})
+    path = tmp_path / "controls.safetensors"
+    save_controls(control, path, schema, "f" * 16)
+    metadata = read_controls_metadata(path)
+    old = {**json.loads(metadata["control"]), "class_path": "meet_lightning.control.TextControl"}
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "control": json.dumps(old)})
+    sys.modules.pop("meet_lightning.control", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_controls(TextControl({"concise": "Briefly:", "verbose": "In detail:"}), path, schema, "f" * 16)
+        assert isinstance(build_control(old), TextControl)
+    with pytest.raises(CheckpointError, match="same control settings"):
+        load_controls(TextControl({"concise": "Short:", "verbose": "In detail:"}), path, schema, "f" * 16)

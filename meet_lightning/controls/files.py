@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
+from meet_lightning._moved import current_name
 from meet_lightning.atomic import write_bytes_atomic
 from meet_lightning.controls.tokens import ControlTokens
 from meet_lightning.data.rows import ControlSchema
@@ -49,6 +50,8 @@ def load_controls(control: ControlTokens, path: Path, schema: ControlSchema, fin
             f"{path}: control schema {saved_schema} ≠ this run's {schema.to_dict()} — train stage 1 on the same preferences"
         )
     saved_control = json.loads(metadata["control"])
+    # A file written before the modules moved names its class the old way (meet_lightning.control.…): same class.
+    saved_control["class_path"] = current_name(saved_control.get("class_path", ""))
     if saved_control != control.config():
         raise CheckpointError(
             f"{path}: written by {saved_control} but this run uses {control.config()} — use the same control settings in both stages"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meet_lightning._moved import current_name
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import CheckpointError
 from meet_lightning.heads import LMHead
@@ -558,7 +559,7 @@ def build_control(control: ControlTokens | Mapping[str, Any] | None, *, allow_im
         return ControlTokens()
     if isinstance(control, ControlTokens):
         return control
-    class_path = str(control.get("class_path", ""))
+    class_path = current_name(str(control.get("class_path", "")))  # files written before the modules moved
     module_name, _, class_name = class_path.rpartition(".")
     if module_name and module_name not in sys.modules and not (allow_import or _is_own_module(module_name)):
         raise CheckpointError(
