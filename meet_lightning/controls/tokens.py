@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import math
 import re
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from meet_lightning._moved import current_name
+from meet_lightning.controls.shared_prompt import padded_tokens, shared_prompt_logps, shared_prompt_split, shared_prompt_tokens
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import CheckpointError
 from meet_lightning.heads import LMHead
@@ -99,6 +101,11 @@ class ControlTokens(nn.Module):
 
     steers = False
     """Whether this control changes what the LM computes (False only for this no-op base: the plain LM)."""
+
+    shares_prompt = True
+    """Whether the tokens before the control's insertion point are computed as by the plain LM, so that rows with
+    one prompt can share a pass over it (:mod:`~meet_lightning.controls.shared_prompt`). A control that overrides
+    :meth:`route` to change weights per row sets this to ``False``."""
 
     def __init__(self, placement: str = "prefix") -> None:
         super().__init__()
@@ -383,6 +390,7 @@ class LoRAControl(ControlTokens):
     """
 
     steers = True
+    shares_prompt = False  # every token of a row runs through its control's adapter
 
     def __init__(
         self, rank: int = 8, alpha: float = 16.0, target_modules: list[str] | None = None, seed: int | None = None
@@ -486,36 +494,79 @@ def controlled_response_logps(
     control_ids: torch.Tensor | None = None,
     fp32_head: bool = False,
     chunks: int = 1,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
 
     ``fp32_head`` computes the LM head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
     ``chunks`` > 1 runs the rows in up to that many forward passes of similar length (:func:`length_chunks`),
     each padded only to its own longest row: less padding computed, the same values (rows never attend to each
-    other; right padding is cut, not moved).
+    other; right padding is cut, not moved). ``share_prompt``: in a paired batch, each prompt is computed once
+    for all of its rows where the control allows (:mod:`~meet_lightning.controls.shared_prompt`); the same values.
 
     Returns:
         ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
     """
     controls = batch["control_ids"] if control_ids is None else control_ids
     ids, mask, labels = control.insert({**batch, "control_ids": controls})  # (B, T)
-    if chunks <= 1 or ids.shape[0] < 2:
-        return _response_logps(lm, control, ids, mask, labels, controls, fp32_head)
-    width = ids.shape[1] - 1
-    positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
-    ends = (mask.bool() * positions).amax(-1)  # (B,) one past each row's last real token
-    picked = torch.zeros(ids.shape[0], width, dtype=torch.bool, device=ids.device)  # (B, T-1)
-    parts, order = [], []
-    for rows in length_chunks(ends.tolist(), chunks):
-        index, t = torch.tensor(rows, device=ids.device), max(int(ends[rows].max()), 2)
-        part, part_mask = _response_logps(
+    split = _prompt_split(lm, control, batch, ids, mask) if share_prompt else None
+    ends = (mask.bool() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(-1)  # (B,) one past the last token
+    if split is not None:
+        pairs = split.shape[0]
+        copies = torch.arange(0, ids.shape[0], pairs, device=ids.device)  # (k,) where each group of rows starts
+
+        def shared(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = (copies[:, None] + index).flatten()  # (k·b,) the chunk's prompts' rows, group by group
+            embed = functools.partial(control.embed, lm.get_input_embeddings())
+            logps, picked = shared_prompt_logps(
+                lm, embed, ids[rows, :t], mask[rows, :t], labels[rows, :t], split[index], fp32_head
+            )
+            return logps, picked, rows
+
+        per_pair = ends.view(-1, pairs).amax(0)  # (B,) a prompt's longest row
+        groups = length_chunks(per_pair.tolist(), chunks)
+        if shared_prompt_tokens(split, ends, groups) < padded_tokens(ends, length_chunks(ends.tolist(), chunks)):
+            return _in_chunks(shared, groups, per_pair, ids.shape[0], ids.shape[1] - 1)
+
+    def full(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logps, picked = _response_logps(
             lm, control, ids[index, :t], mask[index, :t], labels[index, :t], controls[index], fp32_head
-        )  # (b, t-1) each
-        parts.append(torch.nn.functional.pad(part, (0, width - (t - 1))))
-        picked[index, : t - 1] = part_mask
-        order += rows
-    logps = torch.cat(parts)[torch.argsort(torch.tensor(order, device=ids.device))]  # back to the batch's row order
+        )
+        return logps, picked, index
+
+    if chunks <= 1 or ids.shape[0] < 2:
+        return full(torch.arange(ids.shape[0], device=ids.device), ids.shape[1])[:2]
+    return _in_chunks(full, length_chunks(ends.tolist(), chunks), ends, ids.shape[0], ids.shape[1] - 1)
+
+
+def _in_chunks(run, groups: list[list[int]], ends: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run(index, t)`` for each group of ``index`` cut to its longest ``ends`` (``t``), put back in row order.
+
+    ``run`` returns (r, t-1) log-probs and mask and the (r,) batch rows they belong to.
+    """
+    logps = None
+    picked = torch.zeros(rows, width, dtype=torch.bool, device=ends.device)  # (B, T-1)
+    for group in groups:
+        index = torch.tensor(group, device=ends.device)
+        part, part_mask, at = run(index, max(int(ends[index].max()), 2))  # (r, t-1) each
+        if logps is None:
+            logps = part.new_zeros(rows, width)
+        logps = logps.index_put((at,), torch.nn.functional.pad(part, (0, width - part.shape[1])))
+        picked[at, : part.shape[1]] = part_mask
     return logps, picked
+
+
+def _prompt_split(lm, control, batch, ids, mask) -> torch.Tensor | None:
+    """Where the rows of a paired batch's prompts part, or ``None`` where they cannot share a prompt pass: controls
+    that change the prompt's computation (spliced before it, or routed weight deltas), and training under gradient
+    checkpointing (whose layers drop the key/value cache)."""
+    inserted_after = control.placement == "infix" or ids is batch["input_ids"]
+    checkpointed = (
+        lm.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
+    )
+    if not (control.shares_prompt and inserted_after) or checkpointed:
+        return None
+    return shared_prompt_split(batch, ids, mask)
 
 
 def _response_logps(lm, control, ids, mask, labels, controls, fp32_head) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,15 +577,15 @@ def _response_logps(lm, control, ids, mask, labels, controls, fp32_head) -> tupl
 
 
 def plain_logps(
-    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False, chunks: int = 1
+    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False, chunks: int = 1, share_prompt: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
 
     ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`);
-    ``chunks``: as in :func:`controlled_response_logps`.
+    ``chunks``, ``share_prompt``: as in :func:`controlled_response_logps`.
     """
     no_controls = torch.full_like(batch["control_ids"], -1)
-    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head, chunks)
+    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head, chunks, share_prompt)
 
 
 def build_control(control: ControlTokens | Mapping[str, Any] | None, *, allow_import: bool = False) -> ControlTokens:

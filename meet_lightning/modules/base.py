@@ -165,6 +165,12 @@ class MeetModule(L.LightningModule):
         """
         return 1 if is_sharded(self.lm) else self.hparams.forward_chunks
 
+    def shares_prompt(self) -> bool:
+        """Whether the rows of a paired batch share one pass over their prompt
+        (:mod:`~meet_lightning.controls.shared_prompt`): everywhere but under FSDP, whose sharded blocks must run one
+        forward per backward (see :meth:`forward_passes`)."""
+        return not is_sharded(self.lm)
+
     def device_type(self) -> str:
         """``cpu``/``cuda``/…: where the trainer runs this module (``cpu`` outside a trainer)."""
         return self._trainer.strategy.root_device.type if self._trainer is not None else "cpu"
@@ -195,7 +201,13 @@ class MeetModule(L.LightningModule):
         """
         # scoring (validation, test) takes the head in fp32: close pairs must not be decided by bf16 rounding
         return controlled_response_logps(
-            self.lm, self.control, batch, control_ids, fp32_head=not self.training, chunks=self.forward_passes()
+            self.lm,
+            self.control,
+            batch,
+            control_ids,
+            fp32_head=not self.training,
+            chunks=self.forward_passes(),
+            share_prompt=self.shares_prompt(),
         )
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

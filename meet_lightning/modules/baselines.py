@@ -109,14 +109,18 @@ class SFTModule(_PlainPairMetrics, MeetModule):
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """NLL of the chosen responses (the whole batch, or the chosen half of a paired batch)."""
-        token_logps, mask = plain_logps(self.lm, batch, chunks=self.forward_passes())  # (B, T-1)
+        token_logps, mask = plain_logps(
+            self.lm, batch, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+        )  # (B, T-1)
         if "num_pairs" in batch:
             pairs = int(batch["num_pairs"])
             token_logps, mask = token_logps[:pairs], mask[:pairs]
         return {"loss": self.training_nll(token_logps, mask)}
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
-        token_logps, mask = plain_logps(self.lm, batch, fp32_head=True, chunks=self.forward_passes())
+        token_logps, mask = plain_logps(
+            self.lm, batch, fp32_head=True, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+        )
         if "num_pairs" not in batch:
             self.log(f"{split}/loss", nll(token_logps, mask), batch_size=mask.shape[0], sync_dist=True, prog_bar=True)
             return
@@ -205,7 +209,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         was_training = lm.training
         lm.eval()
         try:
-            return sequence_logps(*plain_logps(lm, batch, fp32_head, self.forward_passes()))
+            return sequence_logps(*plain_logps(lm, batch, fp32_head, self.forward_passes(), self.shares_prompt()))
         finally:
             lm.train(was_training)
 
@@ -271,7 +275,9 @@ class DPOModule(_PlainPairMetrics, MeetModule):
     def dpo_terms(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """DPO loss, implicit rewards and the plain per-token log-probs of a paired batch."""
         pairs = require_pairs(batch, type(self).__name__)
-        token_logps, mask = plain_logps(self.lm, batch, fp32_head=not self.training, chunks=self.forward_passes())  # (2B, T-1)
+        token_logps, mask = plain_logps(
+            self.lm, batch, fp32_head=not self.training, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+        )  # (2B, T-1)
         policy = sequence_logps(token_logps, mask)  # (2B,) [chosen; rejected]
         reference_chosen, reference_rejected = self.reference_logps(batch)
         loss, chosen_reward, rejected_reward = dpo_loss(
@@ -290,7 +296,9 @@ class DPOModule(_PlainPairMetrics, MeetModule):
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         if "num_pairs" not in batch:  # pointwise validation data: NLL only
-            token_logps, mask = plain_logps(self.lm, batch, fp32_head=True, chunks=self.forward_passes())
+            token_logps, mask = plain_logps(
+                self.lm, batch, fp32_head=True, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+            )
             self.log(f"{split}/chosen_nll", response_nll(token_logps, mask).mean(), batch_size=mask.shape[0], sync_dist=True)
             return
         terms = self.dpo_terms(batch)

@@ -1,0 +1,103 @@
+"""A paired batch's rows share one pass over their prompt: the same log-probabilities and gradients as the full pass
+(fp32), fewer tokens computed, and the full pass wherever sharing would change a value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_hh_data
+
+from meet_lightning.controls.shared_prompt import shared_prompt_split
+from meet_lightning.controls.tokens import (
+    ControlTokens,
+    LoRAControl,
+    PromptTuningControl,
+    TextControl,
+    controlled_response_logps,
+)
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.models import load_model, load_tokenizer
+from meet_lightning.modules.base import enable_gradient_checkpointing
+
+CONTROLS = {
+    "infix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="infix", seed=0),
+    "text": lambda: TextControl({"good": "A good answer:", "bad": "A poor one:"}),
+    "none": ControlTokens,
+    "prefix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="prefix", seed=0),
+    "lora": lambda: LoRAControl(rank=4, target_modules=["q_proj", "v_proj"], seed=0),
+}
+SHARED = {"infix", "text", "none"}
+
+
+@pytest.fixture(scope="module")
+def paired(shared_data):
+    data = build_tiny_hh_data(shared_data, max_length=256, pair_batches=True, max_val_examples=2)
+    return ControlSchema.from_dict(data.control_schema), next(iter(data.train_dataloader()))
+
+
+def run(name, schema, batch, share, chunks=1, groups=1):
+    """Log-probs, mask, every gradient of their sum, and the tokens the decoder computed (rows × length)."""
+    torch.manual_seed(0)
+    lm = load_model("tiny-debug", torch.float32)
+    control = CONTROLS[name]()
+    control.setup(lm, load_tokenizer("tiny-debug"), schema)
+    with torch.no_grad():
+        for key, p in control.named_parameters():
+            if "lora_b" in key:
+                p.normal_(0.0, 0.1)
+    if groups > 1:  # as scoring does: every pair's rows once more under the swapped controls
+        n = int(batch["num_pairs"])
+        swapped = torch.cat([batch["control_ids"][n:], batch["control_ids"][:n]])
+        batch = {k: torch.cat([v, v]) if v.dim() else v for k, v in batch.items()}
+        batch["control_ids"] = torch.cat([batch["control_ids"][: 2 * n], swapped])
+    shapes = []
+    hook = lm.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+    logps, mask = controlled_response_logps(lm, control, batch, chunks=chunks, share_prompt=share)
+    hook.remove()
+    (logps * mask).sum().backward()
+    grads = {k: p.grad for k, p in [*lm.named_parameters(), *control.named_parameters()] if p.grad is not None}
+    return logps.detach(), mask, grads, sum(b * t for b, t in shapes)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLS))
+@pytest.mark.parametrize(("chunks", "groups"), [(1, 1), (3, 1), (2, 2)])
+def test_shared_prompt_pass_equals_the_full_pass(paired, name, chunks, groups):
+    schema, batch = paired
+    logps, mask, grads, tokens = run(name, schema, batch, share=False, chunks=chunks, groups=groups)
+    shared_logps, shared_mask, shared_grads, shared_tokens = run(name, schema, batch, True, chunks, groups)
+    assert torch.equal(shared_mask, mask) and mask.any()
+    torch.testing.assert_close(shared_logps, logps, rtol=0, atol=2e-5)
+    assert grads.keys() == shared_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(shared_grads[key], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=key)
+    if name in SHARED:  # each prompt computed once: fewer tokens, even with every continuation padded to the longest
+        assert shared_tokens < tokens
+    else:  # controls that change the prompt's computation keep the full pass
+        assert shared_tokens == tokens
+
+
+def test_rows_whose_prompts_differ_do_not_share(paired):
+    _, batch = paired
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert shared_prompt_split(batch, ids, mask) is not None
+    n, other = int(batch["num_pairs"]), ids.clone()
+    other[n, 1] += 1  # the rejected row of pair 0 read another prompt (cut differently, say)
+    assert shared_prompt_split(batch, other, mask) is None
+    assert shared_prompt_split({k: v for k, v in batch.items() if k != "num_pairs"}, ids, mask) is None  # pointwise
+
+
+def test_no_sharing_while_training_under_gradient_checkpointing(paired):
+    """Checkpointed layers drop the key/value cache in training, so the prompt's pass could not be reused."""
+    schema, batch = paired
+    lm = load_model("tiny-debug", torch.float32)
+    control = CONTROLS["infix"]()
+    control.setup(lm, load_tokenizer("tiny-debug"), schema)
+    enable_gradient_checkpointing(lm, control)
+    lm.train()
+    calls = []
+    hook = lm.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1), with_kwargs=True)
+    logps, mask = controlled_response_logps(lm, control, batch)
+    hook.remove()
+    assert len(calls) == 1 and mask.any()
