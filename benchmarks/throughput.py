@@ -34,7 +34,9 @@ run; the spread is reported).
 Model FLOPs per processed token (data + control tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
 full fine-tuning, 2 for a frozen LM that back-propagates to its inputs, 1 for a reference forward; plus
 ``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``, ``--forward-chunks``,
-``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best setting.
+``--no-shared-prompt``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
+setting. The FLOPs count every row's prompt, so where a pair shares one pass over its prompt (infix controls,
+``meet_dpo``) the MFU counts work avoided as done: compare those arms by pairs/s.
 """
 
 from __future__ import annotations
@@ -354,15 +356,16 @@ def all_positions_logps(hidden, labels, head, chunk: int = 1024):
 @contextlib.contextmanager
 def library_levers(all_logits: bool) -> Iterator[None]:
     """Switches the library's response-only LM head off for the duration (restored afterwards)."""
+    import meet_lightning.controls.shared_prompt as shared_module
     import meet_lightning.controls.tokens as control_module
 
     original = control_module.response_token_logps
     if all_logits:
-        control_module.response_token_logps = all_positions_logps
+        control_module.response_token_logps = shared_module.response_token_logps = all_positions_logps
     try:
         yield
     finally:
-        control_module.response_token_logps = original
+        control_module.response_token_logps = shared_module.response_token_logps = original
 
 
 def eager_arm(arm: str) -> str:
@@ -483,6 +486,7 @@ def library_settings(module: Any, data: Any, trainer: Any, levers: Mapping[str, 
         all_logits=levers["all_logits"],
         compiled=levers["compile"],
         forward_chunks=module.hparams.forward_chunks,
+        shared_prompt=levers["shared_prompt"],
         precompute_reference=getattr(module.hparams, "precompute_reference", None),
         reference_cache_hits=getattr(module, "reference_cache_hits", None),  # pairs scored from the cache
     )
@@ -501,6 +505,8 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     L.seed_everything(SEED, verbose=False)  # right before the module is built, like the pipeline
     module = build_library_module(base, settings["model"], data.control_schema, levers)
     module.configure_model()  # Lightning's own call is then a no-op
+    if not levers["shared_prompt"]:
+        module.shares_prompt = lambda: False
     recorder = lightning_recorder(levers["all_logits"])
     trainer = library_trainer(settings, recorder)
     k, reference = FLOP_PROFILES[base]
@@ -1346,6 +1352,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--all-logits", action="store_true", help="lever off: library arms compute logits on every position")
     parser.add_argument("--no-group-by-length", action="store_true", help="lever off: random batches instead of length-grouped")
+    parser.add_argument(
+        "--no-shared-prompt", action="store_true", help="lever off: each row of a pair computes its prompt (no shared pass)"
+    )
     parser.add_argument("--compile", action="store_true", help="lever on: torch.compile the library arms' decoder")
     parser.add_argument(
         "--forward-chunks", type=int, default=4, help="library arms' forward_chunks (1: lever off, one padded pass per batch)"
@@ -1409,6 +1418,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     levers = {
         "all_logits": args.all_logits,
         "group_by_length": not args.no_group_by_length,
+        "shared_prompt": not args.no_shared_prompt,
         "compile": args.compile,
         "dpo_precompute": args.dpo_precompute,
         "forward_chunks": args.forward_chunks,

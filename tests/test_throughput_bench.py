@@ -116,6 +116,14 @@ def test_forward_chunks_lever_changes_padding_not_loss(tmp_path, shared_data):
     assert 0 <= four["padding_fraction"] < one["padding_fraction"]
 
 
+def test_shared_prompt_lever_keeps_the_loss(tmp_path, shared_data):
+    shared = run_benchmark(tmp_path, shared_data, ["stage2_infix"])["arms"]["stage2_infix"]
+    full = run_benchmark(tmp_path, shared_data, ["stage2_infix"], "--no-shared-prompt")["arms"]["stage2_infix"]
+    assert (shared["settings"]["shared_prompt"], full["settings"]["shared_prompt"]) == (True, False)
+    assert shared["losses"][0][0] == pytest.approx(full["losses"][0][0], abs=1e-5)
+    assert shared["windows"][0]["tokens"] == full["windows"][0]["tokens"]  # the same batches
+
+
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install -e .[bench])")
 def test_trl_arms_and_ratios(tmp_path, shared_data):
     arms = [*bench.TRL_ARMS, "stage1_prompt", "stage2_prefix", "stage2_infix"]
