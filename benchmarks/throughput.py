@@ -34,7 +34,7 @@ run; the spread is reported).
 Model FLOPs per processed token (data + control tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
 full fine-tuning, 2 for a frozen LM that back-propagates to its inputs, 1 for a reference forward; plus
 ``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``, ``--forward-chunks``,
-``--no-shared-prompt``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
+``--shared-prompt``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
 setting. The FLOPs count every row's prompt, so where a pair shares one pass over its prompt (infix controls,
 ``meet_dpo``) the MFU counts work avoided as done: compare those arms by pairs/s.
 """
@@ -378,7 +378,12 @@ def build_library_module(arm: str, model: str, schema: dict, levers: Mapping[str
     from meet_lightning import ControlTokenModule, DPOModule, JointFinetuneModule, LoRAControl, PromptTuningControl
 
     prompt = partial(PromptTuningControl, num_tokens=PROMPT_TOKENS, init="vocab")
-    common = {"lr": LEARNING_RATES[arm], "forward_chunks": levers["forward_chunks"], "compile": levers["compile"]}
+    common = {
+        "lr": LEARNING_RATES[arm],
+        "forward_chunks": levers["forward_chunks"],
+        "compile": levers["compile"],
+        "share_prompt": levers["shared_prompt"],
+    }
     builders: dict[str, Callable[[], Any]] = {
         "stage1_prompt": lambda: ControlTokenModule(model, prompt(placement="prefix"), schema, **common),
         "stage1_lora": lambda: ControlTokenModule(
@@ -505,8 +510,6 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     L.seed_everything(SEED, verbose=False)  # right before the module is built, like the pipeline
     module = build_library_module(base, settings["model"], data.control_schema, levers)
     module.configure_model()  # Lightning's own call is then a no-op
-    if not levers["shared_prompt"]:
-        module.shares_prompt = lambda: False
     recorder = lightning_recorder(levers["all_logits"])
     trainer = library_trainer(settings, recorder)
     k, reference = FLOP_PROFILES[base]
@@ -1353,7 +1356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--all-logits", action="store_true", help="lever off: library arms compute logits on every position")
     parser.add_argument("--no-group-by-length", action="store_true", help="lever off: random batches instead of length-grouped")
     parser.add_argument(
-        "--no-shared-prompt", action="store_true", help="lever off: each row of a pair computes its prompt (no shared pass)"
+        "--shared-prompt", action="store_true", help="lever on: library arms' share_prompt (a pair's rows share its prompt pass)"
     )
     parser.add_argument("--compile", action="store_true", help="lever on: torch.compile the library arms' decoder")
     parser.add_argument(
@@ -1418,7 +1421,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     levers = {
         "all_logits": args.all_logits,
         "group_by_length": not args.no_group_by_length,
-        "shared_prompt": not args.no_shared_prompt,
+        "shared_prompt": args.shared_prompt,
         "compile": args.compile,
         "dpo_precompute": args.dpo_precompute,
         "forward_chunks": args.forward_chunks,

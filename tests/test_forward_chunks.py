@@ -77,7 +77,6 @@ def build(kind, control_name, schema, chunks):
         module = DPOModule("tiny-debug", None, schema, precompute_reference=False, forward_chunks=chunks)
     else:
         module = JointFinetuneModule("tiny-debug", CONTROLS[control_name](), schema, forward_chunks=chunks)
-    module.shares_prompt = lambda: False  # chunking alone (with a shared prompt pass: tests/test_shared_prompt.py)
     return module
 
 

@@ -17,6 +17,7 @@ from meet_lightning.controls.tokens import (
 )
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.models import load_model, load_tokenizer
+from meet_lightning.modules import JointFinetuneModule
 from meet_lightning.modules.base import enable_gradient_checkpointing
 
 CONTROLS = {
@@ -98,6 +99,25 @@ def test_no_sharing_while_training_under_gradient_checkpointing(paired):
     lm.train()
     calls = []
     hook = lm.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1), with_kwargs=True)
-    logps, mask = controlled_response_logps(lm, control, batch)
+    logps, mask = controlled_response_logps(lm, control, batch, share_prompt=True)
     hook.remove()
     assert len(calls) == 1 and mask.any()
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_share_prompt_is_a_module_option_off_by_default(paired, share):
+    """``model.init_args.share_prompt`` turns the shared pass on for a module: the same loss, fewer tokens."""
+    schema, batch = paired
+    options = {"share_prompt": True} if share else {}
+    torch.manual_seed(0)
+    module = JointFinetuneModule("tiny-debug", CONTROLS["infix"](), schema.to_dict(), forward_chunks=1, **options)
+    module.configure_model()
+    module.train()
+    shapes = []
+    hook = module.lm.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    module.compute_loss(batch)
+    hook.remove()
+    rows = batch["input_ids"].shape[0]
+    assert shapes == ([rows // 2, rows] if share else [rows])  # the prompts once, then every row's continuation

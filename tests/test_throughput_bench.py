@@ -117,8 +117,8 @@ def test_forward_chunks_lever_changes_padding_not_loss(tmp_path, shared_data):
 
 
 def test_shared_prompt_lever_keeps_the_loss(tmp_path, shared_data):
-    shared = run_benchmark(tmp_path, shared_data, ["stage2_infix"])["arms"]["stage2_infix"]
-    full = run_benchmark(tmp_path, shared_data, ["stage2_infix"], "--no-shared-prompt")["arms"]["stage2_infix"]
+    shared = run_benchmark(tmp_path, shared_data, ["stage2_infix"], "--shared-prompt")["arms"]["stage2_infix"]
+    full = run_benchmark(tmp_path, shared_data, ["stage2_infix"])["arms"]["stage2_infix"]
     assert (shared["settings"]["shared_prompt"], full["settings"]["shared_prompt"]) == (True, False)
     assert shared["losses"][0][0] == pytest.approx(full["losses"][0][0], abs=1e-5)
     assert shared["windows"][0]["tokens"] == full["windows"][0]["tokens"]  # the same batches

@@ -494,7 +494,7 @@ def controlled_response_logps(
     control_ids: torch.Tensor | None = None,
     fp32_head: bool = False,
     chunks: int = 1,
-    share_prompt: bool = True,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
 
@@ -577,7 +577,7 @@ def _response_logps(lm, control, ids, mask, labels, controls, fp32_head) -> tupl
 
 
 def plain_logps(
-    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False, chunks: int = 1, share_prompt: bool = True
+    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False, chunks: int = 1, share_prompt: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
 

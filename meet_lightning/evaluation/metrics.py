@@ -346,13 +346,15 @@ def _score_batch(
 ) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        # [chosen|good; rejected|bad; chosen|bad; rejected|good]: one pass, the four rows of a pair share its prompt
+        own_tokens, own_mask = controlled_response_logps(
+            model.lm, model.control, batch, fp32_head=True, chunks=chunks
+        )  # chosen|good, rejected|bad
         ids = batch["control_ids"]
-        both = {k: torch.cat([v, v]) if v.dim() else v for k, v in batch.items()}
-        both["control_ids"] = torch.cat([ids, ids[n:], ids[:n]])
-        tokens, mask = controlled_response_logps(model.lm, model.control, both, fp32_head=True, chunks=chunks)
-        own_tokens, other_tokens, own_mask, other_mask = tokens[: 2 * n], tokens[2 * n :], mask[: 2 * n], mask[2 * n :]
-        # Each row keeps its own mask: text controls of different lengths put the response at different positions.
+        swapped = torch.cat([ids[n:], ids[:n]])
+        other_tokens, other_mask = controlled_response_logps(
+            model.lm, model.control, batch, swapped, fp32_head=True, chunks=chunks
+        )
+        # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
         own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])
         rejected = control_classifier_scores(other[n:], own[n:])
