@@ -509,24 +509,12 @@ def controlled_response_logps(
     """
     controls = batch["control_ids"] if control_ids is None else control_ids
     ids, mask, labels = control.insert({**batch, "control_ids": controls})  # (B, T)
-    split = _prompt_split(lm, control, batch, ids, mask) if share_prompt else None
     ends = (mask.bool() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(-1)  # (B,) one past the last token
+    split = _prompt_split(lm, control, batch, ids, mask) if share_prompt else None
     if split is not None:
-        pairs = split.shape[0]
-        copies = torch.arange(0, ids.shape[0], pairs, device=ids.device)  # (k,) where each group of rows starts
-
-        def shared(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = (copies[:, None] + index).flatten()  # (k·b,) the chunk's prompts' rows, group by group
-            embed = functools.partial(control.embed, lm.get_input_embeddings())
-            logps, picked = shared_prompt_logps(
-                lm, embed, ids[rows, :t], mask[rows, :t], labels[rows, :t], split[index], fp32_head
-            )
-            return logps, picked, rows
-
-        per_pair = ends.view(-1, pairs).amax(0)  # (B,) a prompt's longest row
-        groups = length_chunks(per_pair.tolist(), chunks)
-        if shared_prompt_tokens(split, ends, groups) < padded_tokens(ends, length_chunks(ends.tolist(), chunks)):
-            return _in_chunks(shared, groups, per_pair, ids.shape[0], ids.shape[1] - 1)
+        shared = _shared_prompt_chunks(lm, control, ids, mask, labels, split, ends, fp32_head, chunks)
+        if shared is not None:
+            return shared
 
     def full(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logps, picked = _response_logps(
@@ -537,6 +525,27 @@ def controlled_response_logps(
     if chunks <= 1 or ids.shape[0] < 2:
         return full(torch.arange(ids.shape[0], device=ids.device), ids.shape[1])[:2]
     return _in_chunks(full, length_chunks(ends.tolist(), chunks), ends, ids.shape[0], ids.shape[1] - 1)
+
+
+def _shared_prompt_chunks(
+    lm, control, ids, mask, labels, split, ends, fp32_head, chunks
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`~meet_lightning.controls.shared_prompt.shared_prompt_logps` over chunks of prompts, or ``None`` where
+    that would compute more tokens than the full pass (prompts and responses varying in opposite directions)."""
+    pairs = split.shape[0]
+    copies = torch.arange(0, ids.shape[0], pairs, device=ids.device)  # (k,) where each group of rows starts
+    embed = functools.partial(control.embed, lm.get_input_embeddings())
+
+    def shared(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = (copies[:, None] + index).flatten()  # (k·b,) the chunk's prompts' rows, group by group
+        logps, picked = shared_prompt_logps(lm, embed, ids[rows, :t], mask[rows, :t], labels[rows, :t], split[index], fp32_head)
+        return logps, picked, rows
+
+    per_pair = ends.view(-1, pairs).amax(0)  # (B,) a prompt's longest row
+    groups = length_chunks(per_pair.tolist(), chunks)
+    if shared_prompt_tokens(split, ends, groups) >= padded_tokens(ends, length_chunks(ends.tolist(), chunks)):
+        return None
+    return _in_chunks(shared, groups, per_pair, ids.shape[0], ids.shape[1] - 1)
 
 
 def _in_chunks(run, groups: list[list[int]], ends: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
