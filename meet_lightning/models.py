@@ -21,6 +21,7 @@ chat template gets :data:`FALLBACK_CHAT_TEMPLATE`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -684,3 +685,9 @@ def _strided_sample(param: torch.Tensor) -> torch.Tensor:
     flat = param.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
     return flat[::step][:_SAMPLES_PER_TENSOR].to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def cache_keyword(forward: Callable[..., Any]) -> str:
+    """The name a model's ``forward`` takes its key/value cache by: transformers renamed ``past_key_values`` to
+    ``cache``."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"

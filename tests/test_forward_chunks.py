@@ -74,10 +74,8 @@ def step(module, batch):
 def build(kind, control_name, schema, chunks):
     torch.manual_seed(0)
     if kind == "dpo":
-        module = DPOModule("tiny-debug", None, schema, precompute_reference=False, forward_chunks=chunks)
-    else:
-        module = JointFinetuneModule("tiny-debug", CONTROLS[control_name](), schema, forward_chunks=chunks)
-    return module
+        return DPOModule("tiny-debug", None, schema, precompute_reference=False, forward_chunks=chunks)
+    return JointFinetuneModule("tiny-debug", CONTROLS[control_name](), schema, forward_chunks=chunks)
 
 
 @pytest.mark.parametrize(("kind", "control_name"), [("stage2", "prefix"), ("stage2", "infix"), ("stage2", "lora"), ("dpo", None)])

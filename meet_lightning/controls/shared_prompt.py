@@ -12,7 +12,6 @@ token of a row, so a row's prompt states depend on its control).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from meet_lightning.heads import LMHead
 from meet_lightning.losses import response_token_logps
+from meet_lightning.models import cache_keyword
 
 
 def shared_prompt_split(batch: Mapping[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -91,7 +91,7 @@ def shared_prompt_logps(
     length = int(split.max())
     positions = torch.arange(width, device=ids.device)
     prompt_mask = mask[:pairs, :length] * (positions[:length] < split[:, None])  # (B, S)
-    cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache_name = cache_keyword(decoder.forward)
     out = decoder(inputs_embeds=embed(ids[:pairs, :length]), attention_mask=prompt_mask, use_cache=True)
     cache = getattr(out, cache_name)
     cache.batch_select_indices(torch.arange(pairs, device=ids.device).repeat(groups))  # (k·B,) rows of the cache

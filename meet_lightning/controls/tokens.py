@@ -553,16 +553,15 @@ def _in_chunks(run, groups: list[list[int]], ends: torch.Tensor, rows: int, widt
 
     ``run`` returns (r, t-1) log-probs and mask and the (r,) batch rows they belong to.
     """
-    logps = None
     picked = torch.zeros(rows, width, dtype=torch.bool, device=ends.device)  # (B, T-1)
+    parts, order = [], []
     for group in groups:
         index = torch.tensor(group, device=ends.device)
         part, part_mask, at = run(index, max(int(ends[index].max()), 2))  # (r, t-1) each
-        if logps is None:
-            logps = part.new_zeros(rows, width)
-        logps = logps.index_put((at,), torch.nn.functional.pad(part, (0, width - part.shape[1])))
+        parts.append(torch.nn.functional.pad(part, (0, width - part.shape[1])))
         picked[at, : part.shape[1]] = part_mask
-    return logps, picked
+        order.append(at)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))], picked  # back to the batch's row order
 
 
 def _prompt_split(lm, control, batch, ids, mask) -> torch.Tensor | None:

@@ -30,6 +30,7 @@ from meet_lightning.controls.tokens import ControlTokens
 from meet_lightning.data.rows import ControlSchema, Message
 from meet_lightning.data.tokenization import IGNORE_INDEX, PromptTokenizer
 from meet_lightning.errors import ConfigError, DataError, failed_checks
+from meet_lightning.models import cache_keyword
 
 ControlSpec = str | Sequence[str] | Mapping[str, str] | None
 """``"good"``, ``"harmless/good"``, ``["harmless/good", "concise"]``, ``{"harmless": "good"}`` or ``None``."""
@@ -264,7 +265,7 @@ def decode_dropping_finished(
     # ``past_key_values`` to ``cache``; ``logits_to_keep=1`` spares the prompt's logits over the whole vocabulary
     wrapped = getattr(lm, "get_base_model", lambda: lm)()
     parameters = inspect.signature(wrapped.forward).parameters
-    step = {"cache" if "cache" in parameters else "past_key_values": cache, "use_cache": True}
+    step = {cache_keyword(wrapped.forward): cache, "use_cache": True}
     step |= {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
     for _ in range(o.max_new_tokens):
