@@ -34,7 +34,7 @@ run; the spread is reported).
 Model FLOPs per processed token (data + control tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
 full fine-tuning, 2 for a frozen LM that back-propagates to its inputs, 1 for a reference forward; plus
 ``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``, ``--forward-chunks``,
-``--shared-prompt``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
+``--one-backward``, ``--shared-prompt``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
 setting. The FLOPs count every row's prompt, so where a pair shares one pass over its prompt (infix controls,
 ``meet_dpo``) the MFU counts work avoided as done: compare those arms by pairs/s.
 """
@@ -383,6 +383,7 @@ def build_library_module(arm: str, model: str, schema: dict, levers: Mapping[str
         "forward_chunks": levers["forward_chunks"],
         "compile": levers["compile"],
         "share_prompt": levers["shared_prompt"],
+        "backward_per_chunk": levers["backward_per_chunk"],
     }
     builders: dict[str, Callable[[], Any]] = {
         "stage1_prompt": lambda: ControlTokenModule(model, prompt(placement="prefix"), schema, **common),
@@ -492,6 +493,7 @@ def library_settings(module: Any, data: Any, trainer: Any, levers: Mapping[str, 
         compiled=levers["compile"],
         forward_chunks=module.hparams.forward_chunks,
         shared_prompt=levers["shared_prompt"],
+        backward_per_chunk=module.hparams.backward_per_chunk,
         precompute_reference=getattr(module.hparams, "precompute_reference", None),
         reference_cache_hits=getattr(module, "reference_cache_hits", None),  # pairs scored from the cache
     )
@@ -1360,6 +1362,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="lever on: torch.compile the library arms' decoder")
     parser.add_argument(
+        "--one-backward", action="store_true", help="lever off: library arms back-propagate once per step, not per chunk"
+    )
+    parser.add_argument(
         "--forward-chunks", type=int, default=4, help="library arms' forward_chunks (1: lever off, one padded pass per batch)"
     )
     parser.add_argument("--dpo-precompute", action="store_true", help="both DPO arms cache reference log-probs before training")
@@ -1422,6 +1427,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "all_logits": args.all_logits,
         "group_by_length": not args.no_group_by_length,
         "shared_prompt": args.shared_prompt,
+        "backward_per_chunk": not args.one_backward,
         "compile": args.compile,
         "dpo_precompute": args.dpo_precompute,
         "forward_chunks": args.forward_chunks,

@@ -124,6 +124,14 @@ def test_shared_prompt_lever_keeps_the_loss(tmp_path, shared_data):
     assert shared["windows"][0]["tokens"] == full["windows"][0]["tokens"]  # the same batches
 
 
+def test_backward_per_chunk_lever_keeps_the_loss(tmp_path, shared_data):
+    parts = run_benchmark(tmp_path, shared_data, ["stage2_prefix"])["arms"]["stage2_prefix"]
+    one = run_benchmark(tmp_path, shared_data, ["stage2_prefix"], "--one-backward")["arms"]["stage2_prefix"]
+    assert (parts["settings"]["backward_per_chunk"], one["settings"]["backward_per_chunk"]) == (True, False)
+    assert parts["losses"][0][0] == pytest.approx(one["losses"][0][0], abs=1e-5)
+    assert parts["windows"][0]["tokens"] == one["windows"][0]["tokens"]  # the same batches
+
+
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install -e .[bench])")
 def test_trl_arms_and_ratios(tmp_path, shared_data):
     arms = [*bench.TRL_ARMS, "stage1_prompt", "stage2_prefix", "stage2_infix"]

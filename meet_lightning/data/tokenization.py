@@ -186,3 +186,34 @@ class Split:
 
     examples: list[ControlledExample] = field(default_factory=list)
     pairs: list[PreferencePair] = field(default_factory=list)
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+"""The (B, L) entries of a collated batch (right-padded): a part of the batch is cut to its own longest row."""
+
+
+def batch_units(batch: Mapping[str, torch.Tensor]) -> list[int]:
+    """The length of each unit a batch splits into without breaking its loss: each pair of a paired batch (its
+    longer row), each row otherwise."""
+    lengths = batch["attention_mask"].sum(-1).tolist()  # (B,)
+    if "num_pairs" not in batch:
+        return lengths
+    pairs = int(batch["num_pairs"])
+    return [max(chosen, rejected) for chosen, rejected in zip(lengths[:pairs], lengths[pairs:], strict=True)]
+
+
+def batch_part(batch: Mapping[str, torch.Tensor], units: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The ``units`` of a collated batch (pairs of a paired batch, rows otherwise; see :func:`batch_units`) as a
+    batch of the same layout, cut to its longest row: ``[chosen; rejected]`` stays in that order."""
+    rows = batch["input_ids"].shape[0]
+    picked = list(units)
+    if "num_pairs" in batch:
+        pairs = int(batch["num_pairs"])
+        picked += [pairs + unit for unit in units]
+    index = torch.tensor(picked, device=batch["input_ids"].device)
+    part = {key: value[index] for key, value in batch.items() if value.ndim and value.shape[0] == rows}
+    width = int(part["attention_mask"].sum(-1).max())
+    part.update({key: part[key][:, :width] for key in SEQUENCE_KEYS})
+    if "num_pairs" in batch:
+        part["num_pairs"] = torch.tensor(len(units))
+    return part

@@ -117,6 +117,12 @@ class SFTModule(_PlainPairMetrics, MeetModule):
             token_logps, mask = token_logps[:pairs], mask[:pairs]
         return {"loss": self.training_nll(token_logps, mask)}
 
+    @override
+    def loss_weight(self, batch: Mapping[str, torch.Tensor]) -> float | None:
+        """As the base class's, over the chosen half of a paired batch (the rows the loss counts)."""
+        pairs = int(batch["num_pairs"]) if "num_pairs" in batch else batch["labels"].shape[0]
+        return super().loss_weight({"labels": batch["labels"][:pairs]})
+
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         token_logps, mask = plain_logps(
             self.lm, batch, fp32_head=True, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
@@ -294,6 +300,11 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             "reward_margin": (terms["chosen"] - terms["rejected"]).mean(),
         }
 
+    @override
+    def loss_weight(self, batch: Mapping[str, torch.Tensor]) -> float | None:
+        """Pairs: the DPO loss is a mean over pairs."""
+        return float(require_pairs(batch, type(self).__name__))
+
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         if "num_pairs" not in batch:  # pointwise validation data: NLL only
             token_logps, mask = plain_logps(
@@ -369,6 +380,12 @@ class HybridDPOModule(JointFinetuneModule):
     @override
     def setup(self, stage: str) -> None:
         check_paired_data(self, stage)
+
+    @override
+    def loss_weight(self, batch: Mapping[str, torch.Tensor]) -> float | None:
+        """``None``: the NLL is a mean over tokens and the DPO term over pairs, so the loss does not split by one
+        weight (``backward_per_chunk`` runs one backward)."""
+        return None
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``NLL + dpo_weight · DPO`` with the control classifier as implicit reward (see the class docstring)."""
