@@ -217,7 +217,7 @@ def test_a_baseline_from_outside_trains_through_fit_with_every_argument_saved(ex
     assert saved["class_path"] == f"{MODULE}.WeightedSFT" and saved["init_args"]["length_power"] == 0.5
     weighted = sys.modules[MODULE].WeightedSFT  # imported by fit, from the class_path
     module = weighted.load_from_checkpoint(out / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert module.hparams.length_power == 0.5 and module.hparams.forward_chunks == 4 and module.hparams.lr == 1e-5
+    assert module.hparams.length_power == 0.5 and module.hparams.forward_chunks is None and module.hparams.lr == 1e-5
 
     data = tiny_hh_data(chosen_only=True)
     data.setup("fit")

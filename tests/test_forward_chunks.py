@@ -95,5 +95,21 @@ def test_chunked_forward_keeps_loss_and_gradients_and_computes_less_padding(kind
 def test_forward_chunks_below_one_is_refused_naming_the_flag():
     from meet_lightning.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="forward_chunks 0 must be ≥ 1 — set model.init_args.forward_chunks"):
+    with pytest.raises(
+        ConfigError, match=r"forward_chunks 0 must be ≥ 1 \(or null: chosen by device\) — set model.init_args.forward_chunks"
+    ):
         JointFinetuneModule("tiny-debug", None, {"harmless": ["good", "bad"]}, forward_chunks=0)
+
+
+def test_unset_forward_chunks_follow_the_device(monkeypatch):
+    """Unset: 4 passes on a CPU, 1 on an accelerator (few-row passes wait on kernel launches); a set value wins."""
+    schema = {"harmless": ["good", "bad"]}
+    unset, two = (
+        JointFinetuneModule("tiny-debug", None, schema),
+        JointFinetuneModule("tiny-debug", None, schema, forward_chunks=2),
+    )
+    unset.configure_model(), two.configure_model()
+    assert (unset.forward_passes(), two.forward_passes()) == (4, 2)
+    for module in (unset, two):
+        monkeypatch.setattr(module, "device_type", lambda: "cuda")
+    assert (unset.forward_passes(), two.forward_passes()) == (1, 2)

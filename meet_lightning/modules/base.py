@@ -35,6 +35,11 @@ from meet_lightning.precision import DTYPES
 from meet_lightning.training.distributed import is_sharded, unwrapped_name
 from meet_lightning.update_probe import UpdateProbe
 
+CPU_FORWARD_CHUNKS = 4
+"""``forward_chunks`` on a CPU where unset: the same loss with less padding computed (on the same HH batches one
+padded pass, TRL's, computed 11 % padding and four chunks 1.2 %: benchmarks/results/backward_per_chunk_2026-12-07)
+and, with ``backward_per_chunk``, a quarter of the activations held."""
+
 
 class MeetModule(L.LightningModule):
     """Shared base: an LM with control tokens, trained on response-only NLL.
@@ -58,8 +63,10 @@ class MeetModule(L.LightningModule):
             train; needs a CUDA GPU); ``None`` keeps ``dtype``.
         forward_chunks: Up to this many forward passes per batch: the rows sorted by length and cut where the
             fewest padding tokens remain, each pass padded only to its own longest row. Same loss and gradients
-            with less padding computed (pairs are padded to their batch's longest row otherwise); 1 = one pass
-            (on an accelerator, where a pass of few rows may underuse it, measure before raising it further).
+            with less padding computed (pairs are padded to their batch's longest row otherwise); 1 = one pass.
+            ``None`` (default): 4 on a CPU (measured: :data:`CPU_FORWARD_CHUNKS`), 1 on an accelerator, where a
+            pass of few rows waits on kernel launches (an H200 ran at ≈ 1 % MFU with 4); set more chunks on an
+            accelerator where one pass of the batch does not fit in its memory.
         per_response_loss: The training NLL is the mean of each response's own mean token NLL (every response
             counts once) instead of the mean over every response token of the batch, where a long response weighs
             as much as its length (in AlpacaEval's concise/verbose answers, verbose ones hold 70 % of the tokens).
@@ -95,7 +102,7 @@ class MeetModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         optimizer: str = "adamw",
         quantize: str | None = None,
-        forward_chunks: int = 4,
+        forward_chunks: int | None = None,
         compile: bool = False,
         per_response_loss: bool = False,
         share_prompt: bool = False,
@@ -118,7 +125,10 @@ class MeetModule(L.LightningModule):
                 f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)} — set model.init_args.optimizer",
             ),
             (quantize not in (None, "nf4"), f"quantize {quantize!r} is not nf4 or null — set model.init_args.quantize"),
-            (forward_chunks < 1, f"forward_chunks {forward_chunks} must be ≥ 1 — set model.init_args.forward_chunks"),
+            (
+                forward_chunks is not None and forward_chunks < 1,
+                f"forward_chunks {forward_chunks} must be ≥ 1 (or null: chosen by device) — set model.init_args.forward_chunks",
+            ),
         ]
         raise_failed(problems)
         self.control = build_control(control)
@@ -175,13 +185,16 @@ class MeetModule(L.LightningModule):
         return model_fingerprint(full)
 
     def forward_passes(self) -> int:
-        """Forward passes per batch: ``forward_chunks``, or one where FSDP sharded the LM.
+        """Forward passes per batch: ``forward_chunks`` (by device where unset), or one where FSDP sharded the LM.
 
         FSDP frees each block's gathered weights after its forward and gathers them again for backward; several
         forwards of the same blocks before one backward left the ranks waiting in different collectives (2 CPU
         ranks hung in ``reduce_scatter``: tests/test_distributed.py).
         """
-        return 1 if self._one_pass or is_sharded(self.lm) else self.hparams.forward_chunks
+        if self._one_pass or is_sharded(self.lm):
+            return 1
+        chosen = self.hparams.forward_chunks
+        return chosen if chosen is not None else CPU_FORWARD_CHUNKS if self.device_type() == "cpu" else 1
 
     def shares_prompt(self) -> bool:
         """Whether the rows of a paired batch share one pass over their prompt
