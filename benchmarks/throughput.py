@@ -27,6 +27,10 @@ Arms (``--arms``, comma-separated; default all):
   and with ``cache="static"``.
 * ``scoring`` — ``evaluate``'s pair scoring against its fp32 unsorted path and plain ``transformers`` forwards.
 
+``--device cuda`` runs every training arm, TRL's included, on the GPU (``--model llama-1b`` builds a ~1.1B llama in
+code: a GPU machine without network has no weights to download); peak CUDA memory is reported per arm and MFU is
+against the GPU's own bf16 matmul peak. Not run on a GPU yet.
+
 Definitions: tokens/s counts real (non-pad) data tokens, control tokens excluded; every arm sees both rows of a
 pair in the same batch, so pairs/s = rows/s ÷ 2. MFU = model FLOPs ÷ the matmul peak of the run's precision
 measured here (the best of 7 timings of a 4096² matmul at the run's thread count, in bf16 or fp32 as the arms
@@ -58,6 +62,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import llama_1b  # noqa: E402 - a sibling script, not a package
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh_rlhf_harmless.train.jsonl.gz"
 PREFERENCE = "harmless"
@@ -74,6 +81,8 @@ COMPILED = "_compiled"
 COMPILED_ARMS = tuple(f"{arm}{COMPILED}" for arm in ("stage1_prompt", "stage2_prefix", "meet_dpo"))
 """The same arms with ``compile: true`` (whatever ``--compile`` says): speed-up, compile seconds, pay-back steps."""
 ALL_ARMS = (*TRL_ARMS, *LIBRARY_ARMS, *COMPILED_ARMS, "generation", "scoring")
+ACCELERATORS = {"cpu": "cpu", "cuda": "gpu"}
+"""``--device`` → Lightning's ``accelerator``: every training arm, TRL's included, runs there."""
 MEASURED_ELSEWISE = ("generation", "scoring")
 """Arms that do not train: summarized by their own functions, not as training arms."""
 
@@ -281,7 +290,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_peak(threads: int, dtype: str, size: int = 4096, trials: int = 7) -> list[float]:
+def measure_peak(threads: int, dtype: str, size: int = 4096, trials: int = 7, device: str = "cpu") -> list[float]:
     """Matmul FLOP/s in ``dtype`` (``bfloat16``/``float32``) of ``trials`` timings of a ``size``² matmul, best first.
 
     The peak MFU is measured against is the best trial: a machine's peak is what it reaches when nothing
@@ -293,17 +302,34 @@ def measure_peak(threads: int, dtype: str, size: int = 4096, trials: int = 7) ->
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.randn(size, size).to(getattr(torch, dtype))
-        b = torch.randn(size, size).to(getattr(torch, dtype))
+        a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+        b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
         torch.mm(a, b)
+        synchronize(device)
         timings = []
         for _ in range(trials):
             start = time.perf_counter()
             torch.mm(a, b)
+            synchronize(device)
             timings.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
     return sorted((2 * size**3 / t for t in timings), reverse=True)
+
+
+def synchronize(device: str) -> None:
+    """Waits for the device's queued kernels (CUDA runs them asynchronously), so a timestamp closes what it times."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_cuda_mb() -> float | None:
+    """This process' peak CUDA memory allocated in MiB (PyTorch's allocator), or ``None`` without CUDA."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
 
 
 def cpu_model() -> str:
@@ -437,12 +463,12 @@ def lightning_recorder(all_logits: bool):
     return StepRecorder()
 
 
-def heldout_control_accuracy(module, data, precision: str) -> float:
+def heldout_control_accuracy(module, data, precision: str, device: str) -> float:
     """``val/control_accuracy`` of the trained module on the held-out pairs, through Lightning's ``validate``."""
     import lightning as L
 
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=ACCELERATORS[device],
         devices=1,
         precision=precision,
         logger=False,
@@ -461,7 +487,7 @@ def library_trainer(settings: Mapping[str, Any], recorder: Any):
     from meet_lightning.training.reliability import GradientCheck
 
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=ACCELERATORS[settings["device"]],
         devices=1,
         precision=settings["precision"],
         max_steps=settings["warmup_steps"] + settings["steps"],
@@ -527,7 +553,7 @@ def run_library_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
             "loss_after": recorder.loss_after,
         }
         if accuracy:
-            result["control_accuracy"] = heldout_control_accuracy(module, data, trainer.precision)
+            result["control_accuracy"] = heldout_control_accuracy(module, data, trainer.precision, settings["device"])
     return result
 
 
@@ -583,7 +609,7 @@ def trl_common_args(spec: Mapping[str, Any], rows_per_batch: int) -> dict[str, A
         "max_grad_norm": 1.0,
         "bf16": settings["precision"] == "bf16-mixed",  # set explicitly: TRL's defaults differ between its configs
         "gradient_checkpointing": False,  # DPOConfig turns it on by default
-        "use_cpu": True,
+        "use_cpu": settings["device"] == "cpu",
         "save_strategy": "no",
         "eval_strategy": "no",
         "logging_strategy": "no",
@@ -617,7 +643,7 @@ def recording_trainer(base: type) -> type:
 
             self.recording = False
             try:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+                with torch.no_grad(), torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
                     return float(self.compute_loss(self.model, self._prepare_inputs(batch)).detach())
             finally:
                 self.recording = True
@@ -660,6 +686,7 @@ def step_clock(trainer: Any, collator: RecordingCollator):
         def on_step_end(self, args, state, control, **kwargs):
             if not self.ends:
                 self.loss_after = trainer.first_batch_loss(collator.first)
+            synchronize(args.device.type)
             self.ends.append(time.perf_counter())
 
     clock = StepClock()
@@ -995,6 +1022,8 @@ def run_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     result = ARM_RUNNERS[spec["arm"]](spec)
     result.update(arm=spec["arm"], round=spec["round"], wall_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+    if spec["settings"]["device"] == "cuda":
+        result["peak_cuda_mb"] = peak_cuda_mb()
     if "steps" in result:
         result["window"] = window_totals(result, spec["settings"]["warmup_steps"])
     return result
@@ -1135,6 +1164,7 @@ def arm_summary(runs: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[st
         "warmup_seconds": median_of([w["warmup_seconds"] for w in windows if w.get("warmup_seconds") is not None]),
         "mfu": median_of([f / peak_flops for f in rates("flops")]),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "peak_cuda_mb": max((r["peak_cuda_mb"] for r in runs if r.get("peak_cuda_mb")), default=None),
         "padding_fraction": 1 - sum(w["tokens"] for w in windows) / sum(w["slots"] for w in windows),
         "tokens_per_pair": sum(w["tokens"] for w in windows) / sum(w["rows"] / 2 for w in windows),
         "loss_fell": all(r["loss_after"] < r["loss_first"] for r in runs),
@@ -1217,6 +1247,7 @@ def summarize(results: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[s
         "stage1_vs_stage2_tokens_per_s": ratio(arms, "stage1_prompt", "stage2_prefix", "tokens_per_s"),
         "stage1_vs_trl_prompt_tuning_tokens_per_s": ratio(arms, "stage1_prompt", "trl_sft_prompt", "tokens_per_s"),
         "stage2_peak_rss_vs_trl_dpo": ratio(arms, "stage2_prefix", "trl_dpo", "peak_rss_mb"),
+        "stage2_peak_cuda_vs_trl_dpo": ratio(arms, "stage2_prefix", "trl_dpo", "peak_cuda_mb"),
         "stage2_mfu": stage2.get("mfu"),
         "padding_fraction": stage2.get("padding_fraction"),
         "stage2_prefix_control_accuracy": stage2.get("control_accuracy"),
@@ -1303,6 +1334,15 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f" (largest margin gap {_fmt(summary['scoring_bf16_max_margin_gap'], '.3g')} nats)",
         f"- this library's DPO pairs/s ÷ TRL DPO: {_fmt(summary['meet_dpo_vs_trl_dpo_pairs_per_s'])}",
         *(
+            [f"- peak CUDA memory (GiB): {cuda}; stage 2 ÷ TRL DPO {_fmt(summary['stage2_peak_cuda_vs_trl_dpo'])}"]
+            if (
+                cuda := ", ".join(
+                    f"{n} {a['peak_cuda_mb'] / 1024:.2f}" for n, a in summary["arms"].items() if a.get("peak_cuda_mb")
+                )
+            )
+            else []
+        ),
+        *(
             f"- `compile: true`, {name} (one window): {c['speedup']:.2f}× its eager s/step, compile {c['compile_seconds']:.0f} s,"
             + (f" paid back after {c['payback_steps']:.0f} steps" if c["payback_steps"] is not None else " never paid back")
             + f"; graphs traced in warm-up {c['graphs_traced_in_warmup']}, in the timed steps {c['graphs_traced_in_measured_steps']}"
@@ -1334,7 +1374,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads of every arm")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step (2 rows each) in every arm")
     parser.add_argument("--max-length", type=int, default=256, help="longest row in tokens")
-    parser.add_argument("--model", type=str, default="smollm2-135m-instruct", help="model alias or folder (tiny-debug for tests)")
+    parser.add_argument(
+        "--model",
+        type=str,
+        default="smollm2-135m-instruct",
+        help="model alias or folder (tiny-debug for tests); llama-1b: a ~1.1B llama built in code (benchmarks/memory.py)",
+    )
+    parser.add_argument("--tokenizer", type=str, default="smollm2-135m-instruct", help="the tokenizer of --model llama-1b")
+    parser.add_argument(
+        "--device",
+        choices=list(ACCELERATORS),
+        default="cpu",
+        help="where every training arm runs (cuda: peak CUDA memory and the GPU's bf16 matmul peak are reported too)",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="pairwise preference file")
     parser.add_argument("--json", type=Path, default=None, help="write the summary and raw timings here")
     parser.add_argument("--pool-pairs", type=int, default=None, help="pairs sampled for training (default 50 × batch size)")
@@ -1384,6 +1436,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         (args.steps < 1 or args.warmup_steps < 1, "--steps and --warmup-steps must be ≥ 1 (warm-up is never measured)"),
         (args.windows < 1, "--windows must be ≥ 1 (3 for the report)"),
         (args.batch_size < 1 or args.threads < 1, "--batch-size and --threads must be ≥ 1"),
+        (
+            args.device != "cpu" and bool(set(arms) & set(MEASURED_ELSEWISE)),
+            f"--device {args.device}: the {' and '.join(MEASURED_ELSEWISE)} arms run on the CPU only — leave them out",
+        ),
     ]
     messages = [m for failed, m in problems if failed]
     if messages:
@@ -1412,11 +1468,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from meet_lightning.precision import resolve_precision
 
     arms = check_args(args)
-    resolved = resolve_precision(args.precision, "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device here — run it on a GPU machine, or leave --device out")
+    resolved = resolve_precision(args.precision, args.device)
     peak_dtype = "bfloat16" if resolved.precision == "bf16-mixed" else "float32"
+    workdir = Path(tempfile.mkdtemp(prefix="meet-throughput-"))
+    model = str(llama_1b(workdir / "llama-1b", args.tokenizer)) if args.model == "llama-1b" else args.model
     settings = {
+        "device": args.device,
         "precision": resolved.precision,
-        "model": args.model,
+        "model": model,
         "batch_pairs": args.batch_size,
         "max_length": args.max_length,
         "steps": args.steps,
@@ -1432,14 +1493,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "dpo_precompute": args.dpo_precompute,
         "forward_chunks": args.forward_chunks,
     }
-    workdir = Path(tempfile.mkdtemp(prefix="meet-throughput-"))
     start = time.perf_counter()
     # a pool of one length-grouping window (50 batches): batches as uniform as in a long run; the arms then
     # train on the first warm-up + measured batches of the library's order
     pool = max(args.pool_pairs or 50 * args.batch_size, (args.warmup_steps + args.steps) * args.batch_size)
-    data = prepare_data(args.data, args.model, args.max_length, pool, max(args.accuracy_pairs, args.scoring_pairs, 8), workdir)
+    data = prepare_data(args.data, model, args.max_length, pool, max(args.accuracy_pairs, args.scoring_pairs, 8), workdir)
     plan = batch_plan(settings, data["train_file"], levers["group_by_length"])[: args.warmup_steps + args.steps]
-    peak_trials = measure_peak(args.threads, peak_dtype, args.peak_size)
+    peak_size = args.peak_size if args.device == "cpu" else max(args.peak_size, 8192)  # a GPU needs a larger matmul
+    peak_trials = measure_peak(args.threads, peak_dtype, peak_size, device=args.device)
     base = {
         "settings": settings,
         "levers": levers,

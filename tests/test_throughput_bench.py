@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,17 @@ def test_backward_per_chunk_lever_keeps_the_loss(tmp_path, shared_data):
     assert (parts["settings"]["backward_per_chunk"], one["settings"]["backward_per_chunk"]) == (True, False)
     assert parts["losses"][0][0] == pytest.approx(one["losses"][0][0], abs=1e-5)
     assert parts["windows"][0]["tokens"] == one["windows"][0]["tokens"]  # the same batches
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_is_refused_in_one_line_where_there_is_none(capsys, shared_data):
+    data = str(shared_data / "hh_rlhf_harmless.train.jsonl.gz")
+    assert bench.main([*QUICK, "--data", data, "--arms", "stage2_prefix", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --device cuda: no CUDA device here — run it on a GPU machine, or leave --device out"
+    )
+    assert bench.main([*QUICK, "--data", data, "--arms", "stage2_prefix,scoring", "--device", "cuda"]) == 2
+    assert "the generation and scoring arms run on the CPU only — leave them out" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install -e .[bench])")
