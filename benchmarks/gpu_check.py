@@ -12,7 +12,7 @@ the first ones; a failed arm is a row with its last error line.
         --precision 32-true --steps 3                                                       # rehearsal on a CPU
 
 ``--model llama-1b`` (the default) builds a ~1.1B llama with random weights (benchmarks/memory.py) with the
-tokenizer of ``--tokenizer`` (SmolLM2's, or a folder that holds only its tokenizer files). MFU is estimated as
+tokenizer of ``--tokenizer`` (SmolLM2's, or its folder without the weights: ``benchmarks/gpu_carry.py``). MFU is estimated as
 ``k · 2 · N`` FLOPs per data token (N: non-embedding parameters plus the LM head; k = 2 for a frozen LM that
 back-propagates to its inputs, 3 for full fine-tuning; attention and pad tokens not counted, so it is low)
 against the best of five timed 8192³ bf16 matmuls on this device.

@@ -42,7 +42,7 @@ ARMS = {
 
 def llama_1b(folder: Path, tokenizer_from: str = "smollm2-135m-instruct") -> Path:
     """A ~1.1B-parameter llama (TinyLlama's shape) with random weights and ``tokenizer_from``'s tokenizer (SmolLM2's
-    by default; a folder holding only its tokenizer files does too), saved once."""
+    by default; a model folder without its weights does too: ``benchmarks/gpu_carry.py``), saved once."""
     if (folder / "config.json").is_file():
         return folder
     import torch

@@ -24,3 +24,16 @@ def test_gpu_check_rehearsal_on_a_cpu_reports_every_arm(tmp_path, shared_data):
     assert refused["exit"] == 2 and refused["failed"].startswith("error: quantize: nf4 needs a CUDA GPU")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # run folders removed
     assert "| stage1 prompt tuning (frozen LM) | 0 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_carry_stages_a_tokenizer_folder_and_the_data(tmp_path, shared_data):
+    """What a GPU machine without network needs besides the wheels: SmolLM2's tokenizer without its weights, the HH pairs."""
+    from meet_lightning.models import load_tokenizer
+
+    data = shared_data / "hh_rlhf_harmless.train.jsonl.gz"
+    command = [sys.executable, "benchmarks/gpu_carry.py", "--no-wheels", "--out", str(tmp_path), "--data", str(data)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (tmp_path / data.name).read_bytes() == data.read_bytes()
+    staged, original = load_tokenizer(str(tmp_path / "tokenizer")), load_tokenizer("smollm2-135m-instruct")
+    text = [{"role": "user", "content": "Name a colour."}]
+    assert staged.apply_chat_template(text) == original.apply_chat_template(text) and len(staged) == len(original)
