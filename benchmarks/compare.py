@@ -167,6 +167,23 @@ STUDY_ARMS: dict[str, Arm] = {
         ("stage1", "stage2"),
         ("--stage1.model.init_args.per_response_loss", "true", "--stage2.model.init_args.per_response_loss", "true"),
     ),
+    # the stage-2 sweep: with meet_prompt (LM 1e-5, controls 1e-3) and meet_prompt_stage2_fast (1e-4, 3e-2), a 2 × 2
+    # of stage 2's two rates, and the controls frozen in stage 2 (ProMoT); each scored like every arm
+    "meet_prompt_stage2_controls_fast": Arm(
+        PROMPT_RECIPE,
+        "MEET (prompt), stage 2 control lr 3e-2",
+        ("stage1", "stage2"),
+        ("--stage2.model.init_args.control_lr", "3.0e-2"),
+    ),
+    "meet_prompt_stage2_lm_fast": Arm(
+        PROMPT_RECIPE, "MEET (prompt), stage 2 at LM lr 1e-4", ("stage1", "stage2"), ("--stage2.model.init_args.lr", "1.0e-4")
+    ),
+    "meet_prompt_controls_frozen": Arm(
+        PROMPT_RECIPE,
+        "MEET (prompt), controls frozen in stage 2",
+        ("stage1", "stage2"),
+        ("--stage2.model.init_args.controls", "frozen"),
+    ),
     # C at the same LM rate, so a win of the faster MEET is not only the rate
     "coh_fast": Arm(
         "configs/baselines/coh.yaml",
