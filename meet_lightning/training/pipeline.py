@@ -583,14 +583,7 @@ def run_stage(
     precision = stage_precision(recipe, stage)
     log(f"{stage}: precision {precision.precision} ({precision.reason})")
     last = out / "checkpoints" / "last.ckpt"
-    resume = ckpt_path or (str(last) if last.exists() else None)
-    if resume and Path(resume).is_dir():  # a DeepSpeed checkpoint folder: Lightning reads it itself
-        log(f"{stage}: restoring from {resume} (sharded checkpoint folder)")
-    elif resume:
-        checkpoint = check_checkpoint_file(Path(resume))
-        fix = "pass a --ckpt_path written on this data" if ckpt_path else None  # own last.ckpt: --overwrite helps
-        check_same_data(stage, Path(resume), checkpoint["meet"].get("data"), identity, fix)
-        log(f"{stage}: restoring from {resume} at step {checkpoint.get('global_step', 0)}")
+    resume = resume_point(stage, ckpt_path, last, identity, log)
     cli.trainer.callbacks.append(RecordRecipe(recipe))
     cli.trainer.callbacks.insert(0, MemoryPhases(memory))  # first: checkpoint saving falls in between_steps
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume, weights_only=True)
@@ -602,8 +595,31 @@ def run_stage(
         "batch_stream_position": stream_position(cli),
         **next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter)).summary(),
     }
+    cli, metrics = validate_selected(recipe, stage, cli, last, progress["global_step"], extra, data_extra)
+    if stage == "stage1":
+        write_stage1_controls(cli, out)
+    metrics.update(global_step=progress.pop("global_step"), **progress)
+    log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    memory.enter(None)
+    record = {
+        **metrics,
+        "precision": precision.precision,
+        "precision_reason": precision.reason,
+        **memory.summary(),
+        "data_identity": identity,
+    }
+    write_done(cli, out, stage, record, log)
+    finish_tracker_runs(cli.trainer)
+    cli.trainer.strategy.barrier()
+    return record
+
+
+def validate_selected(
+    recipe: Recipe, stage: str, cli: LightningCLI, last: Path, step: int, extra: dict | None, data_extra: dict | None
+) -> tuple[LightningCLI, dict[str, float]]:
+    """Validates the checkpoint ``select`` chose (loading its weights, so the controls written next are the ones
+    reported); returns the stage's CLI that holds them and the metrics, with ``selected_step`` (``step``: the last)."""
     selected = selected_checkpoint(recipe, stage)
-    # validating the selected checkpoint loads its weights: the controls written next are the ones reported
     reloaded = str(selected) if selected != last else None
     if is_sharded(cli.model):
         # FSDP wrapped the LM's blocks in place, and a second trainer call wraps only a model with no FSDP unit
@@ -614,27 +630,31 @@ def run_stage(
         reloaded_now = reloaded
     validated = cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=reloaded_now, weights_only=True, verbose=False)
     metrics = {k: float(v) for k, v in (validated or [{}])[0].items()}
-    if stage == "stage1":
-        write_stage1_controls(cli, out)
-    selected_step = check_checkpoint_file(selected)["global_step"] if reloaded else progress["global_step"]
-    metrics.update(global_step=progress.pop("global_step"), selected_step=selected_step, **progress)
-    log(f"{stage}: done — " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    memory.enter(None)
-    record = {
-        **metrics,
-        "precision": precision.precision,
-        "precision_reason": precision.reason,
-        **memory.summary(),
-        "data_identity": identity,
-    }
+    metrics["selected_step"] = check_checkpoint_file(selected)["global_step"] if reloaded else step
+    return cli, metrics
+
+
+def resume_point(stage: str, ckpt_path: str | None, last: Path, identity: Any, log) -> str | None:
+    """Where the stage resumes: ``ckpt_path``, else its own ``last.ckpt`` if there is one, else ``None`` (a fresh
+    start). A checkpoint file must have been written on the same data (:func:`check_same_data`)."""
+    resume = ckpt_path or (str(last) if last.exists() else None)
+    if resume and Path(resume).is_dir():  # a DeepSpeed checkpoint folder: Lightning reads it itself
+        log(f"{stage}: restoring from {resume} (sharded checkpoint folder)")
+    elif resume:
+        checkpoint = check_checkpoint_file(Path(resume))
+        fix = "pass a --ckpt_path written on this data" if ckpt_path else None  # own last.ckpt: --overwrite helps
+        check_same_data(stage, Path(resume), checkpoint["meet"].get("data"), identity, fix)
+        log(f"{stage}: restoring from {resume} at step {checkpoint.get('global_step', 0)}")
+    return resume
+
+
+def write_done(cli: LightningCLI, out: Path, stage: str, record: dict[str, Any], log) -> None:
+    """Logs the stage's peak memory per phase and writes its done-marker (``done.json``, rank 0 only)."""
     for key, what in (("peak_rss_gb", "peak RSS"), ("peak_cuda_gb", "peak CUDA memory")):
         if key in record:
             log(f"{stage}: {what} by phase (GiB): " + ", ".join(f"{k} {v}" for k, v in record[key].items()))
     if cli.trainer.is_global_zero:
         write_text_atomic(out / DONE, json.dumps(record, indent=2))
-    finish_tracker_runs(cli.trainer)
-    cli.trainer.strategy.barrier()
-    return record
 
 
 def recipe_datamodule(recipe: Recipe) -> PreferenceDataModule:
