@@ -952,8 +952,10 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
       chunks, the head only on response positions;
     * ``meet_bf16`` — the same with ``--dtype auto`` where that resolves to bf16 (body bf16, head fp32; opt-in:
       it moves margins — the largest gap is reported);
-    * ``fp32_unsorted`` — ``meet`` with sorting and chunks off (the path before them; ``scoring_speedup_vs_fp32``
-      is ``meet`` over it, ``scoring_bf16_speedup_vs_fp32`` is ``meet_bf16`` over it);
+    * ``fp32_unsorted`` — ``meet`` with sorting, chunks and the shared prompt pass off (the path before them;
+      ``scoring_speedup_vs_fp32`` is ``meet`` over it, ``scoring_bf16_speedup_vs_fp32`` is ``meet_bf16`` over it);
+    * ``meet_infix`` and ``fp32_unsorted_infix`` — the same two with infix controls, whose four rows per pair
+      share one pass over the prompt (``scoring_infix_speedup_vs_fp32``);
     * ``transformers`` — :func:`plain_transformers_scores`.
 
     The model is the run's LM with untrained prompt-tuning controls (speed does not depend on training); the
@@ -971,19 +973,22 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
     pairs = read_pairs(spec["heldout_file"])[: spec["scoring_pairs"]]
     tokenizer = load_tokenizer(settings["model"])
 
-    def model_in(dtype: str) -> EvalModel:
+    def model_in(dtype: str, placement: str = "prefix") -> EvalModel:
         lm = load_model(settings["model"], getattr(torch, dtype)).eval()
         torch.manual_seed(SEED)
-        control = PromptTuningControl(num_tokens=PROMPT_TOKENS, init="random", placement="prefix")
+        control = PromptTuningControl(num_tokens=PROMPT_TOKENS, init="random", placement=placement)
         control.setup(lm, tokenizer, schema)
         return EvalModel(settings["model"], lm, tokenizer, control.to(lm.dtype), schema)
 
-    fp32 = model_in("float32")
+    fp32, infix = model_in("float32"), model_in("float32", "infix")
+    unsorted = {"sort_by_length": False, "chunks": 1, "share_prompt": False}
     native = fp32 if gen["dtype"] == "float32" else model_in(gen["dtype"])
     max_length, batch = settings["max_length"], 8
     paths = {
         "meet": lambda: score_pairs(fp32, pairs, max_length, batch)[0]["control_margin"],
-        "fp32_unsorted": lambda: score_pairs(fp32, pairs, max_length, batch, sort_by_length=False, chunks=1)[0]["control_margin"],
+        "fp32_unsorted": lambda: score_pairs(fp32, pairs, max_length, batch, **unsorted)[0]["control_margin"],
+        "meet_infix": lambda: score_pairs(infix, pairs, max_length, batch)[0]["control_margin"],
+        "fp32_unsorted_infix": lambda: score_pairs(infix, pairs, max_length, batch, **unsorted)[0]["control_margin"],
         "transformers": lambda: plain_transformers_scores(fp32, pairs, max_length, batch),
     }
     if native is not fp32:  # the opt-in bf16 body, only where the CPU computes bf16 natively
@@ -994,9 +999,9 @@ def run_scoring(spec: Mapping[str, Any]) -> dict[str, Any]:
         margins[name] = paths[name]()
         timings[name] = {"seconds": time.perf_counter() - start, "pairs": len(margins[name])}
     gaps = {
-        name: max(abs(a - b) for a, b in zip(margins[name], margins["fp32_unsorted"], strict=True))
+        name: max(abs(a - b) for a, b in zip(margins[name], margins[baseline_of(name)], strict=True))
         for name in margins
-        if name != "fp32_unsorted"
+        if not name.startswith("fp32_unsorted")
     }
     return {
         "settings": {"pairs": len(pairs), "batch_size": batch, "dtype": gen["dtype"], "threads": torch.get_num_threads()},
@@ -1191,8 +1196,13 @@ def generation_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def baseline_of(path: str) -> str:
+    """The unsorted fp32 path a scoring path is compared with: the infix model's own for infix paths."""
+    return "fp32_unsorted_infix" if path.endswith("_infix") else "fp32_unsorted"
+
+
 def scoring_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Median pairs/s of the three scoring paths and the largest margin gap to the fp32 path."""
+    """Median pairs/s of the scoring paths and the largest margin gap of each to its fp32 unsorted path."""
     rate = {
         name: median_of([r["scoring"][name]["pairs"] / r["scoring"][name]["seconds"] for r in runs])
         for name in runs[0]["scoring"]
@@ -1263,6 +1273,7 @@ def summarize(results: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[s
         "scoring_vs_transformers_pairs_per_s": None,
         "scoring_bf16_speedup_vs_fp32": None,
         "scoring_bf16_max_margin_gap": None,
+        "scoring_infix_speedup_vs_fp32": None,
         "compile": compile_summary(arms),
         "peak_flops": peak_flops,
         "arms": arms,
@@ -1280,6 +1291,7 @@ def summarize(results: Sequence[Mapping[str, Any]], peak_flops: float) -> dict[s
         summary["scoring_bf16_speedup_vs_fp32"] = rate["meet_bf16"] / rate["fp32_unsorted"] if "meet_bf16" in rate else None
         summary["scoring_bf16_max_margin_gap"] = scoring["max_margin_gap_vs_fp32"].get("meet_bf16")
         summary["scoring_vs_transformers_pairs_per_s"] = rate["meet"] / rate["transformers"]
+        summary["scoring_infix_speedup_vs_fp32"] = rate["meet_infix"] / rate["fp32_unsorted_infix"]
     return summary
 
 
@@ -1331,7 +1343,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"- scoring pairs/s: ÷ the fp32 unsorted path {_fmt(summary['scoring_speedup_vs_fp32'])} (goal ≥ 3.0),"
         f" ÷ plain transformers {_fmt(summary['scoring_vs_transformers_pairs_per_s'])} (goal ≥ 1.0);"
         f" opt-in bf16 body ÷ the fp32 unsorted path {_fmt(summary['scoring_bf16_speedup_vs_fp32'])}"
-        f" (largest margin gap {_fmt(summary['scoring_bf16_max_margin_gap'], '.3g')} nats)",
+        f" (largest margin gap {_fmt(summary['scoring_bf16_max_margin_gap'], '.3g')} nats); infix controls, whose rows"
+        f" share the prompt pass: {_fmt(summary['scoring_infix_speedup_vs_fp32'])} ÷ their unsorted path",
         f"- this library's DPO pairs/s ÷ TRL DPO: {_fmt(summary['meet_dpo_vs_trl_dpo_pairs_per_s'])}",
         *(
             [f"- peak CUDA memory (GiB): {cuda}; stage 2 ÷ TRL DPO {_fmt(summary['stage2_peak_cuda_vs_trl_dpo'])}"]

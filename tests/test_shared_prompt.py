@@ -121,3 +121,33 @@ def test_share_prompt_is_a_module_option_off_by_default(paired, share):
     hook.remove()
     rows = batch["input_ids"].shape[0]
     assert shapes == ([rows // 2, rows] if share else [rows])  # the prompts once, then every row's continuation
+
+
+@pytest.mark.parametrize("name", ["infix", "text", "none", "prefix", "lora"])
+def test_scoring_shares_the_prompt_pass_with_the_same_scores(name, shared_data):
+    """``score_pairs``: a pair's four rows (both responses under both controls) continue from one prompt pass where
+    the control allows, computing fewer tokens; every score equals the unshared path's (fp32)."""
+    from meet_lightning.data.formats import SourceConfig
+    from meet_lightning.evaluation.metrics import EvalModel, read_pairs, score_pairs
+
+    pairs = read_pairs(SourceConfig(path=str(shared_data / "hh_rlhf_harmless.train.jsonl.gz"), preference="harmless"), 16)
+    tokenizer, schema = load_tokenizer("tiny-debug"), ControlSchema.from_dict({"harmless": ["good", "bad"]})
+    torch.manual_seed(0)
+    lm = load_model("tiny-debug", torch.float32).eval()
+    control = CONTROLS[name]()
+    control.setup(lm, tokenizer, schema)
+    model = EvalModel("tiny", lm, tokenizer, control, schema if name != "none" else ControlSchema({}))
+    computed = []
+    hook = lm.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: computed.append(kwargs["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+    )
+    scores = {}
+    for share in (False, True):
+        computed.clear()
+        scores[share] = (score_pairs(model, pairs, max_length=256, batch_size=4, share_prompt=share)[0], sum(computed))
+    hook.remove()
+    (unshared, full_tokens), (shared, shared_tokens) = scores[False], scores[True]
+    assert shared.keys() == unshared.keys() and len(shared["chosen_nll"]) >= 6
+    for key, values in unshared.items():
+        torch.testing.assert_close(torch.tensor(shared[key]), torch.tensor(values), rtol=0, atol=1e-4, msg=key)
+    assert (shared_tokens < full_tokens) == (name in SHARED), (shared_tokens, full_tokens)

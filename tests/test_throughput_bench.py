@@ -92,8 +92,10 @@ def test_library_arms_generation_and_scoring(tmp_path, shared_data):
     assert summary["generation_static_cache_vs_dynamic_batch1"] > 0 and summary["generation_static_cache_vs_dynamic_batch8"] > 0
     scoring = summary["arms"]["scoring"]
     assert summary["scoring_speedup_vs_fp32"] > 0 and summary["scoring_vs_transformers_pairs_per_s"] > 0
-    assert scoring["settings"]["pairs"] == 8 and set(scoring["pairs_per_s"]) == {"meet", "fp32_unsorted", "transformers"}
-    # all three compute the same control margins (fp32 here): the plain transformers rewrite is a fair comparison
+    assert summary["scoring_infix_speedup_vs_fp32"] > 0
+    paths = {"meet", "fp32_unsorted", "transformers", "meet_infix", "fp32_unsorted_infix"}
+    assert scoring["settings"]["pairs"] == 8 and set(scoring["pairs_per_s"]) == paths
+    # every path computes its baseline's control margins (fp32 here): the plain transformers rewrite is a fair comparison
     assert max(scoring["max_margin_gap_vs_fp32"].values()) < 1e-3
     assert summary["arms"]["generation"]["identical_outputs"] == 1.0  # same model, same greedy settings
     assert summary["stage2_vs_trl_dpo_pairs_per_s"] is None  # TRL arms not asked for

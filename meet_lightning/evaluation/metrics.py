@@ -261,12 +261,15 @@ def score_pairs(
     progress: bool = False,
     sort_by_length: bool = True,
     chunks: int = CHUNKS,
+    share_prompt: bool = True,
 ) -> tuple[dict[str, list[float]], int]:
     """Per-pair scores, and the number of pairs too long to score (``progress``: pairs scored and pairs/s on stderr).
 
     ``sort_by_length`` batches pairs of similar length (values still come back in the pairs' order) and
-    ``chunks`` cuts each forward by length (:data:`CHUNKS`); both only save padding (``False``/``1``: the plain
-    batches, the benchmark's baseline).
+    ``chunks`` cuts each forward by length (:data:`CHUNKS`); both only save padding. ``share_prompt``: a pair's
+    rows (both responses, under both controls) continue from one pass over their prompt where the control allows
+    (:mod:`~meet_lightning.controls.shared_prompt`: infix, text or no controls) and it computes fewer tokens; the
+    same values. ``False``/``1``/``False``: the plain batches, the benchmark's baseline.
 
     Returns ``chosen_nll`` and ``logp_accuracy`` (preferred mode) for every model, ``control_accuracy`` and
     ``control_margin`` for models with controls, ``dpo_reward_accuracy`` and ``dpo_reward_margin`` when a
@@ -276,7 +279,8 @@ def score_pairs(
     rows = [_pair_rows(model, encoder, p, good_control, bad_control) for p in pairs]
     lengths = [len(r[0].input_ids) + len(r[1].input_ids) if r else 0 for r in rows]
     lengths = lengths if sort_by_length else [0] * len(rows)  # a stable sort of equal keys keeps the input order
-    return _score_sorted(model, lambda index: [rows[i] for i in index], lengths, batch_size, reference, progress, chunks)
+    fetch = lambda index: [rows[i] for i in index]  # noqa: E731
+    return _score_sorted(model, fetch, lengths, batch_size, reference, progress, chunks, share_prompt)
 
 
 @torch.no_grad()
@@ -307,6 +311,7 @@ def _score_sorted(
     reference: nn.Module | None,
     progress: bool,
     chunks: int = CHUNKS,
+    share_prompt: bool = True,
 ) -> tuple[dict[str, list[float]], int]:
     """Scores pairs in batches of similar length, returned in the pairs' own order (``None``: too long, counted).
 
@@ -332,7 +337,7 @@ def _score_sorted(
             scored += [i for i, _ in kept]
             batch = collate_pairs([r for _, r in kept], model.tokenizer.pad_token_id)
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            for name, values in _score_batch(model, batch, len(kept), reference, chunks).items():
+            for name, values in _score_batch(model, batch, len(kept), reference, chunks, share_prompt).items():
                 out.setdefault(name, []).extend(values)
     finally:
         if bar is not None:
@@ -342,20 +347,21 @@ def _score_sorted(
 
 
 def _score_batch(
-    model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None, chunks: int
+    model: EvalModel, batch: Mapping[str, torch.Tensor], n: int, reference: nn.Module | None, chunks: int, share: bool
 ) -> dict[str, list]:
     scores: dict[str, list] = {}
     if model.has_controls:
-        own_tokens, own_mask = controlled_response_logps(
-            model.lm, model.control, batch, fp32_head=True, chunks=chunks
-        )  # chosen|good, rejected|bad
+        # every response under its own control (chosen|good, rejected|bad), then under the other: one batch of 4B
+        # rows, [chosen; rejected; chosen; rejected], whose four rows per pair can share one pass over the prompt
         ids = batch["control_ids"]
-        swapped = torch.cat([ids[n:], ids[:n]])
-        other_tokens, other_mask = controlled_response_logps(
-            model.lm, model.control, batch, swapped, fp32_head=True, chunks=chunks
+        both = {key: value if key == "num_pairs" else torch.cat([value, value]) for key, value in batch.items()}
+        controls = torch.cat([ids, ids[n:], ids[:n]])  # (4B, P)
+        tokens, mask = controlled_response_logps(
+            model.lm, model.control, both, controls, fp32_head=True, chunks=chunks, share_prompt=share
         )
-        # Each pass keeps its own mask: text controls of different lengths put the response at different positions.
-        own, other = sequence_logps(own_tokens, own_mask), sequence_logps(other_tokens, other_mask)  # (2B,)
+        # Each row keeps its own mask: text controls of different lengths put the response at different positions.
+        own_mask, other_mask = mask[: 2 * n], mask[2 * n :]
+        own, other = sequence_logps(tokens[: 2 * n], own_mask), sequence_logps(tokens[2 * n :], other_mask)  # (2B,)
         chosen = control_classifier_scores(own[:n], other[:n])
         rejected = control_classifier_scores(other[n:], own[n:])
         scores["control_accuracy"] = pairwise_accuracy(chosen, rejected).tolist()
@@ -363,14 +369,14 @@ def _score_batch(
         policy = torch.cat([own[:n], other[n:]])  # both responses under the good control
         counts = torch.cat([own_mask[:n].sum(-1), other_mask[n:].sum(-1)])
     else:
-        tokens, mask = plain_logps(model.lm, batch, fp32_head=True, chunks=chunks)
+        tokens, mask = plain_logps(model.lm, batch, fp32_head=True, chunks=chunks, share_prompt=share)
         policy, counts = sequence_logps(tokens, mask), mask.sum(-1)
     per_token = policy / counts.clamp(min=1)  # (2B,) [chosen; rejected] mean log-prob per token
     scores["chosen_nll"] = (-per_token[:n]).tolist()  # response_nll of the chosen side
     scores["logp_accuracy"] = pairwise_accuracy(per_token[:n], per_token[n:]).tolist()
     if reference is not None:
         beta = float(model.info.get("dpo_beta", 1.0))
-        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True, chunks=chunks))
+        base = sequence_logps(*plain_logps(reference, batch, fp32_head=True, chunks=chunks, share_prompt=share))
         chosen_reward, rejected_reward = beta * (policy[:n] - base[:n]), beta * (policy[n:] - base[n:])
         scores["dpo_reward_accuracy"] = pairwise_accuracy(chosen_reward, rejected_reward).tolist()
         scores["dpo_reward_margin"] = (chosen_reward - rejected_reward).tolist()
