@@ -110,6 +110,5 @@ def test_unset_forward_chunks_follow_the_device(monkeypatch):
     )
     unset.configure_model(), two.configure_model()
     assert (unset.forward_passes(), two.forward_passes()) == (4, 2)
-    for module in (unset, two):
-        monkeypatch.setattr(module, "device_type", lambda: "cuda")
+    monkeypatch.setattr(JointFinetuneModule, "device", property(lambda self: torch.device("cuda")))
     assert (unset.forward_passes(), two.forward_passes()) == (1, 2)

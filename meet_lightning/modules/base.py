@@ -194,7 +194,7 @@ class MeetModule(L.LightningModule):
         if self._one_pass or is_sharded(self.lm):
             return 1
         chosen = self.hparams.forward_chunks
-        return chosen if chosen is not None else CPU_FORWARD_CHUNKS if self.device_type() == "cpu" else 1
+        return chosen if chosen is not None else CPU_FORWARD_CHUNKS if self.device.type == "cpu" else 1
 
     def shares_prompt(self) -> bool:
         """Whether the rows of a paired batch share one pass over their prompt
