@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HH = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh_rlhf_harmless.train.jsonl.gz"
 WHEELS = ("datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client", "gguf", "trl")
 """Distributions the device image lacks: this library's own needs and TRL (for the TRL arms)."""
+DEEPSPEED = "deepspeed==0.19.8"
+"""For gpu_check's ZeRO arms. PyPI has DeepSpeed as source only: its wheel is built here without compiled ops
+(``DS_BUILD_OPS=0``; ZeRO with torch's AdamW needs none)."""
+DEEPSPEED_NEEDS = ("hjson==3.1.0", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
+                   "typing-inspection==0.4.5", "typing-extensions==4.16.0")  # fmt: skip
+"""What DeepSpeed needs that the device image lacks (pydantic 2.14 needs typing-extensions ≥ 4.16)."""
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -44,11 +50,14 @@ def pinned() -> list[str]:
 
 
 def download(pins: list[str], folder: Path) -> None:
-    """Binary wheels of ``pins`` for CPython 3.12 on x86-64 Linux, without their dependencies."""
+    """Binary wheels of ``pins`` for CPython 3.12 on x86-64 Linux, without their dependencies, and DeepSpeed's,
+    built here (see :data:`DEEPSPEED`)."""
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-               "--implementation", "cp", *platforms, "-d", str(folder), *pins]  # fmt: skip
+               "--implementation", "cp", *platforms, "-d", str(folder), *pins, *DEEPSPEED_NEEDS]  # fmt: skip
     subprocess.run(command, check=True)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(folder), DEEPSPEED]
+    subprocess.run(build, check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """What only a GPU can show, in one short prepared run: a ~1B model's bf16 throughput and CUDA memory per stage,
-a frozen 4-bit (NF4) base in stage 1, and the FSDP overlay on CUDA with a resume.
+a frozen 4-bit (NF4) base in stage 1, and the FSDP and DeepSpeed (ZeRO-2, ZeRO-3) overlays on CUDA with a resume.
 
 Every arm is ``python -m meet_lightning fit`` in its own process (its CUDA peak is its own), read back from the
 stage's ``done.json``: ``train_tokens_per_s_after_first_step`` (real data tokens; the first step's kernel
@@ -38,6 +38,7 @@ from memory import llama_1b  # noqa: E402 - a sibling script, not a package
 
 HH = Path(os.environ.get("MEET_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh_rlhf_harmless.train.jsonl.gz"
 FSDP = ROOT / "configs" / "strategies" / "fsdp.yaml"
+DEEPSPEED = ROOT / "configs" / "strategies" / "deepspeed.yaml"
 
 
 @dataclass
@@ -85,10 +86,16 @@ def arms(args: argparse.Namespace) -> list[Arm]:
     one = stage_args("stage1", args.steps, args.precision, args.accelerator)
     prompt = ["--config", "configs/meet_hh_prompt.yaml", "--stage2.model", "null", *one]
     stage2 = ["--config", "configs/ablations/stage2_only.yaml", *one]
-    tiny_fsdp = ["--config", "configs/meet_hh_prompt.yaml", "--config", str(FSDP), "--config", "configs/debug.yaml",
-                 "--data.eval_batch_size", "1", "--stage1.trainer.accelerator", args.accelerator,
-                 "--stage1.trainer.devices", "1", "--stage2.trainer.accelerator", args.accelerator,
-                 "--stage2.trainer.devices", "1"]  # fmt: skip
+
+    def tiny_overlay(overlay: Path) -> list[str]:  # a strategy overlay's own command, on one device
+        return ["--config", "configs/meet_hh_prompt.yaml", "--config", str(overlay), "--config", "configs/debug.yaml",
+                "--data.eval_batch_size", "1", "--stage1.trainer.accelerator", args.accelerator,
+                "--stage1.trainer.devices", "1", "--stage2.trainer.accelerator", args.accelerator,
+                "--stage2.trainer.devices", "1"]  # fmt: skip
+
+    tiny_fsdp, tiny_zero = tiny_overlay(FSDP), tiny_overlay(DEEPSPEED)
+    resumed = ["stage1: finished earlier", "restoring from", "global_step 5"]
+    zero = {"stage": "stage2", "k": 3, "resume_steps": 5, "own_model": True, "expect": resumed}  # the overlay's own test
     return [
         Arm("stage1 prompt tuning (frozen LM)", prompt),
         Arm("stage2 full fine-tuning + controls", stage2, k=3),
@@ -120,7 +127,13 @@ def arms(args: argparse.Namespace) -> list[Arm]:
             k=3,
             resume_steps=5,
             own_model=True,
-            expect=["stage1: finished earlier", "restoring from", "global_step 5"],
+            expect=resumed,
+        ),
+        Arm("DeepSpeed ZeRO-2 overlay, tiny model, resume 3 → 5", tiny_zero, **zero),
+        Arm(
+            "DeepSpeed ZeRO-3 overlay, tiny model, resume 3 → 5",
+            [*tiny_zero, "--stage2.trainer.strategy.init_args.stage", "3"],
+            **zero,
         ),
         Arm(
             "stage2 full fine-tuning + controls, gradient checkpointing",
