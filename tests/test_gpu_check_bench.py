@@ -37,3 +37,20 @@ def test_gpu_carry_stages_a_tokenizer_folder_and_the_data(tmp_path, shared_data)
     staged, original = load_tokenizer(str(tmp_path / "tokenizer")), load_tokenizer("smollm2-135m-instruct")
     text = [{"role": "user", "content": "Name a colour."}]
     assert staged.apply_chat_template(text) == original.apply_chat_template(text) and len(staged) == len(original)
+
+
+def test_the_gpu_session_runs_the_overlays_it_names(tmp_path):
+    """gpu_session.sh picks gpu_check arms by index: the indices must still be the FSDP and DeepSpeed overlays."""
+    import argparse
+    import re
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    names = [a.name for a in gpu_check.arms(argparse.Namespace(steps=3, precision="32-true", accelerator="cpu", out=tmp_path))]
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    first, rest = re.search(r'for only in "([\d ]+)" "([\d ]+)"', script).groups()
+    assert [names[int(i)].split(",")[0] for i in first.split()] == [
+        "FSDP overlay", "DeepSpeed ZeRO-2 overlay", "DeepSpeed ZeRO-3 overlay"
+    ]  # fmt: skip
+    assert all(int(i) < len(names) for i in rest.split())
