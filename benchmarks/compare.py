@@ -455,7 +455,7 @@ def run_fit(name: str, s: Settings, data: dict[str, Path], multiplier: float, st
     command = fit_command(name, s, data, multiplier, out, steps)
     recipes = recipe_digest(arm, s)
     if record.is_file():
-        back = read_back(record, "command", command[1:])
+        back = read_back(record, "command", command[1:], portable)
         if back.get("recipe_sha256") != recipes:  # same command line, edited YAML: a stale run must not be read back
             sys.exit(f"{record}: trained from other contents of {arm.recipe} — pass a new --out, or delete {out}")
         return back
@@ -507,10 +507,18 @@ def selection_key(runs: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], 
     return lambda r: (0.0, r["val_loss"])
 
 
-def read_back(path: Path, key: str, expected: Any) -> dict[str, Any]:
-    """A finished run or score read back for resuming; exits when it was made with other settings."""
+def portable(command: Sequence[str]) -> list[str]:
+    """``command`` with each recipe path relative to its checkout, so that a record made in another clone (a fresh
+    clone restoring a committed report, a worktree frozen for a long study) is read back: the recipe's contents are
+    checked by :func:`recipe_digest`, not its path."""
+    return [re.sub(r"^/.*/(configs/[\w./-]+\.ya?ml)$", r"\1", arg) for arg in command]
+
+
+def read_back(path: Path, key: str, expected: Any, canonical: Callable[[Any], Any] = lambda v: v) -> dict[str, Any]:
+    """A finished run or score read back for resuming; exits when it was made with other settings (compared after
+    ``canonical``)."""
     record = json.loads(path.read_text())
-    if record[key] != json.loads(json.dumps(expected)):
+    if canonical(record[key]) != canonical(json.loads(json.dumps(expected))):
         sys.exit(f"{path}: made with other settings than this command's — pass a new --out, or delete {path.parent}")
     return record
 

@@ -66,6 +66,30 @@ def test_rerunning_reads_finished_runs_back_and_refuses_other_settings(report, m
         cached.write_text(json.dumps(score))
 
 
+def test_a_run_record_made_in_another_clone_is_read_back(report, monkeypatch):
+    """A committed report restored in a fresh clone (or a study run from a frozen worktree) holds recipe paths under
+    another checkout: the run is read back, not trained again; another recipe is still refused."""
+    out, first = report
+    record = out / "runs" / "coh-lr1" / "compare_run.json"
+    saved = record.read_text()
+    run = json.loads(saved)
+    moved = [
+        str(Path("/elsewhere/clone") / Path(a).relative_to(compare.ROOT)) if a.endswith(".yaml") else a for a in run["command"]
+    ]
+    assert moved != run["command"]
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    s = settings(out)
+    try:
+        record.write_text(json.dumps({**run, "command": moved}))
+        assert compare.run_fit("coh", s, compare.prepare_data(s), 1.0)["command"] == moved
+        other = [a.replace("configs/", "configs/other_") if a.endswith(".yaml") else a for a in moved]
+        record.write_text(json.dumps({**run, "command": other}))
+        with pytest.raises(SystemExit, match="other settings"):
+            compare.run_fit("coh", s, compare.prepare_data(s), 1.0)
+    finally:
+        record.write_text(saved)
+
+
 def test_a_run_cut_off_before_its_record_resumes_and_keeps_its_log(report):
     """A training killed mid-run (session end): re-running continues it and appends to its log, marked resumed."""
     out, first = report
