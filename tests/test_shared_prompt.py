@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import build_tiny_hh_data
 
-from meet_lightning.controls.shared_prompt import shared_prompt_split
+from meet_lightning.controls.shared_prompt import prompt_families, shared_prompt_split
 from meet_lightning.controls.tokens import (
     ControlTokens,
     LoRAControl,
@@ -63,7 +63,7 @@ def run(name, schema, batch, share, chunks=1, groups=1):
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))
-@pytest.mark.parametrize(("chunks", "groups"), [(1, 1), (3, 1), (2, 2)])
+@pytest.mark.parametrize(("chunks", "groups"), [(1, 1), (3, 1), (1, 2), (2, 2)])
 def test_shared_prompt_pass_equals_the_full_pass(paired, name, chunks, groups):
     schema, batch = paired
     logps, mask, grads, tokens = run(name, schema, batch, share=False, chunks=chunks, groups=groups)
@@ -73,7 +73,10 @@ def test_shared_prompt_pass_equals_the_full_pass(paired, name, chunks, groups):
     assert grads.keys() == shared_grads.keys() and grads
     for key, grad in grads.items():
         torch.testing.assert_close(shared_grads[key], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=key)
-    if name in SHARED:  # each prompt computed once: fewer tokens, even with every continuation padded to the longest
+    # Each prompt (with a prefix control: each control and prompt) computed once: fewer tokens, even with every
+    # continuation padded. A prefix control's pairs of rows in 2 chunks would compute more than the rows cut by
+    # length, so the full pass runs there.
+    if name in SHARED or (name == "prefix" and (chunks, groups) == (1, 2)):
         assert shared_tokens < tokens
     else:  # controls that change the prompt's computation keep the full pass
         assert shared_tokens == tokens
@@ -87,6 +90,28 @@ def test_rows_whose_prompts_differ_do_not_share(paired):
     other[n, 1] += 1  # the rejected row of pair 0 read another prompt (cut differently, say)
     assert shared_prompt_split(batch, other, mask) is None
     assert shared_prompt_split({k: v for k, v in batch.items() if k != "num_pairs"}, ids, mask) is None  # pointwise
+
+
+def test_rows_with_one_prefix_control_and_prompt_form_a_family(paired):
+    """With a control before the prompt, the rows that read the same control and prompt share its pass, and only
+    those: a row whose prompt differs by one token, or that has no response to split at, shares nothing."""
+    schema, batch = paired
+    lm = load_model("tiny-debug", torch.float32)
+    control = CONTROLS["prefix"]()
+    control.setup(lm, load_tokenizer("tiny-debug"), schema)
+    n = int(batch["num_pairs"])
+    same_control = {**batch, "control_ids": torch.cat([batch["control_ids"][:n]] * 2)}  # both responses under "good"
+    ids, mask, labels = control.insert(same_control)
+    sharing = prompt_families(ids, mask, labels)
+    assert sharing is not None and torch.equal(sharing.family, torch.arange(n).repeat(2))
+    assert torch.equal(sharing.heads, torch.arange(n)) and (sharing.split < (labels != -100).int().argmax(-1)[:n]).all()
+    other = ids.clone()
+    other[n, 1] += 1
+    assert prompt_families(other, mask, labels).family[n] == n  # its own prompt now
+    assert prompt_families(*control.insert(batch)) is None  # chosen|good, rejected|bad: nothing shared
+    unlabelled = labels.clone()
+    unlabelled[0] = -100
+    assert prompt_families(ids, mask, unlabelled) is None
 
 
 def test_no_sharing_while_training_under_gradient_checkpointing(paired):
@@ -126,7 +151,8 @@ def test_share_prompt_is_a_module_option_off_by_default(paired, share):
 @pytest.mark.parametrize("name", ["infix", "text", "none", "prefix", "lora"])
 def test_scoring_shares_the_prompt_pass_with_the_same_scores(name, shared_data):
     """``score_pairs``: a pair's four rows (both responses under both controls) continue from one prompt pass where
-    the control allows, computing fewer tokens; every score equals the unshared path's (fp32)."""
+    the control allows (two with a prefix control: both responses under one control share it), computing fewer
+    tokens; every score equals the unshared path's (fp32)."""
     from meet_lightning.data.formats import SourceConfig
     from meet_lightning.evaluation.metrics import EvalModel, read_pairs, score_pairs
 
@@ -150,4 +176,4 @@ def test_scoring_shares_the_prompt_pass_with_the_same_scores(name, shared_data):
     assert shared.keys() == unshared.keys() and len(shared["chosen_nll"]) >= 6
     for key, values in unshared.items():
         torch.testing.assert_close(torch.tensor(shared[key]), torch.tensor(values), rtol=0, atol=1e-4, msg=key)
-    assert (shared_tokens < full_tokens) == (name in SHARED), (shared_tokens, full_tokens)
+    assert (shared_tokens < full_tokens) == (name in SHARED | {"prefix"}), (shared_tokens, full_tokens)

@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from meet_lightning._moved import current_name
-from meet_lightning.controls.shared_prompt import padded_tokens, shared_prompt_logps, shared_prompt_split, shared_prompt_tokens
+from meet_lightning.controls.shared_prompt import (
+    PromptSharing,
+    padded_tokens,
+    prompt_families,
+    shared_prompt_logps,
+    shared_prompt_split,
+)
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import CheckpointError
 from meet_lightning.heads import LMHead
@@ -501,8 +507,8 @@ def controlled_response_logps(
     ``fp32_head`` computes the LM head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`).
     ``chunks`` > 1 runs the rows in up to that many forward passes of similar length (:func:`length_chunks`),
     each padded only to its own longest row: less padding computed, the same values (rows never attend to each
-    other; right padding is cut, not moved). ``share_prompt``: in a paired batch, each prompt is computed once
-    for all of its rows where the control allows (:mod:`~meet_lightning.controls.shared_prompt`); the same values.
+    other; right padding is cut, not moved). ``share_prompt``: rows that read the same prompt (and the same
+    control, where it comes first) compute it once (:mod:`~meet_lightning.controls.shared_prompt`); the same values.
 
     Returns:
         ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
@@ -510,9 +516,9 @@ def controlled_response_logps(
     controls = batch["control_ids"] if control_ids is None else control_ids
     ids, mask, labels = control.insert({**batch, "control_ids": controls})  # (B, T)
     ends = (mask.bool() * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(-1)  # (B,) one past the last token
-    split = _prompt_split(lm, control, batch, ids, mask) if share_prompt else None
-    if split is not None:
-        shared = _shared_prompt_chunks(lm, control, ids, mask, labels, split, ends, fp32_head, chunks)
+    sharing = _prompt_sharing(lm, control, batch, ids, mask, labels) if share_prompt else None
+    if sharing is not None:
+        shared = _shared_prompt_chunks(lm, control, ids, mask, labels, sharing, ends, fp32_head, chunks)
         if shared is not None:
             return shared
 
@@ -528,24 +534,22 @@ def controlled_response_logps(
 
 
 def _shared_prompt_chunks(
-    lm, control, ids, mask, labels, split, ends, fp32_head, chunks
+    lm, control, ids, mask, labels, sharing: PromptSharing, ends, fp32_head, chunks
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`~meet_lightning.controls.shared_prompt.shared_prompt_logps` over chunks of prompts, or ``None`` where
     that would compute more tokens than the full pass (prompts and responses varying in opposite directions)."""
-    pairs = split.shape[0]
-    copies = torch.arange(0, ids.shape[0], pairs, device=ids.device)  # (k,) where each group of rows starts
     embed = functools.partial(control.embed, lm.get_input_embeddings())
 
     def shared(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = (copies[:, None] + index).flatten()  # (k·b,) the chunk's prompts' rows, group by group
-        logps, picked = shared_prompt_logps(lm, embed, ids[rows, :t], mask[rows, :t], labels[rows, :t], split[index], fp32_head)
+        rows, part = sharing.select(index)  # the chunk's prompts' rows
+        logps, picked = shared_prompt_logps(lm, embed, ids[rows, :t], mask[rows, :t], labels[rows, :t], part, fp32_head)
         return logps, picked, rows
 
-    per_pair = ends.view(-1, pairs).amax(0)  # (B,) a prompt's longest row
-    groups = length_chunks(per_pair.tolist(), chunks)
-    if shared_prompt_tokens(split, ends, groups) >= padded_tokens(ends, length_chunks(ends.tolist(), chunks)):
+    longest = torch.zeros_like(sharing.heads).scatter_reduce(0, sharing.family, ends, "amax")  # (M,) a prompt's longest row
+    groups = length_chunks(longest.tolist(), chunks)
+    if sharing.tokens(ends, groups) >= padded_tokens(ends, length_chunks(ends.tolist(), chunks)):
         return None
-    return _in_chunks(shared, groups, per_pair, ids.shape[0], ids.shape[1] - 1)
+    return _in_chunks(shared, groups, longest, ids.shape[0], ids.shape[1] - 1)
 
 
 def _in_chunks(run, groups: list[list[int]], ends: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -564,17 +568,19 @@ def _in_chunks(run, groups: list[list[int]], ends: torch.Tensor, rows: int, widt
     return torch.cat(parts)[torch.argsort(torch.cat(order))], picked  # back to the batch's row order
 
 
-def _prompt_split(lm, control, batch, ids, mask) -> torch.Tensor | None:
-    """Where the rows of a paired batch's prompts part, or ``None`` where they cannot share a prompt pass: controls
-    that change the prompt's computation (spliced before it, or routed weight deltas), and training under gradient
-    checkpointing (whose layers drop the key/value cache)."""
-    inserted_after = control.placement == "infix" or ids is batch["input_ids"]
+def _prompt_sharing(lm, control, batch, ids, mask, labels) -> PromptSharing | None:
+    """Which rows can continue from one prompt pass: a paired batch's rows of one prompt where the control comes
+    after it (or there is none), else rows with the same tokens up to their response (a ``prefix`` control and the
+    prompt). ``None`` for controls with per-row weight deltas and in training under gradient checkpointing (whose
+    layers drop the key/value cache)."""
     checkpointed = (
         lm.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
     )
-    if not (control.shares_prompt and inserted_after) or checkpointed:
+    if not control.shares_prompt or checkpointed:
         return None
-    return shared_prompt_split(batch, ids, mask)
+    inserted_after = control.placement == "infix" or ids is batch["input_ids"]
+    pairs = shared_prompt_split(batch, ids, mask) if inserted_after else None
+    return pairs if pairs is not None else prompt_families(ids, mask, labels)
 
 
 def _response_logps(lm, control, ids, mask, labels, controls, fp32_head) -> tuple[torch.Tensor, torch.Tensor]:
