@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,20 @@ def test_compiled_arm_reports_speedup_compile_seconds_and_payback(tmp_path, shar
     assert report["payback_steps"] is None or report["payback_steps"] >= 0
     assert report["graphs_traced_in_warmup"] > 0 and report["graphs_traced_in_measured_steps"] >= 0
     assert all(step["graphs"] == 0 for step in eager["windows"][0]["steps_raw"])  # the eager arm traced nothing
+
+
+def test_rss_phases_prints_the_resident_set_at_every_phase_of_a_step(tmp_path, shared_data, capsys, monkeypatch):
+    """``benchmarks/rss_phases.py``: a library arm through throughput's CLI, with a peak and a current resident set
+    at each forward chunk, backward and step end, and after ``malloc_trim`` with ``--malloc-trim``."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("rss_phases", REPO / "benchmarks" / "rss_phases.py")
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    data = shared_data / "hh_rlhf_harmless.train.jsonl.gz"
+    argv = [*QUICK, "--data", str(data), "--arms", "stage2_prefix", "--json", str(tmp_path / "t.json"), "--malloc-trim"]
+    assert phases.main(argv) == 0
+    lines = [re.match(r"rss (.+?) +(?:peak +(\d+) MiB +)?now +(\d+) MiB", line) for line in capsys.readouterr().out.splitlines()]
+    seen = {m[1] for m in lines if m}
+    assert {"fit start", "forward", "backward", "before step", "step 0 end", "step 2 end", "trimmed"} <= seen, seen
+    assert all(int(m[3]) > 0 and (m[1] == "trimmed" or int(m[2]) > 0) for m in lines if m)
+    assert phases.throughput.library_trainer is not bench.library_trainer  # the printer went into the run's module
