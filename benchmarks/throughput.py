@@ -38,7 +38,7 @@ run; the spread is reported).
 Model FLOPs per processed token (data + control tokens) are ``k · (2·N + 4·L·d·T)`` with N the non-embedding parameters, T the row's length and ``k`` = 3 for
 full fine-tuning, 2 for a frozen LM that back-propagates to its inputs, 1 for a reference forward; plus
 ``k · 2·d·V`` per position whose logits are computed. Library levers (``--all-logits``, ``--no-group-by-length``, ``--forward-chunks``,
-``--one-backward``, ``--shared-prompt``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
+``--one-backward``, ``--shared-prompt``, ``--pack-rows``, ``--compile``) switch this library's optimizations off or on in its own arms; TRL arms keep their best
 setting. The FLOPs count every row's prompt, so where a pair shares one pass over its prompt (infix controls,
 ``meet_dpo``) the MFU counts work avoided as done: compare those arms by pairs/s.
 """
@@ -410,6 +410,7 @@ def build_library_module(arm: str, model: str, schema: dict, levers: Mapping[str
         "compile": levers["compile"],
         "share_prompt": levers["shared_prompt"],
         "backward_per_chunk": levers["backward_per_chunk"],
+        "pack_rows": levers["pack_rows"],
     }
     builders: dict[str, Callable[[], Any]] = {
         "stage1_prompt": lambda: ControlTokenModule(model, prompt(placement="prefix"), schema, **common),
@@ -519,6 +520,7 @@ def library_settings(module: Any, data: Any, trainer: Any, levers: Mapping[str, 
         compiled=levers["compile"],
         forward_chunks=module.hparams.forward_chunks,
         shared_prompt=levers["shared_prompt"],
+        pack_rows=levers["pack_rows"],
         backward_per_chunk=module.hparams.backward_per_chunk,
         precompute_reference=getattr(module.hparams, "precompute_reference", None),
         reference_cache_hits=getattr(module, "reference_cache_hits", None),  # pairs scored from the cache
@@ -1426,6 +1428,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--shared-prompt", action="store_true", help="lever on: library arms' share_prompt (a pair's rows share its prompt pass)"
     )
     parser.add_argument("--compile", action="store_true", help="lever on: torch.compile the library arms' decoder")
+    parser.add_argument("--pack-rows", action="store_true", help="lever on: library arms' pack_rows (no padding computed)")
     parser.add_argument(
         "--one-backward", action="store_true", help="lever off: library arms back-propagate once per step, not per chunk"
     )
@@ -1505,6 +1508,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "compile": args.compile,
         "dpo_precompute": args.dpo_precompute,
         "forward_chunks": args.forward_chunks,
+        "pack_rows": args.pack_rows,
     }
     start = time.perf_counter()
     # a pool of one length-grouping window (50 batches): batches as uniform as in a long run; the arms then

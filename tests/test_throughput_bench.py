@@ -136,6 +136,15 @@ def test_backward_per_chunk_lever_keeps_the_loss(tmp_path, shared_data):
     assert parts["windows"][0]["tokens"] == one["windows"][0]["tokens"]  # the same batches
 
 
+def test_pack_rows_lever_keeps_the_loss(tmp_path, shared_data):
+    packed = run_benchmark(tmp_path, shared_data, ["stage2_prefix"], "--pack-rows", "--forward-chunks", "1")
+    padded = run_benchmark(tmp_path, shared_data, ["stage2_prefix"], "--forward-chunks", "1")
+    packed, padded = packed["arms"]["stage2_prefix"], padded["arms"]["stage2_prefix"]
+    assert (packed["settings"]["pack_rows"], padded["settings"]["pack_rows"]) == (True, False)
+    assert packed["losses"][0][0] == pytest.approx(padded["losses"][0][0], abs=1e-5)
+    assert packed["windows"][0]["tokens"] == padded["windows"][0]["tokens"]  # the same batches
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_device_cuda_is_refused_in_one_line_where_there_is_none(capsys, shared_data):
     data = str(shared_data / "hh_rlhf_harmless.train.jsonl.gz")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from meet_lightning._moved import current_name
+from meet_lightning.controls.packing import packed_logps
 from meet_lightning.controls.shared_prompt import (
     PromptSharing,
     padded_tokens,
@@ -501,6 +502,7 @@ def controlled_response_logps(
     fp32_head: bool = False,
     chunks: int = 1,
     share_prompt: bool = False,
+    pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each row's response under its controls (or ``control_ids`` (B, P)).
 
@@ -509,6 +511,8 @@ def controlled_response_logps(
     each padded only to its own longest row: less padding computed, the same values (rows never attend to each
     other; right padding is cut, not moved). ``share_prompt``: rows that read the same prompt (and the same
     control, where it comes first) compute it once (:mod:`~meet_lightning.controls.shared_prompt`); the same values.
+    ``pack``: otherwise, the rows packed end to end in one pass without padding (:mod:`~meet_lightning.controls.packing`;
+    ``chunks`` is then not used), where the control allows; the same values.
 
     Returns:
         ``token_logps`` and ``mask``, both (B, T-1) over the spliced sequence.
@@ -521,6 +525,10 @@ def controlled_response_logps(
         shared = _shared_prompt_chunks(lm, control, ids, mask, labels, sharing, ends, fp32_head, chunks)
         if shared is not None:
             return shared
+    if pack and control.shares_prompt:  # a control that routes weights per row (LoRA) needs a row per batch row
+        packed = packed_logps(lm, functools.partial(control.embed, lm.get_input_embeddings()), ids, mask, labels, fp32_head)
+        if packed is not None:
+            return packed
 
     def full(index: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logps, picked = _response_logps(
@@ -591,15 +599,20 @@ def _response_logps(lm, control, ids, mask, labels, controls, fp32_head) -> tupl
 
 
 def plain_logps(
-    lm: nn.Module, batch: Mapping[str, torch.Tensor], fp32_head: bool = False, chunks: int = 1, share_prompt: bool = False
+    lm: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    fp32_head: bool = False,
+    chunks: int = 1,
+    share_prompt: bool = False,
+    pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token response log-probs of every row under no control: ``token_logps`` and ``mask``, (B, T-1).
 
     ``fp32_head``: head and log-softmax in float32 (scoring; see :class:`~meet_lightning.heads.LMHead`);
-    ``chunks``, ``share_prompt``: as in :func:`controlled_response_logps`.
+    ``chunks``, ``share_prompt``, ``pack``: as in :func:`controlled_response_logps`.
     """
     no_controls = torch.full_like(batch["control_ids"], -1)
-    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head, chunks, share_prompt)
+    return controlled_response_logps(lm, ControlTokens(), batch, no_controls, fp32_head, chunks, share_prompt, pack)
 
 
 def build_control(control: ControlTokens | Mapping[str, Any] | None, *, allow_import: bool = False) -> ControlTokens:

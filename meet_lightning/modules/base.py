@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from typing_extensions import override
 
+from meet_lightning.controls.packing import check_packing
 from meet_lightning.controls.tokens import ControlTokens, build_control, controlled_response_logps, length_chunks
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.data.tokenization import batch_part, batch_units
@@ -72,8 +73,8 @@ class MeetModule(L.LightningModule):
             as much as its length (in AlpacaEval's concise/verbose answers, verbose ones hold 70 % of the tokens).
             Validation's ``val/loss`` stays the token mean, so runs compare.
         share_prompt: The rows of a paired batch share one pass over their prompt where the control allows
-            (:mod:`~meet_lightning.controls.shared_prompt`; infix, text or no controls): same loss and gradients in
-            fp32. Off by default: on a 2-core CPU (SmolLM2-135M, HH pairs, 512 tokens, bf16) it measured no clear
+            (:mod:`~meet_lightning.controls.shared_prompt`; infix, text or no controls; with a prefix control,
+            the rows under one control): same loss and gradients in fp32. Off by default: on a 2-core CPU (SmolLM2-135M, HH pairs, 512 tokens, bf16) it measured no clear
             gain (stage 2 infix 2.08× TRL DPO pairs/s with it, 1.96× without, in two runs) and ~0.5 GiB more
             peak memory; not measured on a GPU yet.
         backward_per_chunk: Back-propagate each forward chunk's loss as soon as it is computed (gradient
@@ -82,6 +83,11 @@ class MeetModule(L.LightningModule):
             CPU: 5.2 GiB instead of 7.1, at the same speed). Chunks keep a pair's two rows together. Only where the
             loss splits over rows or pairs (:meth:`loss_weight`) and the trainer runs on one device; elsewhere
             (DDP, FSDP, DeepSpeed) one backward, as with ``false``.
+        pack_rows: Each forward pass packs its rows end to end without padding
+            (:mod:`~meet_lightning.controls.packing`), where neither ``share_prompt`` applies nor the control routes
+            weights per row (LoRA controls): same loss and gradients in fp32, no padding computed. For one forward
+            pass over a batch of uneven rows (an accelerator); checked against the model at load (a model whose
+            attention ignores the restarts in ``position_ids`` is refused). Off by default: not measured on a GPU yet.
         compile: ``torch.compile`` the LM's decoder layers (:func:`~meet_lightning.models.compile_decoder`):
             the first steps pay the compilation; loss and gradients are unchanged (tested in fp32). Its speed is
             not measured yet; not tested with FSDP or DeepSpeed.
@@ -107,6 +113,7 @@ class MeetModule(L.LightningModule):
         per_response_loss: bool = False,
         share_prompt: bool = False,
         backward_per_chunk: bool = True,
+        pack_rows: bool = False,
     ) -> None:
         super().__init__()
         problems = [
@@ -158,6 +165,8 @@ class MeetModule(L.LightningModule):
             quantization_config=quantization,
         )
         self.base_fingerprint = self.fingerprint_base(lm)
+        if self.hparams.pack_rows:
+            check_packing(lm, self.hparams.model_name_or_path)
         self.control.setup(lm, self.tokenizer, self.schema)
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(lm, self.control)
@@ -239,6 +248,7 @@ class MeetModule(L.LightningModule):
             fp32_head=not self.training,
             chunks=self.forward_passes(),
             share_prompt=self.shares_prompt(),
+            pack=self.hparams.pack_rows,
         )
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -110,7 +110,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """NLL of the chosen responses (the whole batch, or the chosen half of a paired batch)."""
         token_logps, mask = plain_logps(
-            self.lm, batch, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+            self.lm, batch, chunks=self.forward_passes(), share_prompt=self.shares_prompt(), pack=self.hparams.pack_rows
         )  # (B, T-1)
         if "num_pairs" in batch:
             pairs = int(batch["num_pairs"])
@@ -125,7 +125,12 @@ class SFTModule(_PlainPairMetrics, MeetModule):
 
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         token_logps, mask = plain_logps(
-            self.lm, batch, fp32_head=True, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+            self.lm,
+            batch,
+            fp32_head=True,
+            chunks=self.forward_passes(),
+            share_prompt=self.shares_prompt(),
+            pack=self.hparams.pack_rows,
         )
         if "num_pairs" not in batch:
             self.log(f"{split}/loss", nll(token_logps, mask), batch_size=mask.shape[0], sync_dist=True, prog_bar=True)
@@ -215,7 +220,9 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         was_training = lm.training
         lm.eval()
         try:
-            return sequence_logps(*plain_logps(lm, batch, fp32_head, self.forward_passes(), self.shares_prompt()))
+            return sequence_logps(
+                *plain_logps(lm, batch, fp32_head, self.forward_passes(), self.shares_prompt(), self.hparams.pack_rows)
+            )
         finally:
             lm.train(was_training)
 
@@ -282,7 +289,12 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         """DPO loss, implicit rewards and the plain per-token log-probs of a paired batch."""
         pairs = require_pairs(batch, type(self).__name__)
         token_logps, mask = plain_logps(
-            self.lm, batch, fp32_head=not self.training, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+            self.lm,
+            batch,
+            fp32_head=not self.training,
+            chunks=self.forward_passes(),
+            share_prompt=self.shares_prompt(),
+            pack=self.hparams.pack_rows,
         )  # (2B, T-1)
         policy = sequence_logps(token_logps, mask)  # (2B,) [chosen; rejected]
         reference_chosen, reference_rejected = self.reference_logps(batch)
@@ -308,7 +320,12 @@ class DPOModule(_PlainPairMetrics, MeetModule):
     def _evaluate(self, batch: Mapping[str, torch.Tensor], split: str) -> None:
         if "num_pairs" not in batch:  # pointwise validation data: NLL only
             token_logps, mask = plain_logps(
-                self.lm, batch, fp32_head=True, chunks=self.forward_passes(), share_prompt=self.shares_prompt()
+                self.lm,
+                batch,
+                fp32_head=True,
+                chunks=self.forward_passes(),
+                share_prompt=self.shares_prompt(),
+                pack=self.hparams.pack_rows,
             )
             self.log(f"{split}/chosen_nll", response_nll(token_logps, mask).mean(), batch_size=mask.shape[0], sync_dist=True)
             return

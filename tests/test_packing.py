@@ -1,0 +1,113 @@
+"""Padding-free batches: rows packed end to end give the padded pass's log-probabilities and gradients (fp32) with
+fewer rows computed; controls that route weights per row, and models whose attention ignores the restarts, keep
+the padded pass or are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_hh_data
+
+from meet_lightning.controls.packing import check_packing, pack_bins, packed_layout
+from meet_lightning.controls.tokens import (
+    ControlTokens,
+    LoRAControl,
+    PromptTuningControl,
+    TextControl,
+    controlled_response_logps,
+)
+from meet_lightning.data.rows import ControlSchema
+from meet_lightning.errors import ConfigError
+from meet_lightning.models import load_model, load_tokenizer
+from meet_lightning.modules import JointFinetuneModule
+
+CONTROLS = {
+    "prefix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="prefix", seed=0),
+    "infix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="infix", seed=0),
+    "text": lambda: TextControl({"good": "A good answer:", "bad": "A poor one:"}),
+    "none": ControlTokens,
+    "lora": lambda: LoRAControl(rank=4, target_modules=["q_proj", "v_proj"], seed=0),
+}
+
+
+@pytest.fixture(scope="module")
+def paired(shared_data):
+    data = build_tiny_hh_data(shared_data, max_length=256, pair_batches=True, max_val_examples=2)
+    return ControlSchema.from_dict(data.control_schema), next(iter(data.train_dataloader()))
+
+
+def test_bins_hold_every_row_once_within_the_longest():
+    lengths = [9, 2, 7, 3, 5, 1, 9]
+    bins = pack_bins(lengths)
+    assert sorted(r for b in bins for r in b) == list(range(7)) and len(bins) == 4
+    assert all(sum(lengths[r] for r in b) <= 9 for b in bins)
+    row, col, positions = packed_layout(lengths, torch.device("cpu"))
+    assert row.shape == (4, 9) and int((row >= 0).sum()) == sum(lengths)
+    for b in range(4):  # each row's own positions, then the tail restarting at 0
+        for r in bins[b]:
+            assert torch.equal(col[b][row[b] == r], torch.arange(lengths[r]))
+        assert torch.equal(positions[b][row[b] >= 0], col[b][row[b] >= 0])
+
+
+def run(name, schema, batch, pack):
+    """Log-probs, mask, every gradient of their sum, and the rows the decoder computed."""
+    torch.manual_seed(0)
+    lm = load_model("tiny-debug", torch.float32)
+    control = CONTROLS[name]()
+    control.setup(lm, load_tokenizer("tiny-debug"), schema)
+    with torch.no_grad():
+        for key, p in control.named_parameters():
+            if "lora_b" in key:
+                p.normal_(0.0, 0.1)
+    rows = []
+    hook = lm.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    logps, mask = controlled_response_logps(lm, control, batch, pack=pack)
+    hook.remove()
+    (logps * mask).sum().backward()
+    grads = {k: p.grad for k, p in [*lm.named_parameters(), *control.named_parameters()] if p.grad is not None}
+    return logps.detach(), mask, grads, sum(rows)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLS))
+def test_packed_rows_equal_the_padded_pass(paired, name):
+    schema, batch = paired
+    logps, mask, grads, rows = run(name, schema, batch, pack=False)
+    packed_logps, packed_mask, packed_grads, packed_rows = run(name, schema, batch, pack=True)
+    assert torch.equal(packed_mask, mask) and mask.any()
+    torch.testing.assert_close(packed_logps, logps, rtol=0, atol=2e-5)
+    assert grads.keys() == packed_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(packed_grads[key], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=key)
+    if name == "lora":  # every row through its own control's adapter: the padded pass
+        assert packed_rows == rows
+    else:
+        assert packed_rows < rows
+
+
+def test_pack_rows_is_a_module_option_with_the_same_loss(paired):
+    schema, batch = paired
+    losses, rows = {}, {}
+    for pack in (False, True):
+        torch.manual_seed(0)
+        module = JointFinetuneModule("tiny-debug", CONTROLS["prefix"](), schema.to_dict(), forward_chunks=1, pack_rows=pack)
+        module.configure_model()
+        seen: list[int] = []
+        hook = module.lm.get_decoder().register_forward_pre_hook(
+            lambda _, args, kwargs, seen=seen: seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+        )
+        losses[pack] = module.compute_loss(batch)["loss"].item()
+        hook.remove()
+        rows[pack] = sum(seen)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5) and rows[True] < rows[False]
+
+
+def test_a_model_whose_attention_ignores_the_restarts_is_refused(monkeypatch):
+    lm = load_model("tiny-debug", torch.float32)
+    check_packing(lm, "tiny-debug")  # transformers' llama keeps packed rows apart
+    decoder = lm.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, position_ids=None, **k: forward(*a, **k))
+    with pytest.raises(ConfigError, match="pack_rows: false"):
+        check_packing(lm, "tiny-debug")
