@@ -94,6 +94,29 @@ def build_tiny_hh_data(shared: Path, **options):
     return data
 
 
+def control_variants() -> dict:
+    """One factory per kind of control, small and seeded, for tests that compare a forward path across them:
+    learned vectors before the prompt and after it, text, none, and LoRA (which routes every row's weights)."""
+    from meet_lightning.controls.tokens import ControlTokens, LoRAControl, PromptTuningControl, TextControl
+
+    return {
+        "infix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="infix", seed=0),
+        "text": lambda: TextControl({"good": "A good answer:", "bad": "A poor one:"}),
+        "none": ControlTokens,
+        "prefix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="prefix", seed=0),
+        "lora": lambda: LoRAControl(rank=4, target_modules=["q_proj", "v_proj"], seed=0),
+    }
+
+
+@pytest.fixture(scope="module")
+def paired(shared_data):
+    """The schema and first training batch of tiny HH pairs (256 tokens, a paired batch)."""
+    from meet_lightning.data.rows import ControlSchema
+
+    data = build_tiny_hh_data(shared_data, max_length=256, pair_batches=True, max_val_examples=2)
+    return ControlSchema.from_dict(data.control_schema), next(iter(data.train_dataloader()))
+
+
 @pytest.fixture(scope="session")
 def tiny_hh_data(shared_data):
     """:func:`build_tiny_hh_data` as a factory: ``tiny_hh_data(max_length=128, pair_batches=True)``."""

@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_hh_data
+from conftest import control_variants
 
 from meet_lightning.controls.packing import check_packing, pack_bins, packed_layout
-from meet_lightning.controls.tokens import (
-    ControlTokens,
-    LoRAControl,
-    PromptTuningControl,
-    TextControl,
-    controlled_response_logps,
-)
-from meet_lightning.data.rows import ControlSchema
+from meet_lightning.controls.tokens import controlled_response_logps
 from meet_lightning.errors import ConfigError
 from meet_lightning.models import load_model, load_tokenizer
 from meet_lightning.modules import JointFinetuneModule
 
-CONTROLS = {
-    "prefix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="prefix", seed=0),
-    "infix": lambda: PromptTuningControl(num_tokens=3, init="random", placement="infix", seed=0),
-    "text": lambda: TextControl({"good": "A good answer:", "bad": "A poor one:"}),
-    "none": ControlTokens,
-    "lora": lambda: LoRAControl(rank=4, target_modules=["q_proj", "v_proj"], seed=0),
-}
-
-
-@pytest.fixture(scope="module")
-def paired(shared_data):
-    data = build_tiny_hh_data(shared_data, max_length=256, pair_batches=True, max_val_examples=2)
-    return ControlSchema.from_dict(data.control_schema), next(iter(data.train_dataloader()))
+CONTROLS = control_variants()
 
 
 def test_bins_hold_every_row_once_within_the_longest():

@@ -211,6 +211,11 @@ class MeetModule(L.LightningModule):
         forward per backward (see :meth:`forward_passes`)."""
         return self.hparams.share_prompt and not is_sharded(self.lm)
 
+    def forward_options(self) -> dict[str, Any]:
+        """How this module's forward passes run (``chunks``, ``share_prompt``, ``pack``), as
+        :func:`~meet_lightning.controls.tokens.controlled_response_logps` and ``plain_logps`` take them."""
+        return {"chunks": self.forward_passes(), "share_prompt": self.shares_prompt(), "pack": self.hparams.pack_rows}
+
     def device_type(self) -> str:
         """``cpu``/``cuda``/…: where the trainer runs this module (``cpu`` outside a trainer)."""
         return self._trainer.strategy.root_device.type if self._trainer is not None else "cpu"
@@ -246,9 +251,7 @@ class MeetModule(L.LightningModule):
             batch,
             control_ids,
             fp32_head=not self.training,
-            chunks=self.forward_passes(),
-            share_prompt=self.shares_prompt(),
-            pack=self.hparams.pack_rows,
+            **self.forward_options(),
         )
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

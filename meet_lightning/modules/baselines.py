@@ -109,9 +109,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """NLL of the chosen responses (the whole batch, or the chosen half of a paired batch)."""
-        token_logps, mask = plain_logps(
-            self.lm, batch, chunks=self.forward_passes(), share_prompt=self.shares_prompt(), pack=self.hparams.pack_rows
-        )  # (B, T-1)
+        token_logps, mask = plain_logps(self.lm, batch, **self.forward_options())  # (B, T-1)
         if "num_pairs" in batch:
             pairs = int(batch["num_pairs"])
             token_logps, mask = token_logps[:pairs], mask[:pairs]
@@ -128,9 +126,7 @@ class SFTModule(_PlainPairMetrics, MeetModule):
             self.lm,
             batch,
             fp32_head=True,
-            chunks=self.forward_passes(),
-            share_prompt=self.shares_prompt(),
-            pack=self.hparams.pack_rows,
+            **self.forward_options(),
         )
         if "num_pairs" not in batch:
             self.log(f"{split}/loss", nll(token_logps, mask), batch_size=mask.shape[0], sync_dist=True, prog_bar=True)
@@ -220,9 +216,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
         was_training = lm.training
         lm.eval()
         try:
-            return sequence_logps(
-                *plain_logps(lm, batch, fp32_head, self.forward_passes(), self.shares_prompt(), self.hparams.pack_rows)
-            )
+            return sequence_logps(*plain_logps(lm, batch, fp32_head, **self.forward_options()))
         finally:
             lm.train(was_training)
 
@@ -292,9 +286,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
             self.lm,
             batch,
             fp32_head=not self.training,
-            chunks=self.forward_passes(),
-            share_prompt=self.shares_prompt(),
-            pack=self.hparams.pack_rows,
+            **self.forward_options(),
         )  # (2B, T-1)
         policy = sequence_logps(token_logps, mask)  # (2B,) [chosen; rejected]
         reference_chosen, reference_rejected = self.reference_logps(batch)
@@ -323,9 +315,7 @@ class DPOModule(_PlainPairMetrics, MeetModule):
                 self.lm,
                 batch,
                 fp32_head=True,
-                chunks=self.forward_passes(),
-                share_prompt=self.shares_prompt(),
-                pack=self.hparams.pack_rows,
+                **self.forward_options(),
             )
             self.log(f"{split}/chosen_nll", response_nll(token_logps, mask).mean(), batch_size=mask.shape[0], sync_dist=True)
             return
