@@ -108,8 +108,34 @@ def control_variants() -> dict:
     }
 
 
+def controlled_logps_and_grads(name: str, schema, batch, **options):
+    """The tiny model in fp32 under control ``name`` of :func:`control_variants` (LoRA's B drawn, so that it steers):
+    ``controlled_response_logps(**options)``'s log-probs and mask, every gradient of their sum, and the (rows,
+    length) of each decoder pass."""
+    from meet_lightning.controls.tokens import controlled_response_logps
+    from meet_lightning.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    lm = load_model("tiny-debug", torch.float32)
+    control = control_variants()[name]()
+    control.setup(lm, load_tokenizer("tiny-debug"), schema)
+    with torch.no_grad():
+        for key, p in control.named_parameters():
+            if "lora_b" in key:
+                p.normal_(0.0, 0.1)
+    shapes = []
+    hook = lm.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    logps, mask = controlled_response_logps(lm, control, batch, **options)
+    hook.remove()
+    (logps * mask).sum().backward()
+    grads = {k: p.grad for k, p in [*lm.named_parameters(), *control.named_parameters()] if p.grad is not None}
+    return logps.detach(), mask, grads, shapes
+
+
 @pytest.fixture(scope="module")
-def paired(shared_data):
+def pair_batch(shared_data):
     """The schema and first training batch of tiny HH pairs (256 tokens, a paired batch)."""
     from meet_lightning.data.rows import ControlSchema
 

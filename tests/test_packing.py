@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import control_variants
+from conftest import control_variants, controlled_logps_and_grads
 
 from meet_lightning.controls.packing import check_packing, pack_bins, packed_layout
-from meet_lightning.controls.tokens import controlled_response_logps
 from meet_lightning.errors import ConfigError
-from meet_lightning.models import load_model, load_tokenizer
+from meet_lightning.models import load_model
 from meet_lightning.modules import JointFinetuneModule
 
 CONTROLS = control_variants()
@@ -32,28 +31,13 @@ def test_bins_hold_every_row_once_within_the_longest():
 
 def run(name, schema, batch, pack):
     """Log-probs, mask, every gradient of their sum, and the rows the decoder computed."""
-    torch.manual_seed(0)
-    lm = load_model("tiny-debug", torch.float32)
-    control = CONTROLS[name]()
-    control.setup(lm, load_tokenizer("tiny-debug"), schema)
-    with torch.no_grad():
-        for key, p in control.named_parameters():
-            if "lora_b" in key:
-                p.normal_(0.0, 0.1)
-    rows = []
-    hook = lm.get_decoder().register_forward_pre_hook(
-        lambda _, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
-    )
-    logps, mask = controlled_response_logps(lm, control, batch, pack=pack)
-    hook.remove()
-    (logps * mask).sum().backward()
-    grads = {k: p.grad for k, p in [*lm.named_parameters(), *control.named_parameters()] if p.grad is not None}
-    return logps.detach(), mask, grads, sum(rows)
+    logps, mask, grads, shapes = controlled_logps_and_grads(name, schema, batch, pack=pack)
+    return logps, mask, grads, sum(rows for rows, _ in shapes)
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))
-def test_packed_rows_equal_the_padded_pass(paired, name):
-    schema, batch = paired
+def test_packed_rows_equal_the_padded_pass(pair_batch, name):
+    schema, batch = pair_batch
     logps, mask, grads, rows = run(name, schema, batch, pack=False)
     packed_logps, packed_mask, packed_grads, packed_rows = run(name, schema, batch, pack=True)
     assert torch.equal(packed_mask, mask) and mask.any()
@@ -67,8 +51,8 @@ def test_packed_rows_equal_the_padded_pass(paired, name):
         assert packed_rows < rows
 
 
-def test_pack_rows_is_a_module_option_with_the_same_loss(paired):
-    schema, batch = paired
+def test_pack_rows_is_a_module_option_with_the_same_loss(pair_batch):
+    schema, batch = pair_batch
     losses, rows = {}, {}
     for pack in (False, True):
         torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""A paired batch's rows share one pass over their prompt: the same log-probabilities and gradients as the full pass
+"""A pair_batch batch's rows share one pass over their prompt: the same log-probabilities and gradients as the full pass
 (fp32), fewer tokens computed, and the full pass wherever sharing would change a value."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import control_variants
+from conftest import control_variants, controlled_logps_and_grads
 
 from meet_lightning.controls.shared_prompt import prompt_families, shared_prompt_split
 from meet_lightning.controls.tokens import controlled_response_logps
@@ -20,34 +20,19 @@ SHARED = {"infix", "text", "none"}
 
 def run(name, schema, batch, share, chunks=1, groups=1):
     """Log-probs, mask, every gradient of their sum, and the tokens the decoder computed (rows × length)."""
-    torch.manual_seed(0)
-    lm = load_model("tiny-debug", torch.float32)
-    control = CONTROLS[name]()
-    control.setup(lm, load_tokenizer("tiny-debug"), schema)
-    with torch.no_grad():
-        for key, p in control.named_parameters():
-            if "lora_b" in key:
-                p.normal_(0.0, 0.1)
     if groups > 1:  # as scoring does: every pair's rows once more under the swapped controls
         n = int(batch["num_pairs"])
         swapped = torch.cat([batch["control_ids"][n:], batch["control_ids"][:n]])
         batch = {k: torch.cat([v, v]) if v.dim() else v for k, v in batch.items()}
         batch["control_ids"] = torch.cat([batch["control_ids"][: 2 * n], swapped])
-    shapes = []
-    hook = lm.get_decoder().register_forward_pre_hook(
-        lambda _, args, kwargs: shapes.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
-    )
-    logps, mask = controlled_response_logps(lm, control, batch, chunks=chunks, share_prompt=share)
-    hook.remove()
-    (logps * mask).sum().backward()
-    grads = {k: p.grad for k, p in [*lm.named_parameters(), *control.named_parameters()] if p.grad is not None}
-    return logps.detach(), mask, grads, sum(b * t for b, t in shapes)
+    logps, mask, grads, shapes = controlled_logps_and_grads(name, schema, batch, chunks=chunks, share_prompt=share)
+    return logps, mask, grads, sum(b * t for b, t in shapes)
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))
 @pytest.mark.parametrize(("chunks", "groups"), [(1, 1), (3, 1), (1, 2), (2, 2)])
-def test_shared_prompt_pass_equals_the_full_pass(paired, name, chunks, groups):
-    schema, batch = paired
+def test_shared_prompt_pass_equals_the_full_pass(pair_batch, name, chunks, groups):
+    schema, batch = pair_batch
     logps, mask, grads, tokens = run(name, schema, batch, share=False, chunks=chunks, groups=groups)
     shared_logps, shared_mask, shared_grads, shared_tokens = run(name, schema, batch, True, chunks, groups)
     assert torch.equal(shared_mask, mask) and mask.any()
@@ -64,8 +49,8 @@ def test_shared_prompt_pass_equals_the_full_pass(paired, name, chunks, groups):
         assert shared_tokens == tokens
 
 
-def test_rows_whose_prompts_differ_do_not_share(paired):
-    _, batch = paired
+def test_rows_whose_prompts_differ_do_not_share(pair_batch):
+    _, batch = pair_batch
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert shared_prompt_split(batch, ids, mask) is not None
     n, other = int(batch["num_pairs"]), ids.clone()
@@ -74,10 +59,10 @@ def test_rows_whose_prompts_differ_do_not_share(paired):
     assert shared_prompt_split({k: v for k, v in batch.items() if k != "num_pairs"}, ids, mask) is None  # pointwise
 
 
-def test_rows_with_one_prefix_control_and_prompt_form_a_family(paired):
+def test_rows_with_one_prefix_control_and_prompt_form_a_family(pair_batch):
     """With a control before the prompt, the rows that read the same control and prompt share its pass, and only
     those: a row whose prompt differs by one token, or that has no response to split at, shares nothing."""
-    schema, batch = paired
+    schema, batch = pair_batch
     lm = load_model("tiny-debug", torch.float32)
     control = CONTROLS["prefix"]()
     control.setup(lm, load_tokenizer("tiny-debug"), schema)
@@ -96,9 +81,9 @@ def test_rows_with_one_prefix_control_and_prompt_form_a_family(paired):
     assert prompt_families(ids, mask, unlabelled) is None
 
 
-def test_no_sharing_while_training_under_gradient_checkpointing(paired):
+def test_no_sharing_while_training_under_gradient_checkpointing(pair_batch):
     """Checkpointed layers drop the key/value cache in training, so the prompt's pass could not be reused."""
-    schema, batch = paired
+    schema, batch = pair_batch
     lm = load_model("tiny-debug", torch.float32)
     control = CONTROLS["infix"]()
     control.setup(lm, load_tokenizer("tiny-debug"), schema)
@@ -112,9 +97,9 @@ def test_no_sharing_while_training_under_gradient_checkpointing(paired):
 
 
 @pytest.mark.parametrize("share", [False, True])
-def test_share_prompt_is_a_module_option_off_by_default(paired, share):
+def test_share_prompt_is_a_module_option_off_by_default(pair_batch, share):
     """``model.init_args.share_prompt`` turns the shared pass on for a module: the same loss, fewer tokens."""
-    schema, batch = paired
+    schema, batch = pair_batch
     options = {"share_prompt": True} if share else {}
     torch.manual_seed(0)
     module = JointFinetuneModule("tiny-debug", CONTROLS["infix"](), schema.to_dict(), forward_chunks=1, **options)
