@@ -85,6 +85,22 @@ def test_every_adamw_implementation_makes_the_same_update(optimizer, batch):
         torch.testing.assert_close(other[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_fused"])
+def test_every_adamw_implementation_trains_under_mixed_precision_with_clipping(optimizer, tiny_hh_data, cpu_trainer):
+    """The recipes clip gradients (1.0) under bf16-mixed where the hardware has it: Lightning refused a fused AdamW
+    there ("performs unscaling of gradients internally") at the first step."""
+    data = tiny_hh_data()
+    torch.manual_seed(0)
+    module = JointFinetuneModule("tiny-debug", CONTROLS["prefix"](), data.control_schema, optimizer=optimizer)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = cpu_trainer(2, precision="bf16-mixed", gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=data)
+    after = dict(module.named_parameters())
+    assert trainer.global_step == 2 and all(torch.isfinite(p).all() for p in after.values())
+    assert not torch.equal(after["lm.model.embed_tokens.weight"], before["lm.model.embed_tokens.weight"])
+
+
 def test_bad_memory_options_are_refused_with_the_fix(batch):
     schema, _ = batch
     with pytest.raises(ConfigError, match="optimizer 'sgd' is not one of adamw, adamw_foreach, adamw_fused, adamw_8bit"):

@@ -494,10 +494,19 @@ def _bitsandbytes_adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return bitsandbytes.optim.AdamW8bit(groups)
 
 
+def _fused_adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(groups, fused=True)
+    # A fused AdamW says it unscales a GradScaler's gradients inside its kernel, and Lightning's mixed-precision
+    # plugin then refuses gradient clipping (every recipe clips). Unscaled before the step like any optimizer
+    # instead, it clips and steps as the others do (bf16 has no scaler at all); only fp16's in-kernel unscale is lost.
+    optimizer._step_supports_amp_scaling = False
+    return optimizer
+
+
 OPTIMIZERS = {
     "adamw": lambda groups: torch.optim.AdamW(groups),
     "adamw_foreach": lambda groups: torch.optim.AdamW(groups, foreach=True),
-    "adamw_fused": lambda groups: torch.optim.AdamW(groups, fused=True),
+    "adamw_fused": _fused_adamw,
     "adamw_8bit": _bitsandbytes_adamw,
 }
 """``optimizer`` choices: AdamW implementations (same update; memory and speed differ, 8-bit stores its moments in 8 bits)."""
