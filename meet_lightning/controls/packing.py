@@ -21,7 +21,7 @@ from torch import nn
 
 from meet_lightning.errors import ConfigError
 from meet_lightning.heads import LMHead
-from meet_lightning.losses import response_token_logps
+from meet_lightning.losses import IGNORE_INDEX, response_token_logps
 
 
 def pack_bins(lengths: Sequence[int]) -> list[list[int]]:
@@ -91,7 +91,7 @@ def packed_logps(
     real = row >= 0
     at = (row.clamp(min=0), col)
     bin_ids = torch.where(real, ids[at], 0)
-    bin_labels = torch.where(real & (col > 0), labels[at], -100)  # a row's first token follows another row: unscored
+    bin_labels = torch.where(real & (col > 0), labels[at], IGNORE_INDEX)  # a row's first token follows another row: unscored
     hidden = lm.get_decoder()(inputs_embeds=embed(bin_ids), position_ids=positions, use_cache=False).last_hidden_state
     bin_logps, bin_picked = response_token_logps(hidden, bin_labels, LMHead(lm, fp32=fp32_head))  # (N, W-1)
     rows, cols = row[:, 1:][bin_picked], col[:, 1:][bin_picked]  # the label at slot s is predicted at s - 1

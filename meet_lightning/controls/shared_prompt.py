@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from meet_lightning.heads import LMHead
-from meet_lightning.losses import response_token_logps
+from meet_lightning.losses import IGNORE_INDEX, response_token_logps
 from meet_lightning.models import cache_keyword
 
 
@@ -110,7 +110,7 @@ def prompt_families(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor)
     Args:
         ids, mask, labels: (N, T) the rows with their controls spliced in.
     """
-    labelled = labels != -100  # (N, T)
+    labelled = labels != IGNORE_INDEX  # (N, T)
     if not labelled.any(-1).all():
         return None
     split = labelled.int().argmax(-1) - 1  # (N,) first labelled position - 1
@@ -174,7 +174,7 @@ def shared_prompt_logps(
     where = place.clamp(max=width - 1)
     tail_ids = ids.gather(1, where).masked_fill(~real, 0)
     tail_mask = mask.gather(1, where) * real
-    tail_labels = labels.gather(1, where).masked_fill(~real, -100)
+    tail_labels = labels.gather(1, where).masked_fill(~real, IGNORE_INDEX)
     hidden = decoder(
         inputs_embeds=embed(tail_ids),
         attention_mask=torch.cat([prompt_mask[sharing.family], tail_mask], 1),
