@@ -37,8 +37,8 @@ none below 20 items (``n/a``); each arm is compared with MEET (prompt) on the sa
 "wins" only where the interval of the paired difference excludes 0 ("tie" otherwise, "n/a (n < 20)" on fewer
 than 20 items: no verdict).
 Re-running the same command resumes: finished runs and scored arms are read back, not redone. On a fresh clone,
-``--restore benchmarks/results/<task>/compare.json`` (with that report's ``--out``) puts its runs and scores back
-first: only the arms and rows it lacks (``--equal-seconds``, more ``--arms``) are trained.
+``--restore benchmarks/results/<task>/compare.json`` (with that report's ``--out``; several reports may be given, e.g.
+one per part of a study) puts their runs and scores back first: only the arms and rows it lacks (``--equal-seconds``, more ``--arms``) are trained.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class Settings:
     task: str = "mixed"
     temperatures: list[float] = field(default_factory=list)
     equal_seconds: bool = False
-    restore: Path | None = None
+    restore: list[Path] = field(default_factory=list)
 
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -1260,14 +1260,23 @@ def seed_settings_of(s: Settings) -> list[Settings]:
     return [s] + [replace(s, seed=s.seed + k, seed_index=k) for k in range(1, s.seeds)]
 
 
-def restore(s: Settings, report: Path) -> None:
-    """Writes an earlier report's run records and scores back under ``s.out`` where they are missing, so that this
+def restore(s: Settings, reports: Sequence[Path]) -> None:
+    """Writes earlier reports' run records and scores back under ``s.out`` where they are missing, so that this
     command reads them back instead of training and scoring again: a fresh clone has no ``runs/``, but a committed
     ``compare.json`` holds every record. Records made with other settings are refused when read back.
 
     A report is data, perhaps from someone else: every name in it must be plain and every path it leads to must
-    resolve to ``out/runs/<run>/compare_run.json`` or ``out/scores/<arm>.json``; anything else is refused in one
-    line before anything is written."""
+    resolve to ``out/runs/<run>/compare_run.json`` or ``out/scores/<arm>.json``; anything else in any report is
+    refused in one line before anything is written."""
+    records = {path: record for report in reports for path, record in restored_records(s, report).items()}
+    for path, record in records.items():
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1))
+
+
+def restored_records(s: Settings, report: Path) -> dict[Path, Any]:
+    """Per file under ``s.out`` that ``report`` restores, its content; exits naming the report where it is refused."""
     try:
         earlier = json.loads(report.read_text())
         if Path(earlier["settings"]["out"]) != s.out:
@@ -1280,10 +1289,7 @@ def restore(s: Settings, report: Path) -> None:
         sys.exit(
             f"--restore {report}: not a compare.json report ({type(error).__name__}: {error}) — pass a report compare.py wrote"
         )
-    for path, record in records.items():
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=1))
+    return records
 
 
 RESTORED_NAME = re.compile(r"[A-Za-z0-9_]+(?:[-.@][A-Za-z0-9_]+)*\Z")
@@ -1312,13 +1318,20 @@ def write_report(
     s: Settings, body: dict[str, Any], start: float, markdown: str, draw: Callable[[dict[str, dict[str, Any]], Path], None]
 ) -> dict[str, Any]:
     """Writes ``compare.json`` (settings, seconds and ``body``), ``compare.md`` and ``compare.png``; returns the JSON."""
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+    report = {"settings": {k: json_setting(v) for k, v in vars(s).items()},
               "seconds": time.perf_counter() - start, **body}  # fmt: skip
     (s.out / "compare.json").write_text(json.dumps(report, indent=1))
     (s.out / "compare.md").write_text(markdown + "\n")
     draw(body["results"], s.out / "compare.png")
     print(f"\n{markdown}\n\nwrote {s.out / 'compare.json'}, {s.out / 'compare.md'}, {s.out / 'compare.png'}")
     return report
+
+
+def json_setting(value: Any) -> Any:
+    """A setting as JSON holds it: paths (alone or in a list) as strings."""
+    if isinstance(value, list):
+        return [json_setting(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def equal_seconds_steps(budget_seconds: float, run_: dict[str, Any], stages: int) -> int:
@@ -1378,7 +1391,8 @@ def parse(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument(
         "--restore",
         type=Path,
-        help="an earlier compare.json of this --out: its finished runs and scores are read back, not redone",
+        nargs="+",
+        help="earlier compare.json reports of this --out: their finished runs and scores are read back, not redone",
     )
     for name in (
         "steps",

@@ -111,10 +111,10 @@ def test_restore_puts_a_committed_reports_runs_back_so_a_fresh_clone_trains_only
     for folder in ("runs", "scores"):  # a fresh clone: neither the checkpoints nor the caches
         shutil.rmtree(out / folder)
     with pytest.raises(SystemExit, match="--out"):
-        compare.run(settings(tmp_path / "elsewhere", restore=committed))
+        compare.run(settings(tmp_path / "elsewhere", restore=[committed]))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a restored run was trained again"))
-        compare.run(settings(out, restore=committed))
+        compare.run(settings(out, restore=[committed]))
     assert (out / "compare.md").read_text() == table  # every number read back (json.loads keeps NaN; == would not)
 
 
@@ -147,7 +147,7 @@ def test_restore_refuses_a_report_leading_outside_out_and_writes_nothing(tmp_pat
         (out / "runs" / "linked").symlink_to(tmp_path / "escaped", target_is_directory=True)
     report = crafted_report(tmp_path / "compare.json", out, {name: export.format(out=out, tmp=tmp_path)})
     with pytest.raises(SystemExit, match=r"^--restore .*(not a plain name|is not inside).*nothing restored") as refused:
-        compare.run(settings(out, restore=report))
+        compare.run(settings(out, restore=[report]))
     assert "\n" not in str(refused.value.code)
     assert list((tmp_path / "escaped").iterdir()) == []
     assert not (out / "scores").exists() and not list(out.rglob("compare_run.json"))
@@ -159,12 +159,27 @@ def test_restore_accepts_the_names_compare_writes_and_refuses_a_broken_report(tm
         "coh@seconds": out / "runs" / "coh-lr0.333-steps49" / "export",
         "meet_prompt@T0.7": out / "runs" / "x-lr1" / "export",
     }
-    compare.restore(settings(out), crafted_report(tmp_path / "compare.json", out, names))
+    compare.restore(settings(out), [crafted_report(tmp_path / "compare.json", out, names)])
     assert (out / "scores" / "coh@seconds.json").is_file() and (out / "scores" / "meet_prompt@T0.7.json").is_file()
     assert (out / "runs" / "coh-lr0.333-steps49" / "compare_run.json").is_file()
     (tmp_path / "broken.json").write_text(json.dumps({"settings": {"out": str(out)}, "results": [1]}))
     with pytest.raises(SystemExit, match="not a compare.json report"):
-        compare.restore(settings(out), tmp_path / "broken.json")
+        compare.restore(settings(out), [tmp_path / "broken.json"])
+
+
+def test_restore_takes_several_reports_and_writes_nothing_when_any_is_refused(tmp_path):
+    """A study in parts: one report per part, each holding arms the others lack, restored together."""
+    out = tmp_path / "out"
+    first = crafted_report(tmp_path / "first.json", out, {"coh@seed1235": out / "runs" / "coh-lr1-seed1235" / "export"})
+    second = crafted_report(tmp_path / "second.json", out, {"meet_prompt@seed1236": out / "runs" / "x-seed1236" / "export"})
+    refused = crafted_report(tmp_path / "refused.json", out, {"../escaped": out / "runs" / "y" / "export"})
+    with pytest.raises(SystemExit, match="refused.json: scores name '../escaped'"):
+        compare.restore(settings(out), [first, refused])
+    assert not out.exists()  # the first report's files were not written either
+    compare.restore(settings(out), [first, second])
+    assert sorted(p.name for p in (out / "scores").iterdir()) == ["coh@seed1235.json", "meet_prompt@seed1236.json"]
+    assert (out / "runs" / "coh-lr1-seed1235" / "compare_run.json").is_file()
+    assert (out / "runs" / "x-seed1236" / "compare_run.json").is_file()
 
 
 def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
