@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The length study of issue 30 (docs/results/length.md), in parts that survive a lost machine: each part trains and
 # scores one more arm at one more seed through benchmarks/compare.py, then copies its report into
-# $RESULTS/seed<N>_partial/ to be committed. Every committed part is restored first, so on a fresh clone
+# $RESULTS/seed<N>_partial/ to be committed. The first seed's report ($RESULTS/compare.json) and every committed
+# part are restored first, so on a fresh clone
 #   bash benchmarks/length_study.sh
 # trains only what no committed report holds (finished parts are read back in seconds; a cut-off fit resumes from
 # its last.ckpt). One heavy job at a time: nothing else should run beside it on a 2-core machine.
@@ -28,7 +29,7 @@ PARTS=(
 for part in "${PARTS[@]}"; do
   read -r seeds arms <<<"$part"
   restore=()
-  for report in "$RESULTS"/seed*_partial/compare.json; do
+  for report in "$RESULTS"/compare.json "$RESULTS"/seed*_partial/compare.json; do
     [[ -f $report ]] && restore+=("$report")
   done
   echo "== $(date -u +%H:%M) --seeds $seeds --arms $arms (restoring ${#restore[@]} report(s))"
