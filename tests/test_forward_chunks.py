@@ -23,14 +23,20 @@ def computed(lengths, groups):
     return sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
 
+def largest_pass(lengths, groups):
+    return max(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
 def brute_force(lengths, k):
-    """Fewest computed tokens over every split of the sorted rows into at most k contiguous groups."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = computed(lengths, [order])
-    for c in range(1, min(k, len(order))):
-        for cuts in itertools.combinations(range(1, len(order)), c):
-            bounds = (0, *cuts, len(order))
-            best = min(best, computed(lengths, [order[a:b] for a, b in itertools.pairwise(bounds)]))
+    """(fewest computed tokens, then smallest largest pass) over every split of the sorted rows into min(k, rows)
+    contiguous groups none of which computes more than ⌈rows / k⌉ × the longest row."""
+    order, k = sorted(range(len(lengths)), key=lambda i: lengths[i]), min(k, len(lengths))
+    cap, best = -(-len(lengths) // k) * max(lengths), None
+    for cuts in itertools.combinations(range(1, len(order)), k - 1):
+        groups = [order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))]
+        if largest_pass(lengths, groups) <= cap:
+            value = (computed(lengths, groups), largest_pass(lengths, groups))
+            best = value if best is None else min(best, value)
     return best
 
 
@@ -42,8 +48,13 @@ def test_length_chunks_is_the_cheapest_split_and_covers_every_row_once():
         groups = length_chunks(lengths, k)
         assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
         assert len(groups) == min(k, len(lengths)) and all(groups)  # as many passes on every rank (FSDP)
-        assert computed(lengths, groups) == brute_force(lengths, k)
+        assert (computed(lengths, groups), largest_pass(lengths, groups)) == brute_force(lengths, k)
     assert length_chunks([5, 3, 9], 1) == [[1, 0, 2]]
+    assert length_chunks([7] * 4, 2) == [[0, 1], [2, 3]]  # equal rows split evenly (the fewest tokens either way)
+    # the fewest tokens alone would be the three shorter rows in one pass (3 × 187 + 259 = 820 tokens against
+    # 2 × 178 + 2 × 259 = 874), a pass of 561 tokens: more than two rows of the longest (518), which a memory probe
+    # of rows at that length measured
+    assert length_chunks([259, 187, 178, 170], 2) == [[3, 2], [1, 0]]
 
 
 @pytest.fixture(scope="module")

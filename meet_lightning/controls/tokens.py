@@ -468,21 +468,31 @@ def length_chunks(lengths: Sequence[int], max_chunks: int) -> list[list[int]]:
 
     Rows sorted by length are split into contiguous groups minimising ``Σ rows(group) × longest(group)``, the
     tokens a forward pass of each group computes (an exact dynamic programme; a batch is at most a few hundred
-    rows). Always ``min(max_chunks, rows)`` non-empty groups, so ranks with equal batch sizes run equally many
-    passes; ``max_chunks`` 1 gives one group of every row.
+    rows), and among the splits that compute as few, the one whose largest pass is smallest. No pass computes more
+    than an even split's largest, ``⌈rows / chunks⌉ × longest``: a pass's memory is bounded by the batch's size and
+    longest row alone, so a batch of ``max_length`` rows that fits bounds every batch (the memory probe,
+    :mod:`~meet_lightning.training.memory_probe`). Always ``min(max_chunks, rows)`` non-empty groups, so ranks with
+    equal batch sizes run equally many passes; ``max_chunks`` 1 gives one group of every row.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n, k = len(order), max(1, min(max_chunks, len(order)))
     sorted_lengths = [lengths[i] for i in order]
-    # cost[c][j]: fewest computed tokens for the j shortest rows in c groups; cut[c][j]: where its last group starts
-    inf = float("inf")
+    cap = -(-n // k) * max(sorted_lengths, default=0)  # the even split's largest pass, always within reach
+    # cost[c][j]: (computed tokens, largest pass) of the best split of the j shortest rows into c groups, compared
+    # in that order (exact: a split with the fewest tokens extends one with the fewest); cut[c][j]: where its
+    # last group starts
+    inf = (float("inf"), float("inf"))
     cost = [[inf] * (n + 1) for _ in range(k + 1)]
     cut = [[0] * (n + 1) for _ in range(k + 1)]
-    cost[0][0] = 0
+    cost[0][0] = (0, 0)
     for c in range(1, k + 1):
         for j in range(1, n + 1):
             for i in range(c - 1, j):
-                value = cost[c - 1][i] + (j - i) * sorted_lengths[j - 1]
+                tokens, largest = cost[c - 1][i]
+                group = (j - i) * sorted_lengths[j - 1]
+                if group > cap:
+                    continue
+                value = (tokens + group, max(largest, group))
                 if value < cost[c][j]:
                     cost[c][j], cut[c][j] = value, i
     # Exactly k groups, never fewer (splitting a group never computes more): under FSDP every rank must run

@@ -202,6 +202,24 @@ def batch_units(batch: Mapping[str, torch.Tensor]) -> list[int]:
     return [max(chosen, rejected) for chosen, rejected in zip(lengths[:pairs], lengths[pairs:], strict=True)]
 
 
+def longest_batch(batch: Mapping[str, torch.Tensor], max_length: int) -> dict[str, torch.Tensor]:
+    """``batch`` with every row continued to ``max_length`` tokens, each added token a response token (its own id
+    as label): no batch of the same size and layout from the same data computes more, so it is what a memory
+    probe runs. The continuation repeats each row's last token; the rows keep their prompts and controls."""
+    rows, width = batch["input_ids"].shape
+    extra = max(0, max_length - width)
+    longest = dict(batch)
+    lengths = batch["attention_mask"].sum(-1)  # (B,)
+    last = batch["input_ids"].gather(1, (lengths - 1).clamp(min=0)[:, None])  # (B, 1)
+    ids = torch.cat([batch["input_ids"], last.expand(rows, extra)], dim=1)  # (B, max(width, max_length))
+    real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]  # (B, L') the original tokens
+    longest["input_ids"] = torch.where(real, ids, last)
+    longest["attention_mask"] = torch.ones_like(ids)
+    labels = torch.cat([batch["labels"], batch["labels"].new_full((rows, extra), IGNORE_INDEX)], dim=1)
+    longest["labels"] = torch.where(real, labels, longest["input_ids"])
+    return longest
+
+
 def batch_part(batch: Mapping[str, torch.Tensor], units: Sequence[int]) -> dict[str, torch.Tensor]:
     """The ``units`` of a collated batch (pairs of a paired batch, rows otherwise; see :func:`batch_units`) as a
     batch of the same layout, cut to its longest row: ``[chosen; rejected]`` stays in that order."""

@@ -15,13 +15,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from meet_lightning.controls.packing import check_packing
 from meet_lightning.controls.tokens import ControlTokens, build_control, controlled_response_logps, length_chunks
+from meet_lightning.data.datamodule import PreferenceDataModule
 from meet_lightning.data.rows import ControlSchema
-from meet_lightning.data.tokenization import batch_part, batch_units
+from meet_lightning.data.tokenization import batch_part, batch_units, longest_batch
 from meet_lightning.errors import CheckpointError, ConfigError, raise_failed
 from meet_lightning.losses import (
     IGNORE_INDEX,
@@ -34,6 +36,7 @@ from meet_lightning.losses import (
 from meet_lightning.models import compile_decoder, load_model, load_tokenizer, model_fingerprint
 from meet_lightning.precision import DTYPES
 from meet_lightning.training.distributed import is_sharded, unwrapped_name
+from meet_lightning.training.memory_probe import fewest_chunks, memory_of
 from meet_lightning.update_probe import UpdateProbe
 
 CPU_FORWARD_CHUNKS = 4
@@ -65,9 +68,11 @@ class MeetModule(L.LightningModule):
         forward_chunks: Up to this many forward passes per batch: the rows sorted by length and cut where the
             fewest padding tokens remain, each pass padded only to its own longest row. Same loss and gradients
             with less padding computed (pairs are padded to their batch's longest row otherwise); 1 = one pass.
-            ``None`` (default): 4 on a CPU (measured: :data:`CPU_FORWARD_CHUNKS`), 1 on an accelerator, where a
-            pass of few rows waits on kernel launches (an H200 ran at ≈ 1 % MFU with 4); set more chunks on an
-            accelerator where one pass of the batch does not fit in its memory.
+            ``None`` (default): 4 on a CPU (measured: :data:`CPU_FORWARD_CHUNKS`); on one CUDA device the fewest
+            that fit its memory, found before the first step by running the batch's worst case (every row at
+            ``data.max_length``) at 1, 2, 4, … chunks (:mod:`~meet_lightning.training.memory_probe`), since a
+            pass of few rows waits on kernel launches (an H200 ran at ≈ 1 % MFU with 4); 1 on other
+            accelerators and several devices (set more where one pass does not fit).
         per_response_loss: The training NLL is the mean of each response's own mean token NLL (every response
             counts once) instead of the mean over every response token of the batch, where a long response weighs
             as much as its length (in AlpacaEval's concise/verbose answers, verbose ones hold 70 % of the tokens).
@@ -149,6 +154,8 @@ class MeetModule(L.LightningModule):
         self._update_probe: UpdateProbe | None = None
         self._one_pass = False  # a chunk of backward_per_chunk runs in one forward pass
         self._zeroed_early = False  # backward_per_chunk zeroed the gradients before its chunks' backward
+        self._memory_chunks: int | None = None  # forward chunks the memory probe chose (or is trying)
+        self._probed = False
 
     # ------------------------------------------------------------------ model
     @override
@@ -202,7 +209,7 @@ class MeetModule(L.LightningModule):
         """
         if self._one_pass or is_sharded(self.lm):
             return 1
-        chosen = self.hparams.forward_chunks
+        chosen = self.hparams.forward_chunks if self.hparams.forward_chunks is not None else self._memory_chunks
         return chosen if chosen is not None else CPU_FORWARD_CHUNKS if self.device.type == "cpu" else 1
 
     def shares_prompt(self) -> bool:
@@ -322,6 +329,55 @@ class MeetModule(L.LightningModule):
             for key, value in out.items():
                 summed[key] = summed.get(key, 0) + (loss if key == "loss" else value.detach() * (weight / total))
         return summed
+
+    @override
+    def on_train_batch_start(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """Before this fit's first step: ``forward_chunks`` from the device's memory where it is unset."""
+        if not self._probed:
+            self._probed = True
+            self._memory_chunks = self.probe_forward_chunks(batch)
+
+    def probe_forward_chunks(self, batch: Mapping[str, torch.Tensor]) -> int | None:
+        """The fewest forward chunks at which a step on the worst case of ``batch`` (every row continued to
+        ``data.max_length``) fits the device with the optimizer's state (:func:`~meet_lightning.training.
+        memory_probe.fewest_chunks`); ``None`` (the device's default) where ``forward_chunks`` is set, the device's
+        memory cannot be read, or the trainer runs on several devices. Leaves no gradient and no random state."""
+        memory = memory_of(self.device)
+        single = isinstance(self.trainer.strategy, SingleDeviceStrategy)
+        if self.hparams.forward_chunks is not None or not single or memory.capacity() is None:
+            return None
+        datamodule = self.trainer.datamodule
+        length = datamodule.max_length if isinstance(datamodule, PreferenceDataModule) else batch["input_ids"].shape[1]
+        longest = longest_batch(batch, length)
+        units = len(batch_units(longest))
+        what = f"{units} {'pairs' if 'num_pairs' in batch else 'rows'} of {length} tokens"
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), self.trainer.precision_plugin.train_step_context():
+            chunks = fewest_chunks(lambda c: self._probe_step(longest, c), memory, self.optimizer_state_bytes(), units, what)
+        rank_zero_info(f"forward_chunks: {chunks} (the fewest at which {what} fit {memory.name})")
+        return chunks
+
+    def _probe_step(self, batch: Mapping[str, torch.Tensor], chunks: int) -> None:
+        """A training step's forwards and backwards at ``chunks`` forward chunks, its gradients then dropped."""
+        self._memory_chunks = chunks
+        try:
+            parts = self.backward_parts(batch) or [(batch, 1.0)]
+            for part, _ in parts:
+                self._one_pass = len(parts) > 1
+                self.compute_loss(part)["loss"].backward()
+        finally:
+            self._one_pass = False
+            self._memory_chunks = None
+            self.zero_grad(set_to_none=True)
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes the optimizer's state will take at its first step (two moments per trainable element); 0 once it
+        exists (a resumed run)."""
+        if any(optimizer.state for optimizer in self.trainer.optimizers):
+            return 0
+        moment = MOMENT_BYTES.get(self.hparams.optimizer)
+        params = [*self.lm_parameters(), *self.control_parameters()]
+        return sum(2 * p.numel() * (moment or p.element_size()) for p in params)
 
     @override
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
@@ -510,6 +566,8 @@ OPTIMIZERS = {
     "adamw_8bit": _bitsandbytes_adamw,
 }
 """``optimizer`` choices: AdamW implementations (same update; memory and speed differ, 8-bit stores its moments in 8 bits)."""
+MOMENT_BYTES = {"adamw_8bit": 1}
+"""Bytes per element of each of an optimizer's two moments where not the parameter's own (memory probe)."""
 
 
 def nf4_config(device_type: str) -> Any:
