@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import build_cpu_trainer, build_tiny_hh_data
 
-from meet_lightning.controls.tokens import PromptTuningControl
+from meet_lightning.controls.tokens import LoRAControl, PromptTuningControl
 from meet_lightning.data.tokenization import batch_units, longest_batch
 from meet_lightning.errors import ConfigError
 from meet_lightning.losses import IGNORE_INDEX
-from meet_lightning.modules import JointFinetuneModule, base
+from meet_lightning.modules import ControlTokenModule, DPOModule, HybridDPOModule, JointFinetuneModule, SFTModule, base
 from meet_lightning.training.memory_probe import HEADROOM, DeviceMemory, fewest_chunks
 
 MAX_LENGTH, PAIRS, CONTROL_TOKENS = 256, 4, 3
@@ -78,6 +78,29 @@ def test_the_probe_picks_the_fewest_chunks_that_fit_and_trains_as_if_they_were_s
         assert torch.equal(weights[name], weight), name
 
 
+KINDS = {
+    "stage1_lora": lambda schema: ControlTokenModule("tiny-debug", LoRAControl(rank=2, target_modules=["q_proj"]), schema),
+    "stage2_infix_shared": lambda schema: JointFinetuneModule(
+        "tiny-debug", PromptTuningControl(CONTROL_TOKENS, "random", placement="infix"), schema, share_prompt=True
+    ),
+    "sft": lambda schema: SFTModule("tiny-debug", None, schema),
+    "dpo": lambda schema: DPOModule("tiny-debug", None, schema),
+    "hybrid": lambda schema: HybridDPOModule("tiny-debug", PromptTuningControl(CONTROL_TOKENS, "random"), schema),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_module_probes_then_trains_at_the_chunks_it_chose(tmp_path, data, monkeypatch, kind):
+    """A stand-in device that holds half the worst batch's tokens per pass: each kind picks 2 and trains."""
+    torch.manual_seed(0)
+    module = KINDS[kind](data.control_schema)
+    module.configure_model()
+    device = TokenBoundDevice(module.lm, PAIRS * (MAX_LENGTH + CONTROL_TOKENS))
+    monkeypatch.setattr(base, "memory_of", lambda _: device)
+    build_cpu_trainer(tmp_path, 2, precision="32-true").fit(module, datamodule=data)
+    assert module.forward_passes() == 2 and module.trainer.global_step == 2
+
+
 def test_a_set_forward_chunks_is_not_probed(tmp_path, data, monkeypatch):
     module, _, device = fit(tmp_path, data, monkeypatch, limit=10**9, forward_chunks=3)
     assert module.forward_passes() == 3 and len(device.widths) == 3 * 3  # the steps' own passes only
@@ -131,9 +154,9 @@ def test_the_longest_batch_continues_every_row_with_response_tokens(data):
     assert batch_units(longest) == [MAX_LENGTH] * PAIRS
     for row, n in enumerate(lengths.tolist()):
         assert torch.equal(longest["input_ids"][row, :n], batch["input_ids"][row, :n])  # the row itself is kept
-        assert torch.equal(longest["labels"][row, :n], batch["labels"][row, :n])
-        tail = longest["input_ids"][row, n:]
-        assert bool((tail == batch["input_ids"][row, n - 1]).all()) and torch.equal(longest["labels"][row, n:], tail)
-        assert IGNORE_INDEX not in longest["labels"][row, n:].tolist()
+        assert bool((longest["input_ids"][row, n:] == batch["input_ids"][row, n - 1]).all())
+    # every token but the first is one the LM head predicts: a real row's prompt may be little more than its template
+    assert (longest["labels"] == IGNORE_INDEX).sum(-1).tolist() == [1] * (2 * PAIRS)
+    assert torch.equal(longest["labels"][:, 1:], longest["input_ids"][:, 1:])
     for key in ("prefix_pos", "response_start", "control_ids", "num_pairs"):
         assert torch.equal(longest[key], batch[key])

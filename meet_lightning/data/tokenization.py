@@ -203,20 +203,20 @@ def batch_units(batch: Mapping[str, torch.Tensor]) -> list[int]:
 
 
 def longest_batch(batch: Mapping[str, torch.Tensor], max_length: int) -> dict[str, torch.Tensor]:
-    """``batch`` with every row continued to ``max_length`` tokens, each added token a response token (its own id
-    as label): no batch of the same size and layout from the same data computes more, so it is what a memory
-    probe runs. The continuation repeats each row's last token; the rows keep their prompts and controls."""
+    """``batch`` with every row continued to ``max_length`` tokens (repeating its last token) and every token after
+    the first labelled as a response token: the LM head, which runs on response tokens only, computes the most a
+    row of that length can ask of it. No batch of the same size and layout computes more, so it is what a memory
+    probe runs. The rows keep their prompts' tokens, their controls and their split points."""
     rows, width = batch["input_ids"].shape
-    extra = max(0, max_length - width)
-    longest = dict(batch)
     lengths = batch["attention_mask"].sum(-1)  # (B,)
     last = batch["input_ids"].gather(1, (lengths - 1).clamp(min=0)[:, None])  # (B, 1)
-    ids = torch.cat([batch["input_ids"], last.expand(rows, extra)], dim=1)  # (B, max(width, max_length))
+    ids = torch.cat([batch["input_ids"], last.expand(rows, max(0, max_length - width))], dim=1)  # (B, L')
     real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]  # (B, L') the original tokens
+    longest = dict(batch)
     longest["input_ids"] = torch.where(real, ids, last)
     longest["attention_mask"] = torch.ones_like(ids)
-    labels = torch.cat([batch["labels"], batch["labels"].new_full((rows, extra), IGNORE_INDEX)], dim=1)
-    longest["labels"] = torch.where(real, labels, longest["input_ids"])
+    longest["labels"] = longest["input_ids"].clone()
+    longest["labels"][:, 0] = IGNORE_INDEX  # nothing predicts the first token
     return longest
 
 
