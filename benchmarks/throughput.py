@@ -457,7 +457,7 @@ def lightning_recorder(all_logits: bool):
             mask = batch["attention_mask"]
             labelled = int((batch["labels"] != -100).sum())
             positions = int(mask.sum()) + sum(inserted) - mask.shape[0] if all_logits else labelled
-            chunks = pl_module.hparams.forward_chunks
+            chunks = pl_module.forward_passes()  # as set, or as the module chose (by device, by memory)
             graphs = counters["stats"]["unique_graphs"] - self.graphs_before  # traced by this fit so far (0 when eager)
             self.steps.append({"end": end, "loss": loss, "graphs": graphs, **batch_stats(mask, inserted, positions, chunks)})
 
@@ -518,7 +518,7 @@ def library_settings(module: Any, data: Any, trainer: Any, levers: Mapping[str, 
         group_by_length=data.group_by_length,
         all_logits=levers["all_logits"],
         compiled=levers["compile"],
-        forward_chunks=module.hparams.forward_chunks,
+        forward_chunks=module.forward_passes(),
         shared_prompt=levers["shared_prompt"],
         pack_rows=levers["pack_rows"],
         backward_per_chunk=module.hparams.backward_per_chunk,
@@ -1433,7 +1433,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--one-backward", action="store_true", help="lever off: library arms back-propagate once per step, not per chunk"
     )
     parser.add_argument(
-        "--forward-chunks", type=int, default=4, help="library arms' forward_chunks (1: lever off, one padded pass per batch)"
+        "--forward-chunks",
+        type=int,
+        default=None,
+        help="library arms' forward_chunks (unset: the library's choice, 4 on a CPU, the fewest that fit on a CUDA device;"
+        " 1: lever off, one padded pass per batch)",
     )
     parser.add_argument("--dpo-precompute", action="store_true", help="both DPO arms cache reference log-probs before training")
     parser.add_argument("--in-process", action="store_true", help="run arms in this process (tests; peak RSS is then shared)")
