@@ -21,6 +21,11 @@ CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 guards against (a scale of 0.0625, a cap of 30) changes logits far more."""
 
 
+def is_checkpointed(lm: nn.Module) -> bool:
+    """Whether the LM recomputes its layers in backward (its gradient checkpointing is on)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
+
+
 class LMHead:
     """Logits from last hidden states, exactly as the model's forward computes them.
 
@@ -29,12 +34,17 @@ class LMHead:
         fp32: Compute in float32 even under bf16 autocast or with bf16 weights. Scoring sets it: the control
             classifier subtracts two sums of log-probs, and bf16 logits (8 bits of mantissa) decide close
             pairs by rounding. Training keeps the autocast dtype (the head is a fifth of its FLOPs).
+
+    ``recompute`` follows the LM's gradient checkpointing: with it on, the logits are not kept for backward but
+    computed again there, a chunk of positions at a time (:func:`~meet_lightning.losses.response_token_logps`).
+    Logits are (positions × vocabulary): with the layers checkpointed they are most of what a step keeps.
     """
 
     def __init__(self, lm: nn.Module, fp32: bool = False) -> None:
         config = lm.config
         self.out: nn.Module = lm.get_output_embeddings()
         self.fp32 = fp32
+        self.recompute = is_checkpointed(lm)
         self.scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere: logits × scale
         self.divisor = float(getattr(config, "logits_scaling", None) or 1.0)  # Granite: logits ÷ scaling
         self.cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap · tanh(logits / cap)

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from meet_lightning.heads import LMHead
 
 IGNORE_INDEX = -100
 
 
 def response_token_logps(
-    hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], chunk: int = 1024
+    hidden: torch.Tensor, labels: torch.Tensor, head: LMHead, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the labelled tokens, computing logits only where a label exists.
 
-    The LM head is ~21 % of SmolLM2's forward FLOPs; prompt positions never need it.
+    The LM head is ~21 % of SmolLM2's forward FLOPs; prompt positions never need it. Where ``head.recompute`` (the
+    LM's gradient checkpointing) and gradients are on, each chunk's logits are computed again in backward instead
+    of being kept: the same values and gradients, one chunk of (positions × vocabulary) logits held at a time.
 
     Args:
         hidden: (B, T, H) last hidden states.
         labels: (B, T) token ids, ``-100`` where there is nothing to predict (unshifted: the label at ``t`` is
             predicted from position ``t - 1``).
-        head: The LM head, (N, H) → (N, V): a :class:`~meet_lightning.heads.LMHead`, which applies the model's
+        head: The LM head, (N, H) → (N, V) (:class:`~meet_lightning.heads.LMHead`), which applies the model's
             own logit processing and, for scoring, computes in float32.
         chunk: Positions per head call, bounding the (N, V) logits held at once.
 
@@ -32,8 +35,15 @@ def response_token_logps(
     mask = targets != IGNORE_INDEX
     states = hidden[:, :-1][mask]  # (N, H) only positions that predict a response token
     picked = targets[mask]  # (N,)
+
+    def picked_logps(states: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:  # (n, H), (n,) → (n,)
+        return -F.cross_entropy(head(states).float(), picked, reduction="none")
+
+    recompute = head.recompute and torch.is_grad_enabled()
     parts = [
-        -F.cross_entropy(head(states[s : s + chunk]).float(), picked[s : s + chunk], reduction="none")
+        checkpoint(picked_logps, states[s : s + chunk], picked[s : s + chunk], use_reentrant=False)
+        if recompute
+        else picked_logps(states[s : s + chunk], picked[s : s + chunk])
         for s in range(0, states.shape[0], chunk)
     ]
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)

@@ -63,6 +63,38 @@ def test_gradient_checkpointing_keeps_the_loss_and_every_gradient(stage, control
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def saved_for_backward(module, batch) -> list[tuple[int, ...]]:
+    """The shapes of the tensors autograd keeps for backward during a forward of ``compute_loss`` (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    shapes = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module.compute_loss(batch)["loss"].backward()
+    return shapes
+
+
+@pytest.mark.parametrize("control_name", ["prefix", "lora"])
+def test_under_gradient_checkpointing_the_head_keeps_no_logits(control_name, batch):
+    """Logits are (positions × vocabulary): with the layers checkpointed they were most of what a step kept. The
+    head recomputes them in backward now (same loss and gradients: the test above)."""
+    schema, data = batch
+    held = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = JointFinetuneModule("tiny-debug", CONTROLS[control_name](), schema, gradient_checkpointing=checkpointing)
+        module.configure_model()
+        module.train()
+        vocab = module.lm.get_output_embeddings().weight.shape[0]
+        held[checkpointing] = [s for s in saved_for_backward(module, data) if len(s) == 2 and s[-1] == vocab]
+    assert held[False]  # without checkpointing the log-softmax of each chunk is kept: (positions, vocabulary)
+    assert held[True] == []
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_foreach", "adamw_fused"])
 def test_every_adamw_implementation_makes_the_same_update(optimizer, batch):
     schema, data = batch

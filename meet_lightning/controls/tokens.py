@@ -35,7 +35,7 @@ from meet_lightning.controls.shared_prompt import (
 )
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import CheckpointError
-from meet_lightning.heads import LMHead
+from meet_lightning.heads import LMHead, is_checkpointed
 from meet_lightning.losses import response_token_logps
 
 PLACEMENTS = ("prefix", "infix")
@@ -591,9 +591,7 @@ def _prompt_sharing(lm, control, batch, ids, mask, labels) -> PromptSharing | No
     after it (or there is none), else rows with the same tokens up to their response (a ``prefix`` control and the
     prompt). ``None`` for controls with per-row weight deltas and in training under gradient checkpointing (whose
     layers drop the key/value cache)."""
-    checkpointed = (
-        lm.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
-    )
+    checkpointed = lm.training and torch.is_grad_enabled() and is_checkpointed(lm)
     if not control.shares_prompt or checkpointed:
         return None
     inserted_after = control.placement == "infix" or ids is batch["input_ids"]
