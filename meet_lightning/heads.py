@@ -44,7 +44,7 @@ class LMHead:
         config = lm.config
         self.out: nn.Module = lm.get_output_embeddings()
         self.fp32 = fp32
-        self.recompute = is_checkpointed(lm)
+        self.recompute = is_checkpointed(lm)  # nothing routes the head (LoRA controls refuse it): no context to re-enter
         self.scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere: logits × scale
         self.divisor = float(getattr(config, "logits_scaling", None) or 1.0)  # Granite: logits ÷ scaling
         self.cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap · tanh(logits / cap)

@@ -95,6 +95,15 @@ def test_under_gradient_checkpointing_the_head_keeps_no_logits(control_name, bat
     assert held[True] == []
 
 
+def test_a_lora_control_refuses_the_output_layer(batch):
+    """The head runs after the decoder, on response positions, outside the controls' routing: a LoRA control on it
+    trained nothing (its B matrices stayed zero) and the export carried an adapter the training never used."""
+    schema, _ = batch
+    module = JointFinetuneModule("tiny-debug", LoRAControl(rank=4, target_modules=["q_proj", "lm_head"]), schema)
+    with pytest.raises(ConfigError, match=r"not the output layer 'lm_head' — remove 'lm_head' from init_args.target_modules"):
+        module.configure_model()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_foreach", "adamw_fused"])
 def test_every_adamw_implementation_makes_the_same_update(optimizer, batch):
     schema, data = batch

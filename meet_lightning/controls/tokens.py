@@ -34,7 +34,7 @@ from meet_lightning.controls.shared_prompt import (
     shared_prompt_split,
 )
 from meet_lightning.data.rows import ControlSchema
-from meet_lightning.errors import CheckpointError
+from meet_lightning.errors import CheckpointError, ConfigError
 from meet_lightning.heads import LMHead, is_checkpointed
 from meet_lightning.losses import response_token_logps
 
@@ -421,6 +421,13 @@ class LoRAControl(ControlTokens):
         targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in self.target_modules}
         if not targets:
             raise ValueError(f"no linear layer named {self.target_modules} in the model — set init_args.target_modules")
+        output = model.get_output_embeddings()
+        head = [name for name, layer in targets.items() if layer is output]
+        if head:  # the head runs on response positions after the decoder, outside the routing: it would not adapt
+            raise ConfigError(
+                f"LoRA controls adapt the decoder's layers, not the output layer {head[0]!r} — remove"
+                f" {head[0].split('.')[-1]!r} from init_args.target_modules"
+            )
         for name, layer in targets.items():
             key = name.replace(".", "_")
             self._layer_names[key] = name
