@@ -339,9 +339,10 @@ class MeetModule(L.LightningModule):
 
     def probe_forward_chunks(self, batch: Mapping[str, torch.Tensor]) -> int | None:
         """The fewest forward chunks at which a step on the worst case of ``batch`` (every row continued to
-        ``data.max_length``) fits the device with the optimizer's state (:func:`~meet_lightning.training.
-        memory_probe.fewest_chunks`); ``None`` (the device's default) where ``forward_chunks`` is set, the device's
-        memory cannot be read, or the trainer runs on several devices. Leaves no gradient and no random state."""
+        ``data.max_length``) fits the device with the optimizer's state
+        (:func:`~meet_lightning.training.memory_probe.fewest_chunks`); ``None`` (the device's default) where
+        ``forward_chunks`` is set, the device's memory cannot be read, or the trainer runs on several devices.
+        Leaves no gradient and no random state."""
         memory = memory_of(self.device)
         single = isinstance(self.trainer.strategy, SingleDeviceStrategy)
         if self.hparams.forward_chunks is not None or not single or memory.capacity() is None:

@@ -2,9 +2,9 @@
 
 On a GPU one forward pass over the whole batch keeps the device busy (four passes of few rows waited on kernel
 launches: an H200 ran at ≈ 1 % MFU), but it must fit. Before the first step, :func:`fewest_chunks` runs a
-training step's forward and backward on a batch no real batch exceeds (:func:`~meet_lightning.data.tokenization.
-longest_batch`) at 1, 2, 4, … chunks and keeps the first that fits with room left for the optimizer's state, which
-does not exist before the first step. Memory is read through :class:`DeviceMemory`, so the choice is tested on a
+training step's forward and backward on a batch no real batch exceeds
+(:func:`~meet_lightning.data.tokenization.longest_batch`) at 1, 2, 4, … chunks and keeps the first that fits with
+room left for the optimizer's state, which does not exist before the first step. Memory is read through :class:`DeviceMemory`, so the choice is tested on a
 CPU with a stand-in device.
 """
 
