@@ -26,8 +26,25 @@ PARTS=(
   "3 $SEED3,control_vector,coh,one_stage_joint,special_token_fast"
 )
 
+# committed SEEDS ARMS: true when the committed report of that seed count holds every arm at its last seed; such a
+# part is skipped, so a rerun does not overwrite the report's seconds with those of reading it back
+committed() {
+  "$PY" -c '
+import json, sys
+from pathlib import Path
+report, seeds, arms = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
+data = json.loads(report.read_text()) if report.is_file() else {"results": {}, "settings": {"seed": 0}}
+last = data["settings"]["seed"] + seeds - 1
+sys.exit(0 if all(f"{arm}@seed{last}" in data["results"] for arm in arms) else 1)
+' "$RESULTS/seed$1_partial/compare.json" "$1" "$2"
+}
+
 for part in "${PARTS[@]}"; do
   read -r seeds arms <<<"$part"
+  if committed "$seeds" "$arms"; then
+    echo "== --seeds $seeds --arms $arms: held by $RESULTS/seed${seeds}_partial/compare.json, skipped"
+    continue
+  fi
   restore=()
   for report in "$RESULTS"/compare.json "$RESULTS"/seed*_partial/compare.json; do
     [[ -f $report ]] && restore+=("$report")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,6 +181,32 @@ def test_restore_takes_several_reports_and_writes_nothing_when_any_is_refused(tm
     assert sorted(p.name for p in (out / "scores").iterdir()) == ["coh@seed1235.json", "meet_prompt@seed1236.json"]
     assert (out / "runs" / "coh-lr1-seed1235" / "compare_run.json").is_file()
     assert (out / "runs" / "x-seed1236" / "compare_run.json").is_file()
+
+
+def test_the_length_study_skips_the_parts_a_committed_report_holds(tmp_path):
+    """A rerun of benchmarks/length_study.sh must not run (and rewrite the report of) a part already committed."""
+    arms = ["meet_prompt", "control_vector", "coh", "one_stage_joint", "special_token_fast"]
+    for seeds in (2, 3):
+        held = {f"{arm}@seed{1233 + seeds}": {} for arm in arms}
+        report = tmp_path / f"seed{seeds}_partial" / "compare.json"
+        report.parent.mkdir()
+        report.write_text(json.dumps({"settings": {"seed": 1234}, "results": held}))
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"  # runs the script's own checks, records every other call (a part's compare.py)
+    fake.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec {sys.executable} "$@"\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    script = tmp_path / "benchmarks" / "length_study.sh"  # a copy: it runs from its parent's parent, not the repo
+    script.parent.mkdir()
+    shutil.copy(ROOT / "benchmarks/length_study.sh", script)
+    env = {"PATH": "/usr/bin:/bin", "PY": str(fake), "RESULTS": str(tmp_path)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("skipped") == 7 and not calls.exists()
+    report.write_text(json.dumps({"settings": {"seed": 1234}, "results": {"meet_prompt@seed1236": {}}}))
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode != 0  # the fake wrote no report to copy: the script stops at the first part it ran
+    assert calls.read_text().count("--seeds 3 --arms meet_prompt,control_vector ") == 1
+    assert done.stdout.count("skipped") == 3
 
 
 def test_a_method_wins_only_where_the_paired_interval_excludes_zero():
