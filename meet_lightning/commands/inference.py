@@ -20,7 +20,8 @@ from jsonargparse import ActionConfigFile, set_parsing_settings
 
 from meet_lightning.commands.cli import OneLineParser, check_config_files
 from meet_lightning.errors import ConfigError
-from meet_lightning.evaluation.metrics import import_callable, load_for_evaluation
+from meet_lightning.evaluation.judges import import_callable
+from meet_lightning.evaluation.loading import load_for_evaluation
 from meet_lightning.evaluation.run import EvaluateOptions, run_evaluation
 from meet_lightning.inference.chat import ChatSession, check_decoding, run_chat
 from meet_lightning.inference.export import AlignedModel

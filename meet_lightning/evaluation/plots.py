@@ -14,7 +14,7 @@ def write_plots(fidelity: Mapping[str, Any], folder: Path) -> list[Path]:
     """Writes ``fidelity_bars.png``, ``length_histograms.png`` and ``reward_vs_kl.png`` (when a KL was measured).
 
     Args:
-        fidelity: The result of :func:`meet_lightning.evaluation.metrics.control_fidelity`.
+        fidelity: The result of :func:`meet_lightning.evaluation.fidelity.control_fidelity`.
         folder: Created if missing.
 
     Returns:

@@ -2,7 +2,8 @@
 
 :class:`EvaluateOptions` is the command's flags and the Python call's arguments at once (its field docstrings
 are the ``--help`` text), so a notebook gets what the command prints with ``run_evaluation(EvaluateOptions(...))``.
-The metrics themselves live in :mod:`meet_lightning.evaluation.metrics`; this module only assembles them and draws plots.
+The metrics themselves live in the modules :mod:`meet_lightning.evaluation.metrics` names (and explains); this module
+only assembles them and draws plots.
 """
 
 from __future__ import annotations
@@ -17,24 +18,13 @@ from torch import nn
 from meet_lightning.data.formats import SourceConfig
 from meet_lightning.data.rows import Message
 from meet_lightning.errors import ConfigError, DataError, raise_failed
+from meet_lightning.evaluation.fidelity import DEFAULT_ATTRIBUTES, Attribute, control_fidelity, generate_under
 from meet_lightning.evaluation.figures import require_matplotlib
-from meet_lightning.evaluation.metrics import (
-    DEFAULT_ATTRIBUTES,
-    Attribute,
-    EvalModel,
-    RewardModel,
-    control_fidelity,
-    evaluate_pairs,
-    generate_under,
-    import_callable,
-    load_for_evaluation,
-    preferred_mode,
-    read_pairs,
-    schema_model_name,
-    summarize,
-    win_rate,
-)
+from meet_lightning.evaluation.judges import RewardModel, import_callable, win_rate
+from meet_lightning.evaluation.loading import EvalModel, load_for_evaluation, schema_model_name
+from meet_lightning.evaluation.pair_scores import evaluate_pairs, preferred_mode, read_pairs
 from meet_lightning.evaluation.plots import write_plots
+from meet_lightning.evaluation.summary import summarize
 from meet_lightning.inference.generation import DecodingOptions, read_prompt_file
 from meet_lightning.models import load_model
 from meet_lightning.precision import WeightsDtype

@@ -13,8 +13,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from meet_lightning.errors import ConfigError
+from meet_lightning.evaluation.fidelity import generate_under
 from meet_lightning.evaluation.figures import require_matplotlib, sample_words_figure
-from meet_lightning.evaluation.metrics import NO_CONTROL, EvalModel, RewardModel, generate_under
+from meet_lightning.evaluation.judges import RewardModel
+from meet_lightning.evaluation.loading import NO_CONTROL, EvalModel
 from meet_lightning.inference.generation import DecodingOptions
 from meet_lightning.rss import PeakRSSByPhase
 from meet_lightning.stats import words
