@@ -496,7 +496,7 @@ def test_stage1_select_best_writes_the_controls_of_the_best_checkpoint(tmp_path,
 
 
 def test_an_option_added_by_an_upgrade_at_its_off_value_is_not_a_recipe_change():
-    from meet_lightning.training.pipeline import recipe_difference
+    from meet_lightning.training.checks import recipe_difference
 
     old = {"data": {"path": "x", "batch_size": 4}}
     assert recipe_difference(old, {"data": {"path": "x", "batch_size": 4, "chosen_only": False}}) == ""

@@ -17,7 +17,7 @@ from meet_lightning.controls.files import load_controls, read_controls_metadata,
 from meet_lightning.controls.tokens import PromptTuningControl, TextControl, build_control
 from meet_lightning.data.rows import ControlSchema
 from meet_lightning.errors import CheckpointError
-from meet_lightning.training.pipeline import recipe_difference
+from meet_lightning.training.checks import recipe_difference
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))

@@ -195,7 +195,7 @@ SHARED_TRAINER_HELP = (
     " recipe: a top-level trainer: block (and devices: / accelerator: keys)."
 )
 LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow"]
-"""What ``--logger`` accepts (see ``pipeline.LOGGERS``)."""
+"""What ``--logger`` accepts (see ``training.loggers.LOGGERS``)."""
 SelectName = Literal["last", "best"]
 """What ``--stageN.select`` accepts."""
 
@@ -388,7 +388,7 @@ SEED_RANGE = (0, 2**32 - 1)
 """Seeds ``seed_everything`` accepts (NumPy's): anything else would fail inside Lightning, after output_dir exists."""
 
 OVERWRITTEN = ("stage1", "stage2", "export", "recipe.yaml")
-"""What ``--overwrite true`` deletes inside output_dir (``pipeline.check_output_dir``)."""
+"""What ``--overwrite true`` deletes inside output_dir (``training.checks.check_output_dir``)."""
 
 
 def check_seed(seed: Any) -> None:

@@ -31,7 +31,7 @@ from meet_lightning.inference.serve import ControlServer, make_server
 from meet_lightning.precision import WeightsDtype
 from meet_lightning.recipe import Recipe
 from meet_lightning.training.callbacks import log_evaluation
-from meet_lightning.training.pipeline import check_loggers, stage_loggers
+from meet_lightning.training.loggers import check_loggers, stage_loggers
 
 AUTO_DEVICE = "auto"
 DEVICE_HELP = "where the model runs: cuda, cuda:N, mps, cpu; auto: cuda when there is a GPU, else mps, else cpu"

@@ -1,4 +1,5 @@
-"""Sharded training: the FSDP wrap policy taken from the model, and parameter names as FSDP leaves them.
+"""Several processes: the FSDP wrap policy taken from the model, parameter names as FSDP leaves them, and which
+process writes a run's files (global rank zero: :func:`is_global_zero`).
 
 ``configs/strategies/fsdp.yaml`` sets ``auto_wrap_policy: {class_path: meet_lightning.NoSplitModulesPolicy}``:
 one FSDP unit per block the model's own class declares unsplittable (``_no_split_modules``, e.g.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -55,3 +58,20 @@ def unwrapped_name(name: str) -> str:
 def is_sharded(module: nn.Module) -> bool:
     """Whether FSDP wrapped blocks of ``module`` in place (a finished FSDP fit leaves them wrapped)."""
     return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def is_global_zero() -> bool:
+    """Whether this process is global rank zero (the only one that writes stage files).
+
+    Lightning's DDP launcher starts the other ranks with ``LOCAL_RANK``/``RANK`` set, so this holds before any
+    process group exists.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return rank_zero_only.rank == 0
+
+
+def rank_zero_log(message: str) -> None:
+    """``print`` on global rank zero only (every rank runs the pipeline)."""
+    if is_global_zero():
+        print(message, flush=True)
