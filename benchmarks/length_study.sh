@@ -33,7 +33,9 @@ committed() {
 import json, sys
 from pathlib import Path
 report, seeds, arms = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
-data = json.loads(report.read_text()) if report.is_file() else {"results": {}, "settings": {"seed": 0}}
+if not report.is_file():
+    sys.exit(1)
+data = json.loads(report.read_text())
 last = data["settings"]["seed"] + seeds - 1
 sys.exit(0 if all(f"{arm}@seed{last}" in data["results"] for arm in arms) else 1)
 ' "$RESULTS/seed$1_partial/compare.json" "$1" "$2"
